@@ -1,0 +1,32 @@
+"""`pdmesh` command line: one subcommand per module under pdmesh/commands (imported lazily)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help); each module has add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "generate": ("pdmesh.commands.generate", "generate text with the offline engine"),
+    "bench-runtime": ("pdmesh.commands.bench_runtime",
+                      "time the runtime's decode and prefill against transformers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

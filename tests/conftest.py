@@ -1,0 +1,22 @@
+"""Shared fixtures. Tiny-model helpers live in tests/tiny_models.py."""
+from __future__ import annotations
+
+import pytest
+
+from tiny_models import smollm2_tokenizer
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The default SmolLM2-135M GGUF, loaded once per session (pdmesh LoadedModel)."""
+    from pdmesh.runtime.loader import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """A folder holding the SmolLM2 tokenizer in HF format (tokenizer.json, chat template)."""
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    smollm2_tokenizer().save_pretrained(folder)
+    return folder
