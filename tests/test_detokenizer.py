@@ -157,11 +157,17 @@ def test_stop_substring_truncates(tok, text, data):
 @given(text=texts, stops=st.lists(st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=3).map("".join),
                                   max_size=3))
 def test_stop_strings_general(tok, text, stops):
-    """Whether or not a stop occurs: stream == decode truncated at the earliest stop."""
+    """Stream == decode, truncated at the first token whose text completes a stop string
+    (at the earliest stop present then: a longer stop that began earlier but is not yet
+    complete does not count, as in vLLM's incremental check)."""
     ids = enc(tok, text)
-    full = tok.decode(ids)
-    hits = [full.find(s) for s in stops if s in full]
-    expected = full[:min(hits)] if hits else full
+    expected, hits = tok.decode(ids), []
+    for t in range(len(ids)):
+        so_far = tok.decode(ids[:t + 1])
+        hits = [so_far.find(s) for s in stops if s in so_far]
+        if hits:
+            expected = so_far[:min(hits)]
+            break
     deltas, tail, d, at = stream(tok, [], ids, stop=stops)
     assert "".join(deltas) + tail == expected == d.text
     assert (at is not None) == bool(hits) == d.stopped

@@ -1,9 +1,10 @@
 """Paged attention: metadata for one forward, and the torch backend.
 
-KV pool layout (see kv_cache.py): kv[page, layer, 0|1, offset, kv_head, head_dim].
-A token's KV lives at (page_table[pos // page_size], pos % page_size).
-Backends are found through a small registry and imported lazily, so a CUDA-only
-backend never loads on CPU.
+KV pool layout (model_runner.py): kv[page, layer, offset, k|v, kv_head, head_dim].
+A token at position `pos` lives at (page_table[pos // page_size], pos % page_size).
+Reads gather whole pages (contiguous blocks), not single tokens: on CPU that is several
+times cheaper than a per-token gather. Backends are found through a small registry and
+imported lazily, so a CUDA-only backend never loads on CPU.
 """
 from __future__ import annotations
 
@@ -18,15 +19,14 @@ import torch.nn.functional as F
 class SeqSpan:
     """One sequence's slice of a forward: q tokens [q_start, q_start+q_len) of the flat batch.
 
-    The sequence has `ctx_len` tokens of KV after this forward (cached prefix + new ones);
-    `pages`/`offsets` ([ctx_len] each) locate every one of them in the pool.
+    The sequence has `ctx_len` tokens of KV after this forward (cached prefix + new ones),
+    in the pages of `table` ([ceil(ctx_len / page_size)] page ids, in order).
     """
 
     q_start: int
     q_len: int
     ctx_len: int
-    pages: torch.Tensor  # [ctx_len] int64
-    offsets: torch.Tensor  # [ctx_len] int64
+    table: torch.Tensor  # [n_pages] int64
 
 
 @dataclass
@@ -36,28 +36,34 @@ class AttnMetadata:
     store_pages: torch.Tensor  # [T] page of each new token
     store_offsets: torch.Tensor  # [T] offset in that page
     seqs: list[SeqSpan]
-    # Decode fast path (every q_len == 1): padded gather indices and validity mask.
-    decode_pages: torch.Tensor | None = None  # [B, Lmax]
-    decode_offsets: torch.Tensor | None = None  # [B, Lmax]
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] bool, True = attend
+    # Decode fast path (every q_len == 1, B > 1): padded page tables and validity mask.
+    decode_table: torch.Tensor | None = None  # [B, max_pages], padding = page 0 (masked)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_pages * page_size], True = attend
 
     @classmethod
-    def build(cls, seqs: list[SeqSpan], device: torch.device | str = "cpu") -> "AttnMetadata":
-        store_p = torch.cat([s.pages[s.ctx_len - s.q_len:] for s in seqs])
-        store_o = torch.cat([s.offsets[s.ctx_len - s.q_len:] for s in seqs])
-        meta = cls(store_p.to(device), store_o.to(device), seqs)
-        if all(s.q_len == 1 for s in seqs) and len(seqs) > 1:
-            lmax = max(s.ctx_len for s in seqs)
-            pages = torch.zeros(len(seqs), lmax, dtype=torch.long)
-            offs = torch.zeros(len(seqs), lmax, dtype=torch.long)
-            lens = torch.tensor([s.ctx_len for s in seqs])
+    def build(cls, seqs: list[SeqSpan], page_size: int,
+              device: torch.device | str = "cpu") -> "AttnMetadata":
+        pos = torch.cat([torch.arange(s.ctx_len - s.q_len, s.ctx_len) for s in seqs])
+        pages = torch.cat([s.table[torch.arange(s.ctx_len - s.q_len, s.ctx_len) // page_size]
+                           for s in seqs])
+        meta = cls(pages.to(device), (pos % page_size).to(device), seqs)
+        if len(seqs) > 1 and all(s.q_len == 1 for s in seqs):
+            width = max(len(s.table) for s in seqs)
+            table = torch.zeros(len(seqs), width, dtype=torch.long)
             for i, s in enumerate(seqs):
-                pages[i, : s.ctx_len] = s.pages
-                offs[i, : s.ctx_len] = s.offsets
-            mask = torch.arange(lmax)[None, :] < lens[:, None]
-            meta.decode_pages, meta.decode_offsets = pages.to(device), offs.to(device)
+                table[i, : len(s.table)] = s.table
+            lens = torch.tensor([s.ctx_len for s in seqs])
+            mask = torch.arange(width * page_size)[None, :] < lens[:, None]
+            meta.decode_table = table.to(device)
             meta.decode_mask = mask[:, None, None, :].to(device)
         return meta
+
+
+def gather_kv(kv_layer: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_layer: [P, page, 2, Hkv, D]; table: [..., n] -> K, V: [..., Hkv, n * page, D]."""
+    g = kv_layer[table]  # [..., n, page, 2, Hkv, D], whole pages
+    g = g.flatten(-5, -4)  # [..., n * page, 2, Hkv, D] (a view: pages are contiguous)
+    return g.select(-3, 0).transpose(-3, -2), g.select(-3, 1).transpose(-3, -2)
 
 
 class TorchAttention:
@@ -69,37 +75,35 @@ class TorchAttention:
 
     def store(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               meta: AttnMetadata) -> None:
-        """Write new K/V ([T, Hkv, D]) into the pool. kv_layer: [P, 2, page, Hkv, D]."""
-        kv_layer[meta.store_pages, 0, meta.store_offsets] = k
-        kv_layer[meta.store_pages, 1, meta.store_offsets] = v
+        """Write new K/V ([T, Hkv, D]) into the pool. kv_layer: [P, page, 2, Hkv, D]."""
+        kv_layer[meta.store_pages, meta.store_offsets] = torch.stack((k, v), dim=1)
 
     def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """q: [T, H, D] -> out [T, H, D], attending over each sequence's paged KV."""
-        if meta.decode_pages is not None:
+        if meta.decode_table is not None:
             return self._decode(q, kv_layer, meta)
         outs = [self._one(q[s.q_start: s.q_start + s.q_len], kv_layer, s) for s in meta.seqs]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _one(self, q: torch.Tensor, kv_layer: torch.Tensor, s: SeqSpan) -> torch.Tensor:
-        k = kv_layer[s.pages, 0, s.offsets]  # [ctx, Hkv, D]
-        v = kv_layer[s.pages, 1, s.offsets]
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, n, D]
+        k, v = gather_kv(kv_layer, s.table)  # [Hkv, n * page, D]
+        k, v = k[:, : s.ctx_len], v[:, : s.ctx_len]
+        qh = q.transpose(0, 1)  # [H, q_len, D]
         prefix = s.ctx_len - s.q_len
         if prefix == 0 or s.q_len == 1:  # plain causal, or one query that sees everything
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=prefix == 0 and s.q_len > 1,
+            out = F.scaled_dot_product_attention(qh, k, v, is_causal=prefix == 0 and s.q_len > 1,
                                                  scale=self.scale, enable_gqa=True)
         else:
             # query t (absolute position prefix + t) sees keys 0 .. prefix + t
             mask = torch.ones(s.q_len, s.ctx_len, dtype=torch.bool).tril(prefix)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.to(q.device),
+            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask.to(q.device),
                                                  scale=self.scale, enable_gqa=True)
         return out.transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        k = kv_layer[meta.decode_pages, 0, meta.decode_offsets]  # [B, L, Hkv, D]
-        v = kv_layer[meta.decode_pages, 1, meta.decode_offsets]
+        k, v = gather_kv(kv_layer, meta.decode_table)  # [B, Hkv, L, D]
         out = F.scaled_dot_product_attention(
-            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+            q[:, :, None, :], k, v,
             attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
         return out[:, :, 0, :]
 

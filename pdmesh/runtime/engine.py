@@ -85,8 +85,8 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        req = Request(rid, ids, params, mode=mode, generator=make_generator(params.seed),
-                      stop_ids=self._stop_ids(params))
+        req = Request(rid, ids, params, mode=mode, stop_ids=self._stop_ids(params),
+                      generator=make_generator(params.seed, self.config.device))
         if not self.scheduler.can_ever_fit(req):
             raise ValueError(f"request needs {req.kv_tokens_needed()} tokens of KV; the pool "
                              f"holds {self.allocator.num_pages * self.config.page_size}")

@@ -121,11 +121,12 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
+        self._head_t: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
-        """input_ids, positions: [T]; kv: [P, L, 2, page, Hkv, Dh] -> hidden [T, D]."""
+        """input_ids, positions: [T]; kv: [P, L, page, 2, Hkv, Dh] -> hidden [T, D]."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, Dh]
         dtype = self.model.embed_tokens.weight.dtype
@@ -138,7 +139,13 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] -> float32 logits [B, V]."""
-        return self.lm_head(hidden).float()
+        if hidden.device.type != "cpu":
+            return self.lm_head(hidden).float()
+        if self._head_t is None or self._head_t.device != hidden.device:
+            # [D, V] copy: on CPU, x @ W_t runs the vocab-sized matmul ~1.7x faster than
+            # F.linear at batch 1 (measured with MKL on 2 cores) and no slower at batch 32
+            self._head_t = self.lm_head.weight.detach().t().contiguous()
+        return (hidden @ self._head_t).float()
 
     def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a Hugging Face-named state dict, fusing qkv and gate/up; strict on names."""

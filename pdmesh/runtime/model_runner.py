@@ -1,8 +1,9 @@
 """Runs one scheduled batch through the model over the paged KV pool.
 
-KV pool: one tensor kv[P, L, 2, page_size, Hkv, Dh]. Page-major on purpose: all of a
+KV pool: one tensor kv[P, L, page_size, 2, Hkv, Dh]. Page-major on purpose: all of a
 page's layers and K/V are contiguous, so moving a request's KV to another worker is one
-descriptor per run of consecutive pages, not one per layer.
+descriptor per run of consecutive pages, not one per layer; and attention gathers whole
+pages per layer (see attention.py).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class ModelRunner:
                  dtype: torch.dtype, device: str) -> None:
         c = model.cfg
         self.model, self.page_size, self.device = model, page_size, torch.device(device)
-        # kv: [P, L, 2, page, Hkv, Dh]
-        self.kv = torch.zeros(num_pages, c.num_layers, 2, page_size, c.num_kv_heads,
+        # kv: [P, L, page, 2, Hkv, Dh]
+        self.kv = torch.zeros(num_pages, c.num_layers, page_size, 2, c.num_kv_heads,
                               c.head_dim, dtype=dtype, device=self.device)
 
     def run(self, batch: Batch) -> torch.Tensor:
@@ -63,7 +64,7 @@ class ModelRunner:
             if s.sample:
                 last.append(q_start - 1)
         pos = torch.cat([torch.arange(s.start, s.start + s.length) for s in batch.seqs])
-        meta = AttnMetadata.build(spans, self.device)
+        meta = AttnMetadata.build(spans, self.page_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), pos.to(self.device),
                             self.kv, meta)  # [T, D]
         if not last:
@@ -71,6 +72,5 @@ class ModelRunner:
         return self.model.logits(hidden[torch.tensor(last, device=self.device)])
 
     def _span(self, pages: list[int], q_start: int, q_len: int, ctx_len: int) -> SeqSpan:
-        pos = torch.arange(ctx_len)
-        table = torch.tensor(pages, dtype=torch.long)
-        return SeqSpan(q_start, q_len, ctx_len, table[pos // self.page_size], pos % self.page_size)
+        n = -(-ctx_len // self.page_size)
+        return SeqSpan(q_start, q_len, ctx_len, torch.tensor(pages[:n], dtype=torch.long))
