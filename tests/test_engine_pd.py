@@ -145,3 +145,31 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(engines, kwargs, message
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_prefill_mooncake_adopt_equals_one_engine(engines):
+    """The PD data path for real: A's prompt KV pages written into B's pool by the Mooncake
+    transfer engine (tcp, loopback, two engines), then B adopts and decodes."""
+    from pdmesh.transfer import KVLayout, check_compatible, get_transport
+
+    a, b = engines
+    ids = a.tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sea salty?"}])
+    want = a.generate(prompt_token_ids=ids, params=GREEDY)[0].token_ids
+    la, lb = KVLayout.from_engine(a, "smollm2"), KVLayout.from_engine(b, "smollm2")
+    mc = get_transport("mooncake")
+    with mc() as src_t, mc() as dst_t:
+        src_base, dst_base = src_t.register(a.runner.kv), dst_t.register(b.runner.kv)
+        first = _prefill_only(a, ids, "room-7")
+        req = b.make_request(prompt_token_ids=ids, params=GREEDY, request_id="room-7",
+                             mode=Mode.ADOPTED)
+        dst = b.hold(req)[: len(first.pages)]
+        check_compatible(la, lb, dst)
+        stats = src_t.write_pages(dst_t.session_id, src_base, dst_base, la.bytes_per_page,
+                                  first.pages, dst)
+        a.release("room-7")
+    assert stats.bytes == len(dst) * la.bytes_per_page and stats.descriptors >= 1
+    outs = [b.adopt("room-7", first.token_ids[0])]
+    while not outs[-1].finished:
+        outs += [o for o in b.step() if o.request_id == "room-7"]
+    assert outs[-1].token_ids == want
+    assert a.stats()["used_pages"] == 0 and b.stats()["used_pages"] == 0
