@@ -10,6 +10,8 @@ COMMANDS = {
     "generate": ("pdmesh.commands.generate", "generate text with the offline engine"),
     "bench-runtime": ("pdmesh.commands.bench_runtime",
                       "time the runtime's decode and prefill against transformers"),
+    "registry": ("pdmesh.commands.registry",
+                 "run the bootstrap registry (worker membership, heartbeat leases)"),
 }
 
 

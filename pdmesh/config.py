@@ -146,16 +146,60 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
 def engine_config_from_env(base: EngineConfig | None = None,
                            env: Mapping[str, str] | None = None) -> EngineConfig:
     """Apply PDMESH_* environment overrides on top of `base`."""
+    return _apply_env(base or EngineConfig(), _ENV_OVERRIDES, env)
+
+
+def _apply_env(base: Any, overrides: Mapping[str, tuple[str, type]],
+               env: Mapping[str, str] | None) -> Any:
+    """`base` with the fields named in `overrides` replaced by their env values, if set."""
     env = os.environ if env is None else env
     changes: dict[str, Any] = {}
-    for var, (name, kind) in _ENV_OVERRIDES.items():
+    for var, (name, kind) in overrides.items():
         if var in env:
             try:
                 changes[name] = kind(env[var])
             except ValueError as e:
                 raise ValueError(f"{var}={env[var]!r}: expected {kind.__name__}") from e
-    return (base or EngineConfig()).replace(**changes)
+    return base.replace(**changes)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Lease terms of the bootstrap registry (DESIGN.md, "Timeouts and liveness").
+
+    A worker heartbeats every `heartbeat_interval` seconds; one that has not been
+    heard from for `heartbeat_interval * heartbeat_max_failure` seconds is expired.
+    """
+
+    heartbeat_interval: float = 5.0  # seconds between a worker's heartbeats
+    heartbeat_max_failure: int = 2  # missed intervals before the worker is expired
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_interval > 0:
+            raise ValueError(f"heartbeat_interval must be > 0 seconds, got {self.heartbeat_interval}")
+        if self.heartbeat_max_failure < 1:
+            raise ValueError(f"heartbeat_max_failure must be >= 1, got {self.heartbeat_max_failure}")
+
+    @property
+    def lease_s(self) -> float:
+        """Seconds of silence after which a worker is expired."""
+        return self.heartbeat_interval * self.heartbeat_max_failure
+
+    def replace(self, **changes: Any) -> "RegistryConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_REGISTRY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
+    "PDMESH_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
+    "PDMESH_HEARTBEAT_MAX_FAILURE": ("heartbeat_max_failure", int),
+}
+
+
+def registry_config_from_env(base: RegistryConfig | None = None,
+                             env: Mapping[str, str] | None = None) -> RegistryConfig:
+    """Apply PDMESH_HEARTBEAT_* environment overrides on top of `base`."""
+    return _apply_env(base or RegistryConfig(), _REGISTRY_ENV_OVERRIDES, env)
 
 
 __all__ = ["ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
-           "SUPPORTED_ARCHS"]
+           "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env"]

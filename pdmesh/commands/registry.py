@@ -1,0 +1,54 @@
+"""`pdmesh registry`: run the bootstrap registry alone (multi-host deployments).
+
+Prints `registry listening on HOST:PORT` once serving (with --port 0, the free port
+it picked), then runs until SIGINT or SIGTERM and stops gracefully.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from pdmesh.config import RegistryConfig, registry_config_from_env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=50050,
+                   help="gRPC port (default 50050; 0 = a free port, printed at start)")
+    p.add_argument("--heartbeat-interval", type=float, default=None,
+                   help="seconds between worker heartbeats (default 5, env "
+                        "PDMESH_HEARTBEAT_INTERVAL)")
+    p.add_argument("--heartbeat-max-failure", type=int, default=None,
+                   help="missed heartbeats before a worker is expired (default 2, env "
+                        "PDMESH_HEARTBEAT_MAX_FAILURE)")
+
+
+def config_from_args(args: argparse.Namespace) -> RegistryConfig:
+    """Defaults, then PDMESH_* env, then flags (flags win)."""
+    config = registry_config_from_env(RegistryConfig())
+    changes = {name: value for name, value in (
+        ("heartbeat_interval", args.heartbeat_interval),
+        ("heartbeat_max_failure", args.heartbeat_max_failure)) if value is not None}
+    return config.replace(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdmesh.services.bootstrap.server import create_server
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"pdmesh registry: {e}", file=sys.stderr)
+        return 2
+    server, port = create_server(f"{args.host}:{args.port}", config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"registry listening on {args.host}:{port} (heartbeat {config.heartbeat_interval}s "
+          f"x {config.heartbeat_max_failure})", flush=True)
+    stop.wait()
+    server.stop()
+    print("registry stopped", flush=True)
+    return 0

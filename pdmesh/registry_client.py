@@ -1,0 +1,100 @@
+"""Worker side of the registry: register, heartbeat in a thread, deregister on close.
+
+    client = RegistryClient("registry:50050", registration, load_fn=engine_load)
+    client.start()          # registers (raises grpc.RpcError if the registry refuses)
+    ...
+    client.close()          # stops heartbeating and deregisters
+
+The heartbeat interval comes from the registry's RegisterResponse. On NOT_FOUND
+(expired, or the registry restarted) the client registers again and gets a new
+worker id; on other errors it keeps trying every interval, so a registry outage
+shorter than a lease costs nothing.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import grpc
+
+from pdmesh.v1 import registry_pb2 as pb
+from pdmesh.v1 import registry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RegistryClient:
+    """Keeps one worker registered while it runs. Thread-safe `worker_id`."""
+
+    def __init__(self, registry_addr: str, registration: pb.RegisterRequest,
+                 load_fn: Callable[[], pb.LoadReport] | None = None,
+                 rpc_timeout_s: float = 5.0) -> None:
+        self.registration = registration
+        self._load_fn = load_fn
+        self._timeout = rpc_timeout_s
+        self._channel = grpc.insecure_channel(registry_addr)
+        self._stub = pb_grpc.RegistryStub(self._channel)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.worker_id: str | None = None
+        self.interval_s = 5.0
+        self.registrations = 0  # how many times Register succeeded (re-registers count)
+
+    def start(self) -> str:
+        """Register (raising grpc.RpcError on refusal) and start heartbeating."""
+        self._register()
+        self._thread = threading.Thread(target=self._loop, name="registry-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+        return self.worker_id
+
+    def _register(self) -> None:
+        req = pb.RegisterRequest()
+        req.CopyFrom(self.registration)
+        if self._load_fn is not None:
+            req.load.CopyFrom(self._load_fn())
+        resp = self._stub.Register(req, timeout=self._timeout)
+        self.worker_id, self.interval_s = resp.worker_id, resp.heartbeat_interval_s
+        self.registrations += 1
+        log.info("registered as %s (heartbeat every %.3gs)", self.worker_id, self.interval_s)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.heartbeat_once()
+            except grpc.RpcError as e:  # registry down: keep trying each interval
+                log.warning("heartbeat failed: %s", e.code())
+
+    def heartbeat_once(self) -> None:
+        """One heartbeat; re-register when the registry no longer knows us."""
+        load = self._load_fn() if self._load_fn is not None else None
+        try:
+            resp = self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, load=load),
+                                        timeout=self._timeout)
+            self.interval_s = resp.heartbeat_interval_s or self.interval_s
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("registry forgot %s; registering again", self.worker_id)
+            self._register()
+
+    def close(self, deregister: bool = True) -> None:
+        """Stop heartbeating; deregister (best effort) unless `deregister` is False."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if deregister and self.worker_id is not None:
+            try:
+                self._stub.Deregister(pb.DeregisterRequest(worker_id=self.worker_id),
+                                      timeout=self._timeout)
+            except grpc.RpcError as e:
+                log.warning("deregister failed: %s", e.code())
+        self._channel.close()
+
+    def __enter__(self) -> "RegistryClient":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

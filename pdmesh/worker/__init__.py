@@ -1,0 +1,1 @@
+"""Worker-side plumbing shared by the prefill and decode services (no grpc here)."""
