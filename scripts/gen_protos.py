@@ -8,7 +8,7 @@ The .proto files live under protos/ at the path that matches their package
 (protos/pdmesh/v1/x.proto, package pdmesh.v1), so protoc's generated imports
 (`from pdmesh.v1 import common_pb2`) resolve inside the pdmesh package with no
 post-processing. The output is a pure function of the .proto files and the
-grpcio-tools version (pinned in pyproject's `dev` extra); tests/test_protos.py
+grpcio-tools version (pinned in pyproject's `test` extra); tests/test_protos.py
 regenerates into a temp dir and compares byte for byte. Never hand-edit the stubs.
 """
 from __future__ import annotations
