@@ -12,6 +12,14 @@ COMMANDS = {
                       "time the runtime's decode and prefill against transformers"),
     "registry": ("pdmesh.commands.registry",
                  "run the bootstrap registry (worker membership, heartbeat leases)"),
+    "prefill": ("pdmesh.commands.prefill",
+                "run a prefill worker (computes prompts, writes their KV into decode workers)"),
+    "decode": ("pdmesh.commands.decode",
+               "run a decode worker (or --role colocated: prefill + decode in one engine)"),
+    "gateway": ("pdmesh.commands.gateway",
+                "run the gateway: gRPC pdmesh.v1.Gateway + OpenAI-compatible REST"),
+    "serve": ("pdmesh.commands.serve",
+              "run the whole mesh on this machine: registry, workers, gateway"),
 }
 
 

@@ -201,5 +201,113 @@ def registry_config_from_env(base: RegistryConfig | None = None,
     return _apply_env(base or RegistryConfig(), _REGISTRY_ENV_OVERRIDES, env)
 
 
-__all__ = ["ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
-           "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env"]
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway: where it listens, what it serves and how it routes."""
+
+    registry: str = "127.0.0.1:50050"  # registry address, host:port
+    model: str = "default"  # tokenizer + context length source (no weights are loaded)
+    served_model_name: str | None = None  # the `model` clients pass (default: `model`)
+    host: str = "0.0.0.0"
+    port: int = 8000  # REST (OpenAI API); 0 = a free port
+    grpc_port: int = 50051  # pdmesh.v1.Gateway; 0 = a free port
+    prefill_policy: str = "round_robin"
+    decode_policy: str = "round_robin"
+    mode: str = "auto"  # pd | colocated | auto (PD when a pair exists, else colocated)
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    max_model_len: int | None = None  # defaults to the model's context length
+    shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish
+
+    def __post_init__(self) -> None:
+        from pdmesh.services.gateway.pool import MODES
+        from pdmesh.services.gateway.routing import make_policy
+
+        make_policy(self.prefill_policy), make_policy(self.decode_policy)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("port", "grpc_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+
+    def replace(self, **changes: Any) -> "GatewayConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
+    "PDMESH_REGISTRY": ("registry", str),
+    "PDMESH_API_KEY": ("api_key", str),
+    "PDMESH_PREFILL_POLICY": ("prefill_policy", str),
+    "PDMESH_DECODE_POLICY": ("decode_policy", str),
+    "PDMESH_ROUTING_MODE": ("mode", str),
+}
+
+
+def gateway_config_from_env(base: GatewayConfig | None = None,
+                            env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Apply PDMESH_REGISTRY / _API_KEY / _PREFILL_POLICY / _DECODE_POLICY / _ROUTING_MODE."""
+    return _apply_env(base or GatewayConfig(), _GATEWAY_ENV_OVERRIDES, env)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A prefill, decode or colocated worker: where it serves, its peers and its timeouts.
+
+    The engine itself is configured by EngineConfig; this is everything around it.
+    """
+
+    registry: str = "127.0.0.1:50050"  # registry address, host:port
+    model_id: str = "default"  # published in the registry; P and D must agree
+    host: str = "127.0.0.1"  # interface the gRPC server binds
+    port: int = 0  # gRPC port; 0 = a free one
+    hostname: str | None = None  # address peers reach us at (gRPC + transfer); default host
+    role: str = "prefill"  # prefill | decode | colocated
+    transfer_protocol: str = "tcp"  # Mooncake transport: tcp | rdma
+    transfer_device: str = ""  # rdma HCAs, e.g. "mlx5_0,mlx5_1" ("" = auto)
+    bootstrap_timeout: float = 300.0  # prefill: a room's Transfer must arrive within this
+    waiting_timeout: float = 300.0  # decode: deadline on Prefill.Transfer
+    shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGTERM
+
+    def __post_init__(self) -> None:
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
+        if self.transfer_protocol not in ("tcp", "rdma"):
+            raise ValueError(f"transfer_protocol must be tcp or rdma, got {self.transfer_protocol!r}")
+        for name in ("bootstrap_timeout", "waiting_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def advertise_host(self) -> str:
+        """The host peers use: `hostname`, else `host` (loopback when bound to all interfaces)."""
+        if self.hostname:
+            return self.hostname
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def replace(self, **changes: Any) -> "WorkerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+WORKER_ROLES = ("prefill", "decode", "colocated")
+
+_WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
+    "PDMESH_REGISTRY": ("registry", str),
+    "PDMESH_HOSTNAME": ("hostname", str),
+    "PDMESH_TRANSFER_PROTOCOL": ("transfer_protocol", str),
+    "PDMESH_TRANSFER_DEVICE": ("transfer_device", str),
+    "PDMESH_BOOTSTRAP_TIMEOUT": ("bootstrap_timeout", float),
+    "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
+}
+
+
+def worker_config_from_env(base: WorkerConfig | None = None,
+                           env: Mapping[str, str] | None = None) -> WorkerConfig:
+    """Apply PDMESH_REGISTRY / _HOSTNAME / _TRANSFER_PROTOCOL / _TRANSFER_DEVICE /
+    _BOOTSTRAP_TIMEOUT / _WAITING_TIMEOUT on top of `base`."""
+    return _apply_env(base or WorkerConfig(), _WORKER_ENV_OVERRIDES, env)
+
+
+__all__ = ["GatewayConfig", "gateway_config_from_env", "ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
+           "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env",
+           "WorkerConfig", "worker_config_from_env", "WORKER_ROLES"]

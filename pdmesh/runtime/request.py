@@ -43,6 +43,7 @@ class Request:
     generator: Any = None  # torch.Generator for seeded sampling
     detok: Any = None  # IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # its first prefill chunk was scheduled
     first_token_time: float | None = None
 
     @property

@@ -11,6 +11,7 @@ running request can always get its next page and nothing ever has to be preempte
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -133,7 +134,7 @@ class Scheduler:
             if not self._admit(req, n):
                 break  # FIFO: the head waits for pages or a running slot
             self.waiting.popleft()
-            req.status = Status.PREFILLING
+            req.status, req.scheduled_time = Status.PREFILLING, time.monotonic()
             self.prefilling.append(req)
             seqs.append(ScheduledSeq(req, 0, n, n == req.prompt_len))
             budget -= n

@@ -1,0 +1,71 @@
+"""`pdmesh gateway`: the public API (gRPC pdmesh.v1.Gateway + OpenAI REST) over the mesh.
+
+Prints `gateway listening on HOST:PORT (REST) and HOST:PORT (gRPC)` once serving, then
+runs until SIGINT or SIGTERM and stops gracefully (in-flight requests may finish).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from pdmesh.config import GatewayConfig, gateway_config_from_env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=None,
+                   help="registry address HOST:PORT (default 127.0.0.1:50050, env PDMESH_REGISTRY)")
+    p.add_argument("--model", default="default",
+                   help="model whose tokenizer and context length the gateway uses: 'default', "
+                        "a HF folder or a .gguf file (no weights are loaded)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: --model)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="REST port (default 8000; 0 = free)")
+    p.add_argument("--grpc-port", type=int, default=50051,
+                   help="gRPC port (default 50051; 0 = free)")
+    p.add_argument("--prefill-policy", default=None,
+                   help="random | round_robin (default) | power_of_two | least_load "
+                        "(env PDMESH_PREFILL_POLICY)")
+    p.add_argument("--decode-policy", default=None,
+                   help="same choices, for decode and colocated workers (env PDMESH_DECODE_POLICY)")
+    p.add_argument("--mode", default=None,
+                   help="pd | colocated | auto (default: a prefill+decode pair when one "
+                        "exists, else a colocated worker; env PDMESH_ROUTING_MODE)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (env PDMESH_API_KEY)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit for prompt + output (default: the model's)")
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """Defaults, then PDMESH_* env, then flags (flags win)."""
+    config = gateway_config_from_env(GatewayConfig())
+    flags = {"registry": args.registry, "prefill_policy": args.prefill_policy,
+             "decode_policy": args.decode_policy, "mode": args.mode, "api_key": args.api_key}
+    return config.replace(model=args.model, served_model_name=args.served_model_name,
+                          host=args.host, port=args.port, grpc_port=args.grpc_port,
+                          max_model_len=args.max_model_len,
+                          **{k: v for k, v in flags.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdmesh.services.gateway.app import serve
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"pdmesh gateway: {e}", file=sys.stderr)
+        return 2
+
+    def ready(rest_port: int, grpc_port: int) -> None:
+        print(f"gateway listening on {config.host}:{rest_port} (REST) and "
+              f"{config.host}:{grpc_port} (gRPC)", flush=True)
+
+    try:
+        asyncio.run(serve(config, ready))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pdmesh gateway: {e}", file=sys.stderr)
+        return 2
+    print("gateway stopped", flush=True)
+    return 0

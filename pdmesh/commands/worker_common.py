@@ -1,0 +1,101 @@
+"""Flags and process lifecycle shared by `pdmesh prefill` and `pdmesh decode`.
+
+Lifecycle: load the engine, start the gRPC server, register with the registry, print
+`<role> listening on HOST:PORT`; on SIGTERM/SIGINT: report NOT_SERVING, stop accepting
+and drain in-flight RPCs (bounded), then deregister and release the transfer engine.
+Deregistering after the drain means a LEFT event tells peers that no write is in flight.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from pdmesh.config import (EngineConfig, WorkerConfig, engine_config_from_env,
+                           worker_config_from_env)
+
+
+def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
+    """The flags every worker takes; `role` picks the timeout flag it documents."""
+    p.add_argument("--registry", default=None,
+                   help="registry address HOST:PORT (default 127.0.0.1:50050, env PDMESH_REGISTRY)")
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
+    p.add_argument("--model-id", default=None,
+                   help="model id published in the registry (default: --model); prefill and "
+                        "decode workers must agree")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (default 0 = a free port, printed)")
+    p.add_argument("--hostname", default=None,
+                   help="address peers reach this worker at, for gRPC and KV transfer "
+                        "(default --host; env PDMESH_HOSTNAME)")
+    p.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="KV pool size in bytes, all layers (default 1 GiB)")
+    p.add_argument("--max-running-requests", type=int, default=None,
+                   help="requests prefilling or decoding at once (default 64)")
+    p.add_argument("--transfer-protocol", choices=("tcp", "rdma"), default=None,
+                   help="Mooncake transport for KV pages (default tcp; env PDMESH_TRANSFER_PROTOCOL)")
+    p.add_argument("--transfer-device", default=None,
+                   help="RDMA devices, comma-separated, e.g. mlx5_0,mlx5_1 (default: auto; "
+                        "env PDMESH_TRANSFER_DEVICE)")
+    p.add_argument("--shutdown-grace", type=float, default=None,
+                   help="seconds in-flight requests get on SIGTERM (default 10)")
+    if role == "prefill":
+        p.add_argument("--bootstrap-timeout", type=float, default=None,
+                       help="seconds a room's KV waits for the decode worker's Transfer before "
+                            "it is freed (default 300; env PDMESH_BOOTSTRAP_TIMEOUT)")
+    else:
+        p.add_argument("--waiting-timeout", type=float, default=None,
+                       help="deadline in seconds on the prefill's Transfer (default 300; env "
+                            "PDMESH_WAITING_TIMEOUT)")
+        p.add_argument("--role", choices=("decode", "colocated"), default="decode",
+                       help="decode (KV from prefill workers) or colocated (prefill and decode "
+                            "in this engine, no transfer)")
+
+
+def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig, EngineConfig]:
+    """Defaults, then PDMESH_* env, then flags (flags win)."""
+    flags = {"registry": args.registry, "model_id": args.model_id or args.model,
+             "host": args.host, "port": args.port, "hostname": args.hostname,
+             "transfer_protocol": args.transfer_protocol,
+             "transfer_device": args.transfer_device, "shutdown_grace_s": args.shutdown_grace,
+             "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
+             "waiting_timeout": getattr(args, "waiting_timeout", None),
+             "role": getattr(args, "role", None) or role}
+    worker = worker_config_from_env(WorkerConfig()).replace(
+        **{k: v for k, v in flags.items() if v is not None})
+    engine_flags = {"model": args.model, "page_size": args.page_size,
+                    "kv_cache_bytes": args.kv_cache_bytes,
+                    "max_running_requests": args.max_running_requests}
+    engine = engine_config_from_env(EngineConfig()).replace(
+        **{k: v for k, v in engine_flags.items() if v is not None})
+    return worker, engine
+
+
+def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
+    """Build the worker, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    from pdmesh.grpc_util import stop_gracefully
+    from pdmesh.services.common.worker import WorkerHost
+
+    try:
+        worker, engine = configs_from_args(args, role)
+    except ValueError as e:
+        print(f"pdmesh {role}: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
+    server, port, servicer, health = create_server(f"{worker.host}:{worker.port}", host)
+    address = f"{worker.advertise_host}:{port}"
+    host.start_registry(address, servicer.load, servicer.peer_gone)
+    print(f"{worker.role} listening on {worker.host}:{port} (registered as "
+          f"{host.registry.worker_id} at {address}, model {worker.model_id})", flush=True)
+    stop.wait()
+    stop_gracefully(server, health, worker.shutdown_grace_s)
+    getattr(servicer, "close", lambda: None)()
+    host.close(deregister=True)
+    print(f"{worker.role} stopped", flush=True)
+    return 0

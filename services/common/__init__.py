@@ -1,0 +1,1 @@
+"""Plumbing shared by worker services: engine host, transport, registry + watch."""

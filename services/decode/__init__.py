@@ -1,0 +1,1 @@
+"""Decode worker (and colocated role): pdmesh.v1.Decode servicer and its rooms/quarantine."""

@@ -1,0 +1,50 @@
+"""One gateway process: the Watch-fed worker pool, the grpc.aio Gateway server and the
+REST transcoder (aiohttp), all on one asyncio loop."""
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Callable
+
+from aiohttp import web
+
+from pdmesh.config import GatewayConfig
+from pdmesh.v1 import gateway_pb2 as gpb
+from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
+from pdmesh.services.gateway.pool import WorkerPool
+from pdmesh.services.gateway.server import GatewayServicer, create_server
+from pdmesh.services.gateway.transcoder import build_app
+
+
+async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
+                stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGINT/SIGTERM), then drain for shutdown_grace_s.
+    `on_ready(rest_port, grpc_port)` is called once both servers listen."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    info = load_model_info(config.model, config.served_model_name, config.max_model_len)
+    pool = WorkerPool(config.registry, config.mode, config.prefill_policy,
+                      config.decode_policy)
+    pool.start()
+    dispatcher = Dispatcher(pool, info)
+    servicer = GatewayServicer(dispatcher, config.api_key)
+    grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
+    app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]])
+    # handler_cancellation: a client that disconnects cancels its handler, and with it
+    # both legs of its request, even while no token is being written
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    rest_port = site._server.sockets[0].getsockname()[1]
+    on_ready(rest_port, grpc_port)
+    try:
+        await stop.wait()
+    finally:
+        # stop accepting, let in-flight requests finish for the grace period
+        await asyncio.gather(runner.shutdown(), grpc_server.stop(config.shutdown_grace_s))
+        await runner.cleanup()
+        pool.close()
+        await dispatcher.close()

@@ -1,0 +1,214 @@
+"""The request path (DESIGN.md, "One request"), in asyncio over grpc.aio.
+
+    route (P, D) -> room = random 63-bit id
+    Decode.Generate(room, P, tokens, sampling)   server stream   } sent concurrently
+    Prefill.Prefill(room, D, tokens, sampling)   unary           }
+    merge: decode tokens -> incremental detokenizer (stop strings) -> deltas
+
+If either leg fails the other is cancelled and the request ends with a GatewayError
+naming the leg and the worker. When the consumer stops early (client disconnect,
+stop string matched at the gateway) the generator's `finally` cancels both calls,
+which both workers see as cancellation and free the room's pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+
+from pdmesh.runtime.detokenizer import IncrementalDetokenizer
+from pdmesh.runtime.tokenizer import Tokenizer
+from pdmesh.v1 import common_pb2 as cpb
+from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdmesh.services.gateway.pool import NoRoute, Route, WorkerPool
+
+log = logging.getLogger(__name__)
+# After a successful decode stream the Prefill response is normally already in; wait
+# this long for it (for cached_tokens) before giving up on it.
+_PREFILL_TAIL_S = 2.0
+
+
+class GatewayError(Exception):
+    """A request failure with the gRPC status it maps to (REST maps that to HTTP)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class ModelInfo:
+    """What the gateway needs of the model: its tokenizer and context length (no weights)."""
+
+    name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+
+
+def load_model_info(model: str, served_name: str | None = None,
+                    max_model_len: int | None = None) -> ModelInfo:
+    """Tokenizer + context length of `model` ("default", HF folder, .gguf), read from
+    its config/metadata only (as `load_model` builds the tokenizer, minus the weights)."""
+    from pdmesh.runtime.loader import model_format, read_hf_config, resolve_model_path
+
+    path = resolve_model_path(model)
+    if model_format(path) == "gguf":
+        from pdmesh.runtime.gguf_loader import gguf_config, open_gguf
+
+        reader = open_gguf(path)
+        config = gguf_config(reader, {t.name: t for t in reader.tensors}, Path(path))
+    else:
+        config = read_hf_config(path)
+    tokenizer = Tokenizer.from_path(path, eos_token_ids=config.eos_token_ids)
+    return ModelInfo(served_name or model, tokenizer,
+                     max_model_len or config.max_position_embeddings)
+
+
+@dataclass
+class Delta:
+    """One step of a request's output (may carry several tokens)."""
+
+    room: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[cpb.TokenLogprob] = field(default_factory=list)
+    finish_reason: int = cpb.FINISH_REASON_UNSPECIFIED
+    usage: cpb.Usage | None = None
+
+
+def _leg_error(leg: str, address: str, e: grpc.aio.AioRpcError) -> GatewayError:
+    code = e.code()
+    if code != grpc.StatusCode.INVALID_ARGUMENT:
+        code = grpc.StatusCode.UNAVAILABLE  # the mesh failed, not the request
+    return GatewayError(code, f"{leg} worker {address} failed: {e.code().name}: {e.details()}")
+
+
+class Dispatcher:
+    """Routes requests through the pool and runs both legs; one per gateway process."""
+
+    def __init__(self, pool: WorkerPool, model: ModelInfo) -> None:
+        self.pool, self.model = pool, model
+        self.started = int(time.time())  # ListModels' "created"
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def generate(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
+                       detokenize: bool = True) -> AsyncIterator[Delta]:
+        """Run one request; yields Deltas, the last with finish_reason and usage.
+        Raises GatewayError (UNAVAILABLE when no route or a leg failed)."""
+        try:
+            route = self.pool.route()
+        except NoRoute as e:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        room = secrets.randbits(63)
+        detok = IncrementalDetokenizer(
+            self.model.tokenizer, prompt_ids,
+            skip_special_tokens=sampling.skip_special_tokens
+            if sampling.HasField("skip_special_tokens") else True,
+            stop=list(sampling.stop)) if detokenize else None
+        completion = 0
+        try:
+            async for chunk in self._legs(route, room, prompt_ids, sampling):
+                delta = Delta(room, list(chunk.token_ids), logprobs=list(chunk.logprobs),
+                              finish_reason=chunk.finish_reason)
+                completion += len(delta.token_ids)
+                if detok is not None:
+                    if self._detokenize(detok, delta):
+                        completion = len(detok.output_ids)
+                        delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
+                        yield delta
+                        return  # a stop string matched here: the finally cancels both legs
+                if delta.finish_reason:
+                    delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
+                yield delta
+        finally:
+            self.pool.release(route)
+
+    @staticmethod
+    def _detokenize(detok: IncrementalDetokenizer, delta: Delta) -> bool:
+        """Fill delta.text; True when a stop string ended the request (tokens after
+        the one that completed it are dropped)."""
+        texts = []
+        for i, tok in enumerate(delta.token_ids):
+            text, stopped = detok.add(tok)
+            texts.append(text)
+            if stopped:
+                delta.token_ids = delta.token_ids[:i + 1]
+                delta.logprobs = delta.logprobs[:i + 1]
+                delta.finish_reason = cpb.FINISH_REASON_STOP
+                delta.text = "".join(texts)
+                return True
+        if delta.finish_reason:
+            texts.append(detok.flush())
+        delta.text = "".join(texts)
+        return False
+
+    async def _legs(self, route: Route, room: int, prompt_ids: list[int],
+                    sampling: cpb.SamplingParams) -> AsyncIterator[decode_pb2.DecodeChunk]:
+        d, p = route.decode, route.prefill
+        dcall = decode_pb2_grpc.DecodeStub(self._channel(d.address)).Generate(
+            decode_pb2.DecodeRequest(
+                room=room, prefill_worker_id=p.worker_id if p else "",
+                prefill_address=p.address if p else "", token_ids=prompt_ids,
+                sampling_params=sampling))
+        pcall = ptask = None
+        if p is not None:
+            pcall = prefill_pb2_grpc.PrefillStub(self._channel(p.address)).Prefill(
+                prefill_pb2.PrefillRequest(room=room, decode_worker_id=d.worker_id,
+                                           decode_address=d.address, token_ids=prompt_ids,
+                                           sampling_params=sampling))
+            ptask = asyncio.ensure_future(pcall)
+            # a failed prefill ends the decode stream at once (it would otherwise wait
+            # for the KV until the waiting timeout)
+            ptask.add_done_callback(
+                lambda t: dcall.cancel() if not t.cancelled() and t.exception() else None)
+        try:
+            async for chunk in dcall:
+                yield chunk
+            if ptask is not None:
+                await asyncio.wait([ptask], timeout=_PREFILL_TAIL_S)
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(ptask, p, "decode", d.address, e) from None
+        except asyncio.CancelledError:
+            if ptask is not None and ptask.done() and not ptask.cancelled() and ptask.exception():
+                raise self._failure(ptask, p, "decode", d.address, None) from None
+            raise  # our own cancellation (client gone)
+        finally:
+            dcall.cancel()
+            if pcall is not None and not pcall.done():
+                pcall.cancel()
+
+    @staticmethod
+    def _failure(ptask, p, leg, address, e) -> GatewayError:
+        """Prefer the prefill's error when it failed: the decode's is then a consequence."""
+        if ptask is not None and ptask.done() and not ptask.cancelled():
+            pe = ptask.exception()
+            if isinstance(pe, grpc.aio.AioRpcError):
+                return _leg_error("prefill", p.address, pe)
+        if e is None:
+            return GatewayError(grpc.StatusCode.UNAVAILABLE, f"{leg} worker {address} failed")
+        return _leg_error(leg, address, e)
+
+
+def _usage(prompt: int, completion: int, reported: cpb.Usage) -> cpb.Usage:
+    """The worker's usage when it reported one, else counted here."""
+    if reported.completion_tokens:
+        completion = reported.completion_tokens
+        prompt = reported.prompt_tokens or prompt
+    return cpb.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion, cached_tokens=reported.cached_tokens)

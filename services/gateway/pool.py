@@ -1,0 +1,185 @@
+"""The gateway's view of the mesh: workers followed through the registry's Watch stream.
+
+`WorkerPool.start()` runs a background thread that holds one `Registry.Watch` stream
+and applies its events (JOINED, LEFT, EXPIRED, UPDATED with load). When the stream
+breaks (registry restarted or unreachable) the thread reconnects every `reconnect_s`,
+keeping the last known workers routable meanwhile; on reconnecting, `ListWorkers`
+replaces the pool (members that vanished meanwhile are dropped).
+
+`route()` picks what serves one request:
+  - mode "pd": a (prefill, decode) pair, each by its own policy;
+  - mode "colocated": one colocated worker (decode policy);
+  - mode "auto": a pair when at least one prefill and one decode worker exist,
+    otherwise a colocated worker. Colocated workers are the small-deployment path
+    and the baseline; when both kinds exist, "auto" prefers PD.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from pdmesh.v1 import registry_pb2 as rpb
+from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
+from pdmesh.services.gateway.routing import Load, Policy, Worker, make_policy
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "pd", "colocated")
+_ROLES = {rpb.WORKER_ROLE_PREFILL: "PREFILL", rpb.WORKER_ROLE_DECODE: "DECODE",
+          rpb.WORKER_ROLE_COLOCATED: "COLOCATED"}
+
+
+class NoRoute(Exception):
+    """No worker (or no complete prefill + decode pair) can serve the request."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: prefill is None on a colocated worker."""
+
+    prefill: Worker | None
+    decode: Worker
+
+
+def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
+    role = _ROLES.get(info.role)
+    if role is None:
+        return None
+    ld = info.load
+    return Worker(info.worker_id, role, info.address, info.model_id,
+                  Load(ld.running, ld.queued, ld.free_kv_pages, ld.queued_prefill_tokens))
+
+
+class WorkerPool:
+    """Thread-safe set of routable workers, fed by `Registry.Watch` (or by hand in tests)."""
+
+    def __init__(self, registry_addr: str | None = None, mode: str = "auto",
+                 prefill_policy: str = "round_robin", decode_policy: str = "round_robin",
+                 reconnect_s: float = 0.5) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown routing mode {mode!r} (known: {', '.join(MODES)})")
+        self.mode = mode
+        self.prefill_policy: Policy = make_policy(prefill_policy)
+        self.decode_policy: Policy = make_policy(decode_policy)
+        self._registry_addr = registry_addr
+        self._reconnect_s = reconnect_s
+        self._workers: dict[str, Worker] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._call = None
+        self._thread: threading.Thread | None = None
+        self.synced = threading.Event()  # set once a member list was applied
+
+    # ---- membership -------------------------------------------------------------
+    def apply(self, event_type: str, info: rpb.WorkerInfo) -> None:
+        """Apply one membership event ("JOINED", "LEFT", "EXPIRED", "UPDATED")."""
+        w = worker_from_proto(info)
+        if w is None:
+            return
+        with self._lock:
+            if event_type in ("LEFT", "EXPIRED"):
+                self._workers.pop(w.worker_id, None)
+            elif event_type == "UPDATED" and w.worker_id in self._workers:
+                self._workers[w.worker_id].load = w.load
+            elif event_type in ("JOINED", "UPDATED"):
+                old = self._workers.get(w.worker_id)
+                w.inflight = old.inflight if old else 0
+                self._workers[w.worker_id] = w
+
+    def workers(self, role: str | None = None) -> list[Worker]:
+        """A snapshot of the members (of one role)."""
+        with self._lock:
+            return [w for w in self._workers.values() if role in (None, w.role)]
+
+    def model_ids(self) -> list[str]:
+        with self._lock:
+            return sorted({w.model_id for w in self._workers.values()})
+
+    # ---- routing ----------------------------------------------------------------
+    def route(self) -> Route:
+        """Pick the workers for one request and count it in flight; NoRoute when none.
+        Call `release(route)` when the request ends."""
+        with self._lock:
+            by_role: dict[str, list[Worker]] = {"PREFILL": [], "DECODE": [], "COLOCATED": []}
+            for w in self._workers.values():
+                by_role[w.role].append(w)
+            use_pd = self.mode == "pd" or (
+                self.mode == "auto" and by_role["PREFILL"] and by_role["DECODE"])
+            if use_pd:
+                if not by_role["PREFILL"] or not by_role["DECODE"]:
+                    raise NoRoute("no prefill + decode worker pair is registered "
+                                  f"({len(by_role['PREFILL'])} prefill, "
+                                  f"{len(by_role['DECODE'])} decode)")
+                route = Route(self.prefill_policy(by_role["PREFILL"]),
+                              self.decode_policy(by_role["DECODE"]))
+            elif by_role["COLOCATED"]:
+                route = Route(None, self.decode_policy(by_role["COLOCATED"]))
+            else:
+                raise NoRoute("no worker is registered that can serve this request "
+                              f"(routing mode {self.mode})")
+            for w in (route.prefill, route.decode):
+                if w is not None:
+                    w.inflight += 1
+            return route
+
+    def release(self, route: Route) -> None:
+        with self._lock:
+            for w in (route.prefill, route.decode):
+                if w is not None:
+                    w.inflight = max(0, w.inflight - 1)
+
+    def has_route(self) -> bool:
+        try:
+            self.release(self.route())
+            return True
+        except NoRoute:
+            return False
+
+    # ---- the Watch thread -------------------------------------------------------
+    def start(self) -> None:
+        """Follow the registry in a daemon thread (reconnecting until `close`)."""
+        self._thread = threading.Thread(target=self._run, name="gateway-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._watch_once()
+            except grpc.RpcError as e:
+                if not self._stop.is_set():
+                    log.warning("registry watch broke (%s); reconnecting", e.code())
+            self._stop.wait(self._reconnect_s)
+
+    def _watch_once(self) -> None:
+        with grpc.insecure_channel(self._registry_addr) as channel:
+            stub = rpb_grpc.RegistryStub(channel)
+            self._call = stub.Watch(rpb.WatchRequest(), wait_for_ready=True)
+            if self._stop.is_set():
+                self._call.cancel()
+            # Watch first, then the member list: the list replaces the pool (workers
+            # that vanished while we were disconnected are dropped; after a registry
+            # restart every worker re-registers under a new id), and the stream's
+            # opening JOINED events and later changes are applied on top of it.
+            members = stub.ListWorkers(rpb.ListWorkersRequest(), wait_for_ready=True,
+                                       timeout=10).workers
+            self._replace(members)
+            for event in self._call:
+                self.apply(rpb.WorkerEvent.Type.Name(event.type), event.worker)
+
+    def _replace(self, members) -> None:
+        ids = {info.worker_id for info in members}
+        with self._lock:
+            for wid in [wid for wid in self._workers if wid not in ids]:
+                del self._workers[wid]
+        for info in members:
+            self.apply("JOINED", info)
+        self.synced.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,204 @@
+"""REST by generic transcoding of `google.api.http` annotations (aiohttp).
+
+At start-up `http_routes(service)` reads every method's HttpRule from the service
+descriptor; `build_app` turns each into an aiohttp route that
+  - parses the JSON body (body: "*") into the method's request message with
+    `json_format.ParseDict(..., ignore_unknown_fields=True)`; path variables
+    ("{name}") set fields of the same name;
+  - calls the servicer method of the same name with a `RestContext` (the servicer
+    neither knows nor cares that the call came over HTTP);
+  - writes the response message(s) as JSON with OpenAI's snake_case names, or, for a
+    server-streaming method whose request has `stream: true`, as server-sent events
+    ending in `data: [DONE]`.
+gRPC statuses become HTTP statuses and OpenAI's error JSON. Union-typed OpenAI fields
+are google.protobuf.Value in the protos, so no per-endpoint normalisation is needed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.api import annotations_pb2
+from google.protobuf import descriptor as _d
+from google.protobuf import json_format, message_factory
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
+}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
+              403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+              503: "service_unavailable_error"}
+_PLAIN_STRING, _INT64 = _d.FieldDescriptor.TYPE_STRING, (
+    _d.FieldDescriptor.TYPE_INT64, _d.FieldDescriptor.TYPE_UINT64,
+    _d.FieldDescriptor.TYPE_SINT64, _d.FieldDescriptor.TYPE_FIXED64)
+_WELL_KNOWN = ("google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue")
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    """One annotated RPC: HTTP verb, path template, body selector and the method."""
+
+    verb: str
+    path: str
+    body: str
+    method: _d.MethodDescriptor
+
+
+def http_routes(service: _d.ServiceDescriptor) -> list[HttpRoute]:
+    """Every method of `service` with a google.api.http option, as HttpRoutes."""
+    routes = []
+    for m in service.methods:
+        opts = m.GetOptions()
+        if not opts.HasExtension(annotations_pb2.http):
+            continue
+        rule = opts.Extensions[annotations_pb2.http]
+        verb = rule.WhichOneof("pattern")
+        if verb == "custom":
+            verb, path = rule.custom.kind, rule.custom.path
+        else:
+            path = getattr(rule, verb)
+        routes.append(HttpRoute(verb.upper(), path, rule.body, m))
+    return routes
+
+
+class RestAbort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class RestContext:
+    """The part of grpc.aio.ServicerContext the Gateway servicer uses."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._md = tuple((k.lower(), v) for k, v in request.headers.items())
+
+    def invocation_metadata(self):
+        return self._md
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
+        raise RestAbort(code, details)
+
+
+def error_response(status: int, message: str, param: str | None = None) -> web.Response:
+    """OpenAI's error JSON."""
+    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "internal_error"),
+                      "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def to_json(msg) -> dict:
+    """OpenAI JSON of a response message: snake_case names, zero numbers and false
+    printed, unset plain strings omitted, 64-bit integers as numbers (not strings)."""
+    d = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                  always_print_fields_with_no_presence=True)
+    _clean(msg.DESCRIPTOR, d)
+    return d
+
+
+def _clean(desc: _d.Descriptor, d: dict) -> None:
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.type == _PLAIN_STRING and not f.is_repeated and v == "":
+            del d[f.name]
+        elif f.type in _INT64:
+            d[f.name] = [int(x) for x in v] if f.is_repeated else int(v)
+        elif f.message_type is not None and f.message_type.full_name not in _WELL_KNOWN \
+                and not f.message_type.GetOptions().map_entry:
+            for item in (v if f.is_repeated else [v]):
+                _clean(f.message_type, item)
+
+
+def _handler(route: HttpRoute, servicer: Any):
+    request_cls = message_factory.GetMessageClass(route.method.input_type)
+    rpc = getattr(servicer, route.method.name)
+
+    async def handle(http: web.Request) -> web.StreamResponse:
+        msg = request_cls()
+        try:
+            if route.body:
+                payload = json.loads(await http.read() or b"{}")
+                if not isinstance(payload, dict):
+                    raise ValueError("the request body must be a JSON object")
+                json_format.ParseDict(payload, msg, ignore_unknown_fields=True)
+            for name, value in http.match_info.items():
+                setattr(msg, name, value)
+        except (ValueError, json_format.ParseError) as e:  # JSONDecodeError is a ValueError
+            return error_response(400, f"Invalid request body: {e}")
+        ctx = RestContext(http)
+        try:
+            if not route.method.server_streaming:
+                return web.json_response(to_json(await rpc(msg, ctx)))
+            stream = rpc(msg, ctx)
+            first = await stream.__anext__()  # errors before the first message -> HTTP status
+            if not getattr(msg, "stream", False):
+                await stream.aclose()
+                return web.json_response(to_json(first))
+        except RestAbort as e:
+            return error_response(HTTP_STATUS.get(e.code, 500), e.details)
+        except StopAsyncIteration:
+            return error_response(500, "the RPC returned no response")
+        return await _sse(http, first, stream)
+
+    return handle
+
+
+async def _sse(http: web.Request, first, stream) -> web.StreamResponse:
+    """Server-sent events: one `data:` line per message, then `data: [DONE]`.
+    A failure after the first event is sent as an error event (the status is sent)."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(http)
+    try:
+        await resp.write(_event(to_json(first)))
+        async for m in stream:
+            await resp.write(_event(to_json(m)))
+    except RestAbort as e:
+        status = HTTP_STATUS.get(e.code, 500)
+        await resp.write(_event({"error": {"message": e.details, "code": status,
+                                           "type": ERROR_TYPE.get(status, "internal_error"),
+                                           "param": None}}))
+    except ConnectionError:  # the client went away: aclose below cancels both legs
+        return resp
+    finally:
+        await stream.aclose()
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """Unknown routes, wrong methods and crashes answer in OpenAI's error JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        return error_response(e.status, f"{e.reason}: {request.method} {request.path}")
+    except Exception:  # noqa: BLE001 - the server keeps serving; the log has the trace
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+
+
+def build_app(servicer: Any, services: list[_d.ServiceDescriptor]) -> web.Application:
+    """An aiohttp app with one route per annotated RPC of `services`."""
+    app = web.Application(middlewares=[_errors])
+    for service in services:
+        for route in http_routes(service):
+            app.router.add_route(route.verb, route.path, _handler(route, servicer))
+    return app

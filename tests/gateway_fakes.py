@@ -1,0 +1,99 @@
+"""In-test fake Decode/Prefill workers for gateway tests: real gRPC servers (port 0)
+with canned token streams, registered in a real registry. They test the gateway
+layer alone; the real workers are tested in tests/test_workers.py.
+
+Magic seeds steer them: PREFILL_FAILS makes Prefill fail (the decode then waits for
+KV that never comes, as a real one would), SLOW streams one token per 0.1 s.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from pdmesh.grpc_util import Servicer, create_server, service_name
+from pdmesh.registry_client import RegistryClient
+from pdmesh.v1 import common_pb2 as cpb
+from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdmesh.v1 import registry_pb2 as rpb
+
+PREFILL_FAILS, SLOW = 666, 777
+
+
+class FakeMesh:
+    """Shared state of the fakes: which rooms were prefilled, cancelled, seen."""
+
+    def __init__(self, reply_ids: list[int]) -> None:
+        self.reply_ids = reply_ids
+        self.prefilled: dict[int, threading.Event] = {}
+        self.cancelled: set[int] = set()
+        self.requests: list[decode_pb2.DecodeRequest] = []
+        self.lock = threading.Lock()
+
+    def room_event(self, room: int) -> threading.Event:
+        with self.lock:
+            return self.prefilled.setdefault(room, threading.Event())
+
+
+class FakeDecode(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, mesh: FakeMesh) -> None:
+        self.mesh = mesh
+
+    def Generate(self, request, context):
+        """Wait for the room's prefill (unless colocated), then stream reply_ids."""
+        mesh, sp = self.mesh, request.sampling_params
+        mesh.requests.append(request)
+        context.add_callback(lambda: mesh.cancelled.add(request.room)
+                             if not context.is_active() else None)
+        if request.prefill_address and not mesh.room_event(request.room).wait(30):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no KV")
+        n = min(sp.max_tokens if sp.HasField("max_tokens") else 16, len(mesh.reply_ids))
+        for i in range(n):
+            if not context.is_active():
+                return
+            if sp.seed == SLOW:
+                time.sleep(0.1)
+            last = i == n - 1
+            chunk = decode_pb2.DecodeChunk(token_ids=[mesh.reply_ids[i]])
+            if sp.HasField("logprobs"):
+                chunk.logprobs.add(token_id=mesh.reply_ids[i], logprob=-0.5,
+                                   top_logprobs=[cpb.TopLogprob(token_id=mesh.reply_ids[i],
+                                                                logprob=-0.5)] * sp.logprobs)
+            if last:
+                chunk.finish_reason = cpb.FINISH_REASON_LENGTH
+                chunk.usage.CopyFrom(cpb.Usage(prompt_tokens=len(request.token_ids),
+                                               completion_tokens=n,
+                                               total_tokens=len(request.token_ids) + n))
+            yield chunk
+
+    def Abort(self, request, context):
+        return decode_pb2.DecodeAbortResponse()
+
+
+class FakePrefill(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, mesh: FakeMesh) -> None:
+        self.mesh = mesh
+
+    def Prefill(self, request, context):
+        """Succeed at once (releasing the decode), or fail for the magic seed."""
+        if request.sampling_params.seed == PREFILL_FAILS:
+            time.sleep(0.2)
+            context.abort(grpc.StatusCode.INTERNAL, "fake prefill exploded")
+        self.mesh.room_event(request.room).set()
+        return prefill_pb2.PrefillResponse(room=request.room)
+
+
+def start_worker(mesh: FakeMesh, role: int, registry: str):
+    """A fake worker of `role` on a free port, registered; returns (server, client)."""
+    if role == rpb.WORKER_ROLE_PREFILL:
+        svc = Servicer(FakePrefill(mesh), prefill_pb2_grpc.add_PrefillServicer_to_server,
+                       service_name(prefill_pb2, "Prefill"))
+    else:
+        svc = Servicer(FakeDecode(mesh), decode_pb2_grpc.add_DecodeServicer_to_server,
+                       service_name(decode_pb2, "Decode"))
+    server, port, _ = create_server("127.0.0.1:0", [svc])
+    client = RegistryClient(registry, rpb.RegisterRequest(
+        role=role, address=f"127.0.0.1:{port}", model_id="default"))
+    client.start()
+    return server, client

@@ -1,0 +1,109 @@
+"""Start pdmesh services as real processes for end-to-end tests.
+
+    proc, addr = start_registry(heartbeat_interval=0.3, heartbeat_max_failure=3)
+    p, p_addr = start_prefill(addr, "--kv-cache-bytes", str(48 << 20))
+    ...
+    terminate(p)   # SIGTERM, then SIGKILL after a grace period
+    kill9(p)       # no goodbye (liveness tests)
+
+Each helper runs `python -m pdmesh.cli <command> --port 0 ...`, waits for its
+`<role> listening on HOST:PORT` line and returns (Popen, "HOST:PORT"). The process's
+output keeps being drained on a thread into `proc.output` (a deque of lines), so a
+chatty child never blocks on a full pipe and a failing test can print what it said.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+LISTENING = re.compile(r"^(\w+) listening on (\S+):(\d+)")
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """Environment for a child: one torch/OMP thread (tests share few cores), unbuffered."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def start(command: str, *args: str, env: dict[str, str] | None = None,
+          timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
+    """Run `pdmesh <command> --port 0 <args>`; return (process, address) once it listens.
+
+    Raises RuntimeError with the process's output if it exits or stays silent too long.
+    """
+    cmd = [sys.executable, "-m", "pdmesh.cli", command, "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env or worker_env(), start_new_session=True)
+    proc.output = collections.deque(maxlen=400)
+    found: dict[str, str] = {}
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stdout:
+            proc.output.append(line.rstrip("\n"))
+            m = LISTENING.match(line)
+            if m and not ready.is_set():
+                host = _WILDCARDS.get(m.group(2), m.group(2))
+                found["addr"] = f"{host}:{m.group(3)}"
+                ready.set()
+        ready.set()  # EOF: the process is gone
+
+    threading.Thread(target=drain, name=f"drain-{command}", daemon=True).start()
+    if not ready.wait(timeout) or "addr" not in found:
+        kill9(proc)
+        raise RuntimeError(f"`pdmesh {command}` did not start:\n" + "\n".join(proc.output))
+    return proc, found["addr"]
+
+
+def start_registry(heartbeat_interval: float = 0.3, heartbeat_max_failure: int = 3,
+                   *args: str) -> tuple[subprocess.Popen, str]:
+    """A registry on 127.0.0.1 with a short lease (interval x max failure)."""
+    return start("registry", "--host", "127.0.0.1",
+                 "--heartbeat-interval", str(heartbeat_interval),
+                 "--heartbeat-max-failure", str(heartbeat_max_failure), *args)
+
+
+def start_prefill(registry: str, *args: str, env: dict[str, str] | None = None):
+    """A prefill worker (default model) registered with `registry`."""
+    return start("prefill", "--registry", registry, *args, env=env)
+
+
+def start_decode(registry: str, *args: str, env: dict[str, str] | None = None):
+    """A decode worker; pass "--role", "colocated" for a colocated one."""
+    return start("decode", "--registry", registry, *args, env=env)
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill9(proc)
+    return proc.returncode
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """SIGKILL the process (no shutdown at all) and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll `predicate()` until true or `timeout` seconds passed; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = predicate()
+        if ok or time.monotonic() >= deadline:
+            return bool(ok)
+        time.sleep(interval)
