@@ -1,0 +1,79 @@
+"""`pdmesh serve` end to end: real processes, Mooncake over tcp, the `openai` client."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mesh_procs import worker_env
+from pdmesh import Engine, SamplingParams
+
+QUESTION = "What is the capital of France?"
+
+
+def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start `pdmesh serve`; return (process, REST base URL, its output lines so far)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
+                             "--grpc-port", "0", "--heartbeat-interval", "0.5", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=worker_env())
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"ready — .*gateway (\S+)", line)
+        if m:  # keep draining, or a full pipe would stall the mesh's logging
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return proc, f"http://{m.group(1).rstrip(',')}/v1", lines
+        assert time.monotonic() < deadline, "".join(lines)
+    raise AssertionError("pdmesh serve exited:\n" + "".join(lines))
+
+
+def chat_when_routable(client, **kw):
+    """The gateway learns workers from the registry's Watch; retry briefly until it has."""
+    import openai
+
+    for _ in range(100):
+        try:
+            return client.chat.completions.create(**kw)
+        except openai.APIStatusError as e:
+            if e.status_code != 503:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("no workers became routable")
+
+
+@pytest.fixture(scope="module")
+def expected(default_model):
+    out = Engine(loaded=default_model, num_pages=64).generate(
+        messages=[{"role": "user", "content": QUESTION}],
+        params=SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    return out
+
+
+@pytest.mark.parametrize("prefill, decode", [(1, 1), (2, 2)])
+def test_serve_greedy_chat_equals_runtime_alone(expected, prefill, decode):
+    import openai
+
+    proc, base, lines = start_serve("--prefill", str(prefill), "--decode", str(decode),
+                                    "--worker-arg=--kv-cache-bytes=50000000")
+    try:
+        client = openai.OpenAI(base_url=base, api_key="unused")
+        kw = dict(model="default", messages=[{"role": "user", "content": QUESTION}],
+                  max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        for _ in range(2 * prefill):  # round robin: every pair takes a request
+            res = chat_when_routable(client, **kw)
+            assert res.choices[0].message.content == expected.text
+            assert res.usage.completion_tokens == 16
+            assert res.usage.prompt_tokens == len(expected.prompt_token_ids)
+        stream = client.chat.completions.create(stream=True, **kw)
+        assert "".join(c.choices[0].delta.content or "" for c in stream
+                       if c.choices) == expected.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(lines)
