@@ -42,6 +42,10 @@ _PLAIN_STRING, _INT64 = _d.FieldDescriptor.TYPE_STRING, (
     _d.FieldDescriptor.TYPE_INT64, _d.FieldDescriptor.TYPE_UINT64,
     _d.FieldDescriptor.TYPE_SINT64, _d.FieldDescriptor.TYPE_FIXED64)
 _WELL_KNOWN = ("google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue")
+# Plain strings that OpenAI always sends, even empty: a streamed completion chunk whose
+# delta holds no text (e.g. the last one, with only finish_reason) still has "text": "",
+# and clients index choices[0]["text"] unconditionally (sglang's bench_serving does).
+_KEEP_EMPTY = frozenset({"pdmesh.v1.CompletionChoice.text"})
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,8 @@ def _clean(desc: _d.Descriptor, d: dict) -> None:
         if f.name not in d:
             continue
         v = d[f.name]
-        if f.type == _PLAIN_STRING and not f.is_repeated and v == "":
+        if f.type == _PLAIN_STRING and not f.is_repeated and v == "" \
+                and f.full_name not in _KEEP_EMPTY:
             del d[f.name]
         elif f.type in _INT64:
             d[f.name] = [int(x) for x in v] if f.is_repeated else int(v)
