@@ -93,7 +93,7 @@ def test_services_and_rpcs():
 
     assert rpcs(registry_pb2, "Registry") == {"Register", "Heartbeat", "Deregister",
                                                "ListWorkers", "Watch"}
-    assert rpcs(prefill_pb2, "Prefill") == {"Prefill", "Transfer", "Abort"}
+    assert rpcs(prefill_pb2, "Prefill") == {"Prefill", "Transfer", "Abort", "Stats"}
     assert rpcs(decode_pb2, "Decode") == {"Generate", "Abort", "SlowDown", "Stats"}
     assert rpcs(gateway_pb2, "Gateway") >= {"Generate", "Chat", "ChatCompletions",
                                             "Completions", "ListModels"}

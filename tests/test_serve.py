@@ -8,10 +8,15 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from mesh_procs import worker_env
 from pdmesh import Engine, SamplingParams
+from pdmesh.v1 import decode_pb2 as dpb
+from pdmesh.v1 import decode_pb2_grpc as dgrpc
+from pdmesh.v1 import prefill_pb2 as ppb
+from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 
 QUESTION = "What is the capital of France?"
 
@@ -32,6 +37,23 @@ def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
             return proc, f"http://{m.group(1).rstrip(',')}/v1", lines
         assert time.monotonic() < deadline, "".join(lines)
     raise AssertionError("pdmesh serve exited:\n" + "".join(lines))
+
+
+def worker_addresses(lines: list[str], role: str) -> list[str]:
+    """The gRPC addresses of the `role` workers, from serve's `ready — ...` line."""
+    ready = next(line for line in lines if "pdmesh serve: ready" in line)
+    return re.findall(rf"\b{role}-\d+ ([^\s,]+)", ready)
+
+
+def served_counts(lines: list[str]) -> tuple[list[int], list[int]]:
+    """Per prefill: rooms whose KV it transferred; per decode: streams it finished."""
+    pre = [pgrpc.PrefillStub(grpc.insecure_channel(a)).Stats(
+        ppb.PrefillStatsRequest(), timeout=10).transferred_requests
+        for a in worker_addresses(lines, "prefill")]
+    dec = [dgrpc.DecodeStub(grpc.insecure_channel(a)).Stats(
+        dpb.StatsRequest(), timeout=10).finished_requests
+        for a in worker_addresses(lines, "decode")]
+    return pre, dec
 
 
 def chat_when_routable(client, **kw):
@@ -74,6 +96,11 @@ def test_serve_greedy_chat_equals_runtime_alone(expected, prefill, decode):
         stream = client.chat.completions.create(stream=True, **kw)
         assert "".join(c.choices[0].delta.content or "" for c in stream
                        if c.choices) == expected.text
+        # every worker took traffic: each request was one KV transfer and one decode stream
+        pre, dec = served_counts(lines)
+        assert (len(pre), len(dec)) == (prefill, decode)
+        assert all(n >= 1 for n in pre + dec), (pre, dec)
+        assert sum(pre) == sum(dec) == 2 * prefill + 1, (pre, dec)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)

@@ -29,7 +29,8 @@ GREEDY = cpb.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
 class Mesh:
-    """The module's processes and stubs; `prefill` may be replaced by a restarted one."""
+    """The module's processes and stubs; `prefill` and `decode` may be replaced by
+    restarted ones."""
 
     def __init__(self) -> None:
         self.registry, self.registry_addr = start_registry(INTERVAL, MAX_FAILURE)
@@ -47,6 +48,10 @@ class Mesh:
     def set_prefill(self, proc, addr: str) -> None:
         self.prefill, self.p_addr = proc, addr
         self.p = pgrpc.PrefillStub(grpc.insecure_channel(addr))
+
+    def set_decode(self, proc, addr: str) -> None:
+        self.decode, self.d_addr = proc, addr
+        self.d = dgrpc.DecodeStub(grpc.insecure_channel(addr))
 
     def procs(self):
         return [self.prefill, self.decode, self.colocated, self.registry]
@@ -222,6 +227,45 @@ def test_prefill_dies_while_decode_waits_for_kv(mesh, expected):
     assert wait_until(lambda: prefill_all_free(mesh), 10)
     chunks, _ = run_pd(mesh)
     assert tokens(chunks) == expected
+
+
+def test_decode_dies_while_prefill_holds_kv(mesh, expected):
+    """Prefill alone for a room bound for D: P computes the KV and keeps it for D's
+    Transfer. D hangs (SIGSTOP) before it sends one: P frees the KV and fails Prefill
+    within one lease via the registry, not after the bootstrap timeout; then kill -9;
+    a restarted decode takes traffic again."""
+    before = mesh.p.Stats(ppb.PrefillStatsRequest(), timeout=5)
+    assert before.free_pages == before.total_pages and before.rooms == 0
+    with ThreadPoolExecutor(1) as ex:
+        pre = ex.submit(mesh.p.Prefill, ppb.PrefillRequest(
+            room=random.getrandbits(63), decode_address=mesh.d_addr, token_ids=PROMPT,
+            sampling_params=GREEDY), timeout=30)
+        assert wait_until(lambda: mesh.p.Stats(ppb.PrefillStatsRequest()).free_pages
+                          < before.total_pages, 10)  # P holds the room's KV for D
+        assert wait_until(lambda: not prefill_all_free(mesh), 5)  # ... and reports it
+        t0 = time.monotonic()
+        mesh.decode.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                pre.result()
+            elapsed = time.monotonic() - t0
+        finally:
+            kill9(mesh.decode)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"decode worker {mesh.d_addr} expired" in e.value.details()
+    assert elapsed < LEASE + 2.0  # the bootstrap timeout here is 5 s, the default 300 s
+    assert wait_until(lambda: prefill_all_free(mesh), 5)  # the registry's load report
+    after = mesh.p.Stats(ppb.PrefillStatsRequest(), timeout=5)
+    assert after.free_pages == after.total_pages and after.rooms == 0
+    assert after.failed_requests == before.failed_requests + 1
+    mesh.set_decode(*start_decode(mesh.registry_addr, *KV))
+    chunks, _ = run_pd(mesh)
+    assert tokens(chunks) == expected
+    assert mesh.d.Stats(dpb.StatsRequest()).finished_requests == 1
+    assert mesh.p.Stats(ppb.PrefillStatsRequest()).transferred_requests == \
+        after.transferred_requests + 1
+    assert wait_until(lambda: all_free(mesh.d), 5)
+    assert wait_until(lambda: prefill_all_free(mesh), 5)
 
 
 def test_sigterm_drains_in_flight_then_deregisters(mesh):

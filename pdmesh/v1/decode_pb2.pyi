@@ -64,7 +64,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("total_pages", "free_pages", "used_pages", "quarantined_pages", "running", "queued", "forward_sleep_time")
+    __slots__ = ("total_pages", "free_pages", "used_pages", "quarantined_pages", "running", "queued", "forward_sleep_time", "finished_requests")
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     USED_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class StatsResponse(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SLEEP_TIME_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     total_pages: int
     free_pages: int
     used_pages: int
@@ -79,4 +80,5 @@ class StatsResponse(_message.Message):
     running: int
     queued: int
     forward_sleep_time: float
-    def __init__(self, total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., used_pages: _Optional[int] = ..., quarantined_pages: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., forward_sleep_time: _Optional[float] = ...) -> None: ...
+    finished_requests: int
+    def __init__(self, total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., used_pages: _Optional[int] = ..., quarantined_pages: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., forward_sleep_time: _Optional[float] = ..., finished_requests: _Optional[int] = ...) -> None: ...

@@ -98,3 +98,21 @@ class PrefillAbortResponse(_message.Message):
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     aborted: bool
     def __init__(self, aborted: _Optional[bool] = ...) -> None: ...
+
+class PrefillStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefillStatsResponse(_message.Message):
+    __slots__ = ("total_pages", "free_pages", "rooms", "transferred_requests", "failed_requests")
+    TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    ROOMS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    total_pages: int
+    free_pages: int
+    rooms: int
+    transferred_requests: int
+    failed_requests: int
+    def __init__(self, total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., rooms: _Optional[int] = ..., transferred_requests: _Optional[int] = ..., failed_requests: _Optional[int] = ...) -> None: ...

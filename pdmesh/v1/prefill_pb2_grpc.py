@@ -52,6 +52,11 @@ class PrefillStub:
                 request_serializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillAbortRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillAbortResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/pdmesh.v1.Prefill/Stats',
+                request_serializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillStatsResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -92,6 +97,13 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Page accounting, live rooms and cumulative counts right now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillAbortRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillAbortResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillStatsRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +212,33 @@ class Prefill:
             '/pdmesh.v1.Prefill/Abort',
             pdmesh_dot_v1_dot_prefill__pb2.PrefillAbortRequest.SerializeToString,
             pdmesh_dot_v1_dot_prefill__pb2.PrefillAbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Prefill/Stats',
+            pdmesh_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
+            pdmesh_dot_v1_dot_prefill__pb2.PrefillStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

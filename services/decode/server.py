@@ -45,6 +45,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self._channels: dict[str, ppb_grpc.PrefillStub] = {}
         self._channels_lock = threading.Lock()
         self._stop = threading.Event()
+        self._finished_lock = threading.Lock()
+        self.finished = 0  # streams that ended with a finish reason, cumulative (Stats)
         threading.Thread(target=self._retry_quarantine, name="quarantine", daemon=True).start()
 
     # -- RPCs ----------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             used_pages=s["used_pages"] - q_pages, quarantined_pages=q_pages,
             running=s["running"] - s["held"],
             queued=s["held"] - q_rooms + s["prealloc_queue"] + s["waiting"],
-            forward_sleep_time=self.loop.forward_sleep_time)
+            forward_sleep_time=self.loop.forward_sleep_time, finished_requests=self.finished)
 
     # -- the PD path ---------------------------------------------------------------------
     def _pull_kv(self, room: DecodeRoom, req) -> int:
@@ -200,6 +202,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             chunk = self._chunk(outs, prompt_len, cached)
             if outs[-1].finished:
                 room.finished = True
+                with self._finished_lock:
+                    self.finished += 1
                 yield chunk
                 return
             yield chunk

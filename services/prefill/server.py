@@ -33,6 +33,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.host, self.loop, self.engine = host, host.loop, host.engine
         self.rooms = R.RoomTable()
         self.bootstrap_timeout = host.config.bootstrap_timeout
+        self._counts_lock = threading.Lock()
+        self.transferred = self.failed = 0  # rooms, cumulative (Stats)
 
     # -- RPCs ----------------------------------------------------------------------------
     def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -111,7 +113,23 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return pb.PrefillAbortResponse(aborted=self._drop(room, "CANCELLED",
                                                           f"room {request.room} was aborted"))
 
+    def Stats(self, request: pb.PrefillStatsRequest, context) -> pb.PrefillStatsResponse:
+        """Pages, live rooms, and the rooms transferred / failed since start."""
+        free = self.loop.call(lambda: self.engine.allocator.num_free).result(timeout=10)
+        with self._counts_lock:
+            transferred, failed = self.transferred, self.failed
+        return pb.PrefillStatsResponse(total_pages=self.host.layout.num_pages, free_pages=free,
+                                       rooms=len(self.rooms.all()),
+                                       transferred_requests=transferred, failed_requests=failed)
+
     # -- internals -----------------------------------------------------------------------
+    def _count(self, ok: bool) -> None:
+        with self._counts_lock:
+            if ok:
+                self.transferred += 1
+            else:
+                self.failed += 1
+
     def _check_layout(self, request: pb.TransferRequest) -> None:
         pages = list(request.dst_page_ids)
         dst = KVLayout(model=request.model_id, dtype=request.dtype,
@@ -157,6 +175,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             room.changed.notify_all()
         rid = str(room.room)
         (self.loop.release(rid) if room.state == R.DONE else self.loop.abort(rid))
+        self._count(room.state == R.DONE)
         self.rooms.remove(room.room)
         room.write_done.set()
 
@@ -167,6 +186,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         if before == R.PENDING:
             self.loop.abort(str(room.room))
             self.rooms.remove(room.room)
+            self._count(False)
         elif before == R.WRITING and wait:
             room.write_done.wait(60)
         return before in (R.PENDING, R.WRITING)
