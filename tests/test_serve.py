@@ -78,8 +78,29 @@ def expected(default_model):
     return out
 
 
+@pytest.fixture(scope="module")
+def completion(default_model):
+    return Engine(loaded=default_model, num_pages=64).generate(
+        "The three primary colours are", SamplingParams(max_tokens=12, temperature=0))[0]
+
+
+def check_completions(client, want) -> None:
+    """/v1/completions through real workers, streaming and not: text and usage."""
+    kw = dict(model="default", prompt="The three primary colours are", max_tokens=12,
+              temperature=0)
+    res = client.completions.create(**kw)
+    assert res.choices[0].text == want.text
+    assert res.choices[0].finish_reason == want.finish_reason
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (
+        len(want.prompt_token_ids), len(want.token_ids))
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
 @pytest.mark.parametrize("prefill, decode", [(1, 1), (2, 2)])
-def test_serve_greedy_chat_equals_runtime_alone(expected, prefill, decode):
+def test_serve_greedy_chat_equals_runtime_alone(expected, completion, prefill, decode):
     import openai
 
     proc, base, lines = start_serve("--prefill", str(prefill), "--decode", str(decode),
@@ -101,6 +122,8 @@ def test_serve_greedy_chat_equals_runtime_alone(expected, prefill, decode):
         assert (len(pre), len(dec)) == (prefill, decode)
         assert all(n >= 1 for n in pre + dec), (pre, dec)
         assert sum(pre) == sum(dec) == 2 * prefill + 1, (pre, dec)
+        if prefill == 1:
+            check_completions(client, completion)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)
