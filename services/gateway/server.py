@@ -136,10 +136,14 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
                 choice.finish_reason = oa.FINISH.get(d.finish_reason, "stop")
             yield chunk
             if d.finish_reason and request.stream_options.include_usage:
-                chunk = oa.header(opb.ChatCompletionResponse, "chatcmpl-", d.room, self.model,
-                                  "chat.completion.chunk", created)
-                chunk.usage.CopyFrom(oa.usage_proto(d.usage))
-                yield chunk
+                yield self._usage_chunk(opb.ChatCompletionResponse, "chatcmpl-",
+                                        "chat.completion.chunk", d, created)
+
+    def _usage_chunk(self, cls, prefix: str, obj: str, d, created: int):
+        """The final stream chunk that only carries usage (stream_options.include_usage)."""
+        chunk = oa.header(cls, prefix, d.room, self.model, obj, created)
+        chunk.usage.CopyFrom(oa.usage_proto(d.usage))
+        return chunk
 
     async def Completions(self, request: opb.CompletionRequest, context):
         """OpenAI (legacy) completions: one response, or chunks when stream is true."""
@@ -170,10 +174,8 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
                 choice.finish_reason = oa.FINISH.get(d.finish_reason, "stop")
             yield chunk
             if d.finish_reason and request.stream_options.include_usage:
-                chunk = oa.header(opb.CompletionResponse, "cmpl-", d.room, self.model,
-                                  "text_completion", created)
-                chunk.usage.CopyFrom(oa.usage_proto(d.usage))
-                yield chunk
+                yield self._usage_chunk(opb.CompletionResponse, "cmpl-", "text_completion",
+                                        d, created)
         if not request.stream:
             resp = oa.header(opb.CompletionResponse, "cmpl-", last.room, self.model,
                              "text_completion", created)
