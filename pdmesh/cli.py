@@ -20,6 +20,8 @@ COMMANDS = {
                 "run the gateway: gRPC pdmesh.v1.Gateway + OpenAI-compatible REST"),
     "serve": ("pdmesh.commands.serve",
               "run the whole mesh on this machine: registry, workers, gateway"),
+    "trace": ("pdmesh.commands.trace",
+              "show traces from a --trace-file as span trees with durations"),
 }
 
 

@@ -308,6 +308,61 @@ def worker_config_from_env(base: WorkerConfig | None = None,
     return _apply_env(base or WorkerConfig(), _WORKER_ENV_OVERRIDES, env)
 
 
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Traces and metrics of one service process (every service takes the same flags).
+
+    Traces are exported by OTLP when `otlp_endpoint` is set, to a JSON-lines file when
+    `trace_file` is set (both may be), and are off otherwise: then no span processor,
+    no gRPC interceptor and no exporter exist, so the hot path pays nothing.
+    """
+
+    otlp_endpoint: str | None = None  # e.g. http://collector:4317 (grpc) or :4318 (http)
+    otlp_protocol: str = "grpc"  # grpc | http/protobuf
+    trace_file: str | None = None  # JSON lines, one span per line (appended)
+    trace_sample_ratio: float = 1.0  # of new traces (roots); children follow their parent
+    metrics_port: int = 0  # Prometheus /metrics (workers, registry); 0 = free, -1 = off
+    log_interval_s: float = 10.0  # workers' periodic summary line; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.otlp_protocol not in ("grpc", "http/protobuf"):
+            raise ValueError(f"otlp_protocol must be grpc or http/protobuf, got {self.otlp_protocol!r}")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in -1..65535, got {self.metrics_port}")
+        if self.log_interval_s < 0:
+            raise ValueError(f"log_interval_s must be >= 0, got {self.log_interval_s}")
+
+    @property
+    def tracing(self) -> bool:
+        """True when spans go anywhere."""
+        return bool(self.otlp_endpoint or self.trace_file)
+
+    def replace(self, **changes: Any) -> "TelemetryConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# OpenTelemetry's own variables first, so a standard collector set-up just works.
+_TELEMETRY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("otlp_endpoint", str),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("otlp_endpoint", str),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("otlp_protocol", str),
+    "PDMESH_TRACE_FILE": ("trace_file", str),
+    "PDMESH_TRACE_SAMPLE_RATIO": ("trace_sample_ratio", float),
+    "PDMESH_METRICS_PORT": ("metrics_port", int),
+    "PDMESH_LOG_INTERVAL": ("log_interval_s", float),
+}
+
+
+def telemetry_config_from_env(base: TelemetryConfig | None = None,
+                              env: Mapping[str, str] | None = None) -> TelemetryConfig:
+    """Apply OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT / _PROTOCOL and PDMESH_TRACE_FILE /
+    _TRACE_SAMPLE_RATIO / _METRICS_PORT / _LOG_INTERVAL on top of `base`."""
+    return _apply_env(base or TelemetryConfig(), _TELEMETRY_ENV_OVERRIDES, env)
+
+
 __all__ = ["GatewayConfig", "gateway_config_from_env", "ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
            "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env",
-           "WorkerConfig", "worker_config_from_env", "WORKER_ROLES"]
+           "WorkerConfig", "worker_config_from_env", "WORKER_ROLES",
+           "TelemetryConfig", "telemetry_config_from_env"]

@@ -38,15 +38,20 @@ def service_name(pb2_module: Any, service: str) -> str:
 def create_server(addr: str, servicers: Iterable[Servicer], *,
                   max_workers: int = DEFAULT_MAX_WORKERS,
                   options: list[tuple[str, Any]] | None = None,
+                  interceptors: Iterable[grpc.ServerInterceptor] = (),
                   ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a server on `addr` ("host:port"; port 0 picks a free one).
 
+    `interceptors` run first (e.g. metrics); tracing's are added when tracing is on.
     Returns (server, bound port, health servicer). Every service given, plus the
     overall server ("") is marked SERVING once started.
     """
+    from pdmesh.telemetry import tracing
+
     servicers = list(servicers)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=options or [])
+                         options=options or [],
+                         interceptors=[*interceptors, *tracing.server_interceptors()])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in servicers:

@@ -107,3 +107,47 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
         if ok or time.monotonic() >= deadline:
             return bool(ok)
         time.sleep(interval)
+
+
+def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start `pdmesh serve`; return (process, REST base URL, its output lines so far)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
+                             "--grpc-port", "0", "--heartbeat-interval", "0.5", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=worker_env())
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"ready — .*gateway (\S+)", line)
+        if m:  # keep draining, or a full pipe would stall the mesh's logging
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return proc, f"http://{m.group(1).rstrip(',')}/v1", lines
+        assert time.monotonic() < deadline, "".join(lines)
+    raise AssertionError("pdmesh serve exited:\n" + "".join(lines))
+
+
+def worker_addresses(lines: list[str], role: str) -> list[str]:
+    """The gRPC addresses of the `role` workers, from serve's `ready — ...` line."""
+    ready = next(line for line in lines if "pdmesh serve: ready" in line)
+    return re.findall(rf"\b{role}-\d+ ([^\s,]+)", ready)
+
+
+def chat_when_routable(client, **kw):
+    """The gateway learns workers from the registry's Watch; retry briefly until it has."""
+    import openai
+
+    for _ in range(100):
+        try:
+            return client.chat.completions.create(**kw)
+        except openai.APIStatusError as e:
+            if e.status_code != 503:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("no workers became routable")
+
+
+def metrics_urls(lines: list[str]) -> dict[str, str]:
+    """Service name -> its /metrics URL, from serve's `metrics — ...` line."""
+    line = next(line for line in lines if "pdmesh serve: metrics" in line)
+    return dict(re.findall(r"([\w-]+) (http://\S+?/metrics)", line))

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from mesh_procs import worker_env
+from mesh_procs import chat_when_routable, start_serve, worker_addresses, worker_env
 from pdmesh import Engine, SamplingParams
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -19,30 +19,6 @@ from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 
 QUESTION = "What is the capital of France?"
-
-
-def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
-    """Start `pdmesh serve`; return (process, REST base URL, its output lines so far)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
-                             "--grpc-port", "0", "--heartbeat-interval", "0.5", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=worker_env())
-    lines: list[str] = []
-    deadline = time.monotonic() + 240
-    for line in proc.stdout:
-        lines.append(line)
-        m = re.search(r"ready — .*gateway (\S+)", line)
-        if m:  # keep draining, or a full pipe would stall the mesh's logging
-            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-            return proc, f"http://{m.group(1).rstrip(',')}/v1", lines
-        assert time.monotonic() < deadline, "".join(lines)
-    raise AssertionError("pdmesh serve exited:\n" + "".join(lines))
-
-
-def worker_addresses(lines: list[str], role: str) -> list[str]:
-    """The gRPC addresses of the `role` workers, from serve's `ready — ...` line."""
-    ready = next(line for line in lines if "pdmesh serve: ready" in line)
-    return re.findall(rf"\b{role}-\d+ ([^\s,]+)", ready)
 
 
 def served_counts(lines: list[str]) -> tuple[list[int], list[int]]:
@@ -54,20 +30,6 @@ def served_counts(lines: list[str]) -> tuple[list[int], list[int]]:
         dpb.StatsRequest(), timeout=10).finished_requests
         for a in worker_addresses(lines, "decode")]
     return pre, dec
-
-
-def chat_when_routable(client, **kw):
-    """The gateway learns workers from the registry's Watch; retry briefly until it has."""
-    import openai
-
-    for _ in range(100):
-        try:
-            return client.chat.completions.create(**kw)
-        except openai.APIStatusError as e:
-            if e.status_code != 503:
-                raise
-            time.sleep(0.2)
-    raise AssertionError("no workers became routable")
 
 
 @pytest.fixture(scope="module")

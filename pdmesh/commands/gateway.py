@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 
+from pdmesh.commands import telemetry_flags
 from pdmesh.config import GatewayConfig, gateway_config_from_env
 
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (env PDMESH_API_KEY)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit for prompt + output (default: the model's)")
+    telemetry_flags.add_arguments(p, metrics_port=False)  # /metrics is on the REST port
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -54,13 +56,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
+        telemetry = telemetry_flags.config_from_args(args)
     except ValueError as e:
         print(f"pdmesh gateway: {e}", file=sys.stderr)
         return 2
+    telemetry_flags.setup(telemetry, "pdmesh-gateway")
 
     def ready(rest_port: int, grpc_port: int) -> None:
         print(f"gateway listening on {config.host}:{rest_port} (REST) and "
-              f"{config.host}:{grpc_port} (gRPC)", flush=True)
+              f"{config.host}:{grpc_port} (gRPC), metrics http://{config.host}:{rest_port}"
+              "/metrics", flush=True)
 
     try:
         asyncio.run(serve(config, ready))

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from pdmesh.commands import telemetry_flags
 from pdmesh.config import RegistryConfig, registry_config_from_env
 
 
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-max-failure", type=int, default=None,
                    help="missed heartbeats before a worker is expired (default 2, env "
                         "PDMESH_HEARTBEAT_MAX_FAILURE)")
+    telemetry_flags.add_arguments(p, metrics_port=True)
 
 
 def config_from_args(args: argparse.Namespace) -> RegistryConfig:
@@ -37,17 +39,25 @@ def config_from_args(args: argparse.Namespace) -> RegistryConfig:
 def run(args: argparse.Namespace) -> int:
     from pdmesh.services.bootstrap.server import create_server
 
+    from pdmesh.telemetry.metrics import serve_http
+
     try:
         config = config_from_args(args)
+        telemetry = telemetry_flags.config_from_args(args)
     except ValueError as e:
         print(f"pdmesh registry: {e}", file=sys.stderr)
         return 2
+    telemetry_flags.setup(telemetry, "pdmesh-registry")
     server, port = create_server(f"{args.host}:{args.port}", config)
+    metrics = ""
+    if telemetry.metrics_port >= 0:
+        mport = serve_http(server.metrics, args.host, telemetry.metrics_port)
+        metrics = f", metrics http://{args.host}:{mport}/metrics"
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"registry listening on {args.host}:{port} (heartbeat {config.heartbeat_interval}s "
-          f"x {config.heartbeat_max_failure})", flush=True)
+          f"x {config.heartbeat_max_failure}{metrics})", flush=True)
     stop.wait()
     server.stop()
     print("registry stopped", flush=True)

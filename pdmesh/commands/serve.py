@@ -16,7 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pdmesh.commands import telemetry_flags
+
 _LISTENING = re.compile(r"listening on (\S+)")
+_METRICS = re.compile(r"metrics (http://\S+?/metrics)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra flag passed to the gateway (repeatable)")
     p.add_argument("--ready-timeout", type=float, default=300.0,
                    help="seconds to wait for each service to report it is listening")
+    telemetry_flags.add_arguments(p, metrics_port=False)  # passed on to every service
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     address: str
+    metrics: str = ""  # its Prometheus endpoint URL
 
 
 def start(name: str, argv: list[str], env: dict[str, str], timeout: float) -> Child:
@@ -55,12 +60,15 @@ def start(name: str, argv: list[str], env: dict[str, str], timeout: float) -> Ch
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=None, bufsize=1)
     found: list[str] = []
+    metrics: list[str] = []
     ready = threading.Event()
 
-    def pump() -> None:  # echo the child's stdout, prefixed; note its address
+    def pump() -> None:  # echo the child's stdout, prefixed; note its addresses
         for line in proc.stdout:
             print(f"[{name}] {line}", end="", flush=True)
             m = _LISTENING.search(line)
+            if m and (mm := _METRICS.search(line)) and not metrics:
+                metrics.append(mm.group(1))
             if m and not found:
                 found.append(m.group(1))
                 ready.set()
@@ -69,7 +77,7 @@ def start(name: str, argv: list[str], env: dict[str, str], timeout: float) -> Ch
     if not ready.wait(timeout) or not found:
         proc.kill()
         raise RuntimeError(f"{name} did not start (exit code {proc.poll()}); see its output above")
-    return Child(name, proc, found[0])
+    return Child(name, proc, found[0], metrics[0] if metrics else "")
 
 
 def _worker_env(num_workers: int) -> dict[str, str]:
@@ -82,14 +90,15 @@ def _worker_env(num_workers: int) -> dict[str, str]:
 def launch(args: argparse.Namespace) -> list[Child]:
     """Start registry, workers, then the gateway; returns them in start order."""
     timeout, children = args.ready_timeout, []
-    reg = ["registry", "--host", args.host, "--port", str(args.registry_port)]
+    tel = telemetry_flags.forward(args)
+    reg = ["registry", "--host", args.host, "--port", str(args.registry_port), *tel]
     if args.heartbeat_interval is not None:
         reg += ["--heartbeat-interval", str(args.heartbeat_interval)]
     if args.heartbeat_max_failure is not None:
         reg += ["--heartbeat-max-failure", str(args.heartbeat_max_failure)]
     children.append(start("registry", reg, dict(os.environ), timeout))
     common = ["--registry", children[0].address, "--model", args.model, "--host", args.host,
-              "--port", "0", *args.worker_arg]
+              "--port", "0", *tel, *args.worker_arg]
     roles = ([("prefill", ["prefill"])] * args.prefill + [("decode", ["decode"])] * args.decode
              + [("colocated", ["decode", "--role", "colocated"])] * args.colocated)
     env = _worker_env(len(roles))
@@ -97,7 +106,8 @@ def launch(args: argparse.Namespace) -> list[Child]:
         children.append(start(f"{name}-{i}", argv + common, env, timeout))
     children.append(start("gateway", ["gateway", "--registry", children[0].address, "--model",
                                       args.model, "--host", args.host, "--port", str(args.port),
-                                      "--grpc-port", str(args.grpc_port), *args.gateway_arg],
+                                      "--grpc-port", str(args.grpc_port), *tel,
+                                      *args.gateway_arg],
                           dict(os.environ), timeout))
     return children
 
@@ -126,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         children = launch(args)
         print("pdmesh serve: ready — " + ", ".join(f"{c.name} {c.address}" for c in children),
               flush=True)
+        print("pdmesh serve: metrics — " + ", ".join(f"{c.name} {c.metrics}" for c in children
+                                                     if c.metrics), flush=True)
         while not stop.is_set():
             dead = [c for c in children if c.proc.poll() is not None]
             if dead:

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 
+from pdmesh.commands import telemetry_flags
 from pdmesh.config import (EngineConfig, WorkerConfig, engine_config_from_env,
                            worker_config_from_env)
 
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="requests prefilling or decoding at once (default 64)")
     p.add_argument("--transfer-protocol", choices=("tcp", "rdma"), default=None,
                    help="Mooncake transport for KV pages (default tcp; env PDMESH_TRANSFER_PROTOCOL)")
+    p.add_argument("--kv-transfer-mode", choices=("auto", "direct", "staged"), default=None,
+                   help="KV pool on a GPU: direct (register device memory; needs Mooncake's "
+                        "CUDA build), staged (through pinned host memory) or auto (default; "
+                        "env PDMESH_KV_TRANSFER_MODE)")
     p.add_argument("--transfer-device", default=None,
                    help="RDMA devices, comma-separated, e.g. mlx5_0,mlx5_1 (default: auto; "
                         "env PDMESH_TRANSFER_DEVICE)")
@@ -53,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
         p.add_argument("--role", choices=("decode", "colocated"), default="decode",
                        help="decode (KV from prefill workers) or colocated (prefill and decode "
                             "in this engine, no transfer)")
+    telemetry_flags.add_arguments(p, metrics_port=True, summaries=True)
 
 
 def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig, EngineConfig]:
@@ -60,7 +66,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
     flags = {"registry": args.registry, "model_id": args.model_id or args.model,
              "host": args.host, "port": args.port, "hostname": args.hostname,
              "transfer_protocol": args.transfer_protocol,
-             "transfer_device": args.transfer_device, "shutdown_grace_s": args.shutdown_grace,
+             "transfer_device": args.transfer_device,
+             "kv_transfer_mode": args.kv_transfer_mode, "shutdown_grace_s": args.shutdown_grace,
              "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
              "waiting_timeout": getattr(args, "waiting_timeout", None),
              "role": getattr(args, "role", None) or role}
@@ -77,24 +84,33 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
 def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     """Build the worker, serve until SIGTERM/SIGINT, then shut down gracefully."""
     from pdmesh.grpc_util import stop_gracefully
+    from pdmesh.services.common.observe import WorkerObservability
     from pdmesh.services.common.worker import WorkerHost
 
     try:
         worker, engine = configs_from_args(args, role)
+        telemetry = telemetry_flags.config_from_args(args)
     except ValueError as e:
         print(f"pdmesh {role}: {e}", file=sys.stderr)
         return 2
+    telemetry_flags.setup(telemetry, f"pdmesh-{worker.role}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
-    server, port, servicer, health = create_server(f"{worker.host}:{worker.port}", host)
+    obs = WorkerObservability(host.metrics.registry, telemetry, worker.role)
+    server, port, servicer, health = create_server(f"{worker.host}:{worker.port}", host,
+                                                   interceptors=[obs.rpc_interceptor])
+    obs.start(servicer.snapshot, worker.host)
+    metrics = "" if obs.metrics_port is None else \
+        f", metrics http://{worker.advertise_host}:{obs.metrics_port}/metrics"
     address = f"{worker.advertise_host}:{port}"
     host.start_registry(address, servicer.load, servicer.peer_gone)
     print(f"{worker.role} listening on {worker.host}:{port} (registered as "
-          f"{host.registry.worker_id} at {address}, model {worker.model_id})", flush=True)
+          f"{host.registry.worker_id} at {address}, model {worker.model_id}{metrics})", flush=True)
     stop.wait()
     stop_gracefully(server, health, worker.shutdown_grace_s)
+    obs.stop()
     getattr(servicer, "close", lambda: None)()
     host.close(deregister=True)
     print(f"{worker.role} stopped", flush=True)

@@ -38,6 +38,9 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.steps = 0
+        # cumulative, written on the loop thread only (metrics read them racily: ints)
+        self.prompt_tokens = 0  # prompt tokens computed (counted when a prefill completes)
+        self.generation_tokens = 0  # tokens sampled by this engine's steps (not adopted)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -110,6 +113,7 @@ class EngineLoop:
             self._drain_prealloc()  # an abort or release may have freed pages
             if self.engine.has_unfinished():
                 for out in self.engine.step():
+                    self._account(out)
                     self._deliver(out)
                 self.steps += 1
                 if self.forward_sleep_time > 0:
@@ -132,6 +136,12 @@ class EngineLoop:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _account(self, out: RequestOutput) -> None:
+        if len(out.token_ids) == 1:  # sampled right after the prompt's last chunk
+            self.prompt_tokens += len(out.prompt_token_ids)
+        if not out.pages:  # a PREFILL_ONLY output's token is the decode worker's to count
+            self.generation_tokens += len(out.new_token_ids)
 
     def _deliver(self, out: RequestOutput) -> None:
         # a finished output is the request's last (PREFILL_ONLY: token 1, pages held)

@@ -92,6 +92,9 @@ class LeaseTable:
         self._workers: dict[str, Worker] = {}  # insertion order = registration order
         self._watchers: list[Watcher] = []
         self._ids = itertools.count(1)
+        # cumulative, under _lock (read by the metrics endpoint)
+        self.counts = {"registrations": 0, "deregistrations": 0, "heartbeats": 0,
+                       "missed_heartbeats": 0, "expiries": 0}
 
     def register(self, role: str, address: str, model_id: str, spec: Any = None,
                  load: Any = None) -> Worker:
@@ -107,6 +110,7 @@ class LeaseTable:
             wall = self._wall()
             worker = Worker(wid, role, address, model_id, spec, load, wall, wall, now)
             self._workers[wid] = worker
+            self.counts["registrations"] += 1
             self._emit(Event(JOINED, worker))
             return worker
 
@@ -120,6 +124,10 @@ class LeaseTable:
             old = self._workers.get(worker_id)
             if old is None:
                 return None
+            self.counts["heartbeats"] += 1
+            # a beat after 2.6 intervals of silence means two were missed
+            gap = (now - old.last_seen) / self.config.heartbeat_interval
+            self.counts["missed_heartbeats"] += max(0, round(gap) - 1)
             changed = load is not None and load != old.load
             new = dataclasses.replace(old, last_seen=now, last_heartbeat_at=self._wall(),
                                       load=load if changed else old.load)
@@ -133,6 +141,7 @@ class LeaseTable:
         with self._lock:
             worker = self._workers.pop(worker_id, None)
             if worker is not None:
+                self.counts["deregistrations"] += 1
                 self._emit(Event(LEFT, worker))
             return worker is not None
 
@@ -143,8 +152,19 @@ class LeaseTable:
             dead = [w for w in self._workers.values() if w.last_seen <= deadline]
             for w in dead:
                 del self._workers[w.worker_id]
+                self.counts["expiries"] += 1
+                self.counts["missed_heartbeats"] += self.config.heartbeat_max_failure
                 self._emit(Event(EXPIRED, w))
             return dead
+
+    def snapshot(self) -> dict[str, int]:
+        """The cumulative counts plus members by role ("workers_prefill", ...)."""
+        with self._lock:
+            snap = dict(self.counts)
+            for role in ROLES:
+                snap[f"workers_{role.lower()}"] = sum(
+                    w.role == role for w in self._workers.values())
+            return snap
 
     def workers(self, role: str | None = None) -> list[Worker]:
         """Current members (of `role` when given), in registration order."""

@@ -7,7 +7,13 @@ import threading
 import grpc
 
 from pdmesh.config import RegistryConfig
+from prometheus_client import CollectorRegistry
+
+from pdmesh.telemetry.metrics import RpcMetricsInterceptor, SnapshotCollector
 from pdmesh.grpc_util import Servicer, create_server as _create_grpc_server, service_name
+from prometheus_client import CollectorRegistry
+
+from pdmesh.telemetry.metrics import RpcMetricsInterceptor, SnapshotCollector
 from pdmesh.grpc_util import stop_gracefully
 from pdmesh.v1 import registry_pb2 as pb
 from pdmesh.v1 import registry_pb2_grpc as pb_grpc
@@ -141,11 +147,34 @@ class RegistryServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
+# metric name -> (kind, help, LeaseTable.snapshot key)
+REGISTRY_SPECS = {
+    "pdmesh_registry_registrations": ("counter", "Register calls accepted", "registrations"),
+    "pdmesh_registry_deregistrations": ("counter", "Workers that deregistered (LEFT)",
+                                        "deregistrations"),
+    "pdmesh_registry_heartbeats": ("counter", "Heartbeats of known workers", "heartbeats"),
+    "pdmesh_registry_missed_heartbeats": ("counter", "Heartbeat intervals that passed "
+                                          "without a beat (seen late, or at expiry)",
+                                          "missed_heartbeats"),
+    "pdmesh_registry_expiries": ("counter", "Workers expired for missing heartbeats",
+                                 "expiries"),
+    **{f"pdmesh_registry_workers_{r}": ("gauge", f"Registered {r} workers", f"workers_{r}")
+       for r in ("prefill", "decode", "colocated")},
+}
+
+
 def create_server(addr: str, config: RegistryConfig | None = None,
-                  table: LeaseTable | None = None) -> tuple[RegistryServer, int]:
-    """Start a registry on `addr` ("host:port", port 0 = free); return (server, port)."""
+                  table: LeaseTable | None = None, registry: CollectorRegistry | None = None,
+                  ) -> tuple[RegistryServer, int]:
+    """Start a registry on `addr` ("host:port", port 0 = free); return (server, port).
+    Its metrics go to `registry` (a new CollectorRegistry when None: server.metrics)."""
     table = table or LeaseTable(config or RegistryConfig())
+    metrics = registry or CollectorRegistry()
+    metrics.register(SnapshotCollector(table.snapshot, REGISTRY_SPECS))
     servicer = Servicer(RegistryServicer(table), pb_grpc.add_RegistryServicer_to_server,
                         SERVICE_NAME)
-    grpc_server, port, health = _create_grpc_server(addr, [servicer])
-    return RegistryServer(grpc_server, port, table, health), port
+    grpc_server, port, health = _create_grpc_server(
+        addr, [servicer], interceptors=[RpcMetricsInterceptor(metrics, "pdmesh_registry")])
+    server = RegistryServer(grpc_server, port, table, health)
+    server.metrics = metrics
+    return server, port

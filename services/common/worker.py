@@ -13,7 +13,8 @@ import grpc
 
 from pdmesh.config import EngineConfig, WorkerConfig
 from pdmesh.registry_client import RegistryClient
-from pdmesh.transfer import KVLayout, get_transport
+from pdmesh.telemetry.metrics import WorkerMetrics
+from pdmesh.transfer import KVLayout, make_kv_transport
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
 from pdmesh.worker.engine_loop import EngineLoop
@@ -37,14 +38,18 @@ class WorkerHost:
         self.config = config
         self.engine = Engine(config=engine_config)
         self.loop = EngineLoop(self.engine).start()
+        self.metrics = WorkerMetrics()  # the servicer observes events into it
         self.layout = KVLayout.from_engine(self.engine, config.model_id)
         self.transport = None
         self.kv_base = 0
+        self.kv_transfer_mode = "none"  # direct | staged | host (pdmesh.transfer.staged)
         if use_transport:
-            self.transport = get_transport("mooncake")(
+            self.transport, self.kv_base, self.kv_transfer_mode = make_kv_transport(
+                "mooncake", self.engine.runner.kv, config.kv_transfer_mode,
                 hostname=config.advertise_host, protocol=config.transfer_protocol,
                 device_name=config.transfer_device)
-            self.kv_base = self.transport.register(self.engine.runner.kv)
+            print(f"KV transfer: {config.transfer_protocol}, mode {self.kv_transfer_mode} "
+                  f"(pool on {self.engine.runner.kv.device})", flush=True)
         self.registry: RegistryClient | None = None
         self.watcher: RegistryWatcher | None = None
 
@@ -55,7 +60,8 @@ class WorkerHost:
         if self.transport is not None:
             transfer = rpb.TransferEndpoint(session_id=self.transport.session_id,
                                             kv_base_address=self.kv_base,
-                                            protocol=self.config.transfer_protocol)
+                                            protocol=f"{self.config.transfer_protocol}/"
+                                                     f"{self.kv_transfer_mode}")
         return rpb.RegisterRequest(
             role=ROLES[self.config.role], address=address, model_id=self.config.model_id,
             kv_layout=rpb.KvLayout(num_layers=lay.num_layers, page_size=lay.page_size,

@@ -17,6 +17,7 @@ import grpc
 
 from pdmesh.grpc_util import Servicer, create_server as _create_grpc_server, service_name
 from pdmesh.runtime.request import Mode
+from pdmesh.telemetry import tracing
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2 as pb
 from pdmesh.v1 import decode_pb2_grpc as pb_grpc
@@ -82,12 +83,17 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             raise RoomFailed("INVALID_ARGUMENT", str(e)) from None
         # runs on every termination; a cancel mid-way frees the room from its own thread
         context.add_callback(lambda: self._on_rpc_done(room))
-        cached = 0
+        cached, timings = 0, None
         if colocated:
             self.loop.add(req, room.outputs.put)
         else:
-            cached = self._pull_kv(room, req)
-        yield from self._stream(room, len(ids), cached, context)
+            try:
+                cached, timings = self._pull_kv(room, req)
+            except RoomFailed as e:
+                if e.code == "DEADLINE_EXCEEDED":  # pages or KV later than the waiting timeout
+                    self.host.metrics.waiting_timeouts.inc()
+                raise
+        yield from self._stream(room, len(ids), cached, context, timings)
 
     def Abort(self, request: pb.DecodeAbortRequest, context) -> pb.DecodeAbortResponse:
         """End the room's stream (CANCELLED) and free its pages (quarantined if needed)."""
@@ -109,22 +115,48 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         """Pages (free + used + quarantined = total), running, queued, SlowDown sleep."""
+        s = self.snapshot()
+        return pb.StatsResponse(
+            total_pages=s["num_pages"], free_pages=s["free_pages"], used_pages=s["used_pages"],
+            quarantined_pages=s["quarantined_pages"], running=s["running"], queued=s["queued"],
+            forward_sleep_time=self.loop.forward_sleep_time, finished_requests=s["finished"])
+
+    def snapshot(self) -> dict[str, int]:
+        """Pages, running and queued requests, token and request counters."""
         s = self.loop.stats().result(timeout=10)
         q_pages, q_rooms = self.rooms.quarantined_pages(), len(self.rooms.quarantined())
-        return pb.StatsResponse(
-            total_pages=s["num_pages"], free_pages=s["free_pages"],
-            used_pages=s["used_pages"] - q_pages, quarantined_pages=q_pages,
-            running=s["running"] - s["held"],
-            queued=s["held"] - q_rooms + s["prealloc_queue"] + s["waiting"],
-            forward_sleep_time=self.loop.forward_sleep_time, finished_requests=self.finished)
+        return {"num_pages": s["num_pages"], "free_pages": s["free_pages"],
+                "used_pages": s["used_pages"] - q_pages, "quarantined_pages": q_pages,
+                "running": s["running"] - s["held"],
+                "queued": s["held"] - q_rooms + s["prealloc_queue"] + s["waiting"],
+                "page_size": self.engine.config.page_size, "finished": self.finished,
+                "prompt_tokens": self.loop.prompt_tokens,
+                "generation_tokens": self.loop.generation_tokens}
 
     # -- the PD path ---------------------------------------------------------------------
-    def _pull_kv(self, room: DecodeRoom, req) -> int:
-        """Hold pages, call the prefill's Transfer, adopt; returns the cached-token count."""
-        deadline = time.monotonic() + self.host.config.waiting_timeout
+    def _pull_kv(self, room: DecodeRoom, req) -> tuple[int, dict[str, float]]:
+        """Hold pages, call the prefill's Transfer, adopt; returns the cached-token count
+        and the time stamps (monotonic) of arrival, pages held and KV written."""
+        t0 = time.monotonic()
+        deadline = t0 + self.host.config.waiting_timeout
         self.loop.hold(req, lambda pages: (setattr(room, "pages", pages), room.wake.set()))
-        self._wait(room, lambda: room.pages is not None, deadline,
-                   f"no KV pages became free for room {room.room} within the waiting timeout")
+        try:
+            self._wait(room, lambda: room.pages is not None, deadline,
+                       f"no KV pages became free for room {room.room} within the waiting timeout")
+        finally:
+            t_pages = time.monotonic()
+            tracing.record_span("decode.admission", t0, t_pages,
+                                {"pdmesh.room": room.request_id,
+                                 "pdmesh.kv.pages": len(room.pages or [])})
+        self.host.metrics.admission_wait.observe(t_pages - t0)
+        resp = self._transfer(room, deadline)
+        t_kv = time.monotonic()
+        lp = logprob_from_proto(resp.first_logprob) if resp.HasField("first_logprob") else None
+        self.loop.adopt(room.request_id, resp.first_token_id, lp, room.outputs.put).result()
+        return resp.cached_tokens, {"arrival": t0, "pages": t_pages, "kv": t_kv}
+
+    def _transfer(self, room: DecodeRoom, deadline: float) -> ppb.TransferResponse:
+        """Ask the prefill to write the room's KV into its held pages; wait for the answer."""
         stub = self._prefill(room.prefill_address)
         with room.lock:  # a cleanup from here on knows the prefill may be writing
             if room.closed or room.error:
@@ -143,9 +175,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if room.closed or room.error:
                 raise room.error or RoomFailed("CANCELLED", "room closed")
             room.kv_done = True
-        lp = logprob_from_proto(resp.first_logprob) if resp.HasField("first_logprob") else None
-        self.loop.adopt(room.request_id, resp.first_token_id, lp, room.outputs.put).result()
-        return resp.cached_tokens
+        return resp
 
     def _transfer_result(self, room: DecodeRoom, fut) -> ppb.TransferResponse:
         try:
@@ -184,7 +214,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             room.wake.clear()
 
     # -- streaming -----------------------------------------------------------------------
-    def _stream(self, room: DecodeRoom, prompt_len: int, cached: int, context):
+    def _stream(self, room: DecodeRoom, prompt_len: int, cached: int, context,
+                 stamps: dict[str, float] | None = None):
+        first = True
         while True:
             try:
                 outs = [room.outputs.get(timeout=0.5)]
@@ -200,6 +232,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if any(o is None for o in outs):
                 raise room.error or RoomFailed("CANCELLED", f"room {room.room} was aborted")
             chunk = self._chunk(outs, prompt_len, cached)
+            if first and stamps is not None:
+                _first_chunk_timings(chunk, room, stamps)
+            first = False
             if outs[-1].finished:
                 room.finished = True
                 with self._finished_lock:
@@ -285,21 +320,36 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     def _prefill(self, address: str) -> ppb_grpc.PrefillStub:
         with self._channels_lock:
             if address not in self._channels:
-                self._channels[address] = ppb_grpc.PrefillStub(grpc.insecure_channel(address))
+                self._channels[address] = ppb_grpc.PrefillStub(
+                    tracing.traced_channel(grpc.insecure_channel(address)))
             return self._channels[address]
 
     def load(self) -> rpb.LoadReport:
         """Heartbeat load: running, queued, free (not held, not quarantined) pages."""
-        st = self.Stats(pb.StatsRequest(), None)
-        return rpb.LoadReport(running=st.running, queued=st.queued, free_kv_pages=st.free_pages)
+        s = self.snapshot()
+        return rpb.LoadReport(running=s["running"], queued=s["queued"],
+                              free_kv_pages=s["free_pages"])
 
     def close(self) -> None:
         self._stop.set()
 
 
-def create_server(addr: str, host: WorkerHost) -> tuple[grpc.Server, int, DecodeServicer, object]:
+def _first_chunk_timings(chunk: pb.DecodeChunk, room: DecodeRoom,
+                         stamps: dict[str, float]) -> None:
+    """The decode side of TTFT on the first chunk, and its `decode.first_step` span."""
+    now = time.monotonic()
+    chunk.timings.CopyFrom(pb.DecodeTimings(
+        admission_s=stamps["pages"] - stamps["arrival"], kv_wait_s=stamps["kv"] - stamps["pages"],
+        first_step_s=now - stamps["kv"]))
+    tracing.record_span("decode.first_step", stamps["kv"], now,
+                        {"pdmesh.room": room.request_id, "pdmesh.tokens": len(chunk.token_ids)})
+
+
+def create_server(addr: str, host: WorkerHost, interceptors=()
+                  ) -> tuple[grpc.Server, int, DecodeServicer, object]:
     """Serve Decode (+ health, reflection) on `addr`; returns (server, port, servicer, health)."""
     servicer = DecodeServicer(host)
     server, port, health = _create_grpc_server(
-        addr, [Servicer(servicer, pb_grpc.add_DecodeServicer_to_server, SERVICE_NAME)])
+        addr, [Servicer(servicer, pb_grpc.add_DecodeServicer_to_server, SERVICE_NAME)],
+        interceptors=interceptors)
     return server, port, servicer, health

@@ -9,6 +9,7 @@ from typing import Callable
 from aiohttp import web
 
 from pdmesh.config import GatewayConfig
+from pdmesh.telemetry.metrics import CONTENT_TYPE, GatewayMetrics, render
 from pdmesh.v1 import gateway_pb2 as gpb
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.pool import WorkerPool
@@ -29,9 +30,12 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
                       config.decode_policy)
     pool.start()
     dispatcher = Dispatcher(pool, info)
-    servicer = GatewayServicer(dispatcher, config.api_key)
+    metrics = GatewayMetrics()
+    servicer = GatewayServicer(dispatcher, config.api_key, metrics)
     grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
     app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]])
+    app.router.add_get("/metrics", lambda _: web.Response(
+        body=render(metrics.registry), headers={"Content-Type": CONTENT_TYPE}))
     # handler_cancellation: a client that disconnects cancels its handler, and with it
     # both legs of its request, even while no token is being written
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

@@ -24,8 +24,10 @@ import grpc
 
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.tokenizer import Tokenizer
+from pdmesh.telemetry import tracing
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdmesh.services.gateway.observe import RequestObserver
 from pdmesh.services.gateway.pool import NoRoute, Route, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,8 @@ class Dispatcher:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, interceptors=tracing.aio_client_interceptors())
         return self._channels[address]
 
     async def close(self) -> None:
@@ -108,14 +111,18 @@ class Dispatcher:
         self._channels.clear()
 
     async def generate(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
-                       detokenize: bool = True) -> AsyncIterator[Delta]:
+                       detokenize: bool = True, obs: RequestObserver | None = None,
+                       ) -> AsyncIterator[Delta]:
         """Run one request; yields Deltas, the last with finish_reason and usage.
-        Raises GatewayError (UNAVAILABLE when no route or a leg failed)."""
+        Raises GatewayError (UNAVAILABLE when no route or a leg failed). `obs` (spans,
+        metrics) is told the route, every token message and both legs' timings."""
         try:
             route = self.pool.route()
         except NoRoute as e:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         room = secrets.randbits(63)
+        if obs is not None:
+            obs.routed(route, room, "pd" if route.prefill else "colocated", route.why)
         detok = IncrementalDetokenizer(
             self.model.tokenizer, prompt_ids,
             skip_special_tokens=sampling.skip_special_tokens
@@ -123,7 +130,9 @@ class Dispatcher:
             stop=list(sampling.stop)) if detokenize else None
         completion = 0
         try:
-            async for chunk in self._legs(route, room, prompt_ids, sampling):
+            async for chunk in self._legs(route, room, prompt_ids, sampling, obs):
+                if obs is not None:
+                    obs.tokens(len(chunk.token_ids))
                 delta = Delta(room, list(chunk.token_ids), logprobs=list(chunk.logprobs),
                               finish_reason=chunk.finish_reason)
                 completion += len(delta.token_ids)
@@ -158,27 +167,43 @@ class Dispatcher:
         delta.text = "".join(texts)
         return False
 
-    async def _legs(self, route: Route, room: int, prompt_ids: list[int],
-                    sampling: cpb.SamplingParams) -> AsyncIterator[decode_pb2.DecodeChunk]:
+    def _calls(self, route: Route, room: int, prompt_ids: list[int],
+               sampling: cpb.SamplingParams):
+        """Start both legs: (decode stream call, prefill call or None)."""
         d, p = route.decode, route.prefill
         dcall = decode_pb2_grpc.DecodeStub(self._channel(d.address)).Generate(
             decode_pb2.DecodeRequest(
                 room=room, prefill_worker_id=p.worker_id if p else "",
                 prefill_address=p.address if p else "", token_ids=prompt_ids,
                 sampling_params=sampling))
-        pcall = ptask = None
+        pcall = None
         if p is not None:
             pcall = prefill_pb2_grpc.PrefillStub(self._channel(p.address)).Prefill(
                 prefill_pb2.PrefillRequest(room=room, decode_worker_id=d.worker_id,
                                            decode_address=d.address, token_ids=prompt_ids,
                                            sampling_params=sampling))
-            ptask = asyncio.ensure_future(pcall)
+        return dcall, pcall
+
+    async def _legs(self, route: Route, room: int, prompt_ids: list[int],
+                    sampling: cpb.SamplingParams, obs: RequestObserver | None = None,
+                    ) -> AsyncIterator[decode_pb2.DecodeChunk]:
+        d, p = route.decode, route.prefill
+        # the calls' client spans (and traceparent) hang under the request's span
+        with tracing.attached(obs.context if obs is not None else None):
+            dcall, pcall = self._calls(route, room, prompt_ids, sampling)
+            ptask = asyncio.ensure_future(pcall) if pcall is not None else None
+        if ptask is not None:
+            if obs is not None:
+                ptask.add_done_callback(lambda t: obs.prefill_done(t.result().timings)
+                                        if not t.cancelled() and not t.exception() else None)
             # a failed prefill ends the decode stream at once (it would otherwise wait
             # for the KV until the waiting timeout)
             ptask.add_done_callback(
                 lambda t: dcall.cancel() if not t.cancelled() and t.exception() else None)
         try:
             async for chunk in dcall:
+                if obs is not None and chunk.HasField("timings"):
+                    obs.decode_first(chunk.timings)
                 yield chunk
             if ptask is not None:
                 await asyncio.wait([ptask], timeout=_PREFILL_TAIL_S)

@@ -41,6 +41,7 @@ class Route:
 
     prefill: Worker | None
     decode: Worker
+    why: str = ""  # the policies and what they chose from (traces show it)
 
 
 def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
@@ -50,6 +51,12 @@ def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
     ld = info.load
     return Worker(info.worker_id, role, info.address, info.model_id,
                   Load(ld.running, ld.queued, ld.free_kv_pages, ld.queued_prefill_tokens))
+
+
+def _load(w: Worker) -> str:
+    """A worker's load as routing saw it, for Route.why."""
+    return (f"running {w.load.running}, queued {w.load.queued}, in flight {w.inflight}, "
+            f"free pages {w.load.free_kv_pages}")
 
 
 class WorkerPool:
@@ -63,6 +70,7 @@ class WorkerPool:
         self.mode = mode
         self.prefill_policy: Policy = make_policy(prefill_policy)
         self.decode_policy: Policy = make_policy(decode_policy)
+        self.policy_names = (prefill_policy, decode_policy)
         self._registry_addr = registry_addr
         self._reconnect_s = reconnect_s
         self._workers: dict[str, Worker] = {}
@@ -112,10 +120,15 @@ class WorkerPool:
                     raise NoRoute("no prefill + decode worker pair is registered "
                                   f"({len(by_role['PREFILL'])} prefill, "
                                   f"{len(by_role['DECODE'])} decode)")
-                route = Route(self.prefill_policy(by_role["PREFILL"]),
-                              self.decode_policy(by_role["DECODE"]))
+                p, d = (self.prefill_policy(by_role["PREFILL"]),
+                        self.decode_policy(by_role["DECODE"]))
+                route = Route(p, d, f"pd: prefill {self.policy_names[0]} of "
+                              f"{len(by_role['PREFILL'])} ({_load(p)}), decode "
+                              f"{self.policy_names[1]} of {len(by_role['DECODE'])} ({_load(d)})")
             elif by_role["COLOCATED"]:
-                route = Route(None, self.decode_policy(by_role["COLOCATED"]))
+                d = self.decode_policy(by_role["COLOCATED"])
+                route = Route(None, d, f"colocated: {self.policy_names[1]} of "
+                              f"{len(by_role['COLOCATED'])} ({_load(d)})")
             else:
                 raise NoRoute("no worker is registered that can serve this request "
                               f"(routing mode {self.mode})")

@@ -13,12 +13,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdmesh.telemetry import tracing
+from pdmesh.telemetry.metrics import GatewayMetrics
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import gateway_pb2 as gpb
 from pdmesh.v1 import gateway_pb2_grpc as gpb_grpc
 from pdmesh.v1 import openai_pb2 as opb
 from pdmesh.services.gateway import openai_api as oa
 from pdmesh.services.gateway.dispatch import Dispatcher, GatewayError
+from pdmesh.services.gateway.observe import RequestObserver
 
 SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name
 
@@ -26,34 +29,53 @@ SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["Gateway"].full_name
 class GatewayServicer(gpb_grpc.GatewayServicer):
     """The Gateway RPCs over one Dispatcher (pool + model)."""
 
-    def __init__(self, dispatcher: Dispatcher, api_key: str | None = None) -> None:
+    def __init__(self, dispatcher: Dispatcher, api_key: str | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.dispatcher, self.model, self.api_key = dispatcher, dispatcher.model, api_key
+        self.metrics = metrics or GatewayMetrics()
 
-    async def _authorize(self, context) -> None:
+    def _check_key(self, context) -> None:
         if not self.api_key:
             return
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
         if md.get("authorization", "") != f"Bearer {self.api_key}":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "Invalid or missing API key (expected 'Authorization: Bearer <key>').")
+            raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "Invalid or missing API key "
+                               "(expected 'Authorization: Bearer <key>').")
 
-    async def _run(self, context, prompt_ids, sp, detokenize=True) -> AsyncIterator:
-        """Deltas of one request; GatewayError -> context.abort."""
+    def _observe(self, endpoint: str, operation: str) -> RequestObserver:
+        return RequestObserver(self.metrics, endpoint, operation, self.model.name)
+
+    async def _run(self, context, obs: RequestObserver, prompt_ids, sp,
+                   detokenize=True) -> AsyncIterator:
+        """Deltas of one request; GatewayError -> context.abort. Ends `obs` with the
+        request's status (CANCELLED when the consumer stopped early)."""
+        status, last = "CANCELLED", None
         try:
             async with contextlib.aclosing(
-                    self.dispatcher.generate(prompt_ids, sp, detokenize)) as deltas:
+                    self.dispatcher.generate(prompt_ids, sp, detokenize, obs)) as deltas:
                 async for delta in deltas:
+                    last = delta
                     yield delta
+            status = "OK"
         except GatewayError as e:
+            status = e.code.name
             await context.abort(e.code, e.message)
+        finally:
+            obs.finish(status, last.finish_reason if last else 0, last.usage if last else None)
 
-    async def _prepare(self, context, fn, *args):
-        """Authorize, then run the validation `fn`; its GatewayError -> context.abort."""
-        await self._authorize(context)
+    async def _prepare(self, context, obs: RequestObserver, fn):
+        """Authorize, then tokenize + validate with `fn` -> (prompt ids, sampling); a
+        GatewayError ends `obs` and aborts the call."""
         try:
-            return fn(*args)
+            self._check_key(context)
+            with tracing.attached(obs.context), tracing.span("tokenize") as span:
+                ids, sp = fn()
+                span.set_attribute("gen_ai.usage.input_tokens", len(ids))
         except GatewayError as e:
+            obs.finish(e.code.name)
             await context.abort(e.code, e.message)
+        obs.request(len(ids), sp)
+        return ids, sp
 
     async def Generate(self, request: gpb.GenerateRequest, context):
         """Stream token ids (and text when return_text) for a text or token-id prompt."""
@@ -63,8 +85,9 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
                 raise oa.invalid("exactly one of 'text' and 'token_ids' must be set")
             ids = list(request.token_ids) or self.model.tokenizer.encode(request.text)
             return ids, self._native_sampling(request.sampling_params, len(ids))
-        ids, sp = await self._prepare(context, prepare)
-        async for d in self._run(context, ids, sp, detokenize=request.return_text):
+        obs = self._observe("Generate", "text_completion")
+        ids, sp = await self._prepare(context, obs, prepare)
+        async for d in self._run(context, obs, ids, sp, detokenize=request.return_text):
             yield self._generate_response(d)
 
     async def Chat(self, request: gpb.ChatRequest, context):
@@ -73,8 +96,9 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             oa.check_model(request.model, self.model)
             ids = oa.chat_prompt(request.messages, self.model)
             return ids, self._native_sampling(request.sampling_params, len(ids))
-        ids, sp = await self._prepare(context, prepare)
-        async for d in self._run(context, ids, sp):
+        obs = self._observe("Chat", "chat")
+        ids, sp = await self._prepare(context, obs, prepare)
+        async for d in self._run(context, obs, ids, sp):
             yield self._generate_response(d)
 
     def _native_sampling(self, sp: cpb.SamplingParams, prompt_len: int) -> cpb.SamplingParams:
@@ -105,11 +129,12 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             lp = (request.top_logprobs if request.HasField("top_logprobs") else 0) \
                 if request.logprobs else None
             return ids, oa.sampling(request, len(ids), self.model, mt, lp)
-        ids, sp = await self._prepare(context, prepare)
+        obs = self._observe("ChatCompletions", "chat")
+        ids, sp = await self._prepare(context, obs, prepare)
         created, want_lp = oa.now(), request.logprobs
         if not request.stream:
             text, last, room, lps = [], None, 0, []
-            async for d in self._run(context, ids, sp):
+            async for d in self._run(context, obs, ids, sp):
                 text.append(d.text), lps.extend(d.logprobs)
                 last, room = d, d.room
             resp = oa.header(opb.ChatCompletionResponse, "chatcmpl-", room, self.model,
@@ -123,7 +148,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             yield resp
             return
         first = True
-        async for d in self._run(context, ids, sp):
+        async for d in self._run(context, obs, ids, sp):
             chunk = oa.header(opb.ChatCompletionResponse, "chatcmpl-", d.room, self.model,
                               "chat.completion.chunk", created)
             choice = chunk.choices.add(index=0)
@@ -155,11 +180,12 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             mt = request.max_tokens if request.HasField("max_tokens") else 16
             lp = request.logprobs if request.HasField("logprobs") else None
             return ids, oa.sampling(request, len(ids), self.model, mt, lp)
-        ids, sp = await self._prepare(context, prepare)
+        obs = self._observe("Completions", "text_completion")
+        ids, sp = await self._prepare(context, obs, prepare)
         created, want_lp = oa.now(), request.HasField("logprobs")
         echo = self.model.tokenizer.decode(ids) if request.echo else ""
         text, offset, last, lps = [echo], len(echo), None, []
-        async for d in self._run(context, ids, sp):
+        async for d in self._run(context, obs, ids, sp):
             last = d
             if not request.stream:
                 text.append(d.text), lps.extend(d.logprobs)
@@ -189,7 +215,10 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
 
     async def ListModels(self, request, context) -> opb.ListModelsResponse:
         """The served model, when at least one worker can serve it."""
-        await self._authorize(context)
+        try:
+            self._check_key(context)
+        except GatewayError as e:
+            await context.abort(e.code, e.message)
         resp = opb.ListModelsResponse(object="list")
         if self.dispatcher.pool.workers():
             resp.data.add(id=self.model.name, object="model", created=self.dispatcher.started,
@@ -205,7 +234,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
 
 async def create_server(addr: str, servicer: GatewayServicer) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server on `addr` with the Gateway, health and reflection."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=tracing.aio_server_interceptors())
     gpb_grpc.add_GatewayServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -26,6 +26,8 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor as _d
 from google.protobuf import json_format, message_factory
 
+from pdmesh.telemetry import tracing
+
 log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
@@ -131,6 +133,13 @@ def _handler(route: HttpRoute, servicer: Any):
     rpc = getattr(servicer, route.method.name)
 
     async def handle(http: web.Request) -> web.StreamResponse:
+        """The REST entry span (W3C traceparent from the headers) around the call."""
+        with tracing.http_server_span(http.method, route.path, http.headers) as span:
+            resp = await call(http)
+            span.set_attribute("http.response.status_code", resp.status)
+            return resp
+
+    async def call(http: web.Request) -> web.StreamResponse:
         msg = request_cls()
         try:
             if route.body:

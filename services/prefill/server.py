@@ -14,6 +14,7 @@ import grpc
 
 from pdmesh.grpc_util import Servicer, create_server as _create_grpc_server, service_name
 from pdmesh.runtime.request import Mode
+from pdmesh.telemetry import tracing
 from pdmesh.transfer import KVLayout, check_compatible
 from pdmesh.v1 import prefill_pb2 as pb
 from pdmesh.v1 import prefill_pb2_grpc as pb_grpc
@@ -61,13 +62,18 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                                                 wait=False))
         self.loop.add(req, lambda out: R.update(room, first=out,
                                                 prefill_done_at=time.monotonic()))
-        self._await_transfer(room, context)
+        try:
+            self._await_transfer(room, context)
+        finally:
+            _record_spans(room)
         return pb.PrefillResponse(room=request.room, timings=_timings(room), cached_tokens=0)
 
     def _await_transfer(self, room: R.Room, context) -> None:
         """Wait for the decode worker's Transfer (bootstrap timeout), then for the write."""
         left = self.bootstrap_timeout - (time.monotonic() - room.arrival)
         if not R.wait_for(room, lambda r: r.transfer is not None, left):
+            if room.state == R.PENDING:
+                self.host.metrics.bootstrap_timeouts.inc()
             self._drop(room, "DEADLINE_EXCEEDED",
                        f"no Transfer from the decode worker for room {room.room} within the "
                        f"bootstrap timeout ({self.bootstrap_timeout:g}s); its KV was freed")
@@ -115,12 +121,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 
     def Stats(self, request: pb.PrefillStatsRequest, context) -> pb.PrefillStatsResponse:
         """Pages, live rooms, and the rooms transferred / failed since start."""
-        free = self.loop.call(lambda: self.engine.allocator.num_free).result(timeout=10)
-        with self._counts_lock:
-            transferred, failed = self.transferred, self.failed
-        return pb.PrefillStatsResponse(total_pages=self.host.layout.num_pages, free_pages=free,
-                                       rooms=len(self.rooms.all()),
-                                       transferred_requests=transferred, failed_requests=failed)
+        s = self.snapshot()
+        return pb.PrefillStatsResponse(total_pages=s["num_pages"], free_pages=s["free_pages"],
+                                       rooms=s["rooms"], transferred_requests=s["finished"],
+                                       failed_requests=s["failed"])
 
     # -- internals -----------------------------------------------------------------------
     def _count(self, ok: bool) -> None:
@@ -149,13 +153,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             err = R.RoomError("INVALID_ARGUMENT", f"room {room.room} has {len(first.pages)} "
                               f"prompt pages, got {len(request.dst_page_ids)} destination pages")
         else:
-            try:
-                stats = self.host.transport.write_pages(
-                    request.dst_session_id, self.host.kv_base, request.dst_kv_base_address,
-                    self.host.layout.bytes_per_page, first.pages, list(request.dst_page_ids))
-            except Exception as e:  # TransferError, or a bad destination
-                err = R.RoomError("INTERNAL", f"KV transfer of room {room.room} to "
-                                  f"{request.dst_session_id} failed: {e}")
+            stats, err = self._write_pages(room, request, first.pages)
         self._finish_write(room, err, stats)
         if room.state != R.DONE:
             _abort_with(context, room)
@@ -165,6 +163,30 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             first_logprob=logprob_to_proto(lp) if lp is not None else None, cached_tokens=0,
             bytes_moved=stats.bytes, descriptor_count=stats.descriptors,
             transfer_s=stats.seconds)
+
+    def _write_pages(self, room: R.Room, request: pb.TransferRequest, pages: list[int]):
+        """The KV write itself, as span `kv.transfer` and in the transfer metrics;
+        returns (TransferStats, None) or (None, RoomError)."""
+        m = self.host.metrics
+        with tracing.span("kv.transfer", **{"pdmesh.room": str(room.room),
+                                            "pdmesh.kv.pages": len(pages),
+                                            "pdmesh.kv.destination": request.dst_session_id}) as sp:
+            try:
+                stats = self.host.transport.write_pages(
+                    request.dst_session_id, self.host.kv_base, request.dst_kv_base_address,
+                    self.host.layout.bytes_per_page, pages, list(request.dst_page_ids))
+            except Exception as e:  # TransferError, or a bad destination
+                m.transfer_failures.inc()
+                sp.set_attribute("pdmesh.kv.error", str(e))
+                return None, R.RoomError("INTERNAL", f"KV transfer of room {room.room} to "
+                                         f"{request.dst_session_id} failed: {e}")
+            sp.set_attributes({"pdmesh.kv.bytes": stats.bytes,
+                               "pdmesh.kv.descriptors": stats.descriptors,
+                               "pdmesh.kv.gb_per_s": stats.bytes / max(stats.seconds, 1e-9) / 1e9})
+        m.transfer_bytes.inc(stats.bytes)
+        m.transfer_pages.inc(len(pages))
+        m.transfer_seconds.observe(stats.seconds)
+        return stats, None
 
     def _finish_write(self, room: R.Room, err: R.RoomError | None, stats) -> None:
         """Leave WRITING: DONE (pages released) or FAILED (pages aborted); wake everyone."""
@@ -197,22 +219,51 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             self._drop(room, "UNAVAILABLE", f"decode worker {address} {event.lower()}; "
                        f"room {room.room} dropped", wait=False)
 
-    def load(self) -> rpb.LoadReport:
-        """Heartbeat load: running, queued, free pages, queued prefill tokens."""
-        def read() -> rpb.LoadReport:
-            s = self.engine.scheduler
+    def snapshot(self) -> dict[str, int]:
+        """Pages, queues, rooms and cumulative counters (read on the engine loop)."""
+        def read() -> dict[str, int]:
+            s, a = self.engine.scheduler, self.engine.allocator
             queued_tokens = sum(r.prompt_len for r in s.waiting) + sum(
                 r.prompt_len - r.num_computed for r in s.prefilling)
-            return rpb.LoadReport(running=len(s.prefilling) + len(s.held),
-                                  queued=len(s.waiting),
-                                  free_kv_pages=self.engine.allocator.num_free,
-                                  queued_prefill_tokens=queued_tokens)
-        return self.loop.call(read).result(timeout=5)
+            return {"running": len(s.prefilling) + len(s.held), "queued": len(s.waiting),
+                    "queued_prefill_tokens": queued_tokens, "num_pages": a.num_pages,
+                    "free_pages": a.num_free, "used_pages": a.num_used,
+                    "page_size": self.engine.config.page_size,
+                    "prompt_tokens": self.loop.prompt_tokens,
+                    "generation_tokens": self.loop.generation_tokens}
+        snap = self.loop.call(read).result(timeout=10)
+        with self._counts_lock:
+            snap.update(finished=self.transferred, failed=self.failed)
+        return {**snap, "rooms": len(self.rooms.all())}
+
+    def load(self) -> rpb.LoadReport:
+        """Heartbeat load: running, queued, free pages, queued prefill tokens."""
+        s = self.snapshot()
+        return rpb.LoadReport(running=s["running"], queued=s["queued"],
+                              free_kv_pages=s["free_pages"],
+                              queued_prefill_tokens=s["queued_prefill_tokens"])
 
 
 def _abort_with(context, room: R.Room) -> None:
     err = room.error or R.RoomError("INTERNAL", f"room {room.room} failed")
     context.abort(getattr(grpc.StatusCode, err.code), err.message)
+
+
+def _record_spans(room: R.Room) -> None:
+    """prefill.queue, prefill.compute and prefill.wait_transfer as children of the
+    Prefill RPC's span, from the stamps the engine loop left (no-op when tracing is off)."""
+    req = room.req
+    if not tracing.enabled() or req is None or req.scheduled_time is None:
+        return
+    attrs = {"pdmesh.room": str(room.room)}
+    tracing.record_span("prefill.queue", req.arrival_time, req.scheduled_time, attrs)
+    if room.prefill_done_at is None:
+        return
+    tracing.record_span("prefill.compute", req.scheduled_time, room.prefill_done_at,
+                        {**attrs, "pdmesh.prompt_tokens": req.prompt_len})
+    if room.transfer_at is not None:
+        tracing.record_span("prefill.wait_transfer", room.prefill_done_at,
+                            max(room.transfer_at, room.prefill_done_at), attrs)
 
 
 def _timings(room: R.Room) -> pb.PrefillTimings:
@@ -225,9 +276,11 @@ def _timings(room: R.Room) -> pb.PrefillTimings:
                              transfer_s=stats.seconds if stats else 0.0)
 
 
-def create_server(addr: str, host: WorkerHost) -> tuple[grpc.Server, int, PrefillServicer, object]:
+def create_server(addr: str, host: WorkerHost, interceptors=()
+                  ) -> tuple[grpc.Server, int, PrefillServicer, object]:
     """Serve Prefill (+ health, reflection) on `addr`; returns (server, port, servicer, health)."""
     servicer = PrefillServicer(host)
     server, port, health = _create_grpc_server(
-        addr, [Servicer(servicer, pb_grpc.add_PrefillServicer_to_server, SERVICE_NAME)])
+        addr, [Servicer(servicer, pb_grpc.add_PrefillServicer_to_server, SERVICE_NAME)],
+        interceptors=interceptors)
     return server, port, servicer, health
