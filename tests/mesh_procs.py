@@ -23,6 +23,7 @@ import threading
 import time
 
 LISTENING = re.compile(r"^(\w+) listening on (\S+):(\d+)")
+METRICS = re.compile(r"metrics (http://\S+?/metrics)")
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}
 
 
@@ -43,6 +44,7 @@ def start(command: str, *args: str, env: dict[str, str] | None = None,
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env or worker_env(), start_new_session=True)
     proc.output = collections.deque(maxlen=400)
+    proc.metrics_url = None  # its /metrics endpoint, from the listening line
     found: dict[str, str] = {}
     ready = threading.Event()
 
@@ -53,6 +55,8 @@ def start(command: str, *args: str, env: dict[str, str] | None = None,
             if m and not ready.is_set():
                 host = _WILDCARDS.get(m.group(2), m.group(2))
                 found["addr"] = f"{host}:{m.group(3)}"
+                if mm := METRICS.search(line):
+                    proc.metrics_url = mm.group(1).replace("://0.0.0.0:", "://127.0.0.1:")
                 ready.set()
         ready.set()  # EOF: the process is gone
 
@@ -151,3 +155,17 @@ def metrics_urls(lines: list[str]) -> dict[str, str]:
     """Service name -> its /metrics URL, from serve's `metrics — ...` line."""
     line = next(line for line in lines if "pdmesh serve: metrics" in line)
     return dict(re.findall(r"([\w-]+) (http://\S+?/metrics)", line))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample (0 when absent) at a Prometheus /metrics URL."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ def traced_mesh(tmp_path_factory):
     trace_file = str(tmp_path_factory.mktemp("traces") / "spans.jsonl")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # children inherit: export within 0.1 s
     try:
-        proc, url, lines = start_serve("--trace-file", trace_file)
+        proc, url, lines = start_serve("--trace-file", trace_file,
+                                       "--worker-arg=--log-interval=0.5")
     finally:
         del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
     assert wait_until(lambda: routable(url), 30)
@@ -233,3 +235,20 @@ def test_metrics_move_by_the_right_amounts(traced_mesh):
     assert after["registry"][("pdmesh_registry_workers_prefill", ())] == 1
     assert after["registry"][("pdmesh_registry_workers_decode", ())] == 1
     assert r("pdmesh_registry_expiries_total") == 0
+
+
+def test_workers_log_periodic_summaries(traced_mesh):
+    """Each worker logs one SGLang-style line per interval while it has work."""
+    url, _, lines = traced_mesh
+    chat(openai.OpenAI(base_url=url, api_key="none"), max_tokens=24)
+
+    def summary(kind: str, rate: str):
+        for line in list(lines):
+            m = re.search(kind + r" batch\. .*" + re.escape(rate) + r" \(token/s\): ([\d.]+)", line)
+            if m and float(m.group(1)) > 0:
+                return line
+    assert wait_until(lambda: summary("Decode", "gen throughput"), 10), "".join(lines[-30:])
+    assert wait_until(lambda: summary("Prefill", "input throughput"), 10), "".join(lines[-30:])
+    line = summary("Decode", "gen throughput")
+    for field in ("#running-req:", "#token:", "token usage:", "#queue-req:"):
+        assert field in line

@@ -64,6 +64,24 @@ def test_heartbeats_keep_a_worker_alive(table):
     assert table.heartbeat("nope") is None
 
 
+def test_counts_for_metrics(table):
+    """What /metrics reports: beats, beats missed (seen late, or at expiry), expiries."""
+    a = table.register("PREFILL", "h:1", "m")
+    b = table.register("DECODE", "h:2", "m")
+    table.clock.now += 5.0
+    table.heartbeat(a.worker_id)  # on time: none missed
+    table.clock.now += 13.0  # 2.6 intervals: two beats missed, then this one
+    table.heartbeat(a.worker_id)
+    assert table.snapshot()["missed_heartbeats"] == 2
+    table.clock.now += 0.5
+    assert [w.worker_id for w in table.expire()] == [b.worker_id]  # b: silent 18.5 s
+    table.deregister(a.worker_id)
+    assert table.snapshot() == {
+        "registrations": 2, "deregistrations": 1, "heartbeats": 2,
+        "missed_heartbeats": 2 + 2,  # b expired after max_failure (2) missed beats
+        "expiries": 1, "workers_prefill": 0, "workers_decode": 0, "workers_colocated": 0}
+
+
 def test_deregister_emits_left_and_watch_starts_with_members(table):
     a = table.register("PREFILL", "h:1", "m")
     b = table.register("DECODE", "h:2", "m")

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from mesh_procs import kill9, start_decode, start_prefill, start_registry, terminate, wait_until
+from mesh_procs import (kill9, metric, start_decode, start_prefill, start_registry, terminate,
+                        wait_until)
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -23,6 +24,7 @@ from pdmesh.v1 import registry_pb2_grpc as rgrpc
 INTERVAL, MAX_FAILURE = 0.3, 3
 LEASE = INTERVAL * MAX_FAILURE
 KV = ("--kv-cache-bytes", str(48 << 20))  # ~68 pages of 16 tokens
+WAITING = ("--waiting-timeout", "6")  # decode: KV must arrive within 6 s
 PROMPT = [1, 504, 3575, 314, 253, 2113, 28, 940, 3458, 30, 198, 504, 1345, 282, 260, 2371,
           314, 1345, 17, 198]
 GREEDY = cpb.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -36,7 +38,7 @@ class Mesh:
         self.registry, self.registry_addr = start_registry(INTERVAL, MAX_FAILURE)
         with ThreadPoolExecutor(3) as ex:
             p = ex.submit(start_prefill, self.registry_addr, *KV, "--bootstrap-timeout", "5")
-            d = ex.submit(start_decode, self.registry_addr, *KV)
+            d = ex.submit(start_decode, self.registry_addr, *KV, *WAITING)
             c = ex.submit(start_decode, self.registry_addr, *KV, "--role", "colocated")
             (self.prefill, self.p_addr), (self.decode, self.d_addr) = p.result(), d.result()
             self.colocated, self.c_addr = c.result()
@@ -193,6 +195,8 @@ def test_transfer_layout_mismatch_and_unknown_abort(mesh):
 
 
 def test_bootstrap_timeout_frees_prefill_kv(mesh):
+    url = mesh.prefill.metrics_url
+    timeouts = metric(url, "pdmesh_prefill_bootstrap_timeouts_total")
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:  # no decode worker ever sends Transfer
         mesh.p.Prefill(ppb.PrefillRequest(room=random.getrandbits(63), decode_address=mesh.d_addr,
@@ -201,6 +205,26 @@ def test_bootstrap_timeout_frees_prefill_kv(mesh):
     assert "bootstrap timeout" in e.value.details()
     assert 4.5 < time.monotonic() - t0 < 10
     assert wait_until(lambda: prefill_all_free(mesh), 5)
+    assert metric(url, "pdmesh_prefill_bootstrap_timeouts_total") == timeouts + 1
+    assert metric(url, "pdmesh_worker_rpcs_total", method="Prefill",
+                  code="DEADLINE_EXCEEDED") >= 1
+
+
+def test_waiting_timeout_fails_stream_and_counts(mesh):
+    """Generate alone, no Prefill for the room: the KV never comes; the stream fails
+    DEADLINE_EXCEEDED after the waiting timeout, pages come back, the metric counts it."""
+    url = mesh.decode.metrics_url
+    timeouts = metric(url, "pdmesh_decode_waiting_timeouts_total")
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        list(mesh.d.Generate(dpb.DecodeRequest(room=random.getrandbits(63),
+                                               prefill_address=mesh.p_addr,
+                                               token_ids=PROMPT, sampling_params=GREEDY)))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "waiting timeout" in e.value.details()
+    assert 5.5 < time.monotonic() - t0 < 12
+    assert metric(url, "pdmesh_decode_waiting_timeouts_total") == timeouts + 1
+    assert wait_until(lambda: all_free(mesh.d) and prefill_all_free(mesh), 10)
 
 
 def test_prefill_dies_while_decode_waits_for_kv(mesh, expected):
@@ -212,6 +236,9 @@ def test_prefill_dies_while_decode_waits_for_kv(mesh, expected):
                                                token_ids=PROMPT, sampling_params=GREEDY))
     assert wait_until(lambda: mesh.d.Stats(dpb.StatsRequest()).used_pages > 0, 10)
     t0 = time.monotonic()
+    reg_url = mesh.registry.metrics_url
+    expiries = metric(reg_url, "pdmesh_registry_expiries_total")
+    missed = metric(reg_url, "pdmesh_registry_missed_heartbeats_total")
     mesh.prefill.send_signal(signal.SIGSTOP)
     try:
         with pytest.raises(grpc.RpcError) as e:
@@ -223,6 +250,8 @@ def test_prefill_dies_while_decode_waits_for_kv(mesh, expected):
     assert "prefill worker" in e.value.details() and "expired" in e.value.details()
     assert elapsed < LEASE + 2.0
     assert wait_until(lambda: all_free(mesh.d), 5)
+    assert metric(reg_url, "pdmesh_registry_expiries_total") == expiries + 1
+    assert metric(reg_url, "pdmesh_registry_missed_heartbeats_total") >= missed + MAX_FAILURE
     mesh.set_prefill(*start_prefill(mesh.registry_addr, *KV))
     assert wait_until(lambda: prefill_all_free(mesh), 10)
     chunks, _ = run_pd(mesh)
@@ -258,7 +287,7 @@ def test_decode_dies_while_prefill_holds_kv(mesh, expected):
     after = mesh.p.Stats(ppb.PrefillStatsRequest(), timeout=5)
     assert after.free_pages == after.total_pages and after.rooms == 0
     assert after.failed_requests == before.failed_requests + 1
-    mesh.set_decode(*start_decode(mesh.registry_addr, *KV))
+    mesh.set_decode(*start_decode(mesh.registry_addr, *KV, *WAITING))
     chunks, _ = run_pd(mesh)
     assert tokens(chunks) == expected
     assert mesh.d.Stats(dpb.StatsRequest()).finished_requests == 1
