@@ -18,15 +18,14 @@ import grpc
 from pdmesh.grpc_util import Servicer, create_server as _create_grpc_server, service_name
 from pdmesh.runtime.request import Mode
 from pdmesh.telemetry import tracing
-from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2 as pb
 from pdmesh.v1 import decode_pb2_grpc as pb_grpc
 from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as ppb_grpc
 from pdmesh.v1 import registry_pb2 as rpb
-from pdmesh.worker.convert import (finish_reason_to_proto, logprob_from_proto,
-                                   logprob_to_proto, sampling_from_proto, validate_token_ids)
+from pdmesh.worker.convert import logprob_from_proto, sampling_from_proto, validate_token_ids
 from pdmesh.services.common.worker import WorkerHost
+from pdmesh.services.decode.chunks import first_chunk_timings, make_chunk
 from pdmesh.services.decode.rooms import DecodeRoom, DecodeRooms, RoomFailed
 
 log = logging.getLogger(__name__)
@@ -231,9 +230,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     break
             if any(o is None for o in outs):
                 raise room.error or RoomFailed("CANCELLED", f"room {room.room} was aborted")
-            chunk = self._chunk(outs, prompt_len, cached)
+            chunk = make_chunk(outs, prompt_len, cached, self.engine.tokenizer)
             if first and stamps is not None:
-                _first_chunk_timings(chunk, room, stamps)
+                first_chunk_timings(chunk, room.request_id, stamps)
             first = False
             if outs[-1].finished:
                 room.finished = True
@@ -242,25 +241,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 yield chunk
                 return
             yield chunk
-
-    def _chunk(self, outs, prompt_len: int, cached: int) -> pb.DecodeChunk:
-        chunk = pb.DecodeChunk()
-        for o in outs:
-            chunk.token_ids.extend(o.new_token_ids)
-            if o.logprobs:
-                chunk.logprobs.extend(logprob_to_proto(lp)
-                                      for lp in o.logprobs[-len(o.new_token_ids):])
-        last = outs[-1]
-        if last.finished:
-            chunk.finish_reason = finish_reason_to_proto(last.finish_reason)
-            n = len(last.token_ids)
-            chunk.usage.CopyFrom(cpb.Usage(prompt_tokens=prompt_len, completion_tokens=n,
-                                           total_tokens=prompt_len + n, cached_tokens=cached))
-            if isinstance(last.stop_reason, str):
-                chunk.stop_reason = last.stop_reason
-            elif last.stop_reason is not None:
-                chunk.stop_reason = self.engine.tokenizer.decode([last.stop_reason], False)
-        return chunk
 
     # -- cleanup and quarantine ----------------------------------------------------------
     def _on_rpc_done(self, room: DecodeRoom) -> None:
@@ -332,17 +312,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     def close(self) -> None:
         self._stop.set()
-
-
-def _first_chunk_timings(chunk: pb.DecodeChunk, room: DecodeRoom,
-                         stamps: dict[str, float]) -> None:
-    """The decode side of TTFT on the first chunk, and its `decode.first_step` span."""
-    now = time.monotonic()
-    chunk.timings.CopyFrom(pb.DecodeTimings(
-        admission_s=stamps["pages"] - stamps["arrival"], kv_wait_s=stamps["kv"] - stamps["pages"],
-        first_step_s=now - stamps["kv"]))
-    tracing.record_span("decode.first_step", stamps["kv"], now,
-                        {"pdmesh.room": room.request_id, "pdmesh.tokens": len(chunk.token_ids)})
 
 
 def create_server(addr: str, host: WorkerHost, interceptors=()
