@@ -252,3 +252,29 @@ def test_workers_log_periodic_summaries(traced_mesh):
     line = summary("Decode", "gen throughput")
     for field in ("#running-req:", "#token:", "token usage:", "#queue-req:"):
         assert field in line
+
+
+def test_grpc_entry_span_roots_the_trace(traced_mesh):
+    """Through the gateway's gRPC API the aio server interceptor opens the trace."""
+    from pdmesh.client import Client
+
+    url, trace_file, lines = traced_mesh
+    grpc_addr = re.search(r"gateway listening on \S+ \(REST\) and (\S+) \(gRPC\)",
+                          "".join(lines)).group(1)
+    text = "".join(Client(grpc_addr).chat([{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0))
+    assert text
+
+    def trace():
+        spans = read_spans(trace_file)
+        roots = [s for s in spans if s.name == "/pdmesh.v1.Gateway/Chat"]
+        mine = [s for s in spans if roots and s.trace_id == roots[0].trace_id]
+        return mine if {"kv.transfer", "completion", "chat default"} <= {s.name for s in mine} \
+            else None
+    assert wait_until(trace, 20)
+    mine = trace()
+    by_name = {(s.name, s.service): s for s in mine}
+    root = by_name[("/pdmesh.v1.Gateway/Chat", "pdmesh-gateway")]
+    assert root.parent_id == "" and root.kind == "SPAN_KIND_SERVER"
+    assert by_name[("chat default", "pdmesh-gateway")].parent_id == root.span_id
+    assert {s.service for s in mine} == SERVICES

@@ -42,7 +42,8 @@ class RequestObserver:
         self.decode_timings = None
         self.span = tracing.start_span(f"{operation} {model}", {
             "gen_ai.operation.name": operation, "gen_ai.request.model": model,
-            "gen_ai.system": "pdmesh", "pdmesh.endpoint": endpoint})
+            "gen_ai.system": "pdmesh", "gen_ai.provider.name": "pdmesh",
+            "pdmesh.endpoint": endpoint})
         self.context = tracing.context_of(self.span)  # parent of route, legs, completion
         self._completion = None
         metrics.running.inc()
