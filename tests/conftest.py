@@ -1,7 +1,16 @@
 """Shared fixtures. Tiny-model helpers live in tests/tiny_models.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Kernel tests (tests/test_kernels*.py) run Triton's interpreter on CPU. triton.jit reads
+# TRITON_INTERPRET when it decorates a kernel, so it is set here, before any test module
+# imports pdmesh.kernels; nothing else in the suite uses triton on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_models import smollm2_tokenizer
 
