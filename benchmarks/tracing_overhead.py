@@ -59,7 +59,7 @@ def in_process() -> tuple[float, float]:
     off = per_request_us()
     path = os.path.join(tempfile.mkdtemp(), "spans.jsonl")
     tracing.setup(TelemetryConfig(trace_file=path), "bench")
-    on = per_request_us(1000)  # fewer: the batch queue (2048 spans) must not overflow
+    on = per_request_us(300)  # fewer: the batch queue (2048 spans) must not overflow
     tracing.shutdown()
     return off, on
 
