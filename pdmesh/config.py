@@ -117,6 +117,11 @@ class EngineConfig:
     chunked_prefill_size: int = 2048  # a longer prompt is split into chunks of this size
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads on CPU
+    # GPU runtime (ignored on CPU): attention backend "auto" = triton on CUDA, torch on CPU
+    attention_backend: str = "auto"
+    cuda_graphs: bool = True  # decode under CUDA graphs (batch padded to a captured size)
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    cuda_graph_max_context: int | None = None  # graph page-table width; default max_model_len
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",
@@ -125,9 +130,32 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        if any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
+            raise ValueError(f"cuda_graph_batch_sizes must be >= 1, got {self.cuda_graph_batch_sizes}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, "
+                             f"got {self.attention_backend!r}")
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _env_bool(v: str) -> bool:
+    if v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+_env_bool.__name__ = "bool (1/0, true/false)"
+
+
+def _env_ints(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.replace(",", " ").split())
+
+
+_env_ints.__name__ = "comma-separated ints"
 
 
 # The one place environment variables override configuration.
@@ -140,6 +168,9 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_MAX_RUNNING_REQUESTS": ("max_running_requests", int),
     "PDMESH_MAX_PREFILL_TOKENS": ("max_prefill_tokens", int),
     "PDMESH_CHUNKED_PREFILL_SIZE": ("chunked_prefill_size", int),
+    "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
+    "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
+    "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
 }
 
 
@@ -263,6 +294,9 @@ class WorkerConfig:
     role: str = "prefill"  # prefill | decode | colocated
     transfer_protocol: str = "tcp"  # Mooncake transport: tcp | rdma
     transfer_device: str = ""  # rdma HCAs, e.g. "mlx5_0,mlx5_1" ("" = auto)
+    # KV pages on a GPU: "direct" registers device memory with Mooncake, "staged" copies
+    # through a pinned host mirror; "auto" = direct if the engine can register it, else staged
+    kv_transfer_mode: str = "auto"
     bootstrap_timeout: float = 300.0  # prefill: a room's Transfer must arrive within this
     waiting_timeout: float = 300.0  # decode: deadline on Prefill.Transfer
     shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGTERM
@@ -272,6 +306,9 @@ class WorkerConfig:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if self.transfer_protocol not in ("tcp", "rdma"):
             raise ValueError(f"transfer_protocol must be tcp or rdma, got {self.transfer_protocol!r}")
+        if self.kv_transfer_mode not in ("auto", "direct", "staged"):
+            raise ValueError(f"kv_transfer_mode must be auto, direct or staged, "
+                             f"got {self.kv_transfer_mode!r}")
         for name in ("bootstrap_timeout", "waiting_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -296,6 +333,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_HOSTNAME": ("hostname", str),
     "PDMESH_TRANSFER_PROTOCOL": ("transfer_protocol", str),
     "PDMESH_TRANSFER_DEVICE": ("transfer_device", str),
+    "PDMESH_KV_TRANSFER_MODE": ("kv_transfer_mode", str),
     "PDMESH_BOOTSTRAP_TIMEOUT": ("bootstrap_timeout", float),
     "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
 }

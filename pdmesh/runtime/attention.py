@@ -73,6 +73,11 @@ class TorchAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
 
+    @staticmethod
+    def build_metadata(seqs: list[SeqSpan], page_size: int,
+                       device: torch.device | str = "cpu") -> AttnMetadata:
+        return AttnMetadata.build(seqs, page_size, device)
+
     def store(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               meta: AttnMetadata) -> None:
         """Write new K/V ([T, Hkv, D]) into the pool. kv_layer: [P, page, 2, Hkv, D]."""
@@ -108,12 +113,27 @@ class TorchAttention:
         return out[:, :, 0, :]
 
 
-_BACKENDS = {"torch": "pdmesh.runtime.attention:TorchAttention"}
+_BACKENDS = {"torch": "pdmesh.runtime.attention:TorchAttention",
+             "triton": "pdmesh.runtime.triton_backend:TritonAttention"}
 
 
 def register_attention_backend(name: str, target: str) -> None:
     """Register `module:Class` as an attention backend under `name` (imported on first use)."""
     _BACKENDS[name] = target
+
+
+def resolve_attention_backend(name: str, device: torch.device | str) -> str:
+    """"auto" -> "triton" on CUDA when Triton imports, else "torch"; others unchanged."""
+    if name != "auto":
+        get_attention_backend(name)  # unknown names fail here
+        return name
+    if torch.device(device).type != "cuda":
+        return "torch"
+    try:
+        importlib.import_module("pdmesh.kernels.paged_decode_attention")
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 def get_attention_backend(name: str):

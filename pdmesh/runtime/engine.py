@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from pdmesh.config import EngineConfig, engine_config_from_env
+from pdmesh.runtime import kv_mirror
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.loader import LoadedModel, load_model
@@ -66,7 +67,12 @@ class Engine:
         net = net.to(device=cfg.device, dtype=dtype).eval()
         num_pages = num_pages_for(cfg, loaded.config, dtype)
         self.max_model_len = cfg.max_model_len or loaded.config.max_position_embeddings
-        self.runner = ModelRunner(net, num_pages, cfg.page_size, dtype, cfg.device)
+        self.runner = ModelRunner(
+            net, num_pages, cfg.page_size, dtype, cfg.device,
+            attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
+            graph_batch_sizes=cfg.cuda_graph_batch_sizes,
+            graph_max_context=cfg.cuda_graph_max_context or self.max_model_len,
+            max_batch=cfg.max_running_requests)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
                                    cfg.max_prefill_tokens, cfg.chunked_prefill_size)
@@ -135,6 +141,7 @@ class Engine:
         req = self.requests[request_id]
         if req.status is not Status.HELD or req.mode is not Mode.ADOPTED:
             raise ValueError(f"request {request_id!r} is not held for adoption")
+        kv_mirror.land(self.runner.kv, req.pages)  # staged transfer: host mirror -> pool
         self.scheduler.adopt(req)
         return self._append(req, first_token, first_logprob)
 

@@ -136,6 +136,12 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, kv[:, i], meta)
         return self.model.norm(x)
 
+    def set_attention_backend(self, backend_cls) -> None:
+        """Give every layer an instance of `backend_cls` (see attention.py's registry)."""
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.attn = backend_cls(a.h, a.hkv, a.dh)
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] -> float32 logits [B, V]."""

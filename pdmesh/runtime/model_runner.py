@@ -7,10 +7,14 @@ pages per layer (see attention.py).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from pdmesh.config import EngineConfig, ModelConfig
-from pdmesh.runtime.attention import AttnMetadata, SeqSpan
+from pdmesh.runtime.attention import (AttnMetadata, SeqSpan, get_attention_backend,
+                                      resolve_attention_backend)
+from pdmesh.runtime.triton_backend import to_device
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.scheduler import Batch
 
@@ -42,18 +46,47 @@ def num_pages_for(cfg: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype) -> i
 
 
 class ModelRunner:
-    """Owns the model and the KV pool; turns a Batch into logits for its sampled rows."""
+    """Owns the model and the KV pool; turns a Batch into logits for its sampled rows.
+
+    On CUDA with the triton backend the forward runs fused kernels (fused.py) and decode
+    batches replay CUDA graphs (cuda_graph.py) when `cuda_graphs` and they fit."""
 
     def __init__(self, model: CausalLM, num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: str) -> None:
+                 dtype: torch.dtype, device: str, *, attention_backend: str = "auto",
+                 cuda_graphs: bool = False, graph_batch_sizes: Sequence[int] = (),
+                 graph_max_context: int | None = None, max_batch: int = 64,
+                 tune_linears: bool = True) -> None:
         c = model.cfg
         self.model, self.page_size, self.device = model, page_size, torch.device(device)
         # kv: [P, L, page, 2, Hkv, Dh]
         self.kv = torch.zeros(num_pages, c.num_layers, page_size, 2, c.num_kv_heads,
                               c.head_dim, dtype=dtype, device=self.device)
+        self.backend = resolve_attention_backend(attention_backend, self.device)
+        self.attn_cls = get_attention_backend(self.backend)
+        self.fused = self.graphs = None
+        self.linear_speedups: dict[str, float] = {}
+        if self.backend != "torch":
+            model.set_attention_backend(self.attn_cls)
+            from pdmesh.runtime.fused import FusedForward
+
+            self.fused = FusedForward(model, self.device)
+        if cuda_graphs and self.fused is not None and self.device.type == "cuda":
+            from pdmesh.runtime.cuda_graph import DecodeGraphs, graph_batch_sizes as pick_sizes
+
+            sizes = pick_sizes(graph_batch_sizes or (1,), max_batch)
+            if tune_linears:
+                self.linear_speedups = self.fused.tune_decode_linears()
+            max_ctx = min(graph_max_context or c.max_position_embeddings, num_pages * page_size)
+            self.graphs = DecodeGraphs(self._forward_logits, sizes, max_ctx, page_size,
+                                       c.vocab_size, self.device)
+
+    def _forward_logits(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
+        return self.fused.logits(self.fused(ids, pos, self.kv, meta))
 
     def run(self, batch: Batch) -> torch.Tensor:
         """Forward `batch`, writing its KV; returns float32 logits [n_sampled, V]."""
+        if self.fused is not None:
+            return self._run_fused(batch)
         ids, pos, spans, last = [], [], [], []
         q_start = 0
         for s in batch.seqs:
@@ -70,6 +103,32 @@ class ModelRunner:
         if not last:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
         return self.model.logits(hidden[torch.tensor(last, device=self.device)])
+
+    def _run_fused(self, batch: Batch) -> torch.Tensor:
+        """The GPU path: no host sync (inputs go through pinned memory, async)."""
+        seqs = batch.seqs
+        if self.graphs is not None and seqs and all(s.length == 1 and s.sample for s in seqs) \
+                and self.graphs.fits(len(seqs), max(s.start + 1 for s in seqs)):
+            return self.graphs.run([s.req.token_at(s.start) for s in seqs],
+                                   [s.req.pages for s in seqs], [s.start + 1 for s in seqs])
+        ids, spans, last = [], [], []
+        q_start = 0
+        for s in batch.seqs:
+            r, end = s.req, s.start + s.length
+            ids.extend(r.token_at(i) for i in range(s.start, end))
+            spans.append(self._span(r.pages, q_start, s.length, end))
+            q_start += s.length
+            if s.sample:
+                last.append(q_start - 1)
+        pos = torch.cat([torch.arange(s.start, s.start + s.length) for s in batch.seqs])
+        meta = self.attn_cls.build_metadata(spans, self.page_size, self.device)
+        hidden = self.fused(to_device(torch.tensor(ids), self.device),
+                            to_device(pos, self.device), self.kv, meta)  # [T, D]
+        if not last:
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        if len(last) < hidden.shape[0]:
+            hidden = hidden[to_device(torch.tensor(last), self.device)]
+        return self.fused.logits(hidden)
 
     def _span(self, pages: list[int], q_start: int, q_len: int, ctx_len: int) -> SeqSpan:
         n = -(-ctx_len // self.page_size)

@@ -120,6 +120,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
     # Fast path (the common case): all greedy, nothing to modify, no logprobs.
     if all(r.params.greedy and r.params.logprobs is None and not _needs_processing(r) for r in rows):
         return [SampledToken(t, None, None) for t in logits.argmax(dim=-1).tolist()]
+    if logits.is_cuda:  # batched masks + one sync (seeded / logprobs rows: the path below)
+        from pdmesh.runtime.gpu_sampler import sample_gpu
+
+        out = sample_gpu(logits, rows)
+        if out is not None:
+            return out
 
     x = _process(logits, rows)  # [B, V]
     token_ids = [0] * len(rows)

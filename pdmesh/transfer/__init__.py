@@ -17,6 +17,7 @@ from typing import Callable
 from pdmesh.transfer.base import TransferError, TransferStats, Transport
 from pdmesh.transfer.layout import KVLayout, check_compatible, check_pages
 from pdmesh.transfer.plan import plan_runs
+from pdmesh.transfer.staged import StagedTransport, choose_mode, make_kv_transport
 
 # name -> "module:attribute" (imported on first use) or an already-imported factory.
 _TRANSPORTS: dict[str, str | Callable[..., Transport]] = {
@@ -42,4 +43,5 @@ def get_transport(name: str) -> Callable[..., Transport]:
 
 
 __all__ = ["KVLayout", "TransferError", "TransferStats", "Transport", "check_compatible",
-           "check_pages", "get_transport", "plan_runs", "register_transport"]
+           "check_pages", "get_transport", "plan_runs", "register_transport",
+           "StagedTransport", "choose_mode", "make_kv_transport"]

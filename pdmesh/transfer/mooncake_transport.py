@@ -39,6 +39,23 @@ def _import_engine() -> Any:
     return TransferEngine
 
 
+_LINKS_CUDA: bool | None = None
+
+
+def _engine_links_cuda() -> bool:
+    global _LINKS_CUDA
+    if _LINKS_CUDA is None:
+        try:
+            _import_engine()
+            import mooncake.engine as eng
+
+            with open(eng.__file__, "rb") as f:
+                _LINKS_CUDA = b"libcudart.so" in f.read()
+        except (ImportError, OSError, AttributeError):
+            _LINKS_CUDA = False
+    return _LINKS_CUDA
+
+
 class MooncakeTransport(Transport):
     """One Mooncake TransferEngine, P2P handshake (no metadata server).
 
@@ -63,6 +80,12 @@ class MooncakeTransport(Transport):
         self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
         self._regions: dict[int, tuple[int, Any]] = {}  # base ptr -> (nbytes, tensor kept alive)
         self._lock = threading.Lock()  # guards _regions and _engine against close()
+
+    @staticmethod
+    def reaches_gpu_memory() -> bool:
+        """Whether this Mooncake build can read/write CUDA memory (a CUDA build links
+        libcudart; the non-CUDA build would treat a device address as host memory)."""
+        return _engine_links_cuda()
 
     def register(self, tensor: Any) -> int:
         """Register a contiguous tensor's bytes; returns its base pointer (idempotent per tensor)."""

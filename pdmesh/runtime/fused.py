@@ -1,0 +1,88 @@
+"""The CausalLM forward with fused Triton ops (CUDA): the same function as model.py's
+torch path, in fewer kernels and no host syncs, so it can be captured in a CUDA graph.
+
+Per layer: fused residual add + RMSNorm, one qkv matmul, rotary on q/k in place (views
+of the qkv output), KV store + paged attention through the layer's attention backend,
+o_proj, fused add + RMSNorm, gate_up matmul, SiLU-and-mul, down_proj. Rounding follows
+the torch path: x + residual is rounded to the activation dtype before it is normalised.
+"""
+from __future__ import annotations
+
+import torch
+
+from pdmesh.runtime.model import CausalLM, rope_inv_freq
+
+
+class FusedForward:
+    """Callable (input_ids [T], positions [T], kv [P, L, page, 2, Hkv, Dh], meta) -> hidden [T, D]."""
+
+    def __init__(self, lm: CausalLM, device: torch.device) -> None:
+        from pdmesh import kernels  # noqa: F401  (fails early where Triton is missing)
+        from pdmesh.kernels.activation import silu_and_mul
+        from pdmesh.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+        from pdmesh.kernels.rotary import rotary_embedding
+
+        from pdmesh.runtime.triton_linear import LinearDispatch
+
+        self.lm, self.cfg = lm, lm.cfg
+        self.linear = LinearDispatch()  # cuBLAS unless tune_decode_linears found better
+        self.rms_norm, self.add_rms_norm = rms_norm, fused_add_rms_norm
+        self.silu_and_mul, self.rotary = silu_and_mul, rotary_embedding
+        c = self.cfg
+        inv = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # [Dh/2]
+        freqs = torch.arange(c.max_position_embeddings).float()[:, None] * inv[None, :]
+        # fp32 [max_pos, Dh]: cos | sin, the values CausalLM.forward computes per position
+        self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+    def tune_decode_linears(self) -> dict[str, float]:
+        """Time cuBLAS against the skinny Triton matmul for every decode linear (rows 1 and
+        16) and keep the faster per weight; returns the speedups by shape."""
+        mods = [self.lm.lm_head]
+        for layer in self.lm.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            mods += [a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        return self.linear.tune(mods)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, D] -> float32 logits [B, V] (the lm_head through the dispatch)."""
+        return self.linear(self.lm.lm_head, hidden).float()
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                 meta) -> torch.Tensor:
+        m, eps = self.lm.model, self.cfg.rms_norm_eps
+        x = m.embed_tokens(input_ids)  # [T, D]
+        residual = None
+        for i, layer in enumerate(m.layers):
+            if residual is None:
+                residual = x
+                h = self.rms_norm(x, layer.input_layernorm.weight, eps)
+            else:
+                h, residual = self.add_rms_norm(x, residual, layer.input_layernorm.weight, eps)
+            x = self._attention(layer.self_attn, h, positions, kv[:, i], meta)
+            h, residual = self.add_rms_norm(x, residual, layer.post_attention_layernorm.weight, eps)
+            x = self.linear(layer.mlp.down_proj,
+                            self.silu_and_mul(self.linear(layer.mlp.gate_up_proj, h)))
+        out, _ = self.add_rms_norm(x, residual, m.norm.weight, eps)
+        return out
+
+    def _attention(self, a, h: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
+                   meta) -> torch.Tensor:
+        t, nq, nkv = h.shape[0], a.h * a.dh, a.hkv * a.dh
+        qkv = self.linear(a.qkv_proj, h)  # [T, (H + 2 Hkv) Dh]
+        q = qkv[:, :nq].view(t, a.h, a.dh)
+        k = qkv[:, nq: nq + nkv].view(t, a.hkv, a.dh)
+        v = qkv[:, nq + nkv:].view(t, a.hkv, a.dh)
+        if a.q_norm is not None:  # qwen3: per-head RMSNorm before rotary
+            q = self.rms_norm(q, a.q_norm.weight, a.q_norm.eps)
+            k = self.rms_norm(k, a.k_norm.weight, a.k_norm.eps)
+        slots = getattr(meta, "slot_mapping", None)
+        if slots is not None:  # triton backend: rotary + KV store in one launch
+            self.rotary(q, k, positions, self.cos_sin, inplace=True, v=v, kv_layer=kv_layer,
+                        slot_mapping=slots)
+        else:
+            q, k = self.rotary(q, k, positions, self.cos_sin, inplace=True)
+            a.attn.store(kv_layer, k, v, meta)
+        out = a.attn.forward(q, kv_layer, meta)  # [T, H, Dh]
+        return self.linear(a.o_proj, out.reshape(t, nq))
