@@ -241,15 +241,20 @@ def bench_model(name: str, args, dev, bw: float, rate: float) -> list[list[str]]
             fl = 2 * b * (mp + c.vocab_size * c.hidden_size) + attn
             floor = max((wb + b * n * kv_bytes_per_token(c)) / bw, fl / rate)
             rows.append([name, "decode ms/step", str(b), str(n), f"{t * 1e3:.3f}",
-                         f"{floor * 1e3:.3f}", f"{t / floor:.2f}x", f"{hf * 1e3:.2f}",
-                         f"{hf / t:.1f}x"])
+                         f"{floor * 1e3:.3f}", f"{t / floor:.2f}x",
+                         *_theirs(hf, f"{hf * 1e3:.2f}", t)])
         else:
             attn = 2 * n * n * c.num_heads * c.head_dim * c.num_layers  # causal half of 4 n^2
             fl = 2 * n * mp + 2 * c.vocab_size * c.hidden_size + attn
             rows.append([name, "prefill tok/s", "1", str(n), f"{n / t:,.0f}",
                          f"{n / (fl / rate):,.0f}", f"{fl / t / rate:.0%} of matmul",
-                         f"{n / hf:,.0f}", f"{hf / t:.1f}x"])
+                         *_theirs(hf, f"{n / hf:,.0f}" if hf == hf else "", t)])
     return rows
+
+
+def _theirs(hf: float, shown: str, t: float) -> list[str]:
+    """The transformers columns; "-" when it was not run (--no-hf) or failed."""
+    return [shown, f"{hf / t:.1f}x"] if hf == hf else ["-", "-"]
 
 
 def main(argv: list[str] | None = None) -> int:
