@@ -297,6 +297,30 @@ def test_decode_dies_while_prefill_holds_kv(mesh, expected):
     assert wait_until(lambda: prefill_all_free(mesh), 5)
 
 
+def test_long_step_does_not_cost_the_lease(mesh):
+    """An engine loop busy far longer than the lease (SlowDown 3 s per step here; a long
+    CPU prefill in production) must not expire a healthy worker: its heartbeat load report
+    and Stats answer from the last reading instead of waiting for the step."""
+    reg_url = mesh.registry.metrics_url
+    expiries = metric(reg_url, "pdmesh_registry_expiries_total")
+    mesh.c.SlowDown(dpb.SlowDownRequest(forward_sleep_time=3.0))
+    try:
+        params = cpb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        stream = mesh.c.Generate(dpb.DecodeRequest(room=random.getrandbits(63),
+                                                   token_ids=PROMPT, sampling_params=params))
+        first = next(stream)  # the loop is now sleeping 3 s after every step
+        t0 = time.monotonic()
+        mesh.c.Stats(dpb.StatsRequest(), timeout=5)
+        assert time.monotonic() - t0 < 1.5
+        rest = list(stream)  # ~6 s more: more than six leases
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 3
+    finally:
+        mesh.c.SlowDown(dpb.SlowDownRequest(forward_sleep_time=0))
+    workers = mesh.reg.ListWorkers(rpb.ListWorkersRequest()).workers
+    assert mesh.c_addr in [w.address for w in workers]
+    assert metric(reg_url, "pdmesh_registry_expiries_total") == expiries
+
+
 def test_sigterm_drains_in_flight_then_deregisters(mesh):
     """Graceful shutdown: a stream in flight at SIGTERM still completes; the worker then
     leaves the registry (deregistered, not expired) and exits 0."""
@@ -311,3 +335,4 @@ def test_sigterm_drains_in_flight_then_deregisters(mesh):
     assert mesh.colocated.wait(15) == 0
     addrs = [w.address for w in mesh.reg.ListWorkers(rpb.ListWorkersRequest()).workers]
     assert mesh.c_addr not in addrs
+

@@ -102,9 +102,14 @@ class EngineLoop:
             self.engine.release(request_id)
         return self.call(run)
 
+    @property
+    def prealloc_len(self) -> int:
+        """Requests waiting in the pre-allocation queue (read it on the loop thread)."""
+        return len(self._prealloc)
+
     def stats(self) -> Future:
         """Engine counters plus the pre-allocation queue length, read on the loop thread."""
-        return self.call(lambda: {**self.engine.stats(), "prealloc_queue": len(self._prealloc)})
+        return self.call(lambda: {**self.engine.stats(), "prealloc_queue": self.prealloc_len})
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:

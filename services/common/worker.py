@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import Any, Callable
 
 import grpc
 
@@ -52,6 +53,22 @@ class WorkerHost:
                   f"(pool on {self.engine.runner.kv.device})", flush=True)
         self.registry: RegistryClient | None = None
         self.watcher: RegistryWatcher | None = None
+        self._reads: dict[str, Any] = {}  # read_engine: the last answer per key
+
+    def read_engine(self, key: str, fn: Callable[[], Any], wait_s: float = 0.5) -> Any:
+        """`fn()` run on the engine loop (between steps). While a long forward keeps the
+        loop busy, the previous answer instead: heartbeats and /metrics must never wait
+        on a step, or a healthy worker in a 10 s CPU prefill would miss its lease."""
+        fut: Future = self.loop.call(fn)
+        fut.add_done_callback(lambda f: f.exception() is None and
+                              self._reads.__setitem__(key, f.result()))
+        last = self._reads.get(key)
+        try:
+            return fut.result(timeout=wait_s if last is not None else 10.0)
+        except FutureTimeout:
+            if last is None:
+                raise
+            return last
 
     def registration(self, address: str, load: rpb.LoadReport) -> rpb.RegisterRequest:
         """What this worker publishes: role, address, model, KV layout, transfer endpoint."""

@@ -122,7 +122,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     def snapshot(self) -> dict[str, int]:
         """Pages, running and queued requests, token and request counters."""
-        s = self.loop.stats().result(timeout=10)
+        s = self.host.read_engine("stats", lambda: {**self.engine.stats(),
+                                                     "prealloc_queue": self.loop.prealloc_len})
         q_pages, q_rooms = self.rooms.quarantined_pages(), len(self.rooms.quarantined())
         return {"num_pages": s["num_pages"], "free_pages": s["free_pages"],
                 "used_pages": s["used_pages"] - q_pages, "quarantined_pages": q_pages,

@@ -231,7 +231,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     "page_size": self.engine.config.page_size,
                     "prompt_tokens": self.loop.prompt_tokens,
                     "generation_tokens": self.loop.generation_tokens}
-        snap = self.loop.call(read).result(timeout=10)
+        snap = self.host.read_engine("snapshot", read)
         with self._counts_lock:
             snap.update(finished=self.transferred, failed=self.failed)
         return {**snap, "rooms": len(self.rooms.all())}
