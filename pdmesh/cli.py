@@ -22,6 +22,12 @@ COMMANDS = {
               "run the whole mesh on this machine: registry, workers, gateway"),
     "trace": ("pdmesh.commands.trace",
               "show traces from a --trace-file as span trees with durations"),
+    "bench": ("pdmesh.commands.bench",
+              "load-test an OpenAI-compatible endpoint (sglang bench_serving metrics)"),
+    "simulate": ("pdmesh.commands.simulate",
+                 "predict bench tables of xPyD deployments (discrete-event simulator)"),
+    "plan": ("pdmesh.commands.plan",
+             "measure prefill and decode capacity on a mesh and recommend xPyD"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Load generation and metrics for OpenAI-compatible endpoints (`pdmesh bench`)."""
