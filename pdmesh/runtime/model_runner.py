@@ -87,16 +87,7 @@ class ModelRunner:
         """Forward `batch`, writing its KV; returns float32 logits [n_sampled, V]."""
         if self.fused is not None:
             return self._run_fused(batch)
-        ids, pos, spans, last = [], [], [], []
-        q_start = 0
-        for s in batch.seqs:
-            r, end = s.req, s.start + s.length
-            ids.extend(r.token_at(i) for i in range(s.start, end))
-            spans.append(self._span(r.pages, q_start, s.length, end))
-            q_start += s.length
-            if s.sample:
-                last.append(q_start - 1)
-        pos = torch.cat([torch.arange(s.start, s.start + s.length) for s in batch.seqs])
+        ids, pos, spans, last = self._flatten(batch)
         meta = AttnMetadata.build(spans, self.page_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), pos.to(self.device),
                             self.kv, meta)  # [T, D]
@@ -111,6 +102,19 @@ class ModelRunner:
                 and self.graphs.fits(len(seqs), max(s.start + 1 for s in seqs)):
             return self.graphs.run([s.req.token_at(s.start) for s in seqs],
                                    [s.req.pages for s in seqs], [s.start + 1 for s in seqs])
+        ids, pos, spans, last = self._flatten(batch)
+        meta = self.attn_cls.build_metadata(spans, self.page_size, self.device)
+        hidden = self.fused(to_device(torch.tensor(ids), self.device),
+                            to_device(pos, self.device), self.kv, meta)  # [T, D]
+        if not last:
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        if len(last) < hidden.shape[0]:
+            hidden = hidden[to_device(torch.tensor(last), self.device)]
+        return self.fused.logits(hidden)
+
+    def _flatten(self, batch: Batch) -> tuple[list[int], torch.Tensor, list[SeqSpan], list[int]]:
+        """The batch as one flat sequence: token ids [T], positions [T], one SeqSpan per
+        sequence, and the flat indices of the rows to sample."""
         ids, spans, last = [], [], []
         q_start = 0
         for s in batch.seqs:
@@ -121,14 +125,7 @@ class ModelRunner:
             if s.sample:
                 last.append(q_start - 1)
         pos = torch.cat([torch.arange(s.start, s.start + s.length) for s in batch.seqs])
-        meta = self.attn_cls.build_metadata(spans, self.page_size, self.device)
-        hidden = self.fused(to_device(torch.tensor(ids), self.device),
-                            to_device(pos, self.device), self.kv, meta)  # [T, D]
-        if not last:
-            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
-        if len(last) < hidden.shape[0]:
-            hidden = hidden[to_device(torch.tensor(last), self.device)]
-        return self.fused.logits(hidden)
+        return ids, pos, spans, last
 
     def _span(self, pages: list[int], q_start: int, q_len: int, ctx_len: int) -> SeqSpan:
         n = -(-ctx_len // self.page_size)
