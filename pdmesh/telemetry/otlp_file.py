@@ -89,6 +89,8 @@ def read_spans(path: str) -> list[SpanRecord]:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path}:{n}: not an OTLP ExportTraceServiceRequest object")
             spans.extend(_spans_of(doc))
     return spans
 
