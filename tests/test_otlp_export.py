@@ -85,3 +85,18 @@ def test_registry_exports_spans_by_otlp(protocol, ratio):
     finally:
         terminate(proc)
         stop()
+
+
+@pytest.mark.parametrize("content,rc,message", [
+    (None, 2, "No such file"), ("garbage\n", 2, "not a JSON line"),
+    ("[1, 2]\n", 2, "not an OTLP"), ("", 1, "no matching trace")])
+def test_trace_show_bad_files(tmp_path, content, rc, message):
+    import subprocess
+    import sys
+
+    path = tmp_path / "spans.jsonl"
+    if content is not None:
+        path.write_text(content)
+    out = subprocess.run([sys.executable, "-m", "pdmesh.cli", "trace", "show", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == rc and message in out.stderr, out.stderr
