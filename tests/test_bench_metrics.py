@@ -1,6 +1,7 @@
 """pdmesh.bench metric definitions, report formats and workloads (unit tests, no server)."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from pdmesh.bench.metrics import Dist, RequestRecord, meets_slo, run_duration, s
 from pdmesh.bench.report import HEADERS, format_table, from_json, load_results, to_json
 from pdmesh.bench.workload import Workload, WorkloadSpec
 
-NO_SGLANG = "sglang 0.5.2 is installed --no-deps (README), not a test extra"
+
 
 
 def rec(ttft, e2e, out, itl=(), start=0.0, prompt=10, ok=True, error=""):
@@ -62,7 +63,7 @@ def test_slo_checks_tpot_and_failures():
 
 def test_matches_sglang_calculate_metrics():
     """Same records through bench_serving 0.5.2's own calculate_metrics give the same numbers."""
-    bs = pytest.importorskip("sglang.bench_serving", reason=NO_SGLANG)
+    bs = importlib.import_module("sglang.bench_serving")  # scripts/install.sh installs it
     rng = np.random.default_rng(0)
     recs, outs = [], []
     for i in range(37):
@@ -135,7 +136,7 @@ def test_workload_is_seeded_and_in_range(tokenizer):
 
 
 def test_sequential_prompts_equal_bench_serving_random_ids(tokenizer):
-    bs = pytest.importorskip("sglang.bench_serving", reason=NO_SGLANG)
+    bs = importlib.import_module("sglang.bench_serving")  # scripts/install.sh installs it
     np.random.seed(5)  # bench_serving seeds numpy's global RNG with --seed
     theirs = bs.sample_random_requests(40, 6, 5, 1.0, tokenizer, "", random_sample=False)
     ours = Workload(WorkloadSpec((40, 40), (6, 6), seed=5), tokenizer).sample(5)

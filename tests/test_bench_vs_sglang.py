@@ -20,8 +20,6 @@ IN, OUT, CONC, NUM = 16, 5, 2, 8
 
 
 def test_same_numbers_as_bench_serving(smollm2_tokenizer_dir, tmp_path):
-    pytest.importorskip("sglang.bench_serving",
-                        reason="sglang 0.5.2 is installed --no-deps (README), not a test extra")
     out = tmp_path / "sgl.jsonl"
 
     async def go(url, server):

@@ -14,7 +14,8 @@ from pdmesh.sim.calibrate import fit_table, loads_of, nelder_mead, parse_table, 
 from pdmesh.sim.profile import Profile
 from pdmesh.sim.simulator import Deployment, FixedLoad, Workload
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/deepseek-v3-1p1d-b200.md"
+# a copy of ../shared/reference/deepseek-v3-1p1d-b200.md, so a clean clone has it
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks/reference/deepseek-v3-1p1d-b200.md"
 TRUE = Profile(prefill_a=0.05, prefill_b=4e-4, decode_a=0.03, decode_b=1.5e-3, decode_c=0.0,
                max_prefill_tokens=2048, chunked_prefill_size=2048, transfer_latency=0.002)
 WL = Workload(200, 400, 20, 40, seed=2)
