@@ -63,6 +63,18 @@ async def measure(base: str, concurrency: int, per_client: int, max_tokens: int)
     return [r for rs in results for r in rs]
 
 
+def measure_deployment(serve_args: list[str], concurrencies: list[int], per_client: int,
+                       max_tokens: int) -> list[tuple[int, list]]:
+    """Start `pdmesh serve <serve_args>`, run `measure` at each concurrency, stop it;
+    returns [(concurrency, [(ttft, tpot, output tokens), ...]), ...]."""
+    proc, base = start_serve(serve_args)
+    try:
+        return [(c, asyncio.run(measure(base, c, per_client, max_tokens))) for c in concurrencies]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
@@ -72,16 +84,11 @@ def main() -> None:
     rows = []
     for name, serve_args in (("1P1D", ["--prefill", "1", "--decode", "1"]),
                              ("colocated", ["--colocated", "1"])):
-        proc, base = start_serve(serve_args + ["--worker-arg=--kv-cache-bytes=300000000"])
-        try:
-            for c in args.concurrency:
-                res = asyncio.run(measure(base, c, args.requests_per_client, args.max_tokens))
-                ttft = [r[0] for r in res]
-                tpot = [r[1] for r in res]
-                rows.append((name, c, statistics.mean(ttft), max(ttft), statistics.mean(tpot)))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        for c, res in measure_deployment(serve_args + ["--worker-arg=--kv-cache-bytes=300000000"],
+                                         args.concurrency, args.requests_per_client,
+                                         args.max_tokens):
+            ttft, tpot = [r[0] for r in res], [r[1] for r in res]
+            rows.append((name, c, statistics.mean(ttft), max(ttft), statistics.mean(tpot)))
     print("| deployment | concurrency | mean TTFT s | max TTFT s | mean TPOT s |")
     print("|---|---|---|---|---|")
     for name, c, t, tmax, p in rows:

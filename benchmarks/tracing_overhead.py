@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -22,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mesh_bench import measure, start_serve  # noqa: E402
+from mesh_bench import measure_deployment  # noqa: E402
 
 
 def per_request_us(n: int = 20000) -> float:
@@ -68,17 +66,13 @@ def end_to_end(args) -> list[tuple[str, int, float, float, float]]:
     rows = []
     trace_file = os.path.join(tempfile.mkdtemp(), "spans.jsonl")
     for name, extra in (("off", []), ("on", ["--trace-file", trace_file]), ("off (again)", [])):
-        proc, base = start_serve(["--prefill", "1", "--decode", "1", *extra])
-        try:
-            for c in args.concurrency:
-                res = asyncio.run(measure(base, c, args.requests_per_client, args.max_tokens))
-                ttft, tpot = [r[0] for r in res], [r[1] for r in res]
-                e2e = [t + p * (n - 1) for t, p, n in res]
-                rows.append((name, c, statistics.mean(ttft), statistics.mean(tpot),
-                             statistics.mean(e2e)))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        for c, res in measure_deployment(["--prefill", "1", "--decode", "1", *extra],
+                                         args.concurrency, args.requests_per_client,
+                                         args.max_tokens):
+            ttft, tpot = [r[0] for r in res], [r[1] for r in res]
+            e2e = [t + p * (n - 1) for t, p, n in res]
+            rows.append((name, c, statistics.mean(ttft), statistics.mean(tpot),
+                         statistics.mean(e2e)))
     return rows
 
 
