@@ -20,7 +20,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 # seconds: 1 ms .. 2 min, dense where TTFT/ITL of a healthy deployment live
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
                    0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 120.0)
-TTFT_PARTS = ("queue", "prefill", "transfer", "first_decode")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
