@@ -10,7 +10,9 @@ every weight once plus the batch's KV; its floor is max(bytes / bandwidth, FLOPs
 A prefill's floor is its FLOPs over the matmul rate. The Llama-3-8B-shaped model has
 random bf16 weights; SmolLM2 uses the real default model when it can be loaded.
 Decode steps are timed as the engine runs them: host-side batch prep, CUDA-graph replay
-and the sampler's one host sync (argmax + .tolist()) per step.
+and the sampler's one host sync (argmax + .tolist()) per step. Decode points of at most
+4 sequences are timed a second time with the fused small-batch GEMVs off (graphs captured
+again), side by side in the same run: the "fused GEMV off" rows.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from pdmesh.config import ModelConfig
 from pdmesh.runtime.attention import SeqSpan
+from pdmesh.runtime.cuda_graph import DecodeGraphs
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.model_runner import ModelRunner
 
@@ -133,6 +136,16 @@ def decode_step_time(runner: ModelRunner, b: int, ctx: int, steps: int) -> float
     return statistics.median(times[5:])
 
 
+def without_fused_gemv(runner: ModelRunner) -> None:
+    """Capture the decode graphs again with the small-batch fused GEMVs off."""
+    sizes, ctx = runner.graphs.sizes, runner.graphs.max_context
+    runner.graphs = None  # free the old graphs' pool first
+    torch.cuda.empty_cache()
+    runner.fused.small_rows = 0
+    runner.graphs = DecodeGraphs(runner._forward_logits, sizes, ctx, PAGE,
+                                 runner.model.cfg.vocab_size, runner.device)
+
+
 def prefill_time(runner: ModelRunner, n: int) -> float:
     """Median seconds to prefill one n-token prompt (KV stored, last token's logits)."""
     pages = torch.arange(-(-n // PAGE))
@@ -212,6 +225,13 @@ def bench_model(name: str, args, dev, bw: float, rate: float) -> list[list[str]]
         for ctx in args.contexts:
             ours[("decode", b, ctx)] = decode_step_time(runner, b, ctx, args.steps)
             print(f"  decode b={b} ctx={ctx}: {ours[('decode', b, ctx)] * 1e3:.3f} ms", flush=True)
+    small = [k for k in ours if k[1] <= runner.fused.small_rows]
+    if small:  # the A/B: the same points with the fused GEMVs off
+        without_fused_gemv(runner)
+        for _, b, ctx in small:
+            ours[("decode-unfused", b, ctx)] = decode_step_time(runner, b, ctx, args.steps)
+            print(f"  decode b={b} ctx={ctx}, fused GEMV off: "
+                  f"{ours[('decode-unfused', b, ctx)] * 1e3:.3f} ms", flush=True)
     for n in args.prefill:
         ours[("prefill", 1, n)] = prefill_time(runner, n)
         print(f"  prefill {n}: {ours[('prefill', 1, n)] * 1e3:.2f} ms", flush=True)
@@ -222,6 +242,8 @@ def bench_model(name: str, args, dev, bw: float, rate: float) -> list[list[str]]
     if not args.no_hf:
         m, hc = hf_model(c, dev)
         for key in ours:
+            if key[0] == "decode-unfused":
+                continue
             try:
                 theirs[key] = (hf_decode_time(m, hc, key[1], key[2], args.steps)
                                if key[0] == "decode" else hf_prefill_time(m, hc, key[2]))
@@ -236,11 +258,12 @@ def bench_model(name: str, args, dev, bw: float, rate: float) -> list[list[str]]
     rows = []
     for (phase, b, n), t in ours.items():
         hf = theirs.get((phase, b, n), float("nan"))
-        if phase == "decode":
+        if phase.startswith("decode"):
             attn = 4 * b * n * c.num_heads * c.head_dim * c.num_layers
             fl = 2 * b * (mp + c.vocab_size * c.hidden_size) + attn
             floor = max((wb + b * n * kv_bytes_per_token(c)) / bw, fl / rate)
-            rows.append([name, "decode ms/step", str(b), str(n), f"{t * 1e3:.3f}",
+            what = "decode ms/step" + (" (fused GEMV off)" if phase != "decode" else "")
+            rows.append([name, what, str(b), str(n), f"{t * 1e3:.3f}",
                          f"{floor * 1e3:.3f}", f"{t / floor:.2f}x",
                          *_theirs(hf, f"{hf * 1e3:.2f}", t)])
         else:

@@ -1,6 +1,7 @@
 """Every kernel compiles for Hopper (sm_90) with its default H100 configuration, on a
 machine without a GPU, and the compiled bf16 code has the intended shape: no register
-spills, tensor-core MMAs in the attention kernels, K/V tiles pipelined through cp.async.
+spills, tensor-core MMAs in the attention kernels (and the 2-4-row GEMV), K/V tiles
+pipelined through cp.async; every fused-GEMV config the runtime may pick compiles.
 
 The interpreter (the other kernel tests) is lenient about things the GPU compiler
 rejects; this catches those in CI. The launch wrappers run for real on CPU tensors with
@@ -35,6 +36,8 @@ def test_kernels_compile_for_sm90_without_spills():
         if "fp32" in name:  # exact-fp32 dots (tests, fp32 runtimes) run on FMA units: compile only
             continue
         assert r["stack"] == 0, f"{name} spills registers: {r}"
+        if name.startswith("gemv_r4"):  # 2-4 rows: tl.dot, padded to 16 rows
+            assert r["mma"] > 0, f"{name} has no tensor-core MMA: {r}"
         if name.startswith(("decode", "prefill")) and "reduce" not in name:
             assert r["mma"] > 0, f"{name} has no tensor-core MMA: {r}"
             assert r["cp_async"] > 0, f"{name} does not pipeline K/V through cp.async: {r}"
@@ -134,6 +137,23 @@ def _run_all(report, current):
             ("silu_and_mul", lambda: K.silu_and_mul(torch.zeros(t, 2 * 14336, dtype=bf)))):
         current[0] = label
         call()
+    _run_gemv(current)
+
+
+def _run_gemv(current):
+    """Every fused-GEMV config the runtime may pick, in its heaviest form (gate_up with the
+    norm prologue and SiLU-and-mul: two accumulators), at the 8B shape."""
+    import torch
+
+    from pdmesh.kernels.gemv import CONFIGS, fused_gemv
+
+    bf = torch.bfloat16
+    w, g = torch.zeros(2 * 14336, 4096, dtype=bf), torch.zeros(4096, dtype=bf)
+    for rows, configs in CONFIGS.items():
+        for cfg in configs:
+            current[0] = f"gemv_r{rows}_" + "_".join(str(int(c)) for c in cfg)
+            fused_gemv(torch.zeros(rows, 4096, dtype=bf), w, norm_weight=g, silu_mul=True,
+                       config=cfg)
 
 
 def _main() -> int:

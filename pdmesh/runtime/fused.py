@@ -5,6 +5,10 @@ Per layer: fused residual add + RMSNorm, one qkv matmul, rotary on q/k in place 
 of the qkv output), KV store + paged attention through the layer's attention backend,
 o_proj, fused add + RMSNorm, gate_up matmul, SiLU-and-mul, down_proj. Rounding follows
 the torch path: x + residual is rounded to the activation dtype before it is normalised.
+
+At 1-4 rows (decode at small batch, where every linear streams its whole weight) the
+norms, SiLU-and-mul and residual adds fold into the GEMVs (decode_gemv.py): per layer
+qkv(+norm), rotary+store, attention, o(+residual), gate_up(+norm, silu), down(+residual).
 """
 from __future__ import annotations
 
@@ -26,6 +30,10 @@ class FusedForward:
 
         self.lm, self.cfg = lm, lm.cfg
         self.linear = LinearDispatch()  # cuBLAS unless tune_decode_linears found better
+        from pdmesh.runtime.decode_gemv import MAX_ROWS, SmallBatchLinears
+
+        self.gemv = SmallBatchLinears()
+        self.small_rows = MAX_ROWS  # forwards of at most this many rows take _small_batch
         self.rms_norm, self.add_rms_norm = rms_norm, fused_add_rms_norm
         self.silu_and_mul, self.rotary = silu_and_mul, rotary_embedding
         c = self.cfg
@@ -36,12 +44,16 @@ class FusedForward:
 
     def tune_decode_linears(self) -> dict[str, float]:
         """Time cuBLAS against the skinny Triton matmul for every decode linear (rows 1 and
-        16) and keep the faster per weight; returns the speedups by shape."""
+        16) and keep the faster per weight, and pick the fused GEMV's configs (rows 1-4);
+        returns the speedups over cuBLAS by shape (fused GEMVs: "gemv role@rows")."""
         mods = [self.lm.lm_head]
         for layer in self.lm.model.layers:
             a, mlp = layer.self_attn, layer.mlp
             mods += [a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        return self.linear.tune(mods)
+        report = self.linear.tune(mods)
+        gemv = self.gemv.tune(self.lm.model.layers[0], self.cfg.rms_norm_eps)
+        self.small_rows = self.gemv.worth_rows()
+        return report | {f"gemv {k}": v for k, v in gemv.items()} | {"gemv rows": self.small_rows}
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -51,6 +63,8 @@ class FusedForward:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                  meta) -> torch.Tensor:
+        if 0 < input_ids.shape[0] <= self.small_rows:
+            return self._small_batch(input_ids, positions, kv, meta)
         m, eps = self.lm.model, self.cfg.rms_norm_eps
         x = m.embed_tokens(input_ids)  # [T, D]
         residual = None
@@ -67,10 +81,29 @@ class FusedForward:
         out, _ = self.add_rms_norm(x, residual, m.norm.weight, eps)
         return out
 
+    def _small_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                     meta) -> torch.Tensor:
+        """T <= small_rows: six kernels per layer; x is the residual stream, updated in place."""
+        m, eps, g = self.lm.model, self.cfg.rms_norm_eps, self.gemv
+        x = m.embed_tokens(input_ids)  # [T, D]
+        for i, layer in enumerate(m.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            qkv = g(a.qkv_proj, x, norm_weight=layer.input_layernorm.weight, eps=eps)
+            g(a.o_proj, self._attend(a, qkv, positions, kv[:, i], meta), residual=x, out=x)
+            act = g(mlp.gate_up_proj, x, norm_weight=layer.post_attention_layernorm.weight,
+                    eps=eps, silu_mul=True)  # [T, I]
+            g(mlp.down_proj, act, residual=x, out=x)
+        return self.rms_norm(x, m.norm.weight, eps)
+
     def _attention(self, a, h: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
                    meta) -> torch.Tensor:
-        t, nq, nkv = h.shape[0], a.h * a.dh, a.hkv * a.dh
-        qkv = self.linear(a.qkv_proj, h)  # [T, (H + 2 Hkv) Dh]
+        out = self._attend(a, self.linear(a.qkv_proj, h), positions, kv_layer, meta)
+        return self.linear(a.o_proj, out)
+
+    def _attend(self, a, qkv: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
+                meta) -> torch.Tensor:
+        """qkv: [T, (H + 2 Hkv) Dh] -> attention output [T, H Dh] (rotary, KV store, attend)."""
+        t, nq, nkv = qkv.shape[0], a.h * a.dh, a.hkv * a.dh
         q = qkv[:, :nq].view(t, a.h, a.dh)
         k = qkv[:, nq: nq + nkv].view(t, a.hkv, a.dh)
         v = qkv[:, nq + nkv:].view(t, a.hkv, a.dh)
@@ -84,5 +117,4 @@ class FusedForward:
         else:
             q, k = self.rotary(q, k, positions, self.cos_sin, inplace=True)
             a.attn.store(kv_layer, k, v, meta)
-        out = a.attn.forward(q, kv_layer, meta)  # [T, H, Dh]
-        return self.linear(a.o_proj, out.reshape(t, nq))
+        return a.attn.forward(q, kv_layer, meta).reshape(t, nq)  # [T, H, Dh] -> [T, H Dh]
