@@ -102,6 +102,9 @@ def _rope_scaling(rope: Mapping[str, Any] | None) -> RopeScaling | None:
     )
 
 
+NUMERICS = ("fast", "reference")  # EngineConfig.numerics
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine runs a model: device, KV pool and batching limits."""
@@ -122,6 +125,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode under CUDA graphs (batch padded to a captured size)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     cuda_graph_max_context: int | None = None  # graph page-table width; default max_model_len
+    # "fast": fused qkv / gate_up GEMMs (+ triton, graphs on CUDA). "reference": transformers'
+    # op order (separate q/k/v and gate/up GEMMs, 4-D torch SDPA, eager) to validate
+    # against it; see CausalLM.set_reference_numerics
+    numerics: str = "fast"
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",
@@ -135,6 +142,11 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, "
                              f"got {self.attention_backend!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be fast or reference, got {self.numerics!r}")
+        if self.numerics == "reference" and self.attention_backend == "triton":
+            raise ValueError("numerics='reference' runs the torch attention backend; "
+                             "attention_backend='triton' conflicts with it (use auto or torch)")
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -171,6 +183,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
+    "PDMESH_NUMERICS": ("numerics", str),
 }
 
 

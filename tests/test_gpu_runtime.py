@@ -2,7 +2,9 @@
 transformers on the same GPU, against eager decode, and for host syncs.
 
 Needs a CUDA GPU (skips on CPU). Prints the first greedy divergence from transformers
-past the 16 tokens that must match (bf16 may drift later).
+past the 16 tokens that must match (bf16 may drift later). numerics="reference"
+(transformers' op order) must match those 16 tokens exactly, near ties included:
+    python -m pytest -q -s tests/test_gpu_runtime.py -k reference
 """
 from __future__ import annotations
 
@@ -28,14 +30,17 @@ NEAR_TIE_STEPS = 2
 
 def hf_greedy_cuda(model, ids: list[int], n: int) -> tuple[list[int], list[float], list[float]]:
     """n greedy tokens from transformers' forward + its cache, on the model's device, with
-    each step's top logit and its gap to the runner-up (how close the choice was)."""
+    each step's top logit and its gap to the runner-up (how close the choice was).
+    The token is argmax (the first of exactly tied logits), as transformers' greedy
+    `generate` and pdmesh's sampler pick it; topk's order among ties is unspecified."""
     out, tops, gaps, past, x = [], [], [], None, torch.tensor([ids], device="cuda")
     with torch.inference_mode():
         for _ in range(n):
             res = model(x, past_key_values=past, use_cache=True)
             past = res.past_key_values
-            top2 = res.logits[0, -1].float().topk(2)
-            out.append(int(top2.indices[0]))
+            logits = res.logits[0, -1].float()
+            top2 = logits.topk(2)
+            out.append(int(logits.argmax()))
             tops.append(float(top2.values[0]))
             gaps.append(float(top2.values[0] - top2.values[1]))
             x = torch.tensor([[out[-1]]], device="cuda")
@@ -57,8 +62,8 @@ def gpu_engine(default_model):
 
 
 @pytest.fixture(scope="module")
-def prompts(gpu_engine):
-    return [gpu_engine.tokenizer.apply_chat_template([{"role": "user", "content": q}])
+def prompts(default_model):
+    return [default_model.tokenizer.apply_chat_template([{"role": "user", "content": q}])
             for q in QUESTIONS]
 
 
@@ -114,6 +119,34 @@ def test_greedy_bf16_matches_transformers(gpu_engine, prompts, hf_model):
         if j is not None and j < MATCH and gaps[j] > NEAR_TIE_STEPS * bf16_ulp(tops[j]):
             bad.append((i, j))
     assert not bad, bad
+
+
+def test_greedy_bf16_reference_numerics_matches_transformers(default_model, prompts, hf_model):
+    """numerics="reference" (separate q/k/v and gate/up GEMMs, torch SDPA on 4-D inputs,
+    eager, LM head over the whole prompt): bf16 greedy tokens of each prompt alone (whole-prompt prefill, then one token per step, as transformers' loop
+    runs) equal transformers' bf16 tokens for the first MATCH tokens, near ties included.
+    Prints each prompt's first divergence in RUN tokens (None: all match) and the gap of
+    transformers' top two logits there."""
+    hf = hf_model(torch.bfloat16)
+    engine = Engine(loaded=default_model, device="cuda", page_size=16, num_pages=1024,
+                    numerics="reference")
+    r = engine.runner
+    assert r.reference and r.backend == "torch" and r.fused is None and r.graphs is None
+    assert r.kv.dtype == torch.bfloat16 and next(r.model.parameters()).dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=RUN, temperature=0, ignore_eos=True)
+    bad = []
+    for i, p in enumerate(prompts):
+        want, tops, gaps = hf_greedy_cuda(hf, p, RUN)
+        got = engine.generate(prompt_token_ids=p, params=params)[0].token_ids
+        j = first_divergence(got, want)
+        gap = "-" if j is None else (f"{gaps[j]:.4f} (one bf16 step at its top logit "
+                                     f"{tops[j]:.2f} = {bf16_ulp(tops[j]):.4f})")
+        print(f"reference numerics, prompt {i} ({len(p)} tokens): first divergence from "
+              f"transformers bf16 in {RUN} tokens: {j}; transformers' top-2 gap there: {gap}")
+        if j is not None and j < MATCH:
+            bad.append((i, j))
+    assert not bad, bad
+    assert engine.stats()["used_pages"] == 0
 
 
 def _decode_batch(engine: Engine, n: int):

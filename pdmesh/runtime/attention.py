@@ -69,9 +69,14 @@ def gather_kv(kv_layer: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor
 class TorchAttention:
     """Reference paged attention in plain torch (the CPU path; the oracle for kernels)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 hf_layout: bool = False) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
+        # reference numerics: SDPA gets 4-D inputs, K/V contiguous, as transformers passes
+        # them. On CUDA that picks SDPA's fused (flash) kernel as there; 3-D inputs always
+        # take the math kernel (fused kernels need 4-D), which rounds bf16 differently.
+        self.hf_layout = hf_layout
 
     @staticmethod
     def build_metadata(seqs: list[SeqSpan], page_size: int,
@@ -94,6 +99,8 @@ class TorchAttention:
         k, v = gather_kv(kv_layer, s.table)  # [Hkv, n * page, D]
         k, v = k[:, : s.ctx_len], v[:, : s.ctx_len]
         qh = q.transpose(0, 1)  # [H, q_len, D]
+        if self.hf_layout:  # [1, H, q_len, D], [1, Hkv, ctx_len, D]
+            qh, k, v = qh[None], k[None].contiguous(), v[None].contiguous()
         prefix = s.ctx_len - s.q_len
         if prefix == 0 or s.q_len == 1:  # plain causal, or one query that sees everything
             out = F.scaled_dot_product_attention(qh, k, v, is_causal=prefix == 0 and s.q_len > 1,
@@ -103,7 +110,7 @@ class TorchAttention:
             mask = torch.ones(s.q_len, s.ctx_len, dtype=torch.bool).tril(prefix)
             out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask.to(q.device),
                                                  scale=self.scale, enable_gqa=True)
-        return out.transpose(0, 1)
+        return (out[0] if self.hf_layout else out).transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         k, v = gather_kv(kv_layer, meta.decode_table)  # [B, Hkv, L, D]

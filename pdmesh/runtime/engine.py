@@ -72,7 +72,7 @@ class Engine:
             attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
             graph_batch_sizes=cfg.cuda_graph_batch_sizes,
             graph_max_context=cfg.cuda_graph_max_context or self.max_model_len,
-            max_batch=cfg.max_running_requests)
+            max_batch=cfg.max_running_requests, numerics=cfg.numerics)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
                                    cfg.max_prefill_tokens, cfg.chunked_prefill_size)

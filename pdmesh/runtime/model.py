@@ -2,6 +2,7 @@
 
 Parameter names follow Hugging Face's except two fusions made at load time:
 q/k/v projections -> `qkv_proj`, gate/up -> `gate_up_proj` (fewer, larger matmuls).
+`CausalLM.set_reference_numerics` switches to transformers' op order (see there).
 Shapes: T = tokens in the flat batch, D = hidden, H/Hkv = heads, Dh = head dim.
 """
 from __future__ import annotations
@@ -63,12 +64,23 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.dh, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.dh, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attn = TorchAttention(self.h, self.hkv, self.dh)
+        self.reference = False  # separate q/k/v GEMMs (CausalLM.set_reference_numerics)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: [T, D] -> q [T, H*Dh], k, v [T, Hkv*Dh]."""
+        nq, nkv = self.h * self.dh, self.hkv * self.dh
+        if not self.reference:
+            return self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        # three GEMMs of transformers' shapes: row slices of the contiguous fused [N, D]
+        # weight are contiguous, so each is exactly a q_proj / k_proj / v_proj weight
+        w, b = self.qkv_proj.weight, self.qkv_proj.bias
+        cuts = ((0, nq), (nq, nq + nkv), (nq + nkv, nq + 2 * nkv))
+        return tuple(F.linear(x, w[a:z], None if b is None else b[a:z]) for a, z in cuts)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh,
-                                          self.hkv * self.dh], dim=-1)
+        q, k, v = self._qkv(x)
         q, k, v = q.view(t, self.h, self.dh), k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -84,9 +96,14 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+        self.reference = False  # separate gate and up GEMMs (CausalLM.set_reference_numerics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        if self.reference:  # transformers' gate_proj and up_proj shapes (row-slice views)
+            w = self.gate_up_proj.weight
+            gate, up = F.linear(x, w[: self.inter]), F.linear(x, w[self.inter:])
+        else:
+            gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -119,15 +136,17 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("inv_freq", inv, persistent=False)
         self._head_t: torch.Tensor | None = None
+        self.reference = False
+        # rotary inverse frequencies [Dh/2], float32 at every model dtype (as transformers
+        # keeps them): not a buffer, which `.to(bfloat16)` would round
+        self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
         """input_ids, positions: [T]; kv: [P, L, page, 2, Hkv, Dh] -> hidden [T, D]."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
+        freqs = positions[:, None].float() * self._rope_inv_freq(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, Dh]
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
@@ -135,6 +154,23 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv[:, i], meta)
         return self.model.norm(x)
+
+    def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """[Dh/2] float32 on `device` (moved once)."""
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
+
+    def set_reference_numerics(self, on: bool = True) -> None:
+        """Compute as transformers' LlamaModel does, op for op, so bf16 rounds the same:
+        separate q/k/v and gate/up GEMMs (views of the fused weights), the torch attention
+        backend calling SDPA on 4-D [1, H, S, Dh] inputs, and the LM head as F.linear on
+        every device. Off: the fast path."""
+        self.reference = on
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.reference = layer.mlp.reference = on
+            a.attn = TorchAttention(a.h, a.hkv, a.dh, hf_layout=on)
 
     def set_attention_backend(self, backend_cls) -> None:
         """Give every layer an instance of `backend_cls` (see attention.py's registry)."""
@@ -145,7 +181,7 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] -> float32 logits [B, V]."""
-        if hidden.device.type != "cpu":
+        if hidden.device.type != "cpu" or self.reference:
             return self.lm_head(hidden).float()
         if self._head_t is None or self._head_t.device != hidden.device:
             # [D, V] copy: on CPU, x @ W_t runs the vocab-sized matmul ~1.7x faster than

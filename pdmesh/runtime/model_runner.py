@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from pdmesh.config import EngineConfig, ModelConfig
+from pdmesh.config import NUMERICS, EngineConfig, ModelConfig
 from pdmesh.runtime.attention import (AttnMetadata, SeqSpan, get_attention_backend,
                                       resolve_attention_backend)
 from pdmesh.runtime.triton_backend import to_device
@@ -35,6 +35,16 @@ def page_bytes(mcfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     return mcfg.num_layers * 2 * page_size * mcfg.num_kv_heads * mcfg.head_dim * elem
 
 
+def _reference_numerics(numerics: str, attention_backend: str) -> bool:
+    """True for "reference" numerics (torch attention only), False for "fast"."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be fast or reference, got {numerics!r}")
+    if numerics == "reference" and attention_backend == "triton":
+        raise ValueError("numerics='reference' runs the torch attention backend; "
+                         "attention_backend='triton' conflicts with it (use auto or torch)")
+    return numerics == "reference"
+
+
 def num_pages_for(cfg: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype) -> int:
     if cfg.num_pages is not None:
         return cfg.num_pages
@@ -49,22 +59,30 @@ class ModelRunner:
     """Owns the model and the KV pool; turns a Batch into logits for its sampled rows.
 
     On CUDA with the triton backend the forward runs fused kernels (fused.py) and decode
-    batches replay CUDA graphs (cuda_graph.py) when `cuda_graphs` and they fit."""
+    batches replay CUDA graphs (cuda_graph.py) when `cuda_graphs` and they fit.
+    `numerics="reference"` runs transformers' op order instead (CausalLM.set_reference_numerics):
+    torch attention, eager, no fused forward or graphs; greedy tokens then equal
+    transformers' at batch 1 (whole-prompt prefill, then one token per step) in bf16 too."""
 
     def __init__(self, model: CausalLM, num_pages: int, page_size: int,
                  dtype: torch.dtype, device: str, *, attention_backend: str = "auto",
                  cuda_graphs: bool = False, graph_batch_sizes: Sequence[int] = (),
                  graph_max_context: int | None = None, max_batch: int = 64,
-                 tune_linears: bool = True) -> None:
+                 tune_linears: bool = True, numerics: str = "fast") -> None:
         c = model.cfg
         self.model, self.page_size, self.device = model, page_size, torch.device(device)
         # kv: [P, L, page, 2, Hkv, Dh]
         self.kv = torch.zeros(num_pages, c.num_layers, page_size, 2, c.num_kv_heads,
                               c.head_dim, dtype=dtype, device=self.device)
+        self.reference = _reference_numerics(numerics, attention_backend)
+        if self.reference:
+            attention_backend = "torch"
         self.backend = resolve_attention_backend(attention_backend, self.device)
         self.attn_cls = get_attention_backend(self.backend)
         self.fused = self.graphs = None
         self.linear_speedups: dict[str, float] = {}
+        if model.reference != self.reference:
+            model.set_reference_numerics(self.reference)
         if self.backend != "torch":
             model.set_attention_backend(self.attn_cls)
             from pdmesh.runtime.fused import FusedForward
@@ -93,7 +111,18 @@ class ModelRunner:
                             self.kv, meta)  # [T, D]
         if not last:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        if self.reference:
+            return self._span_logits(hidden, batch, spans)
         return self.model.logits(hidden[torch.tensor(last, device=self.device)])
+
+    def _span_logits(self, hidden: torch.Tensor, batch: Batch,
+                     spans: list[SeqSpan]) -> torch.Tensor:
+        """Reference numerics: the LM head over all of a sampled sequence's rows in this
+        forward, as transformers' forward computes it (logits_to_keep=0: an [S, V] GEMM
+        at prefill; its last row then rounds as there), keeping the last row."""
+        rows = [self.model.logits(hidden[sp.q_start: sp.q_start + sp.q_len])[-1]
+                for sp, s in zip(spans, batch.seqs) if s.sample]
+        return torch.stack(rows)  # [n_sampled, V]
 
     def _run_fused(self, batch: Batch) -> torch.Tensor:
         """The GPU path: no host sync (inputs go through pinned memory, async)."""
