@@ -8,7 +8,6 @@ NaN so an unwritten element fails.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ CUDA = torch.cuda.is_available()
 assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "conftest must set TRITON_INTERPRET"
 
 from pdmesh.kernels.gemv import CONFIGS, fused_gemv, fused_gemv_ref, row_bucket  # noqa: E402
+from test_kernels_elementwise import nans, seed  # noqa: E402,F401  (seed is a fixture)
 
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -32,17 +32,6 @@ def cases(rows):
     """(m, dtype) pairs; 2-4 rows use tl.dot, which Triton's CPU interpreter cannot run in
     bf16 (it multiplies the raw bits), so on CPU those run in fp32 only."""
     return [(m, d) for m in rows for d in DTYPES if CUDA or m == 1 or d == torch.float32]
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2 ** 31)
-    torch.manual_seed(s)
-    return s
-
-
-def nans(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
 
 
 def close(got, want, dtype, seed, what=""):
