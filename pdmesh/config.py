@@ -105,6 +105,16 @@ def _rope_scaling(rope: Mapping[str, Any] | None) -> RopeScaling | None:
 NUMERICS = ("fast", "reference")  # EngineConfig.numerics
 
 
+def check_numerics(numerics: str, attention_backend: str) -> bool:
+    """Validate a numerics mode against the attention backend; True for "reference"."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be fast or reference, got {numerics!r}")
+    if numerics == "reference" and attention_backend == "triton":
+        raise ValueError("numerics='reference' runs the torch attention backend; "
+                         "attention_backend='triton' conflicts with it (use auto or torch)")
+    return numerics == "reference"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine runs a model: device, KV pool and batching limits."""
@@ -142,11 +152,7 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, "
                              f"got {self.attention_backend!r}")
-        if self.numerics not in NUMERICS:
-            raise ValueError(f"numerics must be fast or reference, got {self.numerics!r}")
-        if self.numerics == "reference" and self.attention_backend == "triton":
-            raise ValueError("numerics='reference' runs the torch attention backend; "
-                             "attention_backend='triton' conflicts with it (use auto or torch)")
+        check_numerics(self.numerics, self.attention_backend)
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

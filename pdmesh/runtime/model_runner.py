@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from pdmesh.config import NUMERICS, EngineConfig, ModelConfig
+from pdmesh.config import EngineConfig, ModelConfig, check_numerics
 from pdmesh.runtime.attention import (AttnMetadata, SeqSpan, get_attention_backend,
                                       resolve_attention_backend)
 from pdmesh.runtime.triton_backend import to_device
@@ -33,16 +33,6 @@ def page_bytes(mcfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of one KV page: every layer's K and V for `page_size` tokens."""
     elem = torch.empty((), dtype=dtype).element_size()
     return mcfg.num_layers * 2 * page_size * mcfg.num_kv_heads * mcfg.head_dim * elem
-
-
-def _reference_numerics(numerics: str, attention_backend: str) -> bool:
-    """True for "reference" numerics (torch attention only), False for "fast"."""
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics must be fast or reference, got {numerics!r}")
-    if numerics == "reference" and attention_backend == "triton":
-        raise ValueError("numerics='reference' runs the torch attention backend; "
-                         "attention_backend='triton' conflicts with it (use auto or torch)")
-    return numerics == "reference"
 
 
 def num_pages_for(cfg: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -74,7 +64,7 @@ class ModelRunner:
         # kv: [P, L, page, 2, Hkv, Dh]
         self.kv = torch.zeros(num_pages, c.num_layers, page_size, 2, c.num_kv_heads,
                               c.head_dim, dtype=dtype, device=self.device)
-        self.reference = _reference_numerics(numerics, attention_backend)
+        self.reference = check_numerics(numerics, attention_backend)
         if self.reference:
             attention_backend = "torch"
         self.backend = resolve_attention_backend(attention_backend, self.device)
