@@ -1,10 +1,11 @@
 """Rotary embedding on q and k, rotate-half (neox / Hugging Face) style, as model.py.
 
-The cos/sin cache is built from model.py's `rope_inv_freq` (llama3 scaling included):
+The cos/sin cache is built from `pdmesh.rope.rope_inv_freq` (llama3 scaling included),
+the one the runtime uses too:
 cache[pos] = cos(pos * inv_freq) | sin(pos * inv_freq), fp32 [max_pos, D] (D/2 each),
 which are exactly the values CausalLM.forward computes per position. The kernel rounds
 like the torch path (cos/sin cast to the activation dtype; each product rounded before
-the sum), so its output equals model.apply_rope's in every dtype up to fp32 FMA
+the sum), so its output equals pdmesh.rope.apply_rope's in every dtype up to fp32 FMA
 contraction.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from pdmesh.config import RopeScaling
-from pdmesh.runtime.model import apply_rope, rope_inv_freq
+from pdmesh.rope import apply_rope, rope_inv_freq
 
 from ._common import check_index_vector, check_last_dim_contiguous, output, pow2
 
@@ -140,7 +141,7 @@ def _store_args(k, v, kv_layer, slot_mapping) -> tuple:
 
 def rotary_embedding_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                          cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference via model.apply_rope: same inputs -> (q rotated, k rotated)."""
+    """Torch reference via pdmesh.rope.apply_rope: same inputs -> (q rotated, k rotated)."""
     cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, D/2] each
     cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(q.dtype)  # [T, 1, D]
     sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(q.dtype)

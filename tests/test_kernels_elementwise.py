@@ -20,7 +20,8 @@ from pdmesh.kernels import (fused_add_rms_norm, fused_add_rms_norm_ref, kv_store
                             kv_store_ref, rms_norm, rms_norm_ref, rope_cos_sin_cache,
                             rotary_embedding, rotary_embedding_ref, silu_and_mul,
                             silu_and_mul_ref)
-from pdmesh.runtime.model import MLP, RMSNorm, apply_rope, rope_inv_freq  # noqa: E402
+from pdmesh.rope import apply_rope, rope_inv_freq  # noqa: E402
+from pdmesh.runtime.model import MLP, RMSNorm  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
