@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from pdmesh.runtime.sampler import SampledToken, SamplingRow
+from pdmesh.runtime.sampling_types import SampledToken, SamplingRow
 
 
 def handles(rows: Sequence[SamplingRow]) -> bool:

@@ -20,34 +20,17 @@ A seeded row's generator must live on the logits' device (`make_generator(seed, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from pdmesh.runtime.sampling_params import SamplingParams
+# (the engine, pdmesh.worker.convert and tests import these two from here too)
+from pdmesh.runtime.sampling_types import SampledToken, SamplingRow
 
 # Candidates taken with `topk` for a top-p row without top-k; if their mass is short of
 # top_p the row is redone over the whole vocabulary (exact either way).
 TOP_P_CANDIDATES = 1024
-
-
-@dataclass
-class SamplingRow:
-    """One request's view for this step."""
-
-    params: SamplingParams
-    prompt_ids: Sequence[int]
-    output_ids: Sequence[int]
-    generator: torch.Generator | None  # seeded per request when params.seed is set; else None
-    banned_until_min: tuple[int, ...] = ()  # eos + stop ids, masked while len(output) < min_tokens
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float | None  # of the chosen token, when params.logprobs is not None
-    top_logprobs: list[tuple[int, float]] | None  # top-N (id, logprob), highest first
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
