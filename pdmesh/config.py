@@ -251,6 +251,21 @@ def registry_config_from_env(base: RegistryConfig | None = None,
     return _apply_env(base or RegistryConfig(), _REGISTRY_ENV_OVERRIDES, env)
 
 
+# Gateway routing names, kept here so that GatewayConfig validates them without importing
+# the gateway (config sits below every service). services/gateway/pool.py routes by these
+# modes; services/gateway/routing.py maps each policy name to its class, and its
+# register_policy() adds plug-in names to this set.
+ROUTING_MODES = ("auto", "pd", "colocated")
+ROUTING_POLICIES: set[str] = {"random", "round_robin", "power_of_two", "least_load"}
+
+
+def check_routing_policy(name: str) -> None:
+    """ValueError listing the known names unless `name` is a routing policy."""
+    if name not in ROUTING_POLICIES:
+        raise ValueError(f"unknown routing policy {name!r} "
+                         f"(known: {', '.join(sorted(ROUTING_POLICIES))})")
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """The gateway: where it listens, what it serves and how it routes."""
@@ -269,12 +284,9 @@ class GatewayConfig:
     shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
-        from pdmesh.services.gateway.pool import MODES
-        from pdmesh.services.gateway.routing import make_policy
-
-        make_policy(self.prefill_policy), make_policy(self.decode_policy)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_routing_policy(self.prefill_policy), check_routing_policy(self.decode_policy)
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
@@ -419,7 +431,8 @@ def telemetry_config_from_env(base: TelemetryConfig | None = None,
     return _apply_env(base or TelemetryConfig(), _TELEMETRY_ENV_OVERRIDES, env)
 
 
-__all__ = ["GatewayConfig", "gateway_config_from_env", "ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
+__all__ = ["GatewayConfig", "gateway_config_from_env", "ROUTING_MODES", "ROUTING_POLICIES",
+           "check_routing_policy", "ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
            "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env",
            "WorkerConfig", "worker_config_from_env", "WORKER_ROLES",
            "TelemetryConfig", "telemetry_config_from_env"]

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdmesh.config import ROUTING_MODES
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
 from pdmesh.services.gateway.routing import Load, Policy, Worker, make_policy
 
 log = logging.getLogger(__name__)
-MODES = ("auto", "pd", "colocated")
+MODES = ROUTING_MODES  # auto | pd | colocated
 _ROLES = {rpb.WORKER_ROLE_PREFILL: "PREFILL", rpb.WORKER_ROLE_DECODE: "DECODE",
           rpb.WORKER_ROLE_COLOCATED: "COLOCATED"}
 

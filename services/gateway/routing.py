@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from pdmesh.config import ROUTING_POLICIES, check_routing_policy
+
 
 @dataclass
 class Load:
@@ -97,6 +99,7 @@ class LeastLoadPolicy:
         return self.rng.choice([w for w in candidates if load_score(w) == best])
 
 
+# the names are pdmesh.config.ROUTING_POLICIES (GatewayConfig validates against them)
 POLICIES: dict[str, Callable[[], Policy]] = {
     "random": RandomPolicy,
     "round_robin": RoundRobinPolicy,
@@ -108,10 +111,10 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 def register_policy(name: str, factory: Callable[[], Policy]) -> None:
     """Add a policy under `name` (usable by --prefill-policy / --decode-policy)."""
     POLICIES[name] = factory
+    ROUTING_POLICIES.add(name)
 
 
 def make_policy(name: str) -> Policy:
     """A fresh policy instance; ValueError listing the known names otherwise."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown routing policy {name!r} (known: {', '.join(sorted(POLICIES))})")
+    check_routing_policy(name)
     return POLICIES[name]()
