@@ -1,5 +1,5 @@
 """Triton kernels with their torch references, importable as `pdmesh.kernels`
-(setup.py maps kernels/). Each op `x` has `x(...)` (the Triton launch, allocating its
+(the symlink pdmesh/kernels -> ../kernels). Each op `x` has `x(...)` (the Triton launch, allocating its
 output unless `out=` is given) and `x_ref(...)` (plain torch, equal to what the runtime's
 CPU path computes). Importing this needs triton; the CPU runtime never imports it.
 Tests: tests/test_kernels*.py (CPU: under TRITON_INTERPRET=1, set by tests/conftest.py).
