@@ -1,7 +1,8 @@
-"""Triton kernels with their torch references, importable as `pdmesh.kernels`
-(the symlink pdmesh/kernels -> ../kernels). Each op `x` has `x(...)` (the Triton launch, allocating its
-output unless `out=` is given) and `x_ref(...)` (plain torch, equal to what the runtime's
-CPU path computes). Importing this needs triton; the CPU runtime never imports it.
+"""Triton kernels with their torch references, importable as `pdmesh.kernels` (through
+the symlink pdmesh/kernels -> ../kernels). Each op `x` has `x(...)` (the Triton launch,
+allocating its output unless `out=` is given) and `x_ref(...)` (plain torch, equal to
+what the runtime's CPU path computes). Importing this needs triton; the CPU runtime never
+imports it (the rope math both share is pdmesh.rope, torch only).
 Tests: tests/test_kernels*.py (CPU: under TRITON_INTERPRET=1, set by tests/conftest.py).
 Timing / config sweep on a GPU: `python -m pdmesh.kernels.bench [--quick]`.
 """
