@@ -69,6 +69,46 @@ def create_server(addr: str, servicers: Iterable[Servicer], *,
     return server, port, health_servicer
 
 
+async def create_aio_server(addr: str, servicers: Iterable[Servicer], *,
+                            options: list[tuple[str, Any]] | None = None,
+                            interceptors: Iterable[Any] = (),
+                            ) -> tuple[grpc.aio.Server, int, Any]:
+    """The asyncio twin of `create_server`: no thread pool, so nothing but the engine's
+    own limits caps how many calls and streams are open at once.
+
+    Returns (server, bound port, health servicer); every service given, plus the
+    overall server (""), is SERVING once started.
+    """
+    from pdmesh.telemetry import tracing
+
+    servicers = list(servicers)
+    server = grpc.aio.server(options=options or [],
+                             interceptors=[*interceptors, *tracing.aio_server_interceptors()])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for s in servicers:
+        s.add_to_server(s.impl, server)
+    names = [s.full_name for s in servicers]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise RuntimeError(f"could not bind gRPC server to {addr}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+async def stop_aio_gracefully(server: grpc.aio.Server, health_servicer: Any = None,
+                              grace_s: float = 5.0) -> None:
+    """Report NOT_SERVING, refuse new calls, let in-flight ones finish for `grace_s`."""
+    if health_servicer is not None:
+        await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+
+
 def stop_gracefully(server: grpc.Server, health_servicer: health.HealthServicer | None = None,
                     grace_s: float = 5.0) -> None:
     """Report NOT_SERVING, refuse new calls and let in-flight ones finish for `grace_s`.

@@ -1,14 +1,17 @@
-"""EngineLoop: the engine on its own thread, fed from many threads, outputs never mixed."""
+"""EngineLoop + AsyncEngine: typed commands in, batched events out, outputs never mixed."""
 from __future__ import annotations
 
+import asyncio
 import threading
-from concurrent.futures import Future
 
 import pytest
 
 from pdmesh import Engine, SamplingParams
 from pdmesh.runtime.request import Mode
+from pdmesh.worker.aio_engine import AsyncEngine
+from pdmesh.worker.commands import Abort, Add, Adopt, EngineStats, Held, Hold, MakeRequest
 from pdmesh.worker.engine_loop import EngineLoop
+from pdmesh.worker.streams import StreamClosed
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 QUESTIONS = ["Hi", "What is 2+2?", "Name a fruit.", "Write one word.", "Count to three.", "Why?"]
@@ -19,92 +22,141 @@ def engine(default_model):
     return Engine(loaded=default_model, page_size=8, num_pages=400)
 
 
-@pytest.fixture
-def loop(engine):
-    lp = EngineLoop(engine).start()
-    yield lp
-    lp.stop()
-    assert engine.stats()["used_pages"] == 0, "a test leaked pages"
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def collect(loop: EngineLoop, req) -> tuple[list, threading.Event]:
-    outs, done = [], threading.Event()
-
-    def on_output(out):
-        outs.append(out)
-        if out.finished:
-            done.set()
-    loop.add(req, on_output).result(timeout=10)
-    return outs, done
+async def drain(stream) -> list:
+    outs = []
+    while not outs or not outs[-1].finished:
+        outs += await stream.next_batch()
+    return outs
 
 
-def test_requests_from_many_threads_match_offline_and_never_mix(engine, loop):
+def test_concurrent_requests_match_offline_and_never_mix(engine):
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}])
                for q in QUESTIONS]
-    # the offline reference runs on the loop thread too: only that thread touches the engine
-    offline = loop.call(lambda: engine.generate(prompt_token_ids=prompts, params=GREEDY))
-    want = [o.token_ids for o in offline.result(timeout=120)]
-    results: dict[int, tuple[list, threading.Event]] = {}
+    want = [o.token_ids for o in engine.generate(prompt_token_ids=prompts, params=GREEDY)]
 
-    def client(i: int) -> None:
-        req = engine.make_request(prompt_token_ids=prompts[i], params=GREEDY, request_id=f"t{i}")
-        results[i] = collect(loop, req)
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, (outs, done) in results.items():
-        assert done.wait(60)
+    async def main():
+        eng = AsyncEngine(engine)
+        try:
+            reqs = [await eng.make_request(p, GREEDY, f"t{i}", Mode.GENERATE)
+                    for i, p in enumerate(prompts)]
+            return await asyncio.gather(*(drain(eng.add(r)) for r in reqs))
+        finally:
+            eng.stop()
+    for i, outs in enumerate(run(main())):
         assert {o.request_id for o in outs} == {f"t{i}"}
         streamed = [t for o in outs for t in o.new_token_ids]
         assert streamed == outs[-1].token_ids == want[i]
         assert "".join(o.new_text for o in outs) == outs[-1].text
+    assert engine.stats()["used_pages"] == 0
+
+
+def test_events_come_in_one_batch_per_step(engine):
+    """Every decode step hands all its requests' outputs over in one call (one wake-up
+    of the event loop per step, not one per token per request)."""
+    batches, done = [], threading.Event()
+
+    def on_events(events):
+        batches.append(events)
+        if sum(o.finished for b in batches for o in b) == 4:
+            done.set()
+    loop = EngineLoop(engine, on_events).start()
+    try:
+        for i in range(4):
+            req = loop.submit(MakeRequest([1, 2, 3, 4 + i], GREEDY, f"b{i}", Mode.GENERATE))
+            loop.submit(Add(req.result(10)))
+        assert done.wait(60)
+    finally:
+        loop.stop()
+    assert max(len(b) for b in batches) == 4  # the four decode together
+    assert sum(len(b) for b in batches) == 4 * GREEDY.max_tokens
+    assert isinstance(loop.stats, EngineStats) and loop.stats.used_pages == 0
 
 
 def test_preallocation_queue_waits_for_pages_in_order(default_model):
     small = Engine(loaded=default_model, page_size=8, num_pages=6)
-    loop = EngineLoop(small).start()
+    held: list[Held] = []
+    loop = EngineLoop(small, lambda evs: held.extend(e for e in evs if isinstance(e, Held)))
+    loop.start()
     try:
-        ids = list(range(300, 330))  # 30 + 12 - 1 tokens -> 6 pages: one request fills the pool
-        held: dict[str, Future] = {}
+        ids = list(range(300, 345))  # 45 prompt tokens -> 6 pages: one request fills the pool
         for rid in ("a", "b", "c"):
-            req = small.make_request(prompt_token_ids=ids, params=GREEDY, request_id=rid,
-                                     mode=Mode.ADOPTED)
-            held[rid] = Future()
-            loop.hold(req, held[rid].set_result).result(timeout=10)
-        assert len(held["a"].result(timeout=10)) == 4  # the prompt's pages
-        assert not held["b"].done() and loop.stats().result()["prealloc_queue"] == 2
-        assert loop.abort("a").result(timeout=10)
-        assert held["b"].result(timeout=10) and not held["c"].done()
-        assert loop.abort("c").result(timeout=10)  # cancelled while still queued
-        assert loop.stats().result()["prealloc_queue"] == 0
-        loop.abort("b").result(timeout=10)
-        assert small.stats()["free_pages"] == 6
+            req = loop.submit(MakeRequest(ids, GREEDY, rid, Mode.ADOPTED)).result(10)
+            loop.submit(Hold(req)).result(10)
+        assert [h.request_id for h in held] == ["a"] and len(held[0].pages) == 6
+        assert loop.stats.prealloc_queue == 2
+        assert loop.submit(Abort("a")).result(10)
+        loop.submit(Abort("nobody")).result(10)  # one more turn: the queue was drained
+        assert [h.request_id for h in held] == ["a", "b"]
+        assert loop.submit(Abort("c")).result(10)  # cancelled while still queued
+        loop.submit(Abort("b")).result(10)
+        loop.submit(Abort("nobody")).result(10)
+        assert loop.stats.prealloc_queue == 0 and loop.stats.free_pages == 6
     finally:
         loop.stop()
 
 
-def test_abort_mid_generation_frees_pages_and_stops_outputs(engine, loop):
-    req = engine.make_request(prompt="Tell me a long story.", request_id="long",
-                              params=SamplingParams(max_tokens=200, ignore_eos=True))
-    outs, done = collect(loop, req)
-    while len(outs) < 3:
-        done.wait(0.01)
-    assert loop.abort("long").result(timeout=10)
-    n = len(outs)
-    loop.call(lambda: None).result(timeout=10)  # a full loop turn later
-    assert len(outs) == n and not outs[-1].finished
-    assert loop.stats().result()["used_pages"] == 0
+def test_abort_mid_generation_frees_pages_and_closes_the_stream(engine):
+    async def main():
+        eng = AsyncEngine(engine)
+        try:
+            req = await eng.make_request(engine.tokenizer.encode("Tell me a long story."),
+                                         SamplingParams(max_tokens=200, ignore_eos=True),
+                                         "long", Mode.GENERATE)
+            stream = eng.add(req)
+            n = len(await stream.next_batch())
+            assert await eng.abort("long")
+            with pytest.raises(StreamClosed):
+                while True:
+                    n += len(await stream.next_batch())
+            return n
+        finally:
+            eng.stop()
+    assert run(main()) < 200
+    assert engine.stats()["used_pages"] == 0
 
 
-def test_errors_come_back_through_the_future(loop):
-    with pytest.raises(KeyError):
-        loop.adopt("nobody", 5, None, lambda out: None).result(timeout=10)
+def test_cancelled_hold_gives_its_pages_back(default_model):
+    small = Engine(loaded=default_model, page_size=8, num_pages=6)
+
+    async def main():
+        eng = AsyncEngine(small)
+        try:
+            a = await eng.make_request(list(range(40)), GREEDY, "a", Mode.ADOPTED)
+            b = await eng.make_request(list(range(40)), GREEDY, "b", Mode.ADOPTED)
+            assert len(await eng.hold(a)) == 5
+            waiting = asyncio.ensure_future(eng.hold(b))
+            await asyncio.sleep(0.2)
+            assert not waiting.done() and eng.stats.prealloc_queue == 1
+            waiting.cancel()
+            await asyncio.sleep(0.1)
+            await eng.abort("a")
+            await eng.abort("nobody")
+            return eng.stats
+        finally:
+            eng.stop()
+    stats = run(main())
+    assert stats.free_pages == 6 and stats.prealloc_queue == 0
+
+
+def test_errors_come_back_through_the_future(engine):
+    loop = EngineLoop(engine, lambda evs: None).start()
+    try:
+        with pytest.raises(KeyError):
+            loop.submit(Adopt("nobody", 5)).result(timeout=10)
+        with pytest.raises(TypeError, match="not an engine command"):
+            loop.submit("add please").result(timeout=10)
+        with pytest.raises(ValueError):
+            loop.submit(MakeRequest([10 ** 9], GREEDY, "bad", Mode.GENERATE)).result(10)
+    finally:
+        loop.stop()
 
 
 def test_stopped_loop_refuses_work(default_model):
-    lp = EngineLoop(Engine(loaded=default_model, num_pages=16)).start()
+    lp = EngineLoop(Engine(loaded=default_model, num_pages=16), lambda evs: None).start()
     lp.stop()
     with pytest.raises(RuntimeError, match="stopped"):
-        lp.call(lambda: 1).result(timeout=10)
+        lp.submit(Abort("x")).result(timeout=10)

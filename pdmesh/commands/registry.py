@@ -6,9 +6,9 @@ it picked), then runs until SIGINT or SIGTERM and stops gracefully.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
-import threading
 
 from pdmesh.commands import telemetry_flags
 from pdmesh.config import RegistryConfig, registry_config_from_env
@@ -37,10 +37,6 @@ def config_from_args(args: argparse.Namespace) -> RegistryConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdmesh.services.bootstrap.server import create_server
-
-    from pdmesh.telemetry.metrics import serve_http
-
     try:
         config = config_from_args(args)
         telemetry = telemetry_flags.config_from_args(args)
@@ -48,17 +44,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdmesh registry: {e}", file=sys.stderr)
         return 2
     telemetry_flags.setup(telemetry, "pdmesh-registry")
-    server, port = create_server(f"{args.host}:{args.port}", config)
+    return asyncio.run(_serve(args, config, telemetry))
+
+
+async def _serve(args: argparse.Namespace, config, telemetry) -> int:
+    from pdmesh.services.bootstrap.server import serve
+    from pdmesh.telemetry.metrics import serve_http
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    server = await serve(f"{args.host}:{args.port}", config)
     metrics = ""
     if telemetry.metrics_port >= 0:
         mport = serve_http(server.metrics, args.host, telemetry.metrics_port)
         metrics = f", metrics http://{args.host}:{mport}/metrics"
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"registry listening on {args.host}:{port} (heartbeat {config.heartbeat_interval}s "
-          f"x {config.heartbeat_max_failure}{metrics})", flush=True)
-    stop.wait()
-    server.stop()
+    print(f"registry listening on {args.host}:{server.port} (heartbeat "
+          f"{config.heartbeat_interval}s x {config.heartbeat_max_failure}{metrics})", flush=True)
+    await stop.wait()
+    await server.stop()
     print("registry stopped", flush=True)
     return 0

@@ -8,9 +8,9 @@ Deregistering after the drain means a LEFT event tells peers that no write is in
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
-import threading
 
 from pdmesh.commands import telemetry_flags
 from pdmesh.config import (EngineConfig, WorkerConfig, engine_config_from_env,
@@ -83,10 +83,6 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
 
 def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     """Build the worker, serve until SIGTERM/SIGINT, then shut down gracefully."""
-    from pdmesh.grpc_util import stop_gracefully
-    from pdmesh.services.common.observe import WorkerObservability
-    from pdmesh.services.common.worker import WorkerHost
-
     try:
         worker, engine = configs_from_args(args, role)
         telemetry = telemetry_flags.config_from_args(args)
@@ -94,24 +90,37 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
         print(f"pdmesh {role}: {e}", file=sys.stderr)
         return 2
     telemetry_flags.setup(telemetry, f"pdmesh-{worker.role}")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    from pdmesh.services.common.worker import WorkerHost
+
     host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
+    return asyncio.run(_serve(host, telemetry, create_server))
+
+
+async def _serve(host, telemetry, create_server) -> int:
+    """The worker's life on its event loop: serve, register, wait for a signal, drain."""
+    from pdmesh.grpc_util import stop_aio_gracefully
+    from pdmesh.services.common.observe import WorkerObservability
+
+    worker = host.config
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await host.start()
     obs = WorkerObservability(host.metrics.registry, telemetry, worker.role)
-    server, port, servicer, health = create_server(f"{worker.host}:{worker.port}", host,
-                                                   interceptors=[obs.rpc_interceptor])
+    server, port, servicer, health = await create_server(
+        f"{worker.host}:{worker.port}", host, interceptors=[obs.aio_rpc_interceptor])
     obs.start(servicer.snapshot, worker.host)
     metrics = "" if obs.metrics_port is None else \
         f", metrics http://{worker.advertise_host}:{obs.metrics_port}/metrics"
     address = f"{worker.advertise_host}:{port}"
-    host.start_registry(address, servicer.load, servicer.peer_gone)
+    await host.start_registry(address, servicer.load, servicer.peer_gone)
     print(f"{worker.role} listening on {worker.host}:{port} (registered as "
           f"{host.registry.worker_id} at {address}, model {worker.model_id}{metrics})", flush=True)
-    stop.wait()
-    stop_gracefully(server, health, worker.shutdown_grace_s)
+    await stop.wait()
+    await stop_aio_gracefully(server, health, worker.shutdown_grace_s)
     obs.stop()
-    getattr(servicer, "close", lambda: None)()
-    host.close(deregister=True)
+    await servicer.close()
+    await host.close(deregister=True)
     print(f"{worker.role} stopped", flush=True)
     return 0

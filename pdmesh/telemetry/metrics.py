@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
 
+import asyncio
+
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -148,6 +150,61 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
     def _count(self, method: str, context, failed: bool) -> None:
         code = context.code()  # set by context.abort / set_code
         name = code.name if code is not None else ("UNKNOWN" if failed else "OK")
+        self.rpcs.labels(method, name).inc()
+
+
+class AioRpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC of a grpc.aio server by method and final status code."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.rpcs = Counter(f"{prefix}_rpcs", "RPCs by method and final status code",
+                            ["method", "code"], registry=registry)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.") or handler.request_streaming:
+            return handler  # pdmesh has no client-streaming RPCs
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _unary(self, behavior, method: str):
+        async def run(request, context):
+            try:
+                out = await behavior(request, context)
+            except BaseException as e:
+                self._count(method, context, e)
+                raise
+            self._count(method, context, None)
+            return out
+        return run
+
+    def _stream(self, behavior, method: str):
+        async def run(request, context):
+            try:
+                async for msg in behavior(request, context):
+                    yield msg
+            except BaseException as e:
+                self._count(method, context, e)
+                raise
+            self._count(method, context, None)
+        return run
+
+    def _count(self, method: str, context, error: BaseException | None) -> None:
+        code = context.code()  # set by context.abort / set_code
+        if code is not None:
+            name = code.name if hasattr(code, "name") else str(code)
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            name = "CANCELLED"
+        else:
+            name = "UNKNOWN" if error is not None else "OK"
         self.rpcs.labels(method, name).inc()
 
 

@@ -57,17 +57,19 @@ class Watcher:
     """A subscription: `initial` holds the members at subscription time (as JOINED
     events), then `get()` returns later events; `None` means the table closed it."""
 
-    def __init__(self, table: "LeaseTable", role: str | None, initial: list[Event]) -> None:
+    def __init__(self, table: "LeaseTable", role: str | None, initial: list[Event],
+                 sink: Callable[[Event | None], None] | None = None) -> None:
         self._table = table
         self.role = role
         self.initial = initial
         self._queue: queue.Queue[Event | None] = queue.Queue()
+        self._sink = sink or self._queue.put  # e.g. a hop onto an asyncio queue
 
     def wants(self, event: Event) -> bool:
         return self.role is None or event.worker.role == self.role
 
     def put(self, event: Event | None) -> None:
-        self._queue.put(event)
+        self._sink(event)
 
     def get(self, timeout: float | None = None) -> Event | None:
         """Next event; raises queue.Empty after `timeout` seconds without one."""
@@ -76,7 +78,7 @@ class Watcher:
     def close(self) -> None:
         """Unsubscribe (idempotent) and wake a blocked `get` with None."""
         self._table._unsubscribe(self)
-        self._queue.put(None)
+        self.put(None)
 
 
 class LeaseTable:
@@ -175,12 +177,15 @@ class LeaseTable:
         with self._lock:
             return self._workers.get(worker_id)
 
-    def watch(self, role: str | None = None) -> Watcher:
-        """Subscribe; the snapshot and the subscription are taken atomically."""
+    def watch(self, role: str | None = None,
+              sink: Callable[[Event | None], None] | None = None) -> Watcher:
+        """Subscribe; the snapshot and the subscription are taken atomically. Events go
+        to `sink` when given (called under the table's lock: it must only hand over),
+        else to the watcher's own queue (`get`)."""
         with self._lock:
             initial = [Event(JOINED, w) for w in self._workers.values()
                        if role is None or w.role == role]
-            watcher = Watcher(self, role, initial)
+            watcher = Watcher(self, role, initial, sink)
             self._watchers.append(watcher)
             return watcher
 

@@ -1,29 +1,26 @@
-"""`pdmesh.v1.Registry` over gRPC: a thin adapter between protos and the LeaseTable."""
+"""`pdmesh.v1.Registry` on grpc.aio: a thin adapter between protos and the LeaseTable.
+
+Every RPC and the expiry timer run on one event loop; a Watch stream is a suspended
+coroutine reading an asyncio queue, so open watchers hold no thread.
+"""
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from pdmesh.config import RegistryConfig
-from prometheus_client import CollectorRegistry
-
-from pdmesh.telemetry.metrics import RpcMetricsInterceptor, SnapshotCollector
-from pdmesh.grpc_util import Servicer, create_server as _create_grpc_server, service_name
-from prometheus_client import CollectorRegistry
-
-from pdmesh.telemetry.metrics import RpcMetricsInterceptor, SnapshotCollector
-from pdmesh.grpc_util import stop_gracefully
+from pdmesh.grpc_util import Servicer, create_aio_server, service_name, stop_aio_gracefully
+from pdmesh.services.bootstrap.registry import LeaseTable, Worker
+from pdmesh.telemetry.metrics import AioRpcMetricsInterceptor, SnapshotCollector
 from pdmesh.v1 import registry_pb2 as pb
 from pdmesh.v1 import registry_pb2_grpc as pb_grpc
-from pdmesh.services.bootstrap.registry import LeaseTable, Worker
 
 SERVICE_NAME = service_name(pb, "Registry")
 _EVENT_TYPES = {name: pb.WorkerEvent.Type.Value(name)
                 for name in ("JOINED", "LEFT", "EXPIRED", "UPDATED")}
-# How often an idle Watch stream checks whether its client is still there.
-_WATCH_POLL_S = 0.5
 
 
 def role_name(role: int) -> str | None:
@@ -50,70 +47,65 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     def __init__(self, table: LeaseTable) -> None:
         self.table = table
 
-    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
         """Add the worker; INVALID_ARGUMENT when role, address or model id is bad."""
         if request.role not in pb.WorkerRole.values():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown role {request.role}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown role {request.role}")
         role = role_name(request.role)
         if role is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "role is required: PREFILL, DECODE or COLOCATED")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "role is required: PREFILL, DECODE or COLOCATED")
         spec = pb.RegisterRequest()
         spec.CopyFrom(request)
         try:
             w = self.table.register(role, request.address, request.model_id, spec=spec,
                                     load=request.load if request.HasField("load") else None)
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         cfg = self.table.config
         return pb.RegisterResponse(worker_id=w.worker_id,
                                    heartbeat_interval_s=cfg.heartbeat_interval,
                                    heartbeat_max_failure=cfg.heartbeat_max_failure)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         """Renew the lease; NOT_FOUND for an unknown worker (it must re-register)."""
         load = request.load if request.HasField("load") else None
         if self.table.heartbeat(request.worker_id, load) is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
+            await context.abort(grpc.StatusCode.NOT_FOUND,
                           f"worker {request.worker_id!r} is not registered; register again")
         return pb.HeartbeatResponse(heartbeat_interval_s=self.table.config.heartbeat_interval)
 
-    def Deregister(self, request: pb.DeregisterRequest, context) -> pb.DeregisterResponse:
+    async def Deregister(self, request: pb.DeregisterRequest, context) -> pb.DeregisterResponse:
         """Remove the worker (watchers get LEFT); idempotent."""
         return pb.DeregisterResponse(removed=self.table.deregister(request.worker_id))
 
-    def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
+    async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
         """Current members, optionally of one role."""
-        role = _role_filter(request, context)
+        role = await _role_filter(request, context)
         return pb.ListWorkersResponse(workers=[worker_info(w) for w in self.table.workers(role)])
 
-    def Watch(self, request: pb.WatchRequest, context):
+    async def Watch(self, request: pb.WatchRequest, context):
         """Stream the current members as JOINED, then every change until cancelled."""
-        watcher = self.table.watch(_role_filter(request, context))
-        # a client cancel (or deadline) wakes the blocked get() with None at once
-        context.add_callback(watcher.close)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        watcher = self.table.watch(await _role_filter(request, context),
+                                   sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         try:
             for event in watcher.initial:
                 yield _event(event)
-            while context.is_active():
-                try:
-                    event = watcher.get(timeout=_WATCH_POLL_S)
-                except queue.Empty:
-                    continue
-                if event is None:  # cancelled, or the registry is shutting down
-                    return
+            while (event := await events.get()) is not None:  # None: registry shutting down
                 yield _event(event)
         finally:
             watcher.close()
 
 
-def _role_filter(request, context) -> str | None:
+async def _role_filter(request, context) -> str | None:
     if not request.HasField("role") or request.role == pb.WORKER_ROLE_UNSPECIFIED:
         return None
     role = role_name(request.role)
     if role is None:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {request.role}")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {request.role}")
     return role
 
 
@@ -122,29 +114,26 @@ def _event(event) -> pb.WorkerEvent:
 
 
 class RegistryServer:
-    """A running registry: gRPC server, lease table and the expiry timer thread."""
+    """A running registry: gRPC server, lease table and the expiry task (one event loop)."""
 
-    def __init__(self, grpc_server: grpc.Server, port: int, table: LeaseTable, health) -> None:
+    def __init__(self, grpc_server: grpc.aio.Server, port: int, table: LeaseTable, health,
+                 metrics: CollectorRegistry) -> None:
         self.grpc_server, self.port, self.table, self.health = grpc_server, port, table, health
-        self._stopped = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="registry-expiry", daemon=True)
-        self._reaper.start()
+        self.metrics = metrics
+        self._reaper = asyncio.ensure_future(self._reap())
 
-    def _reap(self) -> None:
+    async def _reap(self) -> None:
         # a quarter interval (at most 0.25 s) keeps expiry within that of the lease
         period = min(self.table.config.heartbeat_interval / 4, 0.25)
-        while not self._stopped.wait(period):
+        while True:
+            await asyncio.sleep(period)
             self.table.expire()
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    async def stop(self, grace_s: float = 2.0) -> None:
         """Stop expiring, end Watch streams, drain unary calls for `grace_s`."""
-        self._stopped.set()
+        self._reaper.cancel()
         self.table.close_watchers()
-        stop_gracefully(self.grpc_server, self.health, grace_s)
-        self._reaper.join()
-
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc_server.wait_for_termination(timeout)
+        await stop_aio_gracefully(self.grpc_server, self.health, grace_s)
 
 
 # metric name -> (kind, help, LeaseTable.snapshot key)
@@ -163,18 +152,41 @@ REGISTRY_SPECS = {
 }
 
 
-def create_server(addr: str, config: RegistryConfig | None = None,
-                  table: LeaseTable | None = None, registry: CollectorRegistry | None = None,
-                  ) -> tuple[RegistryServer, int]:
-    """Start a registry on `addr` ("host:port", port 0 = free); return (server, port).
+async def serve(addr: str, config: RegistryConfig | None = None,
+                table: LeaseTable | None = None, registry: CollectorRegistry | None = None,
+                ) -> RegistryServer:
+    """Start a registry on `addr` ("host:port", port 0 = free) on the running event loop.
     Its metrics go to `registry` (a new CollectorRegistry when None: server.metrics)."""
     table = table or LeaseTable(config or RegistryConfig())
     metrics = registry or CollectorRegistry()
     metrics.register(SnapshotCollector(table.snapshot, REGISTRY_SPECS))
     servicer = Servicer(RegistryServicer(table), pb_grpc.add_RegistryServicer_to_server,
                         SERVICE_NAME)
-    grpc_server, port, health = _create_grpc_server(
-        addr, [servicer], interceptors=[RpcMetricsInterceptor(metrics, "pdmesh_registry")])
-    server = RegistryServer(grpc_server, port, table, health)
-    server.metrics = metrics
-    return server, port
+    grpc_server, port, health = await create_aio_server(
+        addr, [servicer], interceptors=[AioRpcMetricsInterceptor(metrics, "pdmesh_registry")])
+    return RegistryServer(grpc_server, port, table, health, metrics)
+
+
+class BackgroundRegistry:
+    """A registry on an event loop of its own thread, for in-process callers that are
+    not async (tests, tools): `create_server` returns one."""
+
+    def __init__(self, addr: str, config: RegistryConfig | None, table: LeaseTable | None,
+                 registry: CollectorRegistry | None) -> None:
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="registry", daemon=True).start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            serve(addr, config, table, registry), self._loop).result(30)
+        self.port, self.table, self.metrics = self.server.port, self.server.table, self.server.metrics
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop).result(grace_s + 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def create_server(addr: str, config: RegistryConfig | None = None,
+                  table: LeaseTable | None = None, registry: CollectorRegistry | None = None,
+                  ) -> tuple[BackgroundRegistry, int]:
+    """A registry serving on a background thread's event loop; returns (server, port)."""
+    server = BackgroundRegistry(addr, config, table, registry)
+    return server, server.port

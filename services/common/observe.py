@@ -1,6 +1,6 @@
 """A worker's metrics endpoint and periodic summary line.
 
-The servicer provides `snapshot() -> dict` (read on the engine loop, between steps):
+The servicer provides `snapshot() -> dict` (the engine's last published stats; never waits):
 running, queued, used_pages, free_pages, num_pages, page_size, prompt_tokens and
 generation_tokens (cumulative), plus role-specific counters. Prometheus reads it at
 scrape time; the summary thread reads it every `log_interval_s` and logs one line in
@@ -16,7 +16,7 @@ import time
 from typing import Callable, Mapping
 
 from pdmesh.config import TelemetryConfig
-from pdmesh.telemetry.metrics import RpcMetricsInterceptor, SnapshotCollector, serve_http
+from pdmesh.telemetry.metrics import AioRpcMetricsInterceptor, SnapshotCollector, serve_http
 
 log = logging.getLogger("pdmesh.worker")
 Snapshot = Callable[[], Mapping[str, float]]
@@ -41,6 +41,16 @@ WORKER_SPECS = {
         "prefill_tok_s"),
     "pdmesh_worker_decode_throughput_tokens_per_second": (
         "gauge", "Tokens generated per second over the last summary interval", "decode_tok_s"),
+    "pdmesh_worker_kv_pages_reserved": ("gauge", "KV pages promised to admitted requests "
+                                        "(estimated future decode tokens), not yet allocated",
+                                        "reserved_pages"),
+    "pdmesh_worker_retracted_requests": ("counter", "Requests preempted (pages freed, "
+                                         "recomputed later) because the pool ran short",
+                                         "retracted"),
+    "pdmesh_decode_prealloc_queue": ("gauge", "Decode rooms waiting for KV pages "
+                                     "(pre-allocation queue)", "prealloc_queue"),
+    "pdmesh_prefill_kv_writes_queued": ("gauge", "KV writes waiting for a writer thread",
+                                        "kv_writes_queued"),
     "pdmesh_worker_finished_requests": ("counter", "Requests finished here", "finished"),
     "pdmesh_worker_failed_requests": ("counter", "Requests failed here", "failed"),
 }
@@ -51,7 +61,7 @@ class WorkerObservability:
 
     def __init__(self, registry, config: TelemetryConfig, role: str) -> None:
         self.registry, self.config, self.role = registry, config, role
-        self.rpc_interceptor = RpcMetricsInterceptor(registry, "pdmesh_worker")
+        self.aio_rpc_interceptor = AioRpcMetricsInterceptor(registry, "pdmesh_worker")
         self._snapshot: Snapshot | None = None
         self._rates = {"prefill_tok_s": 0.0, "decode_tok_s": 0.0}
         self._stop = threading.Event()

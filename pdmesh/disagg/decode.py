@@ -1,0 +1,200 @@
+"""The decode worker's side of P/D (plain Python over asyncio; no grpc, no torch).
+
+A room goes: pre-allocation queue -> pages held -> Transfer sent -> KV arrived
+(adopted, decoding) -> finished. Colocated rooms skip the middle: the prompt is
+computed here.
+
+Invariants:
+- a room is cleaned up exactly once (`closed`), by whoever ends it first;
+- pages a prefill may still be writing (Transfer sent, no answer) are never reused:
+  they are quarantined until that prefill confirms the abort or its lease expires;
+- every other ending returns the room's pages at once (engine abort).
+Everything runs on one event loop: no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from pdmesh.disagg.ports import (Code, KVReceiver, Liveness, PrefillPeers, RoomError,
+                                 TransferReply)
+from pdmesh.disagg.quarantine import Quarantine
+
+# Errors from the prefill's Transfer passed through as they are; the rest -> UNAVAILABLE.
+_PASS_THROUGH = {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.DEADLINE_EXCEEDED}
+ADOPTED, GENERATE = "adopted", "generate"  # engine modes (runtime Mode values, by default)
+
+
+@dataclass(eq=False)
+class DecodeRoom:
+    room: int
+    prefill_address: str  # "" when colocated
+    pages: list[int] | None = None
+    error: RoomError | None = None
+    failed_event: asyncio.Event = field(default_factory=asyncio.Event)
+    stream: Any = None  # the engine's OutputStream once decoding
+    transfer_sent: bool = False
+    kv_done: bool = False  # the Transfer answered: no write of this room is in flight
+    finished: bool = False  # the engine finished it (its pages are free already)
+    closed: bool = False
+    stamps: dict[str, float] = field(default_factory=dict)  # arrival, pages, kv (monotonic)
+    reply: TransferReply | None = None
+
+    @property
+    def request_id(self) -> str:
+        return str(self.room)
+
+    def fail(self, code: Code, message: str) -> None:
+        """Record the first error and wake whatever the room waits on."""
+        self.error = self.error or RoomError(code, message)
+        self.failed_event.set()
+        if self.stream is not None:
+            self.stream.close(self.error)
+
+
+@dataclass
+class DecodeCounters:
+    finished: int = 0
+    waiting_timeouts: int = 0
+
+
+class DecodeProtocol:
+    """Rooms of one decode (or colocated) worker."""
+
+    def __init__(self, engine: Any, peers: PrefillPeers | None, kv: KVReceiver | None,
+                 target_for: Any, waiting_timeout: float, liveness: Liveness | None = None,
+                 modes: tuple[Any, Any] = (ADOPTED, GENERATE)) -> None:
+        """`target_for(pages) -> TransferTarget` builds this worker's destination."""
+        self.engine, self.peers, self.kv = engine, peers, kv
+        self.target_for, self.waiting_timeout = target_for, waiting_timeout
+        self.liveness = liveness
+        self.adopted_mode, self.generate_mode = modes
+        self.rooms: dict[int, DecodeRoom] = {}
+        self.quarantine = Quarantine(self._confirm_abort, engine.abort)
+        self.counters = DecodeCounters()
+
+    # -- Generate ------------------------------------------------------------------------
+    async def generate(self, room_id: int, prefill_address: str, token_ids: list[int],
+                       params: Any) -> AsyncIterator[tuple[list[Any], DecodeRoom]]:
+        """Yield (outputs ready now, room) until a finished output; raises RoomError.
+        Closing the iterator early (client gone) frees the room's pages."""
+        if room_id in self.rooms:
+            raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} is already live")
+        room = self.rooms[room_id] = DecodeRoom(room_id, prefill_address)
+        try:
+            mode = self.adopted_mode if prefill_address else self.generate_mode
+            try:
+                req = await self.engine.make_request(token_ids, params, room.request_id, mode)
+            except ValueError as e:
+                raise RoomError(Code.INVALID_ARGUMENT, str(e)) from None
+            if prefill_address:
+                await self._pull_kv(room, req)
+            else:
+                room.stream = self.engine.add(req)
+            while not room.finished:
+                outs = await room.stream.next_batch()
+                room.finished = bool(outs[-1].finished)
+                yield outs, room
+            self.counters.finished += 1
+        finally:
+            self.cleanup(room)
+
+    async def _pull_kv(self, room: DecodeRoom, req: Any) -> None:
+        """Hold pages, ask the prefill to write them, adopt."""
+        t0 = room.stamps["arrival"] = time.monotonic()
+        deadline = t0 + self.waiting_timeout
+        room.pages = await self._wait(
+            room, self.engine.hold(req), deadline,
+            f"no KV pages became free for room {room.room} within the waiting timeout")
+        room.stamps["pages"] = time.monotonic()
+        room.reply = await self._transfer(room, deadline)
+        if self.kv is not None:
+            await self.kv.land(room.pages)
+        room.stamps["kv"] = time.monotonic()
+        room.stream = await self.engine.adopt(room.request_id, room.reply.first_token,
+                                              room.reply.first_logprob)
+
+    async def _transfer(self, room: DecodeRoom, deadline: float) -> TransferReply:
+        room.transfer_sent = True  # from here a cleanup must assume a write in flight
+        call = self.peers.transfer(room.prefill_address, room.room,
+                                   self.target_for(room.pages),
+                                   timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            reply = await self._wait(room, call, None, "")
+        except RoomError as e:
+            if e.code is Code.DEADLINE_EXCEEDED and room.error is None:
+                raise self._timeout_error(room) from None
+            if room.error is None and e.code not in _PASS_THROUGH:
+                raise RoomError(Code.UNAVAILABLE, f"prefill {room.prefill_address} failed "
+                                f"room {room.room}: {e.code.name}: {e.message}") from None
+            raise
+        room.kv_done = True
+        return reply
+
+    async def _wait(self, room: DecodeRoom, aw: Any, deadline: float | None, what: str) -> Any:
+        """Await `aw` unless the room fails, its prefill goes away or the deadline passes
+        (then `aw` is cancelled and RoomError raised)."""
+        task = asyncio.ensure_future(aw)
+        if room.prefill_address and self.liveness and self.liveness.is_gone(room.prefill_address):
+            room.fail(Code.UNAVAILABLE, f"prefill worker {room.prefill_address} is gone")
+        failed = asyncio.ensure_future(room.failed_event.wait())
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            done, _ = await asyncio.wait({task, failed}, timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+        if task in done and room.error is None:
+            return task.result()
+        task.cancel()
+        if room.error is not None:
+            raise room.error
+        raise self._timeout_error(room, what)
+
+    def _timeout_error(self, room: DecodeRoom, what: str = "") -> RoomError:
+        self.counters.waiting_timeouts += 1
+        return RoomError(Code.DEADLINE_EXCEEDED, what or (
+            f"the KV of room {room.room} did not arrive from {room.prefill_address} "
+            f"within the waiting timeout ({self.waiting_timeout:g}s)"))
+
+    # -- endings -------------------------------------------------------------------------
+    def abort(self, room_id: int) -> bool:
+        """End the room's stream (CANCELLED); its pages are freed by the cleanup."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return False
+        room.fail(Code.CANCELLED, f"room {room_id} was aborted")
+        return True
+
+    def cleanup(self, room: DecodeRoom) -> None:
+        """Free the room once; pages a prefill may be writing are quarantined."""
+        if room.closed:
+            return
+        room.closed = True
+        self.rooms.pop(room.room, None)
+        if room.finished:
+            return
+        if room.transfer_sent and not room.kv_done:
+            self.quarantine.add(room.request_id, room.prefill_address, len(room.pages or []))
+        else:
+            self.engine.abort(room.request_id)
+
+    def peer_gone(self, address: str, event: str = "EXPIRED") -> None:
+        """A prefill expired or left: rooms waiting on it fail at once; its quarantined
+        pages are free to reuse (its lease is over, it writes nothing more)."""
+        for room in list(self.rooms.values()):
+            if room.prefill_address == address and not room.kv_done:
+                room.fail(Code.UNAVAILABLE, f"prefill worker {address} {event.lower()} "
+                          f"while room {room.room} waited for its KV")
+        self.quarantine.release_peer(address)
+
+    async def _confirm_abort(self, address: str, request_id: str) -> bool:
+        if self.liveness is not None and self.liveness.is_gone(address):
+            return True
+        try:
+            await self.peers.abort(address, int(request_id), timeout=2.0)
+            return True
+        except RoomError:
+            return self.liveness is not None and self.liveness.is_gone(address)

@@ -1,0 +1,94 @@
+"""What the P/D protocol needs from the outside, as plain types and small interfaces.
+
+`Code` names the status a room ends with (the servicers map it to grpc.StatusCode by
+name); `RoomError` carries it. `TransferTarget` is where a prefill writes a room's KV;
+`TransferReply` is what the decode gets back. The interfaces are implemented by the
+servicers' modules (gRPC peers, Mooncake writer) and by fakes in unit tests.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+
+class Code(enum.Enum):
+    """Status codes a room can end with (the gRPC names)."""
+
+    CANCELLED = "CANCELLED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class RoomError(Exception):
+    """A room (or one RPC on it) ends with `code` and a message saying why."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def __repr__(self) -> str:
+        return f"RoomError({self.code.name}, {self.message!r})"
+
+
+@dataclass(frozen=True)
+class TransferTarget:
+    """Where the prefill writes a room's KV: the decode's transfer session, its pool's
+    base address, the page ids it holds for the room, and its KV layout."""
+
+    session_id: str
+    kv_base: int
+    page_ids: tuple[int, ...]
+    layout: Any  # pdmesh.transfer.KVLayout (num_pages: the highest page id + 1)
+    decode_worker_id: str = ""
+    room: int = 0
+
+
+@dataclass(frozen=True)
+class TransferReply:
+    """The prefill's answer once the KV is in the decode's pages."""
+
+    first_token: int
+    first_logprob: Any = None  # SampledToken or None
+    cached_tokens: int = 0
+    bytes_moved: int = 0
+    descriptors: int = 0
+    seconds: float = 0.0
+
+
+class KVWriter(Protocol):
+    """The prefill's side of the data plane."""
+
+    async def write(self, src_pages: Sequence[int], target: TransferTarget) -> Any:
+        """Write local src_pages[i] over target.page_ids[i]; returns TransferStats
+        (bytes, descriptors, seconds); raises on failure. Never blocks the event loop."""
+
+
+class KVReceiver(Protocol):
+    """The decode's side of the data plane (a no-op unless KV is staged in host memory)."""
+
+    async def land(self, pages: Sequence[int]) -> None:
+        """Make written pages visible to the engine (e.g. host mirror -> device)."""
+
+
+class PrefillPeers(Protocol):
+    """How a decode worker reaches prefill workers (gRPC in production)."""
+
+    async def transfer(self, address: str, room: int, target: TransferTarget,
+                       timeout: float) -> TransferReply:
+        """Ask `address` to write the room's KV; raises RoomError with the peer's code."""
+
+    async def abort(self, address: str, room: int, timeout: float) -> bool:
+        """Ask `address` to drop the room; returns once it confirmed that no write of the
+        room is in flight. Raises RoomError when the peer can't be reached."""
+
+
+class Liveness(Protocol):
+    """The registry's view: has this worker expired or left (and not come back)?"""
+
+    def is_gone(self, address: str) -> bool: ...

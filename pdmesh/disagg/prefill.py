@@ -1,0 +1,254 @@
+"""The prefill worker's room machine (plain Python over asyncio; no grpc, no torch).
+
+A room is created by whichever arrives first, the gateway's Prefill or the decode
+worker's Transfer (they race by design). Its life:
+
+    PENDING ──(prompt queued + KV computed + Transfer arrived)──▶ WRITING ──▶ DONE
+       └───(abort / bootstrap timeout / decode gone / caller cancelled)───▶ FAILED
+
+Invariants:
+- only the write task touches a room's pages from WRITING until `write_done` is set; a
+  failure during WRITING is recorded and acted on by that task, so `abort` returning
+  True always means no write into the decode's pages is in flight;
+- a room's engine request is aborted (FAILED) or released (DONE) exactly once;
+- an ended room id is tombstoned, so a late Prefill or Transfer for it fails at once.
+Everything runs on one event loop: no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pdmesh.disagg.ports import Code, KVWriter, RoomError, TransferReply, TransferTarget
+from pdmesh.disagg.rooms import Tombstones, wait_until
+
+PREFILL_ONLY = "prefill_only"  # the engine mode the protocol asks for (Mode.PREFILL_ONLY)
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    WRITING = "writing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class PrefillRoom:
+    room: int
+    decode_address: str = ""
+    state: State = State.PENDING
+    has_prefill: bool = False  # the gateway's Prefill arrived
+    req: Any = None  # the engine request, once made
+    first: Any = None  # its PREFILL_ONLY output: token 1 and the KV pages
+    target: TransferTarget | None = None  # from the decode's Transfer
+    error: RoomError | None = None
+    stats: Any = None  # TransferStats once written
+    arrival: float = field(default_factory=time.monotonic)
+    prefill_done_at: float | None = None
+    transfer_at: float | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    write_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def failed(self) -> bool:
+        return self.state is State.FAILED or self.error is not None
+
+
+@dataclass
+class PrefillCounters:
+    transferred: int = 0
+    failed: int = 0
+    bootstrap_timeouts: int = 0
+
+
+class PrefillProtocol:
+    """Rooms of one prefill worker. `engine`: AsyncEngine-like; `writer`: KVWriter;
+    `check_target(target)` raises ValueError for an incompatible destination;
+    `mode`: the engine's PREFILL_ONLY mode value."""
+
+    def __init__(self, engine: Any, writer: KVWriter, bootstrap_timeout: float,
+                 check_target: Callable[[TransferTarget], None], mode: Any = PREFILL_ONLY,
+                 on_bootstrap_timeout: Callable[[], None] = lambda: None) -> None:
+        self.engine, self.writer, self.mode = engine, writer, mode
+        self.bootstrap_timeout = bootstrap_timeout
+        self.check_target = check_target
+        self.on_bootstrap_timeout = on_bootstrap_timeout
+        self.rooms: dict[int, PrefillRoom] = {}
+        self.ended = Tombstones()
+        self.counters = PrefillCounters()
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- the gateway's Prefill -----------------------------------------------------------
+    async def prefill(self, room_id: int, decode_address: str, token_ids: list[int],
+                      params: Any) -> PrefillRoom:
+        """Queue the prompt at once; return the room when its KV is in the decode worker.
+        Raises RoomError; cancelling the call fails the room and frees its KV."""
+        room = self._room(room_id, Code.CANCELLED, "was aborted")
+        if room.has_prefill:
+            raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} is already prefilling")
+        room.has_prefill, room.decode_address = True, decode_address
+        try:
+            room.req = await self.engine.make_request(token_ids, params, str(room_id), self.mode)
+        except ValueError as e:
+            self.fail(room, Code.INVALID_ARGUMENT, str(e))
+            raise RoomError(Code.INVALID_ARGUMENT, str(e)) from None
+        try:
+            if room.failed:  # aborted while the request was being made
+                raise room.error
+            self._spawn(self._compute(room, self.engine.add(room.req)))
+            await self._await_transfer(room)
+            if not await wait_until(room, lambda: room.state is State.DONE, None):
+                raise room.error
+            return room
+        except asyncio.CancelledError:
+            self.fail(room, Code.CANCELLED, "Prefill was cancelled")
+            raise
+
+    async def _compute(self, room: PrefillRoom, stream: Any) -> None:
+        try:
+            outs = await stream.next_batch()
+        except Exception:  # aborted: the room failed already
+            return
+        room.first, room.prefill_done_at = outs[-1], time.monotonic()
+        room.notify()
+
+    async def _await_transfer(self, room: PrefillRoom) -> None:
+        left = self.bootstrap_timeout - (time.monotonic() - room.arrival)
+        if not await wait_until(room, lambda: room.target is not None, left):
+            if not room.failed:
+                self.counters.bootstrap_timeouts += 1
+                self.on_bootstrap_timeout()
+                self.fail(room, Code.DEADLINE_EXCEEDED,
+                          f"no Transfer from the decode worker for room {room.room} within the "
+                          f"bootstrap timeout ({self.bootstrap_timeout:g}s); its KV was freed")
+            raise room.error
+
+    # -- the decode's Transfer -----------------------------------------------------------
+    async def transfer(self, room_id: int, target: TransferTarget,
+                       timeout: float | None) -> TransferReply:
+        """Write the room's prompt KV into the target's pages; answer with token 1."""
+        try:
+            self.check_target(target)
+        except ValueError as e:
+            code = Code.INVALID_ARGUMENT if "must be" in str(e) else Code.FAILED_PRECONDITION
+            if (room := self.rooms.get(room_id)) is not None:
+                self.fail(room, code, str(e))
+            raise RoomError(code, str(e)) from None
+        room = self._room(room_id, Code.NOT_FOUND, "is unknown here (aborted or finished)")
+        if room.target is not None:
+            raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} already has a Transfer")
+        room.target, room.transfer_at = target, time.monotonic()
+        room.notify()
+        try:
+            limit = self.bootstrap_timeout if timeout is None else timeout
+            if not await wait_until(room, lambda: room.first is not None, limit):
+                self.fail(room, Code.DEADLINE_EXCEEDED,
+                          f"room {room.room}: KV not ready before the Transfer deadline")
+            if room.failed:
+                raise room.error
+            return await asyncio.shield(self._spawn(self._write(room)))
+        except asyncio.CancelledError:
+            self.fail(room, Code.CANCELLED, "Transfer was cancelled by the decode worker")
+            raise
+
+    async def _write(self, room: PrefillRoom) -> TransferReply:
+        """WRITING -> DONE (pages released) or FAILED (pages aborted); runs to the end
+        even when the Transfer call is cancelled (the write can't be taken back)."""
+        room.state = State.WRITING
+        first, target, err = room.first, room.target, None
+        if len(target.page_ids) != len(first.pages):
+            err = RoomError(Code.INVALID_ARGUMENT, f"room {room.room} has {len(first.pages)} "
+                            f"prompt pages, got {len(target.page_ids)} destination pages")
+        else:
+            try:
+                room.stats = await self.writer.write(first.pages, target)
+            except Exception as e:  # TransferError, or a bad destination
+                err = RoomError(Code.INTERNAL, f"KV transfer of room {room.room} to "
+                                f"{target.session_id} failed: {e}")
+        room.error = room.error or err
+        room.state = State.FAILED if room.error else State.DONE
+        rid = str(room.room)
+        self.engine.release(rid) if room.state is State.DONE else self.engine.abort(rid)
+        self._end(room, ok=room.state is State.DONE)
+        room.write_done.set()
+        room.notify()
+        if room.error:
+            raise room.error
+        return _reply(first, room.stats)
+
+    # -- endings -------------------------------------------------------------------------
+    def fail(self, room: PrefillRoom, code: Code, message: str) -> State:
+        """Fail the room (first error wins) and free its KV, unless it is being written
+        (the writer frees it). Returns the state it was in."""
+        before = room.state
+        if before in (State.PENDING, State.WRITING):
+            room.error = room.error or RoomError(code, message)
+        if before is State.PENDING:
+            room.state = State.FAILED
+            self.engine.abort(str(room.room))
+            self._end(room, ok=False)
+        room.notify()
+        return before
+
+    async def abort(self, room_id: int) -> bool:
+        """Drop the room; when this returns no write of it is in flight. True when the
+        room was live."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            self.ended.add(room_id)  # a late Prefill/Transfer for it fails at once
+            return False
+        before = self.fail(room, Code.CANCELLED, f"room {room_id} was aborted")
+        if before is State.WRITING:
+            await room.write_done.wait()
+        return before in (State.PENDING, State.WRITING)
+
+    def peer_gone(self, address: str, event: str = "EXPIRED") -> None:
+        """A decode worker expired or left: free every room bound for it."""
+        for room in [r for r in self.rooms.values() if r.decode_address == address]:
+            self.fail(room, Code.UNAVAILABLE,
+                      f"decode worker {address} {event.lower()}; room {room.room} dropped")
+
+    def _end(self, room: PrefillRoom, ok: bool) -> None:
+        if self.rooms.pop(room.room, None) is None:
+            return
+        self.ended.add(room.room)
+        if ok:
+            self.counters.transferred += 1
+        else:
+            self.counters.failed += 1
+
+    def _room(self, room_id: int, code: Code, why: str) -> PrefillRoom:
+        if room_id in self.ended:
+            raise RoomError(code, f"room {room_id} {why}")
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = PrefillRoom(room_id)
+        return room
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(_forget(self._tasks))
+        return task
+
+
+def _forget(tasks: set) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have gone (cancelled Transfer)
+    return done
+
+
+def _reply(first: Any, stats: Any) -> TransferReply:
+    lp = first.logprobs[0] if first.logprobs else None
+    return TransferReply(first_token=first.token_ids[0], first_logprob=lp,
+                         bytes_moved=stats.bytes, descriptors=stats.descriptors,
+                         seconds=stats.seconds)

@@ -1,0 +1,77 @@
+"""Follows the registry's `Watch` stream on an asyncio event loop (one task, no thread).
+
+    watch = RegistryWatch("registry:50050", on_event)   # on_event(type_name, WorkerInfo)
+    watch.start()
+    watch.is_gone("10.0.0.7:40123")    # expired or left, and not back since
+    await watch.close()
+
+On a broken stream it reconnects every `retry_s`; the registry replays its members as
+JOINED on every new stream, so a watcher never misses a member for long.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from pdmesh.v1 import registry_pb2 as rpb
+from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
+
+log = logging.getLogger(__name__)
+OnEvent = Callable[[str, rpb.WorkerInfo], None]
+GONE = ("EXPIRED", "LEFT")
+
+
+class RegistryWatch:
+    """One Watch stream kept open; remembers which addresses are gone."""
+
+    def __init__(self, registry_addr: str, on_event: OnEvent | None = None,
+                 retry_s: float = 0.5) -> None:
+        self._addr, self._on_event, self._retry_s = registry_addr, on_event, retry_s
+        self._gone: dict[str, float] = {}  # address -> when it expired or left
+        self._task: asyncio.Task | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    def start(self) -> "RegistryWatch":
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def is_gone(self, address: str) -> bool:
+        """True when `address` expired or left and has not registered again."""
+        return address in self._gone
+
+    async def _run(self) -> None:
+        while True:
+            self._channel = grpc.aio.insecure_channel(self._addr)
+            stub = rpb_grpc.RegistryStub(self._channel)
+            try:
+                async for ev in stub.Watch(rpb.WatchRequest()):
+                    self._handle(ev)
+            except grpc.aio.AioRpcError as e:
+                log.warning("registry watch failed (%s); retrying", e.code())
+            finally:
+                await self._channel.close()
+            await asyncio.sleep(self._retry_s)
+
+    def _handle(self, ev: rpb.WorkerEvent) -> None:
+        name, addr = rpb.WorkerEvent.Type.Name(ev.type), ev.worker.address
+        if name == "JOINED":
+            self._gone.pop(addr, None)
+        elif name in GONE:
+            self._gone[addr] = time.monotonic()
+        if self._on_event is not None:
+            try:
+                self._on_event(name, ev.worker)
+            except Exception:  # a bug in a handler must not stop the watch
+                log.exception("watch handler failed for %s %s", name, addr)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass

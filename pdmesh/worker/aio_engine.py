@@ -1,0 +1,117 @@
+"""The engine loop seen from one asyncio event loop: awaitable commands, output streams.
+
+    engine = AsyncEngine(Engine(...))          # inside a running event loop
+    req = await engine.make_request(ids, params, "42", Mode.GENERATE)
+    stream = engine.add(req)                   # OutputStream
+    outs = await stream.next_batch()
+
+Events from the loop thread arrive in one `call_soon_threadsafe` per step and are
+routed here to the request's stream or pending hold. This is the worker's `io` adapter
+for the engine: the P/D protocol above talks only to it (or to a fake with the same
+methods in unit tests).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, Held, Hold, MakeRequest,
+                                    Release, SlowDown)
+from pdmesh.worker.engine_loop import EngineLoop
+from pdmesh.worker.streams import OutputStream, StreamClosed
+
+
+class AsyncEngine:
+    """Owns the EngineLoop thread; every method runs on the event loop it was built in."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine_config = engine.config
+        self.model_config = engine.model_config
+        self.tokenizer = engine.tokenizer
+        self._aio = asyncio.get_running_loop()
+        self._streams: dict[str, OutputStream] = {}
+        self._holds: dict[str, asyncio.Future] = {}
+        self.core = EngineLoop(engine, self._from_thread).start()
+
+    # -- commands ------------------------------------------------------------------------
+    async def make_request(self, prompt_token_ids: Sequence[int], params: Any,
+                           request_id: str, mode: Any) -> Any:
+        """A validated Request (ValueError saying what is wrong); nothing is queued."""
+        return await self._call(MakeRequest(list(prompt_token_ids), params, request_id, mode))
+
+    def add(self, req: Any) -> OutputStream:
+        """Queue `req`; its outputs arrive in the returned stream."""
+        stream = self._streams[req.request_id] = OutputStream()
+        self.core.submit(Add(req))
+        return stream
+
+    async def hold(self, req: Any) -> list[int]:
+        """Pages for an ADOPTED request, once the pool has them (FIFO). Cancelling the
+        wait takes the request out of the queue (or frees the pages if they came)."""
+        fut = self._holds[req.request_id] = self._aio.create_future()
+        self.core.submit(Hold(req))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._holds.pop(req.request_id, None)
+            self.abort(req.request_id)
+            raise
+
+    async def adopt(self, request_id: str, first_token: int, first_logprob: Any) -> OutputStream:
+        """Start decoding a held request; the first token's output is the stream's first."""
+        stream = self._streams[request_id] = OutputStream()
+        try:
+            await self._call(Adopt(request_id, first_token, first_logprob))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> asyncio.Future:
+        """End the request wherever it is; its stream (if any) is closed."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.close(StreamClosed(f"request {request_id} was aborted"))
+        return asyncio.wrap_future(self.core.submit(Abort(request_id)), loop=self._aio)
+
+    def release(self, request_id: str) -> asyncio.Future:
+        """Free a finished PREFILL_ONLY request's pages."""
+        self._streams.pop(request_id, None)
+        return asyncio.wrap_future(self.core.submit(Release(request_id)), loop=self._aio)
+
+    async def slow_down(self, seconds: float) -> None:
+        await self._call(SlowDown(seconds))
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's counters as of the last loop turn (never waits on a step)."""
+        return self.core.stats
+
+    def stop(self) -> None:
+        self.core.stop()
+
+    # -- events from the loop thread -----------------------------------------------------
+    async def _call(self, cmd: Any) -> Any:
+        return await asyncio.wrap_future(self.core.submit(cmd), loop=self._aio)
+
+    def _from_thread(self, events: list[Any]) -> None:
+        if not self._aio.is_closed():
+            self._aio.call_soon_threadsafe(self._route, events)
+
+    def _route(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, Held):
+                self._held(ev)
+                continue
+            stream = self._streams.get(ev.request_id)
+            if stream is not None:
+                stream.put(ev)
+                if ev.finished:
+                    del self._streams[ev.request_id]
+
+    def _held(self, ev: Held) -> None:
+        fut = self._holds.pop(ev.request_id, None)
+        if fut is None or fut.done():  # nobody waits any more: give the pages back
+            self.core.submit(Abort(ev.request_id))
+        else:
+            fut.set_result(ev.pages)

@@ -1,0 +1,101 @@
+"""The typed boundary to the engine: commands in, events out (plain Python, no torch).
+
+Servicers and the P/D protocol never touch the Engine; they submit one of these to the
+EngineLoop, which handles every command in one place (`EngineLoop._process`) between
+forward steps. Each command's result comes back through a Future; request progress
+comes back as events (`RequestOutput` from the engine, or `Held` below), delivered in
+one batch per loop turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+
+@dataclass(frozen=True)
+class MakeRequest:
+    """Validate and build a request (not queued). Result: the Request; ValueError if bad."""
+
+    prompt_token_ids: Sequence[int]
+    params: Any  # SamplingParams
+    request_id: str
+    mode: Any  # pdmesh.runtime.request.Mode
+
+
+@dataclass(frozen=True)
+class Add:
+    """Queue a GENERATE or PREFILL_ONLY request; its outputs come back as events."""
+
+    req: Any  # Request from MakeRequest
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Pre-allocate pages for an ADOPTED request (FIFO pre-allocation queue); a `Held`
+    event follows once they are taken."""
+
+    req: Any
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """The held request's KV is in its pages: decode it after `first_token`."""
+
+    request_id: str
+    first_token: int
+    first_logprob: Any = None
+
+
+@dataclass(frozen=True)
+class Abort:
+    """End a request wherever it is (queued for pages, held, running). Result: bool."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """Free a finished PREFILL_ONLY request's pages (its KV was sent)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class SlowDown:
+    """Sleep this long after every forward step (decode-capacity measurement)."""
+
+    seconds: float
+
+
+Command = Union[MakeRequest, Add, Hold, Adopt, Abort, Release, SlowDown]
+
+
+@dataclass(frozen=True)
+class Held:
+    """Event: pages were taken for a held request (from `Hold`)."""
+
+    request_id: str
+    pages: list[int]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the layers above may know of the engine; published after every loop turn,
+    so reading it never waits on a forward step."""
+
+    num_pages: int = 0
+    free_pages: int = 0
+    used_pages: int = 0
+    reserved_pages: int = 0
+    waiting: int = 0  # queued for admission (no pages yet)
+    running: int = 0  # prefilling + decoding + held for adoption
+    held: int = 0  # pages kept for a transfer (in or out)
+    prealloc_queue: int = 0  # holds waiting for pages
+    queued_prefill_tokens: int = 0  # prompt tokens still to compute
+    retracted: int = 0  # requests preempted to free pages (cumulative)
+    prompt_tokens: int = 0  # cumulative: prompt tokens computed
+    generation_tokens: int = 0  # cumulative: tokens sampled by this engine's steps
+    steps: int = 0
+    forward_sleep_time: float = 0.0
+    page_size: int = 0
+    max_running_requests: int = 0
