@@ -1,0 +1,141 @@
+"""The load side of benchmarks/gateway_ceiling.py: N concurrent streaming chat clients.
+
+Each stream posts request after request until the deadline and records, per SSE event,
+its receive time and how many tokens it carried (the fakes stream one ' word' a token,
+so a delta's token count is its count of spaces).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+try:
+    from orjson import loads
+except ImportError:  # the stdlib parser is slower but gives the same result
+    loads = json.loads
+
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+@dataclass
+class Result:
+    tokens: int = 0
+    errors: int = 0
+    wall: float = 0.0
+    streams: list[tuple[str, list[tuple[float, int]]]] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def body(max_tokens: int, seed: int) -> dict:
+    return {"model": "default", "messages": PROMPT, "max_tokens": max_tokens, "stream": True,
+            "seed": seed, "ignore_eos": True, "temperature": 0}
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, payload: dict
+                     ) -> tuple[str, list[tuple[float, int]]]:
+    """One request; (response id, [(receive time, tokens)]). Raises on a bad status."""
+    events, rid = [], ""
+    async with session.post(url + "/v1/chat/completions", json=payload) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue
+            now = time.monotonic()
+            if line.startswith(b"data: [DONE]"):
+                break
+            obj = loads(line[6:])
+            rid = rid or obj["id"]
+            for c in obj.get("choices") or ():
+                text = (c.get("delta") or {}).get("content") or ""
+                if text:
+                    events.append((now, text.count(" ")))
+    return rid, events
+
+
+async def load(url: str, streams: int, max_tokens: int, seconds: float, seed: int) -> Result:
+    """`streams` concurrent clients, each sending requests until `seconds` have passed."""
+    res, payload = Result(), body(max_tokens, seed)
+    deadline = time.monotonic() + seconds
+
+    async def client(session):
+        while time.monotonic() < deadline:
+            try:
+                rid, events = await one_stream(session, url, payload)
+            except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError):
+                res.errors += 1
+                await asyncio.sleep(0.1)
+                continue
+            res.tokens += sum(k for _, k in events)
+            res.streams.append((rid, events))
+
+    t0 = time.monotonic()
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn,
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        await asyncio.gather(*(client(session) for _ in range(streams)))
+    res.wall = time.monotonic() - t0
+    return res
+
+
+def latencies(res: Result, send_log: str) -> tuple[list[float], list[float]]:
+    """(fake send -> client receive per token, client inter-token gaps), in seconds."""
+    sends = {}
+    for line in Path(send_log).read_text().splitlines():
+        rid, times = json.loads(line)
+        sends[rid] = times
+    added, gaps = [], []
+    for rid, events in res.streams:
+        recv = [t for t, k in events for _ in range(k)]
+        sent = sends.get(rid)
+        if sent is None:
+            continue
+        added += [r - s for r, s in zip(recv, sent)]
+        gaps += [b - a for a, b in zip(recv, recv[1:])]
+    return added, gaps
+
+
+def pct(sorted_xs: list[float], p: float) -> float:
+    if not sorted_xs:
+        return float("nan")
+    return sorted_xs[min(len(sorted_xs) - 1, int(len(sorted_xs) * p / 100))]
+
+
+def wait_ready(url: str, timeout: float = 90) -> None:
+    """Until a tiny streaming request gets through (workers registered and routable)."""
+    async def attempt():
+        async with aiohttp.ClientSession() as s:
+            _, events = await one_stream(s, url, body(2, 0))
+            return sum(k for _, k in events) == 2
+
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            if asyncio.run(attempt()):
+                return
+        except (aiohttp.ClientError, RuntimeError, OSError) as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} never served a request ({last!r})")
+        time.sleep(0.3)
+
+
+def link_mapped_packages(checkout: str) -> None:
+    """Make `checkout` importable from PYTHONPATH: setup.py maps services/ and kernels/
+    to pdmesh.services / pdmesh.kernels, so link them into its pdmesh/ folder."""
+    for name in ("services", "kernels"):
+        link = Path(checkout) / "pdmesh" / name
+        if not link.exists():
+            os.symlink(f"../{name}", link)
