@@ -111,6 +111,30 @@ def test_decode_window_stays_small(tok):
     assert max(sizes) <= 10
 
 
+class PythonOnly:
+    """The tokenizer without its Rust backend: the detokenizer's Python window."""
+
+    def __init__(self, tok) -> None:
+        self.decode = tok.decode
+
+
+def test_rust_decode_stream_is_used(tok):
+    d = IncrementalDetokenizer(tok, enc(tok, "Q: "))
+    assert d._stream is not None  # a fast tokenizer gets tokenizers' DecodeStream
+    assert IncrementalDetokenizer(PythonOnly(tok), [])._stream is None
+
+
+@HYP
+@given(prompt=st.lists(st.integers(0, 49151), max_size=8),
+       ids=st.lists(st.one_of(st.integers(0, 49151), st.integers(0, 300)), max_size=30),
+       skip=st.booleans(), stops=st.lists(st.sampled_from(["a", "e ", "\ufffd", "的"]), max_size=2))
+def test_rust_and_python_windows_give_the_same_deltas(tok, prompt, ids, skip, stops):
+    """DecodeStream (Rust) and the Python window emit the same deltas at the same steps."""
+    rust = stream(tok, prompt, ids, stop=stops, skip=skip)
+    python = stream(PythonOnly(tok), prompt, ids, stop=stops, skip=skip)
+    assert rust[0] == python[0] and rust[1] == python[1] and rust[3] == python[3]
+
+
 # --- stop strings ------------------------------------------------------------------------
 
 def assert_prefix_stream(deltas, expected):

@@ -15,10 +15,18 @@ Two layers:
 
 Invariant for (2): the emitted text never contains a prefix of a stop occurrence that
 later completes, so stop strings only need to be searched for in pending + new text.
+
+Layer (1) runs in Rust when it can: a tokenizer backed by HF `tokenizers` (a "fast"
+tokenizer that does no Python-side clean-up of the decoded text) gets a
+`tokenizers.decoders.DecodeStream`, which implements the same window (same prefix/read
+offsets, same U+FFFD rule) without two Python-level decode calls per token. The Python
+window is kept in step with it and takes over for the final flush (which emits an
+incomplete character as U+FFFD), for tokenizers without a Rust backend, and if
+DecodeStream ever refuses a step.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 # Prompt tokens used as left context for the first output token (as vLLM).
 PROMPT_CONTEXT_TOKENS = 5
@@ -53,6 +61,7 @@ class IncrementalDetokenizer:
         self._pending = ""  # decided-later text: might be the start of a stop string
         self._stopped = False
         self._stop_str: str | None = None
+        self._backend, self._stream = _decode_stream(tokenizer, self._ids, skip_special_tokens)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
@@ -103,6 +112,19 @@ class IncrementalDetokenizer:
 
     def _next_text(self, final: bool) -> str:
         """New text from the sliding window; "" while a character is incomplete."""
+        if self._stream is not None and not final:
+            try:
+                text = self._stream.step(self._backend, self._ids[-1])
+            except Exception:  # noqa: BLE001 - e.g. InvalidPrefix: the Python window goes on
+                self._stream = None
+                return self._window_text(final)
+            if text is None:
+                return ""
+            self._prefix, self._read = self._read, len(self._ids)
+            return text
+        return self._window_text(final)
+
+    def _window_text(self, final: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text):
@@ -141,3 +163,21 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self._stop):
                 return n
         return 0
+
+
+def _decode_stream(tokenizer: Any, context: list[int], skip: bool) -> tuple[Any, Any]:
+    """(Rust tokenizer, DecodeStream primed with `context`) or (None, None) when the
+    tokenizer has no `tokenizers` backend or post-processes decoded text in Python."""
+    hf = getattr(tokenizer, "hf", tokenizer)  # pdmesh Tokenizer wraps a transformers one
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None or getattr(hf, "clean_up_tokenization_spaces", False):
+        return None, None
+    try:
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers.decoders import DecodeStream
+
+        if not isinstance(backend, RustTokenizer):
+            return None, None
+        return backend, DecodeStream(ids=list(context), skip_special_tokens=skip)
+    except (ImportError, TypeError):  # tokenizers < 0.21, or no `ids` before 0.22
+        return None, None
