@@ -1,8 +1,9 @@
 """Scheduler without a model: a fake engine loop drives schedule() / computed() / finish().
 
 The fake loop mirrors Engine.step: schedule a batch, mark it computed, append a fake
-token for every `sample` seq, finish GENERATE/ADOPTED requests at max_tokens, leave
-PREFILL_ONLY requests held until released.
+token for every `sample` seq, finish GENERATE/ADOPTED requests at max_tokens (or when
+their KV would outgrow the pool), leave PREFILL_ONLY requests held until released.
+Admission on estimates and retraction under pressure: tests/test_admission.py.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def append_token(s: Scheduler, req: Request) -> None:
     req.output_ids.append(FAKE_TOKEN)
     if req.mode is Mode.PREFILL_ONLY:
         return  # stays held until released
-    if len(req.output_ids) >= req.params.max_tokens:
+    if len(req.output_ids) >= req.params.max_tokens or s.out_of_room(req):
         s.finish(req, "length")
 
 
@@ -95,13 +96,15 @@ def test_prefill_budget_is_shared_across_requests():
         [(a, 32, 8, True), (b, 18, 22, True)]
 
 
-def test_admission_reserves_whole_request():
+def test_admission_reserves_the_prefill_and_only_estimates_decode():
     s = make_sched(num_pages=20, page_size=4, max_prefill=8, chunk=8)
-    r = make_req(10, max_tokens=11)  # 20 tokens of KV -> 5 pages
+    r = make_req(10, max_tokens=11)  # prompt: 3 pages; at most 20 tokens of KV -> 5 pages
     s.add(r)
     s.computed(s.schedule())
-    assert len(r.pages) == 2 and r.reserved == 3 and s.reserved == 3
-    assert s.available_pages == 20 - 2 - 3
+    assert len(r.pages) == 2 and r.reserved == 1 and s.reserved == 1  # the prompt's 3rd page
+    assert s.available_pages == 20 - 2 - 1
+    # decode: 10 more tokens at most, estimated ceil(10 * 0.7) = 7 -> 17 tokens -> 2 pages
+    assert s.ratio.value == 0.7 and s.estimated_pages() == 5 - 3
 
 
 def test_oversize_request_waits_fifo_and_is_admitted_after_another_finishes():
@@ -141,18 +144,19 @@ def test_max_running_limits_admission():
 
 def test_hold_for_adopt_returns_none_when_short_and_pages_when_not():
     s = make_sched(num_pages=10, page_size=4, max_prefill=1000, chunk=1000)
-    hog = make_req(4, max_tokens=25)  # 28 tokens -> 7 pages reserved
+    hog = make_req(4, max_tokens=25)  # 1 page; 24 more tokens at most, estimated 17 -> 5 pages
     s.add(hog)
     engine_step(s)
+    assert s.estimated_pages() == 5  # so 10 - 1 - 5 = 4 pages are admissible
     before = (s.allocator.num_free, s.reserved)
-    r = make_req(10, max_tokens=3, mode=Mode.ADOPTED)  # 12 tokens -> 3 pages, 3 available
-    r2 = make_req(10, max_tokens=4, mode=Mode.ADOPTED)  # 13 tokens -> 4 pages
+    r = make_req(10, max_tokens=3, mode=Mode.ADOPTED)  # 3 pages; + ceil(2 * .7) tokens: 3
+    r2 = make_req(10, max_tokens=10, mode=Mode.ADOPTED)  # 3 pages; + ceil(9 * .7) tokens: 5
     assert s.hold_for_adopt(r2) is None
     assert (s.allocator.num_free, s.reserved) == before and r2.pages == [] and r2.reserved == 0
     pages = s.hold_for_adopt(r)
     assert pages is not None and pages == r.pages and len(pages) == 3  # pages_for(10, 4)
     assert r.status is Status.HELD and s.held[r.request_id] is r
-    assert s.hold_for_adopt(make_req(1, mode=Mode.ADOPTED)) is None  # pool is all promised now
+    assert s.hold_for_adopt(make_req(5, mode=Mode.ADOPTED)) is None  # 1 admissible page left
     assert s.num_running == 2
     s.adopt(r)
     assert r.status is Status.DECODING and r.num_computed == 10
@@ -190,14 +194,26 @@ def test_prefill_only_is_held_after_prefill_and_released_by_finish():
     assert s.allocator.num_free == 16
 
 
-def test_can_ever_fit():
-    s = make_sched(num_pages=8, page_size=4)
-    assert s.can_ever_fit(make_req(30, max_tokens=3))  # 32 tokens = 8 pages exactly
-    assert not s.can_ever_fit(make_req(30, max_tokens=4))  # 33 tokens
+def test_can_ever_fit_looks_at_the_prompt_only():
+    s = make_sched(num_pages=8, page_size=4)  # 32 tokens
+    assert s.can_ever_fit(make_req(30, max_tokens=3))
+    assert s.can_ever_fit(make_req(30, max_tokens=4))  # runs; ends "length" at the pool's end
+    assert s.can_ever_fit(make_req(32, max_tokens=1))
     assert not s.can_ever_fit(make_req(33, max_tokens=1))
-    assert s.can_ever_fit(make_req(32, max_tokens=50, mode=Mode.PREFILL_ONLY))  # prompt only
+    assert s.can_ever_fit(make_req(32, max_tokens=50, mode=Mode.PREFILL_ONLY))
     assert not s.can_ever_fit(make_req(33, max_tokens=1, mode=Mode.PREFILL_ONLY))
-    assert not s.can_ever_fit(make_req(20, max_tokens=20, mode=Mode.ADOPTED))
+    assert s.can_ever_fit(make_req(20, max_tokens=20, mode=Mode.ADOPTED))
+
+
+def test_request_longer_than_the_pool_ends_with_length_when_the_pool_is_full():
+    s = make_sched(num_pages=8, page_size=4, max_prefill=1000, chunk=1000)  # 32 tokens
+    r = make_req(20, max_tokens=50)
+    s.add(r)
+    while s.has_work():
+        engine_step(s)
+    # the last token's KV is never stored: 20 + 13 - 1 = 32 tokens of KV fill the pool
+    assert r.finish_reason == "length" and len(r.output_ids) == 13 and r.num_computed == 32
+    assert s.allocator.num_free == 8 and s.reserved == 0
 
 
 @pytest.mark.parametrize("where", ["waiting", "prefilling", "decoding", "held_prefill",
@@ -253,13 +269,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def live(self) -> list[Request]:
         return [r for r in self.reqs if r.status is not Status.FINISHED]
 
-    def need(self, r: Request) -> int:
-        return pages_for(r.kv_tokens_needed(), self.page_size)
-
     def head_blocked(self) -> bool:
         """The waiting head legitimately can't be admitted now."""
-        head = self.s.waiting[0]
-        return self.need(head) > self.s.available_pages or self.s.num_running >= self.max_running
+        return not self.s.fits(self.s.waiting[0])
+
+    def stalled(self) -> bool:
+        """Decoding may wait only for pages HELD for a transfer (adopt or release frees them)."""
+        return any(r.pages for r in self.s.held.values())
 
     def try_hold(self, r: Request) -> bool:
         before = (self.alloc.num_free, self.s.reserved, self.s.num_running)
@@ -267,8 +283,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if pages is None:
             assert (self.alloc.num_free, self.s.reserved, self.s.num_running) == before
             assert r.pages == [] and r.reserved == 0
-            assert (self.need(r) > self.s.available_pages
-                    or self.s.num_running >= self.max_running), "hold refused though it fits"
+            assert self.s.waiting or not self.s.fits(r), "hold refused though it fits"
             return False
         assert pages == r.pages and len(pages) == pages_for(r.prompt_len, self.page_size)
         assert r.status is Status.HELD and self.s.held[r.request_id] is r
@@ -287,7 +302,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         computed_before = {r: r.num_computed for r in self.live()}
         batch = s.schedule()
         if batch is None:
-            assert not s.prefilling and not s.decoding, "work left but nothing scheduled"
+            assert not s.prefilling, "prefill left but nothing scheduled"
+            assert not s.decoding or self.stalled(), "decode left but nothing scheduled"
             assert not s.waiting or self.head_blocked(), "waiting head could be admitted"
             return None
         seqs = batch.seqs
@@ -304,13 +320,23 @@ class SchedulerMachine(RuleBasedStateMachine):
                 r = q.req
                 assert 1 <= q.length <= self.chunk, "chunk too large"
                 assert q.start == computed_before.get(r, 0) == r.num_computed
-                assert q.start + q.length <= r.prompt_len
-                assert q.sample == (q.start + q.length == r.prompt_len)
+                assert q.start + q.length <= r.prefill_target
+                last = q.start + q.length == r.prefill_target
+                assert q.sample == (last and not r.output_ids), "a recompute must not sample"
                 assert r.status is Status.PREFILLING
                 assert len(r.pages) == pages_for(q.start + q.length, self.page_size)
         else:
             assert batch.kind == "decode"
-            assert [q.req for q in seqs] == decoding_before == s.decoding
+            retracted = [r for r in decoding_before if r not in s.decoding]
+            assert [q.req for q in seqs] == s.decoding == [
+                r for r in decoding_before if r not in retracted]
+            # fewest generated tokens first, then newest; each goes to the queue head
+            order = sorted(decoding_before, key=lambda r: (
+                len(r.output_ids), -decoding_before.index(r)))[:len(retracted)]
+            assert set(map(id, order)) == set(map(id, retracted))
+            assert list(s.waiting)[:len(order)] == order[::-1]
+            for r in retracted:
+                assert r.status is Status.WAITING and r.pages == [] and r.num_computed == 0
             for q in seqs:
                 r = q.req
                 assert (q.length, q.sample) == (1, True) and q.start == r.num_computed
@@ -319,10 +345,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         s.computed(batch)
         for q in seqs:
             assert q.req.num_computed == q.start + q.length
+            if batch.kind == "prefill" and q.start + q.length == q.req.prefill_target:
+                want = Status.HELD if q.req.mode is Mode.PREFILL_ONLY else Status.DECODING
+                assert q.req.status is want
             if q.sample:
-                if batch.kind == "prefill":
-                    want = Status.HELD if q.req.mode is Mode.PREFILL_ONLY else Status.DECODING
-                    assert q.req.status is want
                 append_token(s, q.req)
         return batch
 
@@ -330,7 +356,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(prompt_len=prompt_lens, max_tokens=max_tokens_st, mode=st.sampled_from(list(Mode)))
     def arrive(self, prompt_len, max_tokens, mode):
         r = make_req(prompt_len, max_tokens, mode)
-        fits = self.need(r) <= self.num_pages
+        fits = pages_for(prompt_len, self.page_size) <= self.num_pages
         assert self.s.can_ever_fit(r) == fits
         if not fits:
             return  # the engine rejects it up front
@@ -410,18 +436,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert a.num_free >= s.reserved, "reservation not backed by free pages"
         assert s.num_running <= self.max_running
         # each request is where its status says, exactly once
-        assert list(s.waiting) == [r for r in live if r.status is Status.WAITING]
+        assert sorted(map(id, s.waiting)) == sorted(  # (retracted ones go to the head)
+            id(r) for r in live if r.status is Status.WAITING)
         assert sorted(map(id, s.prefilling)) == sorted(
             id(r) for r in live if r.status is Status.PREFILLING)
         assert sorted(map(id, s.decoding)) == sorted(
             id(r) for r in live if r.status is Status.DECODING)
         assert sorted(s.held) == sorted(r.request_id for r in live if r.status is Status.HELD)
         for r in live:
-            need, have = self.need(r), len(r.pages)
+            have = len(r.pages)
             if r.status is Status.WAITING:
                 assert (have, r.reserved, r.num_computed) == (0, 0, 0)
                 continue
-            assert have + r.reserved == need, "pages + reservation != what admission reserved"
+            # admission reserved exactly the prefill's pages; decode pages are never reserved
+            assert have + r.reserved == pages_for(r.prefill_target, self.page_size) or (
+                r.status is Status.DECODING and r.reserved == 0)
             if r.status is Status.HELD and r.mode is Mode.ADOPTED:
                 assert have == pages_for(r.prompt_len, self.page_size)
                 assert r.output_ids == []
@@ -429,13 +458,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert have == pages_for(r.num_computed, self.page_size), "pages not lazy/exact"
             assert have * self.page_size >= r.num_computed
             if r.status is Status.PREFILLING:
-                assert 0 < r.num_computed < r.prompt_len and r.output_ids == []
+                assert 0 < r.num_computed < r.prefill_target
+                assert r.output_ids == [] or r.retractions > 0
             elif r.status is Status.HELD:  # PREFILL_ONLY, prompt done
                 assert r.mode is Mode.PREFILL_ONLY and r.num_computed == r.prompt_len
                 assert len(r.output_ids) == 1
             else:  # decoding: every token but the last sampled one has KV
                 assert r.num_computed == r.num_tokens - 1 >= r.prompt_len
                 assert 1 <= len(r.output_ids) < r.params.max_tokens
+                assert not s.out_of_room(r)
         for r in self.reqs:
             if r.status is Status.FINISHED:
                 assert r.pages == [] and r.reserved == 0
@@ -447,10 +478,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.s
         todo = self.live() + self.pending
         bound = sum(r.prompt_len + r.params.max_tokens for r in todo) + len(todo) + 2
-        steps = 0
+        longest = max((r.prompt_len + r.params.max_tokens for r in todo), default=0)
+        steps, retracted_before = 0, s.num_retracted
         while True:
             steps += 1
-            assert steps <= bound, f"not drained within {bound} steps"
+            # each retraction may cost a recompute: one prefill step per token at worst
+            allowed = bound + (s.num_retracted - retracted_before) * longest
+            assert steps <= allowed, f"not drained within {allowed} steps"
             progress = False
             for r in list(self.pending):  # the decode side keeps retrying its holds
                 if self.try_hold(r):
@@ -481,8 +515,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             if r.mode is Mode.PREFILL_ONLY:
                 assert r.output_ids == [FAKE_TOKEN] and r.num_computed == r.prompt_len
             else:
-                assert len(r.output_ids) == r.params.max_tokens
-                assert r.num_computed == r.kv_tokens_needed()
+                assert len(r.output_ids) == r.params.max_tokens or s.out_of_room(r)
+                assert r.num_computed == r.num_tokens - 1
 
 
 SchedulerMachine.TestCase.settings = settings(

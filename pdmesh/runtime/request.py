@@ -16,7 +16,7 @@ class Mode(enum.Enum):
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued, no pages yet
+    WAITING = "waiting"  # queued, no pages yet (new, or retracted: its KV to be recomputed)
     HELD = "held"  # pages allocated, waiting for KV from outside (adopt) or to be released
     PREFILLING = "prefilling"  # some prompt chunks computed
     DECODING = "decoding"
@@ -34,7 +34,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
-    reserved: int = 0  # pages promised at admission but not yet allocated
+    reserved: int = 0  # pages of its prefill (prefill_target) not yet allocated
+    retractions: int = 0  # times its KV was freed under page pressure (then recomputed)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -62,8 +63,19 @@ class Request:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
+    @property
+    def prefill_target(self) -> int:
+        """Tokens whose KV a prefill builds: the prompt; once tokens were sampled, every
+        token but the last sampled one (whose KV the next decode step writes). A retracted
+        request recomputes exactly this; for a decoding request it equals num_computed."""
+        return self.num_tokens - 1 if self.output_ids else self.prompt_len
+
     def kv_tokens_needed(self) -> int:
         """Tokens whose KV this request may ever store here (the last sampled token's never is)."""
         if self.mode is Mode.PREFILL_ONLY:
             return self.prompt_len
         return self.prompt_len + self.params.max_tokens - 1
+
+    def remaining_kv_tokens(self) -> int:
+        """Tokens of KV it may still add after its prefill_target (max_tokens permitting)."""
+        return max(0, self.kv_tokens_needed() - self.prefill_target)

@@ -4,10 +4,38 @@ Each step is either a prefill batch (chunks of prompts, at most `max_prefill_tok
 tokens, at most `chunked_prefill_size` per request) or a decode batch (one token for
 every decoding request). Prefill goes first, as in nano-vllm.
 
-No-deadlock invariant: at admission a request reserves every page it could ever need
-(prompt + max_tokens - 1 tokens); pages are allocated lazily from that reservation, and
-admission only succeeds while free pages minus outstanding reservations cover it. So a
-running request can always get its next page and nothing ever has to be preempted.
+Pages. A request's prefill pages (its prompt, or for a retracted request everything but
+its last sampled token: `Request.prefill_target`) are reserved exactly at admission and
+allocated lazily chunk by chunk from that reservation (`reserved`, always backed by free
+pages). Its decode pages are NOT reserved: admission only counts an estimate of them
+(admission.py, SGLang's `new_token_ratio`), so requests without max_tokens (max_tokens =
+the context left) don't fill the pool with pages they will never use.
+
+Admission (FIFO, the waiting head first; `hold_for_adopt` too, and it waits while
+anything waits): the request's prefill pages plus its estimated decode pages (capped at
+the pool size) must fit in free pages minus reservations minus the estimated decode
+pages of every running request (prefilling, decoding, held for adoption).
+
+Retraction. Before a decode step, if the decoding requests can't all get their next page,
+retract decoding requests (fewest generated tokens first, then newest) until the rest
+fit: free their pages, put them back at the head of the waiting queue with their output so
+far. Re-admitted, they recompute their KV as an ordinary (chunked) prefill that samples
+nothing, then decode on: no token is emitted twice, and the tokens are those a run
+without retraction gives (its KV is recomputed by a prefill instead of decode steps: equal
+up to float rounding; greedy runs match token for token in tests/test_admission.py). An
+ADOPTED request that is retracted becomes a GENERATE one (this engine has the model).
+Each retraction bumps the ratio up. HELD requests are never retracted (a transfer may be
+writing or reading their pages).
+
+Progress. At a decode step nothing is prefilling (prefill goes first), so reservations are
+0 and, after retracting every other decoding request, the one left (the one that has
+generated the most) holds every page except those HELD for a transfer. A request never
+needs more than the pool: a prompt that alone doesn't fit is refused (`can_ever_fit`), and
+one whose KV would outgrow the whole pool finishes with "length" (`out_of_room`, checked
+by the engine after each sampled token, like max_model_len). So each decode step samples
+at least one token (or the step waits for HELD pages to be adopted or released), and
+retracted requests keep their tokens: total output grows every decode step until all
+finish. No starvation: a retracted request goes to the queue head, and admission is FIFO.
 """
 from __future__ import annotations
 
@@ -15,6 +43,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pdmesh.runtime.admission import NewTokenRatio, pages_for
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.request import Mode, Request, Status
 
@@ -39,27 +68,26 @@ class Batch:
         return sum(s.length for s in self.seqs)
 
 
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
-
-
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_running_requests: int,
-                 max_prefill_tokens: int, chunked_prefill_size: int) -> None:
+                 max_prefill_tokens: int, chunked_prefill_size: int,
+                 ratio: NewTokenRatio | None = None) -> None:
         self.allocator, self.page_size = allocator, page_size
         self.max_running = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.chunk = chunked_prefill_size
+        self.ratio = ratio or NewTokenRatio()
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.decoding: list[Request] = []
         self.held: dict[str, Request] = {}  # pages kept for a transfer (in or out)
-        self.reserved = 0  # sum of req.reserved over live requests
+        self.reserved = 0  # sum of req.reserved over live requests: prefill pages to come
+        self.num_retracted = 0  # cumulative retractions
 
     # -- queries -------------------------------------------------------------------------
     @property
     def available_pages(self) -> int:
-        """Pages that a new admission may claim."""
+        """Free pages not reserved for a prefill (decode growth and admissions take these)."""
         return self.allocator.num_free - self.reserved
 
     @property
@@ -71,7 +99,26 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.decoding)
 
     def can_ever_fit(self, req: Request) -> bool:
-        return pages_for(req.kv_tokens_needed(), self.page_size) <= self.allocator.num_pages
+        """Its prompt's KV fits the pool (a longer max_tokens ends early: `out_of_room`)."""
+        return pages_for(req.prompt_len, self.page_size) <= self.allocator.num_pages
+
+    def out_of_room(self, req: Request) -> bool:
+        """Its next decode step would need more KV than the whole pool holds."""
+        return req.num_tokens > self.allocator.num_pages * self.page_size
+
+    def estimated_pages(self) -> int:
+        """Decode pages that running requests are expected to still allocate."""
+        running = self.prefilling + self.decoding + [
+            r for r in self.held.values() if r.mode is Mode.ADOPTED]
+        return sum(self.ratio.future_pages(r, self.page_size) for r in running)
+
+    def fits(self, req: Request) -> bool:
+        """Admission test for a request holding no pages (see the module docstring)."""
+        if self.num_running >= self.max_running:
+            return False
+        need = pages_for(req.prefill_target, self.page_size)
+        need = min(need + self.ratio.future_pages(req, self.page_size), self.allocator.num_pages)
+        return need <= self.available_pages - self.estimated_pages()
 
     # -- admission -----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -79,21 +126,21 @@ class Scheduler:
         self.waiting.append(req)
 
     def _admit(self, req: Request, initial_tokens: int) -> bool:
-        """Reserve all pages `req` may need and allocate those for `initial_tokens`."""
-        need = pages_for(req.kv_tokens_needed(), self.page_size)
-        if need > self.available_pages or self.num_running >= self.max_running:
+        """Reserve `req`'s prefill pages and allocate those for `initial_tokens`."""
+        if not self.fits(req):
             return False
-        req.reserved = need
-        self.reserved += need
+        req.reserved = pages_for(req.prefill_target, self.page_size)
+        self.reserved += req.reserved
         self._grow(req, initial_tokens)
         return True
 
     def hold_for_adopt(self, req: Request) -> list[int] | None:
         """Pre-allocate pages for a request whose prompt KV will be written from outside.
 
-        Returns its page ids, or None when it does not fit yet (the caller retries later).
+        Returns its page ids, or None when it does not fit yet or requests are waiting
+        (retracted ones go first); the caller retries later.
         """
-        if not self._admit(req, req.prompt_len):
+        if self.waiting or not self._admit(req, req.prompt_len):
             return None
         req.status = Status.HELD
         self.held[req.request_id] = req
@@ -111,15 +158,21 @@ class Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------
     def schedule(self) -> Batch | None:
-        """Pick the next step's work: prefill chunks if any, else one decode step."""
+        """Pick the next step's work: prefill chunks if any, else one decode step.
+
+        None when there is no work, or when decoding waits for pages HELD for a transfer.
+        """
+        if self.num_running == 0:
+            self.ratio.reset()  # idle: what the estimate learned no longer applies
         seqs = self._schedule_prefill()
         if seqs:
             return Batch("prefill", seqs)
-        if self.decoding:
-            for r in self.decoding:
-                self._grow(r, r.num_computed + 1)
-            return Batch("decode", [ScheduledSeq(r, r.num_computed, 1, True) for r in self.decoding])
-        return None
+        if not self.decoding or not self._make_decode_room():
+            return None
+        for r in self.decoding:
+            self._grow(r, r.num_computed + 1)
+        self.ratio.decay()
+        return Batch("decode", [ScheduledSeq(r, r.num_computed, 1, True) for r in self.decoding])
 
     def _schedule_prefill(self) -> list[ScheduledSeq]:
         budget, seqs = self.max_prefill_tokens, []
@@ -130,38 +183,75 @@ class Scheduler:
             budget -= seqs[-1].length
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            n = min(req.prompt_len, self.chunk, budget)
+            n = min(req.prefill_target, self.chunk, budget)
             if not self._admit(req, n):
                 break  # FIFO: the head waits for pages or a running slot
             self.waiting.popleft()
-            req.status, req.scheduled_time = Status.PREFILLING, time.monotonic()
+            req.status = Status.PREFILLING
+            req.scheduled_time = req.scheduled_time or time.monotonic()
             self.prefilling.append(req)
-            seqs.append(ScheduledSeq(req, 0, n, n == req.prompt_len))
+            seqs.append(self._seq(req, 0, n))
             budget -= n
         return seqs
 
     def _chunk(self, req: Request, budget: int) -> ScheduledSeq:
-        n = min(req.prompt_len - req.num_computed, self.chunk, budget)
-        end = req.num_computed + n
-        self._grow(req, end)
-        return ScheduledSeq(req, req.num_computed, n, end == req.prompt_len)
+        n = min(req.prefill_target - req.num_computed, self.chunk, budget)
+        self._grow(req, req.num_computed + n)
+        return self._seq(req, req.num_computed, n)
+
+    @staticmethod
+    def _seq(req: Request, start: int, n: int) -> ScheduledSeq:
+        """A prefill chunk; it samples only when it ends a fresh prompt (not a recompute)."""
+        last = start + n == req.prefill_target
+        return ScheduledSeq(req, start, n, last and not req.output_ids)
 
     def _grow(self, req: Request, tokens: int) -> None:
-        """Allocate pages (from the request's reservation) so `tokens` tokens of KV fit."""
+        """Allocate pages so `tokens` tokens of KV fit: from the request's reservation while
+        it lasts (prefill), else from unreserved free pages (decode, checked beforehand)."""
         extra = pages_for(tokens, self.page_size) - len(req.pages)
-        if extra > 0:
-            assert extra <= req.reserved, "request outgrew its reservation"
-            req.pages.extend(self.allocator.alloc(extra))
-            req.reserved -= extra
-            self.reserved -= extra
+        if extra <= 0:
+            return
+        from_reserved = min(extra, req.reserved)
+        assert extra - from_reserved <= self.available_pages, "decode outgrew the free pages"
+        req.pages.extend(self.allocator.alloc(extra))
+        req.reserved -= from_reserved
+        self.reserved -= from_reserved
+
+    # -- retraction ----------------------------------------------------------------------
+    def _decode_shortfall(self) -> int:
+        need = sum(1 for r in self.decoding
+                   if pages_for(r.num_computed + 1, self.page_size) > len(r.pages))
+        return need - self.available_pages
+
+    def _make_decode_room(self) -> bool:
+        """Retract decoding requests until the rest can each get their next page."""
+        retracted = False
+        while self._decode_shortfall() > 0 and len(self.decoding) > 1:
+            order = {id(r): i for i, r in enumerate(self.decoding)}
+            self.retract(min(self.decoding, key=lambda r: (len(r.output_ids), -order[id(r)])))
+            retracted = True
+        if retracted:
+            self.ratio.bump()
+        return self._decode_shortfall() <= 0  # else: pages HELD for transfers must come back
+
+    def retract(self, req: Request) -> None:
+        """Free a decoding request's KV and queue it first, to be recomputed when it fits."""
+        self.decoding.remove(req)
+        self.allocator.free(req.pages)
+        req.pages, req.num_computed = [], 0
+        req.status, req.retractions = Status.WAITING, req.retractions + 1
+        if req.mode is Mode.ADOPTED:
+            req.mode = Mode.GENERATE  # its prompt is recomputed here from now on
+        self.waiting.appendleft(req)
+        self.num_retracted += 1
 
     def computed(self, batch: Batch) -> None:
-        """Record that `batch`'s forward wrote its KV; finished prompts move to decoding."""
+        """Record that `batch`'s forward wrote its KV; finished prefills move to decoding."""
         for s in batch.seqs:
             if s.req.status is Status.FINISHED:  # aborted since schedule(): nothing to record
                 continue
             s.req.num_computed = s.start + s.length
-            if batch.kind == "prefill" and s.sample:
+            if batch.kind == "prefill" and s.req.num_computed == s.req.prefill_target:
                 self.prefilling.remove(s.req)
                 if s.req.mode is Mode.PREFILL_ONLY:
                     s.req.status = Status.HELD
@@ -169,7 +259,6 @@ class Scheduler:
                 else:
                     s.req.status = Status.DECODING
                     self.decoding.append(s.req)
-
     # -- endings -------------------------------------------------------------------------
     def finish(self, req: Request, reason: str) -> None:
         """End `req` (any state) and return all its pages and reservation."""
