@@ -4,6 +4,11 @@ Not thread-safe: one thread owns an Engine and calls `step()`; servicers hand it
 through that thread. Three ways in: `generate` (offline, colocated), `PREFILL_ONLY`
 requests (compute a prompt's KV, sample token 1, keep the pages for a transfer), and
 `hold` + `adopt` (pages filled from outside, then decode here).
+
+Admission counts an estimate of each request's future decode pages, not its max_tokens;
+under page pressure the scheduler retracts requests and recomputes them later, invisibly
+to the caller (scheduler.py). A prompt that doesn't fit the pool is refused; a request
+whose KV would outgrow the whole pool finishes with "length" when it gets there.
 """
 from __future__ import annotations
 
@@ -94,7 +99,7 @@ class Engine:
         req = Request(rid, ids, params, mode=mode, stop_ids=self._stop_ids(params),
                       generator=make_generator(params.seed, self.config.device))
         if not self.scheduler.can_ever_fit(req):
-            raise ValueError(f"request needs {req.kv_tokens_needed()} tokens of KV; the pool "
+            raise ValueError(f"the prompt needs {req.prompt_len} tokens of KV; the pool "
                              f"holds {self.allocator.num_pages * self.config.page_size}")
         req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                            params.stop)
@@ -128,8 +133,9 @@ class Engine:
     def hold(self, req: Request) -> list[int] | None:
         """Pre-allocate pages for a request whose prompt KV will come from a prefill worker.
 
-        `req` comes from `make_request(..., mode=Mode.ADOPTED)`. Returns page ids to write,
-        or None if the pool can't take it yet (retry later).
+        `req` comes from `make_request(..., mode=Mode.ADOPTED)`. Returns page ids to write
+        (the prompt's), or None if the pool can't take it yet or retracted requests wait
+        (retry later).
         """
         pages = self.scheduler.hold_for_adopt(req)
         if pages is not None:
@@ -196,8 +202,7 @@ class Engine:
             new_text, by_string = r.detok.add(token)
             if by_string:
                 reason, r.stop_reason = "stop", r.detok.stop_str
-        if reason is None and (len(r.output_ids) >= r.params.max_tokens
-                               or r.num_tokens >= self.max_model_len):
+        if reason is None and self._at_length(r):
             reason = "length"
         if r.mode is Mode.PREFILL_ONLY:
             r.finish_reason = reason  # pages stay held until release()
@@ -208,6 +213,13 @@ class Engine:
             self.scheduler.finish(r, reason)
             self.requests.pop(r.request_id, None)
         return self._output(r, [token], new_text, finished=reason is not None)
+
+    def _at_length(self, r: Request) -> bool:
+        """max_tokens or the context is reached, or (decoding here) its next step would need
+        more KV than the whole pool (a PREFILL_ONLY request decodes on another pool)."""
+        if len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
+            return True
+        return r.mode is not Mode.PREFILL_ONLY and self.scheduler.out_of_room(r)
 
     def _output(self, r: Request, new_ids: list[int], new_text: str, finished: bool,
                 pages: list[int] | None = None) -> RequestOutput:
@@ -238,11 +250,19 @@ class Engine:
                     done[out.request_id] = out
         return [done[r.request_id] for r in reqs]
 
-    def stats(self) -> dict[str, int]:
-        """Pool and queue counters (exact: tests assert every page comes back)."""
+    def stats(self) -> dict[str, int | float]:
+        """Pool and queue counters (exact: tests assert every page comes back).
+
+        reserved_pages: free pages promised to admitted prefills (exact); estimated_pages:
+        decode pages running requests are expected to still take (admission's estimate,
+        not reserved); retracted: requests retracted so far (cumulative);
+        new_token_ratio: admission's current estimate ratio (scheduler.py, admission.py).
+        """
         s = self.scheduler
         return {"num_pages": self.allocator.num_pages, "free_pages": self.allocator.num_free,
                 "used_pages": self.allocator.num_used, "reserved_pages": s.reserved,
+                "estimated_pages": s.estimated_pages(), "retracted": s.num_retracted,
+                "new_token_ratio": s.ratio.value,
                 "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held)}
 
 
