@@ -6,6 +6,12 @@ worker's Transfer (they race by design). Its life:
     PENDING ──(prompt queued + KV computed + Transfer arrived)──▶ WRITING ──▶ DONE
        └───(abort / bootstrap timeout / decode gone / caller cancelled)───▶ FAILED
 
+Compute-ahead budget: a room is computed before its decode has pages for it (no
+Transfer yet) only while such rooms hold at most `ahead_pages` pages; other rooms wait
+for their Transfer first. Rooms whose decode is ready are never held back, so the
+prefill's pool can't fill up with KV that waits on a decode whose own pages wait on
+this prefill (a circular wait when both pools are full).
+
 Invariants:
 - only the write task touches a room's pages from WRITING until `write_done` is set; a
   failure during WRITING is recorded and acted on by that task, so `abort` returning
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,6 +32,7 @@ from typing import Any, Callable
 from pdmesh.disagg.ports import Code, KVWriter, RoomError, TransferReply, TransferTarget
 from pdmesh.disagg.rooms import Tombstones, wait_until
 
+log = logging.getLogger(__name__)
 PREFILL_ONLY = "prefill_only"  # the engine mode the protocol asks for (Mode.PREFILL_ONLY)
 
 
@@ -41,6 +49,8 @@ class PrefillRoom:
     decode_address: str = ""
     state: State = State.PENDING
     has_prefill: bool = False  # the gateway's Prefill arrived
+    need: int = 0  # pages its prompt takes here
+    ahead: bool = False  # queued/computed before its Transfer: counts in the budget
     req: Any = None  # the engine request, once made
     first: Any = None  # its PREFILL_ONLY output: token 1 and the KV pages
     target: TransferTarget | None = None  # from the decode's Transfer
@@ -66,6 +76,7 @@ class PrefillCounters:
     transferred: int = 0
     failed: int = 0
     bootstrap_timeouts: int = 0
+    deferred: int = 0  # rooms that waited for their Transfer before computing
 
 
 class PrefillProtocol:
@@ -75,11 +86,15 @@ class PrefillProtocol:
 
     def __init__(self, engine: Any, writer: KVWriter, bootstrap_timeout: float,
                  check_target: Callable[[TransferTarget], None], mode: Any = PREFILL_ONLY,
-                 on_bootstrap_timeout: Callable[[], None] = lambda: None) -> None:
+                 on_bootstrap_timeout: Callable[[], None] = lambda: None,
+                 page_size: int = 16, ahead_pages: int | None = None) -> None:
         self.engine, self.writer, self.mode = engine, writer, mode
         self.bootstrap_timeout = bootstrap_timeout
         self.check_target = check_target
         self.on_bootstrap_timeout = on_bootstrap_timeout
+        self.page_size, self.ahead_limit = page_size, ahead_pages
+        self.ahead_pages = 0  # pages of rooms in the budget now
+        self._deferred: dict[int, PrefillRoom] = {}
         self.rooms: dict[int, PrefillRoom] = {}
         self.ended = Tombstones()
         self.counters = PrefillCounters()
@@ -102,6 +117,7 @@ class PrefillProtocol:
         try:
             if room.failed:  # aborted while the request was being made
                 raise room.error
+            await self._admit(room, len(token_ids))
             self._spawn(self._compute(room, self.engine.add(room.req)))
             await self._await_transfer(room)
             if not await wait_until(room, lambda: room.state is State.DONE, None):
@@ -111,6 +127,41 @@ class PrefillProtocol:
             self.fail(room, Code.CANCELLED, "Prefill was cancelled")
             raise
 
+    async def _admit(self, room: PrefillRoom, prompt_len: int) -> None:
+        """Return when the room may be computed: its Transfer is here, or it fits the
+        compute-ahead budget. Waits at most the bootstrap timeout."""
+        room.need = -(-prompt_len // self.page_size)
+        if room.target is None and not self._fits(room.need):
+            self.counters.deferred += 1
+            if not self._deferred:
+                log.info("compute-ahead budget full (%d of %d pages): rooms now wait for "
+                         "their decode's Transfer before computing", self.ahead_pages,
+                         self.ahead_limit)
+            self._deferred[room.room] = room
+            try:
+                await self._await_transfer(room, lambda: room.target is not None or
+                                           self._fits(room.need))
+            finally:
+                self._deferred.pop(room.room, None)
+        if room.target is None:
+            room.ahead = True
+            self.ahead_pages += room.need
+
+    @property
+    def deferred_rooms(self) -> int:
+        """Rooms waiting for their Transfer before computing (budget full)."""
+        return len(self._deferred)
+
+    def _fits(self, need: int) -> bool:
+        return self.ahead_limit is None or self.ahead_pages + need <= self.ahead_limit
+
+    def _leave_budget(self, room: PrefillRoom) -> None:
+        if room.ahead:
+            room.ahead = False
+            self.ahead_pages -= room.need
+            for r in list(self._deferred.values()):
+                r.notify()
+
     async def _compute(self, room: PrefillRoom, stream: Any) -> None:
         try:
             outs = await stream.next_batch()
@@ -119,9 +170,10 @@ class PrefillProtocol:
         room.first, room.prefill_done_at = outs[-1], time.monotonic()
         room.notify()
 
-    async def _await_transfer(self, room: PrefillRoom) -> None:
+    async def _await_transfer(self, room: PrefillRoom, until: Callable[[], bool] | None = None
+                              ) -> None:
         left = self.bootstrap_timeout - (time.monotonic() - room.arrival)
-        if not await wait_until(room, lambda: room.target is not None, left):
+        if not await wait_until(room, until or (lambda: room.target is not None), left):
             if not room.failed:
                 self.counters.bootstrap_timeouts += 1
                 self.on_bootstrap_timeout()
@@ -145,6 +197,7 @@ class PrefillProtocol:
         if room.target is not None:
             raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} already has a Transfer")
         room.target, room.transfer_at = target, time.monotonic()
+        self._leave_budget(room)
         room.notify()
         try:
             limit = self.bootstrap_timeout if timeout is None else timeout
@@ -216,6 +269,7 @@ class PrefillProtocol:
                       f"decode worker {address} {event.lower()}; room {room.room} dropped")
 
     def _end(self, room: PrefillRoom, ok: bool) -> None:
+        self._leave_budget(room)
         if self.rooms.pop(room.room, None) is None:
             return
         self.ended.add(room.room)

@@ -51,6 +51,12 @@ WORKER_SPECS = {
                                      "(pre-allocation queue)", "prealloc_queue"),
     "pdmesh_prefill_kv_writes_queued": ("gauge", "KV writes waiting for a writer thread",
                                         "kv_writes_queued"),
+    "pdmesh_prefill_ahead_pages": ("gauge", "Prefill pages of rooms computed before their "
+                                   "decode had pages (the compute-ahead budget in use)",
+                                   "ahead_pages"),
+    "pdmesh_prefill_deferred_rooms": ("gauge", "Rooms waiting for their decode's Transfer "
+                                      "before computing (compute-ahead budget full)",
+                                      "deferred_rooms"),
     "pdmesh_worker_finished_requests": ("counter", "Requests finished here", "finished"),
     "pdmesh_worker_failed_requests": ("counter", "Requests failed here", "failed"),
 }

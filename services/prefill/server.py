@@ -26,6 +26,9 @@ from pdmesh.worker.convert import logprob_to_proto, sampling_from_proto, validat
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = service_name(pb, "Prefill")
+# Share of the pool that rooms may fill before their decode has pages for them
+# (pdmesh/disagg/prefill.py, "compute-ahead budget").
+AHEAD_FRACTION = 0.5
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):
@@ -37,7 +40,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                                       host.layout.bytes_per_page, host.metrics)
         self.proto = PrefillProtocol(host.engine, self.writer, host.config.bootstrap_timeout,
                                      self._check_target, mode=Mode.PREFILL_ONLY,
-                                     on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc)
+                                     on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc,
+                                     page_size=host.layout.page_size,
+                                     ahead_pages=int(host.layout.num_pages * AHEAD_FRACTION))
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -93,7 +98,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 "generation_tokens": s.generation_tokens, "finished": c.transferred,
                 "failed": c.failed, "rooms": len(self.proto.rooms),
                 "reserved_pages": s.reserved_pages, "retracted": s.retracted,
-                "kv_writes_queued": self.writer.queued}
+                "kv_writes_queued": self.writer.queued,
+                "ahead_pages": self.proto.ahead_pages, "deferred_rooms": self.proto.deferred_rooms,
+                "deferred_total": c.deferred}
 
     def load(self) -> rpb.LoadReport:
         """Heartbeat load: running, queued, free pages, queued prefill tokens."""
