@@ -15,12 +15,13 @@ are google.protobuf.Value in the protos, so no per-endpoint normalisation is nee
 """
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import orjson
 from aiohttp import web
 from google.api import annotations_pb2
 from google.protobuf import descriptor as _d
@@ -48,6 +49,7 @@ _WELL_KNOWN = ("google.protobuf.Value", "google.protobuf.Struct", "google.protob
 # delta holds no text (e.g. the last one, with only finish_reason) still has "text": "",
 # and clients index choices[0]["text"] unconditionally (sglang's bench_serving does).
 _KEEP_EMPTY = frozenset({"pdmesh.v1.CompletionChoice.text"})
+_BIG_BODY = 256 << 10  # request bodies larger than this are parsed on a thread
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,10 @@ class RestAbort(Exception):
 
 
 class RestContext:
-    """The part of grpc.aio.ServicerContext the Gateway servicer uses."""
+    """The part of grpc.aio.ServicerContext the Gateway servicer uses. `sse`: a stream
+    may yield ready-made server-sent event bytes instead of response messages."""
+
+    sse = True
 
     def __init__(self, request: web.Request) -> None:
         self._md = tuple((k.lower(), v) for k, v in request.headers.items())
@@ -128,6 +133,14 @@ def _clean(desc: _d.Descriptor, d: dict) -> None:
                 _clean(f.message_type, item)
 
 
+def parse_body(body: bytes, msg) -> None:
+    """A JSON object into `msg` (unknown fields ignored); ValueError / ParseError."""
+    payload = orjson.loads(body or b"{}")
+    if not isinstance(payload, dict):
+        raise ValueError("the request body must be a JSON object")
+    json_format.ParseDict(payload, msg, ignore_unknown_fields=True)
+
+
 def _handler(route: HttpRoute, servicer: Any):
     request_cls = message_factory.GetMessageClass(route.method.input_type)
     rpc = getattr(servicer, route.method.name)
@@ -143,10 +156,11 @@ def _handler(route: HttpRoute, servicer: Any):
         msg = request_cls()
         try:
             if route.body:
-                payload = json.loads(await http.read() or b"{}")
-                if not isinstance(payload, dict):
-                    raise ValueError("the request body must be a JSON object")
-                json_format.ParseDict(payload, msg, ignore_unknown_fields=True)
+                body = await http.read()
+                if len(body) > _BIG_BODY:  # parsing megabytes must not stall other streams
+                    await asyncio.to_thread(parse_body, body, msg)
+                else:
+                    parse_body(body, msg)
             for name, value in http.match_info.items():
                 setattr(msg, name, value)
         except (ValueError, json_format.ParseError) as e:  # JSONDecodeError is a ValueError
@@ -170,15 +184,16 @@ def _handler(route: HttpRoute, servicer: Any):
 
 
 async def _sse(http: web.Request, first, stream) -> web.StreamResponse:
-    """Server-sent events: one `data:` line per message, then `data: [DONE]`.
+    """Server-sent events: one `data:` line per message, then `data: [DONE]`. A stream
+    may yield bytes: events already encoded (services/gateway/chunks.py).
     A failure after the first event is sent as an error event (the status is sent)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(http)
     try:
-        await resp.write(_event(to_json(first)))
+        await resp.write(first if type(first) is bytes else _event(to_json(first)))
         async for m in stream:
-            await resp.write(_event(to_json(m)))
+            await resp.write(m if type(m) is bytes else _event(to_json(m)))
     except RestAbort as e:
         status = HTTP_STATUS.get(e.code, 500)
         await resp.write(_event({"error": {"message": e.details, "code": status,
@@ -188,13 +203,12 @@ async def _sse(http: web.Request, first, stream) -> web.StreamResponse:
         return resp
     finally:
         await stream.aclose()
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    await resp.write_eof(b"data: [DONE]\n\n")  # the last chunk and the end: one write
     return resp
 
 
 def _event(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 @web.middleware
