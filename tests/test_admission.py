@@ -18,7 +18,7 @@ from pdmesh.runtime.admission import NewTokenRatio, pages_for
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.request import Mode, Status
 from pdmesh.runtime.scheduler import Scheduler
-from test_scheduler import SchedulerMachine, engine_step, make_req
+from test_scheduler import SchedulerMachine, append_token, engine_step, make_req
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "List three prime numbers.", "Why is the sky blue?", "Name a fruit."]
@@ -240,3 +240,28 @@ def test_plain_scheduler_retraction_order_and_ratio():
     while s.has_work():
         engine_step(s)
     assert len(a.output_ids) == len(b.output_ids) == 20 and s.allocator.num_free == 30
+
+
+
+def test_decode_waits_for_held_pages_then_retracts_the_adopted_request():
+    s = Scheduler(PageAllocator(10), 1, 8, 100, 100, NewTokenRatio(init=0.05, min=0.05))
+    a = make_req(1, 20)
+    s.add(a)
+    engine_step(s)
+    b = make_req(5, 2, mode=Mode.ADOPTED)  # 5 pages + ceil(1 * 0.05) token: fits beside a
+    assert s.hold_for_adopt(b) is not None
+    while engine_step(s):  # a grows into the 4 pages left, then waits for b's 5
+        pass
+    assert s.stalled and a.status is Status.DECODING and len(a.pages) == 5
+    assert s.has_work() and s.schedule() is None and s.stalled  # until b's KV arrives
+    s.adopt(b)
+    append_token(s, b)  # the prefill's first token
+    batch = s.schedule()  # b has generated least: retracted, to be recomputed here
+    assert not s.stalled and [q.req for q in batch.seqs] == [a] and list(s.waiting) == [b]
+    assert b.mode is Mode.GENERATE and b.retractions == 1
+    s.computed(batch)
+    append_token(s, a)
+    while s.has_work():
+        engine_step(s)
+    assert a.finish_reason == "length" and len(a.output_ids) == 10  # its KV filled the pool
+    assert len(b.output_ids) == 2 and s.allocator.num_free == 10 and s.reserved == 0

@@ -304,9 +304,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         if batch is None:
             assert not s.prefilling, "prefill left but nothing scheduled"
             assert not s.decoding or self.stalled(), "decode left but nothing scheduled"
+            assert s.stalled == bool(s.decoding)
             assert not s.waiting or self.head_blocked(), "waiting head could be admitted"
             return None
         seqs = batch.seqs
+        assert not s.stalled
         assert seqs and len({id(q.req) for q in seqs}) == len(seqs), "request scheduled twice"
         assert s.num_running <= self.max_running
         if batch.kind == "prefill":

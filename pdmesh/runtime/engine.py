@@ -256,13 +256,15 @@ class Engine:
         reserved_pages: free pages promised to admitted prefills (exact); estimated_pages:
         decode pages running requests are expected to still take (admission's estimate,
         not reserved); retracted: requests retracted so far (cumulative);
-        new_token_ratio: admission's current estimate ratio (scheduler.py, admission.py).
+        new_token_ratio: admission's current estimate ratio (scheduler.py, admission.py);
+        stalled: 1 when the last step ran nothing because decoding waits for pages HELD
+        for a transfer (step again after an adopt, release or abort, not in a busy loop).
         """
         s = self.scheduler
         return {"num_pages": self.allocator.num_pages, "free_pages": self.allocator.num_free,
                 "used_pages": self.allocator.num_used, "reserved_pages": s.reserved,
                 "estimated_pages": s.estimated_pages(), "retracted": s.num_retracted,
-                "new_token_ratio": s.ratio.value,
+                "new_token_ratio": s.ratio.value, "stalled": int(s.stalled),
                 "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held)}
 
 

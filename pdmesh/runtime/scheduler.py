@@ -83,6 +83,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # pages kept for a transfer (in or out)
         self.reserved = 0  # sum of req.reserved over live requests: prefill pages to come
         self.num_retracted = 0  # cumulative retractions
+        self.stalled = False  # the last schedule() found decoding waiting for HELD pages
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -160,14 +161,17 @@ class Scheduler:
     def schedule(self) -> Batch | None:
         """Pick the next step's work: prefill chunks if any, else one decode step.
 
-        None when there is no work, or when decoding waits for pages HELD for a transfer.
+        None when there is no work, or when decoding waits for pages HELD for a transfer
+        (`stalled`: stepping again is useless until an adopt, release or abort).
         """
         if self.num_running == 0:
             self.ratio.reset()  # idle: what the estimate learned no longer applies
         seqs = self._schedule_prefill()
         if seqs:
+            self.stalled = False
             return Batch("prefill", seqs)
-        if not self.decoding or not self._make_decode_room():
+        self.stalled = bool(self.decoding) and not self._make_decode_room()
+        if not self.decoding or self.stalled:
             return None
         for r in self.decoding:
             self._grow(r, r.num_computed + 1)
