@@ -41,9 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose process moves KV pages with Mooncake, given their arguments (`serve`
+# checks for its prefill/decode children itself, before it starts any)
+NEEDS_MOONCAKE = {
+    "prefill": lambda args: True,
+    "decode": lambda args: args.role != "colocated",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args._module).run(args)
+    if args.command not in (*NEEDS_MOONCAKE, "serve"):
+        return importlib.import_module(args._module).run(args)
+    from pdmesh.transfer import MooncakeUnavailable, check_transport
+
+    try:  # a missing engine: one line naming the install command, exit 2, before any work
+        if NEEDS_MOONCAKE.get(args.command, lambda _: False)(args):
+            check_transport("mooncake")
+        return importlib.import_module(args._module).run(args)
+    except MooncakeUnavailable as e:
+        print(f"pdmesh: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Callable
 
 from pdmesh.transfer.base import TransferError, TransferStats, Transport
 from pdmesh.transfer.layout import KVLayout, check_compatible, check_pages
+# the class only: the module imports mooncake itself on first use, not at import
+from pdmesh.transfer.mooncake_transport import MooncakeUnavailable
 from pdmesh.transfer.plan import plan_runs
 from pdmesh.transfer.staged import StagedTransport, choose_mode, make_kv_transport
 
@@ -42,6 +44,13 @@ def get_transport(name: str) -> Callable[..., Transport]:
     return factory
 
 
-__all__ = ["KVLayout", "TransferError", "TransferStats", "Transport", "check_compatible",
-           "check_pages", "get_transport", "plan_runs", "register_transport",
-           "StagedTransport", "choose_mode", "make_kv_transport"]
+def check_transport(name: str) -> None:
+    """Raise an ImportError whose str() is one line naming what to install (for mooncake:
+    MooncakeUnavailable) unless transport `name` can be built on this machine. Building
+    one raises the same; commands check first, before loading a model or starting children."""
+    getattr(get_transport(name), "check_available", lambda: None)()
+
+
+__all__ = ["KVLayout", "MooncakeUnavailable", "TransferError", "TransferStats", "Transport",
+           "check_compatible", "check_pages", "check_transport", "get_transport", "plan_runs",
+           "register_transport", "StagedTransport", "choose_mode", "make_kv_transport"]

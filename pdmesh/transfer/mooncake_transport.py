@@ -26,17 +26,38 @@ from pdmesh.transfer.base import TransferError, TransferStats, Transport
 from pdmesh.transfer.plan import plan_runs, runs_to_descriptors, validate_pages
 
 
+INSTALL = ("pip install mooncake-transfer-engine-non-cuda (CPU) or "
+           "mooncake-transfer-engine-cuda13 (CUDA 13), and apt-get install libibverbs1")
+
+
+class MooncakeUnavailable(ImportError):
+    """mooncake.engine does not import here; str() is one line saying what to install."""
+
+
+def unavailable_message(e: BaseException) -> str:
+    """One line for why `import mooncake.engine` failed with `e`, naming the fix."""
+    text = " ".join(str(e).split())
+    if "libibverbs" in text:  # the extension links libibverbs.so.1, loaded even for tcp
+        return ("the Mooncake transfer engine cannot load libibverbs (the RDMA verbs library, "
+                f"needed even for tcp): apt-get install libibverbs1 ({text})")
+    if isinstance(e, ModuleNotFoundError) and (e.name or "mooncake").startswith("mooncake"):
+        return f"the Mooncake transfer engine is not installed: {INSTALL}"
+    return f"the Mooncake transfer engine does not import ({text}): {INSTALL}"
+
+
 def _import_engine() -> Any:
     # Must be set before mooncake.engine is first imported; a value already set wins.
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     try:
         from mooncake.engine import TransferEngine
-    except ImportError as e:  # package missing, or libibverbs.so.1 not installed
-        raise ImportError(
-            "the Mooncake transfer engine is not importable: pip install "
-            "mooncake-transfer-engine-non-cuda (CPU) or mooncake-transfer-engine-cuda13 (GPU), "
-            f"and apt-get install libibverbs1 ({e})") from e
+    except (ImportError, OSError) as e:  # package missing, or libibverbs.so.1 not installed
+        raise MooncakeUnavailable(unavailable_message(e)) from e
     return TransferEngine
+
+
+def check_available() -> None:
+    """Raise MooncakeUnavailable unless the transfer engine imports (cheap, no engine made)."""
+    _import_engine()
 
 
 _LINKS_CUDA: bool | None = None
@@ -64,6 +85,8 @@ class MooncakeTransport(Transport):
     "" lets Mooncake discover them. Ignored by tcp.
     hostname: the address peers reach this worker at; it becomes part of session_id.
     """
+
+    check_available = staticmethod(check_available)  # what pdmesh.transfer.check_transport calls
 
     def __init__(self, hostname: str = "127.0.0.1", protocol: str = "tcp",
                  device_name: str | Sequence[str] = "", metadata_server: str = "P2PHANDSHAKE"):
