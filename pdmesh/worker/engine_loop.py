@@ -41,6 +41,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sleep = 0.0  # SlowDown
+        self._waiting_pages = False  # holds are waiting (logged once per episode)
         self._counts = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
         self.stats = EngineStats()  # replaced (never mutated) after every turn
 
@@ -149,9 +150,22 @@ class EngineLoop:
             rid, req = next(iter(self._prealloc.items()))
             pages = self.engine.hold(req)
             if pages is None:
+                self._note_wait(len(self._prealloc))
                 return
             del self._prealloc[rid]
             self._events.append(Held(rid, pages))
+        self._note_wait(0)
+
+    def _note_wait(self, waiting: int) -> None:
+        """One log line when holds start waiting for pages, one when the queue drains."""
+        if waiting and not self._waiting_pages:
+            s = self.engine.stats()
+            log.info("KV pages short: %d rooms wait in the pre-allocation queue (free %d, "
+                     "reserved %d of %d pages)", waiting, s["free_pages"],
+                     s.get("reserved_pages", 0), s["num_pages"])
+        elif not waiting and self._waiting_pages:
+            log.info("pre-allocation queue drained")
+        self._waiting_pages = bool(waiting)
 
     def _publish_stats(self) -> None:
         s = self.engine.stats()
