@@ -231,8 +231,8 @@ class Scheduler:
         """Retract decoding requests until the rest can each get their next page."""
         retracted = False
         while self._decode_shortfall() > 0 and len(self.decoding) > 1:
-            order = {id(r): i for i, r in enumerate(self.decoding)}
-            self.retract(min(self.decoding, key=lambda r: (len(r.output_ids), -order[id(r)])))
+            # fewest generated tokens first; among those the newest (min keeps the first)
+            self.retract(min(reversed(self.decoding), key=lambda r: len(r.output_ids)))
             retracted = True
         if retracted:
             self.ratio.bump()
