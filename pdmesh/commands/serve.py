@@ -3,13 +3,21 @@ colocated) workers, and the gateway — each its own process, started in that or
 
 Every child is one of the single-service commands (`pdmesh registry|prefill|decode|
 gateway`), so what runs here is exactly what runs alone on a multi-host deployment.
+
+Lifecycle: nothing starts unless the gateway's (and a fixed registry's) ports can be bound
+and, with prefill/decode workers, the Mooncake transfer engine imports. A start that fails
+later stops every child already started (exit 1, one line). Each child gets SIGTERM from
+the kernel when this process dies (PR_SET_PDEATHSIG), so even `kill -9` of serve leaves
+no service behind.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,33 +59,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class Child:
     name: str
     proc: subprocess.Popen
-    address: str
+    ready: threading.Event
+    address: str = ""
     metrics: str = ""  # its Prometheus endpoint URL
 
 
-def start(name: str, argv: list[str], env: dict[str, str], timeout: float) -> Child:
-    """Start `pdmesh <argv>` and wait for its "listening on HOST:PORT" line."""
+class StartError(Exception):
+    """A service did not start (or a stop was asked for meanwhile); str() is one line."""
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    """libc's prctl, looked up here in the parent: the child, between fork and exec, only
+    calls it (loading a library there could deadlock on a lock another thread held)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+def _die_with_parent(prctl, parent: int):
+    """preexec_fn: SIGTERM this child when its parent dies (survives exec), and at once
+    if the parent already died between fork and here."""
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
+    """Start `pdmesh <argv>`; its stdout is echoed prefixed, and `ready` is set at its
+    "listening on HOST:PORT" line (or when its output ends)."""
+    prctl = _prctl()
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *argv], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=None, bufsize=1)
-    found: list[str] = []
-    metrics: list[str] = []
-    ready = threading.Event()
+                            stdout=subprocess.PIPE, stderr=None, bufsize=1,
+                            preexec_fn=prctl and _die_with_parent(prctl, os.getpid()))
+    child = Child(name, proc, threading.Event())
 
     def pump() -> None:  # echo the child's stdout, prefixed; note its addresses
         for line in proc.stdout:
             print(f"[{name}] {line}", end="", flush=True)
             m = _LISTENING.search(line)
-            if m and (mm := _METRICS.search(line)) and not metrics:
-                metrics.append(mm.group(1))
-            if m and not found:
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
+            if m and not child.ready.is_set():
+                mm = _METRICS.search(line)
+                child.address, child.metrics = m.group(1), mm.group(1) if mm else ""
+                child.ready.set()
+        child.ready.set()
     threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not found:
-        proc.kill()
-        raise RuntimeError(f"{name} did not start (exit code {proc.poll()}); see its output above")
-    return Child(name, proc, found[0], metrics[0] if metrics else "")
+    return child
+
+
+def wait_ready(child: Child, timeout: float, stop: threading.Event) -> None:
+    """Until `child` says it is listening; StartError if it exits, times out or a stop
+    was asked for first."""
+    deadline = time.monotonic() + timeout
+    while not child.ready.wait(0.1):
+        if stop.is_set():
+            raise StartError(f"stopped while {child.name} was starting")
+        if time.monotonic() > deadline:
+            raise StartError(f"{child.name} did not start within {timeout:g} s")
+    if not child.address:
+        raise StartError(f"{child.name} did not start (exit code {child.proc.wait(5)}); "
+                         "see its output above")
 
 
 def _worker_env(num_workers: int) -> dict[str, str]:
@@ -87,29 +133,31 @@ def _worker_env(num_workers: int) -> dict[str, str]:
     return env
 
 
-def launch(args: argparse.Namespace) -> list[Child]:
-    """Start registry, workers, then the gateway; returns them in start order."""
-    timeout, children = args.ready_timeout, []
+def launch(args: argparse.Namespace, children: list[Child], stop: threading.Event) -> None:
+    """Start registry, workers, then the gateway, appending each to `children` as soon as
+    it is spawned (so the caller can stop it whatever fails next)."""
+    def start(name: str, argv: list[str], env: dict[str, str]) -> Child:
+        children.append(spawn(name, argv, env))
+        wait_ready(children[-1], args.ready_timeout, stop)
+        return children[-1]
+
     tel = telemetry_flags.forward(args)
     reg = ["registry", "--host", args.host, "--port", str(args.registry_port), *tel]
     if args.heartbeat_interval is not None:
         reg += ["--heartbeat-interval", str(args.heartbeat_interval)]
     if args.heartbeat_max_failure is not None:
         reg += ["--heartbeat-max-failure", str(args.heartbeat_max_failure)]
-    children.append(start("registry", reg, dict(os.environ), timeout))
-    common = ["--registry", children[0].address, "--model", args.model, "--host", args.host,
+    registry = start("registry", reg, dict(os.environ)).address
+    common = ["--registry", registry, "--model", args.model, "--host", args.host,
               "--port", "0", *tel, *args.worker_arg]
     roles = ([("prefill", ["prefill"])] * args.prefill + [("decode", ["decode"])] * args.decode
              + [("colocated", ["decode", "--role", "colocated"])] * args.colocated)
     env = _worker_env(len(roles))
     for i, (name, argv) in enumerate(roles):
-        children.append(start(f"{name}-{i}", argv + common, env, timeout))
-    children.append(start("gateway", ["gateway", "--registry", children[0].address, "--model",
-                                      args.model, "--host", args.host, "--port", str(args.port),
-                                      "--grpc-port", str(args.grpc_port), *tel,
-                                      *args.gateway_arg],
-                          dict(os.environ), timeout))
-    return children
+        start(f"{name}-{i}", argv + common, env)
+    start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
+                      args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
+                      *tel, *args.gateway_arg], dict(os.environ))
 
 
 def shutdown(children: list[Child], grace: float = 30.0) -> None:
@@ -121,19 +169,60 @@ def shutdown(children: list[Child], grace: float = 30.0) -> None:
                 c.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 c.proc.kill()
+                c.proc.wait()
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """None when a server could bind (host, port) now (0: any free port), else why not."""
+    if port == 0:
+        return None
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"cannot resolve {host!r} ({e.strerror})"
+    for family, kind, proto, _, addr in addrs:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+            try:
+                s.bind(addr)
+            except OSError as e:
+                return e.strerror or str(e)
+    return None
+
+
+def preflight(args: argparse.Namespace) -> tuple[int, str] | None:
+    """(exit code, the one line to print) when the mesh cannot start here; checked before
+    any child starts."""
+    if args.prefill + args.decode + args.colocated == 0 or (args.prefill > 0) != (args.decode > 0):
+        return 2, ("pdmesh serve: error: give --prefill N and --decode M (both >= 1), and/or "
+                   "--colocated K")
+    if args.prefill + args.decode:  # colocated workers move no KV: no Mooncake needed
+        from pdmesh.transfer import MooncakeUnavailable, check_transport
+
+        try:
+            check_transport("mooncake")
+        except MooncakeUnavailable as e:
+            return 2, f"pdmesh: {e}"  # as `pdmesh prefill|decode` say it
+    for what, flag, port in (("gateway REST", "--port", args.port),
+                             ("gateway gRPC", "--grpc-port", args.grpc_port),
+                             ("registry", "--registry-port", args.registry_port)):
+        if why := port_problem(args.host, port):
+            return 1, (f"pdmesh serve: error: the {what} port {args.host}:{port} ({flag}) "
+                       f"is not free: {why}")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prefill + args.decode + args.colocated == 0 or (args.prefill > 0) != (args.decode > 0):
-        print("pdmesh serve: error: give --prefill N and --decode M (both >= 1), and/or "
-              "--colocated K", file=sys.stderr)
-        return 2
+    if problem := preflight(args):
+        print(problem[1], file=sys.stderr)
+        return problem[0]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     children: list[Child] = []
+    grace = 30.0  # for each child to stop; short when the mesh never came up
     try:
-        children = launch(args)
+        launch(args, children, stop)
         print("pdmesh serve: ready — " + ", ".join(f"{c.name} {c.address}" for c in children),
               flush=True)
         print("pdmesh serve: metrics — " + ", ".join(f"{c.name} {c.metrics}" for c in children
@@ -146,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.5)
         return 0
-    except RuntimeError as e:
+    except StartError as e:
         print(f"pdmesh serve: error: {e}", file=sys.stderr)
+        grace = 5.0
         return 1
     finally:
-        shutdown(children)
+        shutdown(children, grace)
