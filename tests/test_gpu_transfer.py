@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdmesh.runtime import kv_mirror
+from pdmesh.transfer import mirror
 from pdmesh.transfer import choose_mode, make_kv_transport
 from pdmesh.transfer.staged import StagedTransport
 
@@ -26,8 +26,8 @@ def test_choose_mode():
 
 
 def test_page_runs():
-    assert kv_mirror.page_runs([3, 4, 5, 9, 1, 2]) == [(3, 3), (9, 1), (1, 2)]
-    assert kv_mirror.page_runs([]) == []
+    assert mirror.page_runs([3, 4, 5, 9, 1, 2]) == [(3, 3), (9, 1), (1, 2)]
+    assert mirror.page_runs([]) == []
 
 
 def _pools(device: str, pages: int = 12):
@@ -49,15 +49,13 @@ def _move(device: str, mode: str):
         assert stats.bytes == 3 * bpp and stats.descriptors == 2
         if dmode == "staged":
             assert not dst.any()  # bytes are in the mirror until the pages land
-            assert kv_mirror.land(dst, [4, 5, 0])
+            td.land([4, 5, 0])
         torch.testing.assert_close(dst[[4, 5, 0]], src[[1, 2, 7]], rtol=0, atol=0)
         untouched = [p for p in range(dst.shape[0]) if p not in (4, 5, 0)]
         assert not dst[untouched].any()
     finally:
         ts.close()
         td.close()
-        kv_mirror.drop(src)
-        kv_mirror.drop(dst)
     return smode, dmode, td
 
 
@@ -67,9 +65,27 @@ def test_staged_through_host_mirror_cpu():
     assert (smode, dmode) == ("staged", "staged") and isinstance(td, StagedTransport)
 
 
-def test_land_without_mirror_is_a_no_op():
-    pool = torch.zeros(4, 3)
-    assert not kv_mirror.land(pool, [0, 1])
+def test_each_staged_transport_owns_its_mirror():
+    """Two workers' pools in one process: each transport lands only into its own pool."""
+    a, b = torch.zeros(4, 3), torch.zeros(4, 3)
+    ta, tb = StagedTransport(_Null()), StagedTransport(_Null())
+    ta.register(a), tb.register(b)
+    next(iter(ta._mirrors.values())).host[1] = 7.0
+    ta.land([1])
+    tb.land([1])
+    assert a[1].eq(7).all() and not b.any()
+
+
+class _Null:
+    """A transport that registers memory and moves nothing."""
+
+    session_id = "null"
+
+    def register(self, tensor) -> int:
+        return tensor.data_ptr()
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import torch
 
 from pdmesh.config import EngineConfig, engine_config_from_env
-from pdmesh.runtime import kv_mirror
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.loader import LoadedModel, load_model
@@ -147,7 +146,6 @@ class Engine:
         req = self.requests[request_id]
         if req.status is not Status.HELD or req.mode is not Mode.ADOPTED:
             raise ValueError(f"request {request_id!r} is not held for adoption")
-        kv_mirror.land(self.runner.kv, req.pages)  # staged transfer: host mirror -> pool
         self.scheduler.adopt(req)
         return self._append(req, first_token, first_logprob)
 
@@ -165,6 +163,12 @@ class Engine:
         return True
 
     # -- stepping ------------------------------------------------------------------------
+    @property
+    def stalled(self) -> bool:
+        """The last step ran nothing: decoding waits for pages held for a transfer (step
+        again after an adopt, release or abort)."""
+        return self.scheduler.stalled
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -257,6 +261,7 @@ class Engine:
         decode pages running requests are expected to still take (admission's estimate,
         not reserved); retracted: requests retracted so far (cumulative);
         new_token_ratio: admission's current estimate ratio (scheduler.py, admission.py);
+        queued_prefill_tokens: prompt tokens still to compute (waiting + prefilling);
         stalled: 1 when the last step ran nothing because decoding waits for pages HELD
         for a transfer (step again after an adopt, release or abort, not in a busy loop).
         """
@@ -265,7 +270,9 @@ class Engine:
                 "used_pages": self.allocator.num_used, "reserved_pages": s.reserved,
                 "estimated_pages": s.estimated_pages(), "retracted": s.num_retracted,
                 "new_token_ratio": s.ratio.value, "stalled": int(s.stalled),
-                "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held)}
+                "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held),
+                "queued_prefill_tokens": sum(r.prefill_target - r.num_computed
+                                             for r in (*s.waiting, *s.prefilling))}
 
 
 def _batch_items(prompts, messages, token_ids) -> list[dict]:

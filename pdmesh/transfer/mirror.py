@@ -4,20 +4,15 @@ When a transfer engine cannot read or write GPU memory (a Mooncake build without
 or RDMA without GPUDirect), the pool registered for transfers is this mirror, the same
 shape as the pool in pinned host memory: page p of the mirror stands for page p of the
 pool. The sender copies its pages device -> mirror before the write; the receiver copies
-the written pages mirror -> device when it adopts the request (Engine.adopt calls
-`land`). Mirrors are found by the device pool's data pointer, so the runtime and the
-transfer layer share one without knowing about each other.
+the written pages mirror -> device before it adopts the request. The mirror belongs to
+the transport that registered it (pdmesh.transfer.staged.StagedTransport); the runtime
+never sees it.
 """
 from __future__ import annotations
 
-import threading
 from typing import Sequence
 
 import torch
-
-_MIRRORS: dict[int, "KVMirror"] = {}
-_LOCK = threading.Lock()
-
 
 def page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
     """[(start, count)] runs of consecutive page ids, in order."""
@@ -61,37 +56,3 @@ class KVMirror:
             for s, n in runs:
                 dst[s: s + n].copy_(src[s: s + n], non_blocking=True)
         self._stream.synchronize()
-
-
-def mirror_for(pool: torch.Tensor) -> KVMirror:
-    """The mirror of `pool`, created (and kept) on first use."""
-    with _LOCK:
-        m = _MIRRORS.get(pool.data_ptr())
-        if m is None or m.pool is not pool:
-            m = _MIRRORS[pool.data_ptr()] = KVMirror(pool)
-        return m
-
-
-def has_mirror(pool: torch.Tensor) -> bool:
-    with _LOCK:
-        m = _MIRRORS.get(pool.data_ptr())
-        return m is not None and m.pool is pool
-
-
-def land(pool: torch.Tensor, pages: Sequence[int]) -> bool:
-    """If `pool` has a mirror, copy `pages` mirror -> pool (their KV arrived through host
-    memory) and return True; else do nothing and return False."""
-    with _LOCK:
-        m = _MIRRORS.get(pool.data_ptr())
-    if m is None or m.pool is not pool:
-        return False
-    m.to_device(pages)
-    return True
-
-
-def drop(pool: torch.Tensor) -> None:
-    """Forget `pool`'s mirror (frees its host memory once unreferenced)."""
-    with _LOCK:
-        m = _MIRRORS.get(pool.data_ptr())
-        if m is not None and m.pool is pool:
-            del _MIRRORS[pool.data_ptr()]

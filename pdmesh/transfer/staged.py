@@ -3,9 +3,10 @@
 Modes (WorkerConfig.kv_transfer_mode, env PDMESH_KV_TRANSFER_MODE):
   direct  the device pool itself is registered; the engine reads/writes GPU memory
           (Mooncake's CUDA build: tcp copies through cudaMemcpy, rdma needs GPUDirect)
-  staged  a pinned host mirror of the pool is registered (pdmesh.runtime.kv_mirror); the
-          sender copies its pages device -> mirror before each write, the receiver
-          copies them mirror -> device when it adopts the request
+  staged  a pinned host mirror of the pool is registered (pdmesh.transfer.mirror, owned
+          by the StagedTransport); the sender copies its pages device -> mirror before
+          each write, the receiver copies them mirror -> device (`land`) before it
+          adopts the request
   auto    direct when the pool is on a GPU and the engine can reach GPU memory, else
           staged; a pool in host memory is registered as it is ("host")
 Each worker picks its own mode; any pair interoperates, since a writer only ever touches
@@ -49,12 +50,18 @@ class StagedTransport(Transport):
 
     def register(self, tensor: Any) -> int:
         """Register `tensor`'s host mirror; returns the mirror's base (publish that one)."""
-        from pdmesh.runtime.kv_mirror import mirror_for
+        from pdmesh.transfer.mirror import KVMirror
 
-        m = mirror_for(tensor)
+        m = KVMirror(tensor)
         base = self.inner.register(m.host)
         self._mirrors[base] = m
         return base
+
+    def land(self, pages: Sequence[int]) -> None:
+        """Pages written into this worker's mirror: copy them mirror -> pool (every
+        registered pool; a worker registers one)."""
+        for m in self._mirrors.values():
+            m.to_device(list(pages))
 
     def write_pages(self, dst_session: str, src_base: int, dst_base: int, bytes_per_page: int,
                     src_pages: Sequence[int], dst_pages: Sequence[int]) -> TransferStats:

@@ -86,7 +86,8 @@ class EngineStats:
     num_pages: int = 0
     free_pages: int = 0
     used_pages: int = 0
-    reserved_pages: int = 0
+    reserved_pages: int = 0  # promised to admitted prompts' prefill, not yet allocated
+    estimated_pages: int = 0  # decode pages running requests are expected to take
     waiting: int = 0  # queued for admission (no pages yet)
     running: int = 0  # prefilling + decoding + held for adoption
     held: int = 0  # pages kept for a transfer (in or out)

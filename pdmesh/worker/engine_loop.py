@@ -42,6 +42,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sleep = 0.0  # SlowDown
         self._waiting_pages = False  # holds are waiting (logged once per episode)
+        self._stalled = False  # the last step ran nothing: decode waits on held pages
         self._counts = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
         self.stats = EngineStats()  # replaced (never mutated) after every turn
 
@@ -95,15 +96,19 @@ class EngineLoop:
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._run_commands(block=not self.engine.has_unfinished())
+            # stalled: decoding waits for pages held for a transfer; only a command
+            # (adopt, release, abort) can change that, so wait for one
+            if self._run_commands(block=not self.engine.has_unfinished() or self._stalled):
+                self._stalled = False  # a command may have freed or filled pages: try
             self._drain_prealloc()  # an abort or release may have freed pages
-            if self.engine.has_unfinished():
+            if self.engine.has_unfinished() and not self._stalled:
                 self._step()
             self._flush()
         self._fail_pending()
 
     def _step(self) -> None:
         outs = self.engine.step()
+        self._stalled = self.engine.stalled
         for out in outs:
             self._account(out)
         self._events.extend(outs)
@@ -120,12 +125,14 @@ class EngineLoop:
             except Exception:  # a bug above must not stop the engine
                 log.exception("event handler failed")
 
-    def _run_commands(self, block: bool) -> None:
+    def _run_commands(self, block: bool) -> bool:
+        """Run every queued command (waiting up to idle_wait for one when `block`);
+        True when any ran."""
         try:
             item = self._commands.get(timeout=self._idle_wait) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             cmd, fut = item
             if cmd is not None and fut.set_running_or_notify_cancel():
@@ -136,7 +143,7 @@ class EngineLoop:
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _account(self, out: Any) -> None:
         if len(out.token_ids) == 1:  # sampled right after the prompt's last chunk
@@ -174,7 +181,8 @@ class EngineLoop:
             reserved_pages=s.get("reserved_pages", 0), waiting=s["waiting"],
             running=s["running"], held=s["held"], prealloc_queue=len(self._prealloc),
             queued_prefill_tokens=s.get("queued_prefill_tokens", 0),
-            retracted=s.get("retracted", 0), forward_sleep_time=self._sleep,
+            retracted=s.get("retracted", 0), estimated_pages=s.get("estimated_pages", 0),
+            forward_sleep_time=self._sleep,
             page_size=self.engine.config.page_size,
             max_running_requests=self.engine.config.max_running_requests, **self._counts)
 

@@ -41,9 +41,11 @@ WORKER_SPECS = {
         "prefill_tok_s"),
     "pdmesh_worker_decode_throughput_tokens_per_second": (
         "gauge", "Tokens generated per second over the last summary interval", "decode_tok_s"),
-    "pdmesh_worker_kv_pages_reserved": ("gauge", "KV pages promised to admitted requests "
-                                        "(estimated future decode tokens), not yet allocated",
-                                        "reserved_pages"),
+    "pdmesh_worker_kv_pages_reserved": ("gauge", "KV pages promised to admitted prompts' "
+                                        "prefill, not yet allocated", "reserved_pages"),
+    "pdmesh_worker_kv_pages_estimated": ("gauge", "KV pages running requests are expected "
+                                         "to still take (admission's estimate; not "
+                                         "reserved)", "estimated_pages"),
     "pdmesh_worker_retracted_requests": ("counter", "Requests preempted (pages freed, "
                                          "recomputed later) because the pool ran short",
                                          "retracted"),

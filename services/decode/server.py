@@ -101,6 +101,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 "running": s.running - s.held,
                 "queued": s.held - len(q) + s.prealloc_queue + s.waiting,
                 "reserved_pages": s.reserved_pages, "retracted": s.retracted,
+                "estimated_pages": s.estimated_pages,
                 "prealloc_queue": s.prealloc_queue,
                 "page_size": s.page_size, "finished": self.proto.counters.finished,
                 "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,

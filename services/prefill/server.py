@@ -98,6 +98,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 "generation_tokens": s.generation_tokens, "finished": c.transferred,
                 "failed": c.failed, "rooms": len(self.proto.rooms),
                 "reserved_pages": s.reserved_pages, "retracted": s.retracted,
+                "estimated_pages": s.estimated_pages,
                 "kv_writes_queued": self.writer.queued,
                 "ahead_pages": self.proto.ahead_pages, "deferred_rooms": self.proto.deferred_rooms,
                 "deferred_total": c.deferred}
