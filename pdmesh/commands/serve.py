@@ -121,9 +121,12 @@ def wait_ready(child: Child, timeout: float, stop: threading.Event) -> None:
             raise StartError(f"stopped while {child.name} was starting")
         if time.monotonic() > deadline:
             raise StartError(f"{child.name} did not start within {timeout:g} s")
-    if not child.address:
-        raise StartError(f"{child.name} did not start (exit code {child.proc.wait(5)}); "
-                         "see its output above")
+    if not child.address:  # its output ended: it exited (or is about to)
+        try:
+            code = child.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        raise StartError(f"{child.name} did not start (exit code {code}); see its output above")
 
 
 def _worker_env(num_workers: int) -> dict[str, str]:
