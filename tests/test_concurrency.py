@@ -1,5 +1,5 @@
 """256 concurrent streaming requests through `pdmesh serve` (the real openai client):
-1P1D, 2P1D and colocated. Every request completes with its own tokens, none fails, and
+1P1D, 2P1D and colocated; at 1P1D also 256 gRPC Gateway.Generate streams at the same time. Every request completes with its own tokens, none fails, and
 every worker's KV pages are back to total afterwards.
 
 256 is four times the workers' default `max_running_requests` (64), and the pools are
@@ -10,6 +10,7 @@ ahead of their decode. The old sync servers (32 threads each) stalled at 32 here
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 
 import grpc
@@ -51,6 +52,36 @@ async def burst(base: str) -> list:
         return await asyncio.gather(*(one(client, i) for i in range(N)), return_exceptions=True)
 
 
+async def grpc_burst(addr: str) -> list:
+    """N Gateway.Generate streams over one channel, prompts of distinct lengths: each
+    ends with its own prompt's usage (a mixed-up stream would carry another's)."""
+    import grpc.aio
+
+    from pdmesh.v1 import common_pb2 as cpb
+    from pdmesh.v1 import gateway_pb2 as gpb
+    from pdmesh.v1 import gateway_pb2_grpc as ggrpc
+
+    sampling = cpb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+    async def gen(stub, i: int):
+        ids = [100 + (i * 7 + k) % 900 for k in range(5 + i % 40)]
+        tokens, usage = 0, None
+        async for msg in stub.Generate(gpb.GenerateRequest(token_ids=ids,
+                                                           sampling_params=sampling)):
+            tokens += len(msg.token_ids)
+            usage = msg.usage if msg.HasField("usage") else usage
+        assert usage is not None and usage.prompt_tokens == len(ids), (i, usage)
+        return tokens
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = ggrpc.GatewayStub(ch)
+        return await asyncio.gather(*(gen(stub, i) for i in range(N)), return_exceptions=True)
+
+
+def gateway_grpc(lines: list[str]) -> str:
+    line = next(x for x in lines if "gateway listening on" in x)
+    return re.search(r"and (\S+) \(gRPC\)", line).group(1)
+
+
 def pages_back(lines: list[str]) -> bool:
     for addr in worker_addresses(lines, "decode") + worker_addresses(lines, "colocated"):
         s = dgrpc.DecodeStub(grpc.insecure_channel(addr)).Stats(dpb.StatsRequest(), timeout=10)
@@ -71,11 +102,20 @@ def pages_back(lines: list[str]) -> bool:
 def test_256_concurrent_streams_complete_and_free_every_page(layout):
     proc, base, lines = start_serve(*layout, POOL)
     try:
-        results = asyncio.run(asyncio.wait_for(burst(base), 900))
-        failed = [r for r in results if isinstance(r, BaseException)]
+        # 1P1D takes the REST and the gRPC bursts at once: 512 streams
+        both = layout[1] == "1" and layout[3] == "1"
+
+        async def bursts():
+            rest = burst(base)
+            if not both:
+                return await rest, []
+            return await asyncio.gather(rest, grpc_burst(gateway_grpc(lines)))
+        results, grpc_results = asyncio.run(asyncio.wait_for(bursts(), 900))
+        failed = [r for r in results + grpc_results if isinstance(r, BaseException)]
         assert not failed, f"{len(failed)} of {N} failed, e.g. {failed[0]!r}"
         assert all(n == MAX_TOKENS and reason == "length" and text
                    for text, n, reason in results), results[:3]
+        assert all(n == MAX_TOKENS for n in grpc_results), grpc_results[:3]
         assert wait_until(lambda: pages_back(lines), 20), "KV pages leaked"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -35,8 +35,11 @@ async def start_prefill(proto, room=ROOM, ids=(1, 2, 3)):
 async def to_state(state: str):
     """A protocol with one room driven to `state`; returns (proto, eng, writer, tasks)."""
     limit = 0.5 if state != "writing" else 5.0  # bootstrap timeout and Transfer deadline
-    proto, eng, writer = make(bootstrap=limit)
+    # "deferred": the compute-ahead budget (1 page) is smaller than the prompt (2 pages)
+    proto, eng, writer = make(bootstrap=limit, ahead=1 if state == "deferred" else None)
     tasks = {"prefill": await start_prefill(proto)}
+    if state == "deferred":
+        assert proto.deferred_rooms == 1 and not eng.added
     if state in ("computed", "transfer_waiting_kv", "writing"):
         if state != "transfer_waiting_kv":
             eng.prefill_done(str(ROOM))
@@ -51,7 +54,7 @@ async def to_state(state: str):
     return proto, eng, writer, tasks
 
 
-STATES = ["queued", "computed", "transfer_waiting_kv", "writing"]
+STATES = ["deferred", "queued", "computed", "transfer_waiting_kv", "writing"]
 
 
 async def outcome(task) -> Code | str:
@@ -74,8 +77,10 @@ def test_decode_dies(state):
         return proto, eng, writer, results
     proto, eng, writer, results = run(main())
     assert results["prefill"] is Code.UNAVAILABLE
-    assert eng.freed(str(ROOM)) == 1 and str(ROOM) in eng.aborted
+    # a deferred room never reached the engine: nothing to free there
+    assert eng.freed(str(ROOM)) == (0 if state == "deferred" else 1)
     assert not proto.rooms and proto.counters.failed == 1 and proto.ahead_pages == 0
+    assert proto.deferred_rooms == 0
 
 
 @pytest.mark.parametrize("state", STATES)
@@ -94,12 +99,13 @@ def test_caller_cancels(state):
     assert results["prefill"] == "cancelled"
     if "transfer" in results:
         assert results["transfer"] is Code.CANCELLED
-    assert eng.freed(str(ROOM)) == 1 and not proto.rooms and proto.ahead_pages == 0
+    assert eng.freed(str(ROOM)) == (0 if state == "deferred" else 1)
+    assert not proto.rooms and proto.ahead_pages == 0 and proto.deferred_rooms == 0
     assert waited == (state == "writing")  # abort waited for the write to end
     assert aborted == (state == "writing")  # else the cancel had ended the room already
 
 
-@pytest.mark.parametrize("state", ["queued", "computed", "transfer_waiting_kv"])
+@pytest.mark.parametrize("state", ["deferred", "queued", "computed", "transfer_waiting_kv"])
 def test_timeout(state):
     """No Transfer within the bootstrap timeout, or no KV within the Transfer deadline."""
     async def main():
@@ -108,7 +114,7 @@ def test_timeout(state):
         return proto, eng, results
     proto, eng, results = run(main())
     assert results["prefill"] is Code.DEADLINE_EXCEEDED
-    assert eng.freed(str(ROOM)) == 1 and not proto.rooms
+    assert eng.freed(str(ROOM)) == (0 if state == "deferred" else 1) and not proto.rooms
     if state != "transfer_waiting_kv":
         assert proto.counters.bootstrap_timeouts == 1
 

@@ -122,5 +122,8 @@ async def _serve(host, telemetry, create_server) -> int:
     obs.stop()
     await servicer.close()
     await host.close(deregister=True)
-    print(f"{worker.role} stopped", flush=True)
+    try:
+        print(f"{worker.role} stopped", flush=True)
+    except BrokenPipeError:  # `pdmesh serve` (our stdout) is gone already
+        pass
     return 0

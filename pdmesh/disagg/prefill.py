@@ -51,6 +51,7 @@ class PrefillRoom:
     has_prefill: bool = False  # the gateway's Prefill arrived
     need: int = 0  # pages its prompt takes here
     ahead: bool = False  # queued/computed before its Transfer: counts in the budget
+    queued: bool = False  # added to the engine (its pages are the engine's to free)
     req: Any = None  # the engine request, once made
     first: Any = None  # its PREFILL_ONLY output: token 1 and the KV pages
     target: TransferTarget | None = None  # from the decode's Transfer
@@ -118,6 +119,7 @@ class PrefillProtocol:
             if room.failed:  # aborted while the request was being made
                 raise room.error
             await self._admit(room, len(token_ids))
+            room.queued = True
             self._spawn(self._compute(room, self.engine.add(room.req)))
             await self._await_transfer(room)
             if not await wait_until(room, lambda: room.state is State.DONE, None):
@@ -245,7 +247,8 @@ class PrefillProtocol:
             room.error = room.error or RoomError(code, message)
         if before is State.PENDING:
             room.state = State.FAILED
-            self.engine.abort(str(room.room))
+            if room.queued:
+                self.engine.abort(str(room.room))
             self._end(room, ok=False)
         room.notify()
         return before
