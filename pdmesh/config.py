@@ -431,6 +431,17 @@ def telemetry_config_from_env(base: TelemetryConfig | None = None,
     return _apply_env(base or TelemetryConfig(), _TELEMETRY_ENV_OVERRIDES, env)
 
 
+def cache_dir(env: Mapping[str, str] | None = None) -> "os.PathLike[str]":
+    """Where pdmesh keeps derived files (converted tokenizers): PDMESH_CACHE_DIR, else
+    $XDG_CACHE_HOME/pdmesh, else ~/.cache/pdmesh."""
+    from pathlib import Path
+
+    env = os.environ if env is None else env
+    if env.get("PDMESH_CACHE_DIR"):
+        return Path(env["PDMESH_CACHE_DIR"])
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdmesh"
+
+
 __all__ = ["GatewayConfig", "gateway_config_from_env", "ROUTING_MODES", "ROUTING_POLICIES",
            "check_routing_policy", "ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
            "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env",

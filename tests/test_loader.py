@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 
 import numpy as np
@@ -288,3 +289,27 @@ def test_gguf_without_tokenizer_metadata(tmp_path, tiny_llama):
     write_tiny_gguf(tmp_path / "m.gguf", tiny_llama)
     with pytest.raises(ValueError, match="tokenizer"):
         load_model(tmp_path / "m.gguf")
+
+
+def test_gguf_tokenizer_is_cached_and_equal(tmp_path, monkeypatch):
+    """The GGUF tokenizer conversion is cached per file: the second build reads the
+    cache folder, and it tokenizes and templates exactly as the conversion did; a
+    changed file is converted again."""
+    import shutil
+
+    monkeypatch.setenv("PDMESH_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(loader.resolve_model_path("default"), gguf)
+    fresh = Tokenizer.from_path(gguf)
+    folders = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(folders) == 1 and (folders[0] / "tokenizer.json").is_file()
+    cached = Tokenizer.from_path(gguf)
+    assert cached.hf.name_or_path == str(folders[0])
+    msgs = [{"role": "user", "content": "Héllo wörld, 2+2? 日本"}]
+    assert cached.apply_chat_template(msgs) == fresh.apply_chat_template(msgs)
+    assert cached.encode("a  b\n\nc") == fresh.encode("a  b\n\nc")
+    assert (cached.eos_token_ids, cached.bos_token_id, cached.vocab_size) == (
+        fresh.eos_token_ids, fresh.bos_token_id, fresh.vocab_size)
+    os.utime(gguf, ns=(1, 1))  # a changed file: converted again into its own folder
+    Tokenizer.from_path(gguf)
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2

@@ -5,6 +5,10 @@ template from the file's metadata); this class only fixes the API the engine use
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -31,7 +35,7 @@ class Tokenizer:
             if path.is_dir():
                 hf = AutoTokenizer.from_pretrained(str(path))
             else:
-                hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                hf = _from_gguf(path)
         except Exception as e:  # transformers raises many types for missing/odd tokenizer data
             raise ValueError(f"{path}: cannot build a tokenizer ({type(e).__name__}: {e})") from e
         return cls(hf, eos_token_ids)
@@ -61,6 +65,31 @@ class Tokenizer:
             raise ValueError(f"chat template failed: {e}") from e
         # the template already contains any BOS it wants, as transformers does
         return self.encode(text, add_special_tokens=False)
+
+
+def _from_gguf(path: Path) -> Any:
+    """The tokenizer transformers builds from a GGUF file's metadata, cached as a HF
+    tokenizer folder: building it parses the whole file (seconds for a 49k vocab), and
+    every process of a mesh (gateway, each worker) needs it. The cache key is the file's
+    path, size and mtime, so a changed file is converted again."""
+    from transformers import AutoTokenizer
+
+    from pdmesh.config import cache_dir
+
+    st = path.resolve().stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    folder = cache_dir() / "tokenizers" / key[:16]
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:  # write aside, then rename: concurrent starts never read half a folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+        hf.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+    except OSError:  # read-only home, or another process won the rename: no cache
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+    return hf
 
 
 def _check_messages(messages: Any) -> None:
