@@ -114,7 +114,13 @@ class Stack:
                 p.kill()
 
 
-def pdmesh_stack(s: Stack, tmp: Path, name: str, ids: list[int], src: str | None) -> None:
+# `pdmesh gateway` with uvloop as the asyncio policy (app.run does this once the CLI uses it)
+UVLOOP_CLI = ("import sys, asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy());"
+              " from pdmesh.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def pdmesh_stack(s: Stack, tmp: Path, name: str, ids: list[int], src: str | None,
+                 uvloop: bool = False) -> None:
     py = sys.executable
     s.log = str(tmp / f"{name}.sends")
     env = {"PYTHONPATH": src} if src else {}
@@ -124,7 +130,8 @@ def pdmesh_stack(s: Stack, tmp: Path, name: str, ids: list[int], src: str | None
     registry = m.group(1)
     s.add(spawn([py, FAKES, "grpc", "--registry", registry, "--ids", ",".join(map(str, ids)),
                  "--log", s.log], r"fake listening")[0])
-    gw, m = spawn([py, "-m", "pdmesh.cli", "gateway", "--registry", registry, "--host",
+    cli = ["-c", UVLOOP_CLI] if uvloop else ["-m", "pdmesh.cli"]
+    gw, m = spawn([py, *cli, "gateway", "--registry", registry, "--host",
                    "127.0.0.1", "--port", "0", "--grpc-port", "0"],
                   r"listening on (\S+) \(REST\)", env=env)
     s.gateway, s.url = s.add(gw), f"http://{m.group(1)}"
@@ -197,14 +204,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--pace-ms", type=float, default=50)
-    ap.add_argument("--only", nargs="*", help="targets to run: before after smg")
+    ap.add_argument("--only", nargs="*", help="targets to run: before after after-uvloop smg")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args()
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="gwceil-"))
     ids, words = word_ids()
     desc = machine()
-    targets = [("pdmesh (after)", "after", lambda s: pdmesh_stack(s, tmp, "after", ids, None))]
+    targets = [("pdmesh (after)", "after", lambda s: pdmesh_stack(s, tmp, "after", ids, None)),
+               ("pdmesh (after, uvloop)", "after-uvloop",
+                lambda s: pdmesh_stack(s, tmp, "uv", ids, None, uvloop=True))]
     if args.before:
         cc.link_mapped_packages(args.before)
         targets.insert(0, ("pdmesh (before)", "before",

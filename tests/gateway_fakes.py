@@ -3,7 +3,9 @@ with canned token streams, registered in a real registry. They test the gateway
 layer alone; the real workers are tested in tests/test_workers.py.
 
 Magic seeds steer them: PREFILL_FAILS makes Prefill fail (the decode then waits for
-KV that never comes, as a real one would), SLOW streams one token per 0.1 s.
+KV that never comes, as a real one would), SLOW streams one token per 0.1 s, ECHO
+streams the prompt's own token ids back (one per 20 ms: streams overlap), so a client
+can tell its tokens from another request's.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.v1 import registry_pb2 as rpb
 
-PREFILL_FAILS, SLOW = 666, 777
+PREFILL_FAILS, SLOW, ECHO = 666, 777, 888
 
 
 class FakeMesh:
@@ -30,6 +32,7 @@ class FakeMesh:
         self.cancelled: set[int] = set()
         self.requests: list[decode_pb2.DecodeRequest] = []
         self.lock = threading.Lock()
+        self.active = self.peak = 0  # decode streams running now / at most
 
     def room_event(self, room: int) -> threading.Event:
         with self.lock:
@@ -48,17 +51,29 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                              if not context.is_active() else None)
         if request.prefill_address and not mesh.room_event(request.room).wait(30):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no KV")
-        n = min(sp.max_tokens if sp.HasField("max_tokens") else 16, len(mesh.reply_ids))
+        reply = list(request.token_ids) if sp.seed == ECHO else mesh.reply_ids
+        n = min(sp.max_tokens if sp.HasField("max_tokens") else 16, len(reply))
+        with mesh.lock:
+            mesh.active += 1
+            mesh.peak = max(mesh.peak, mesh.active)
+        try:
+            yield from self._stream(request, context, reply, n)
+        finally:
+            with mesh.lock:
+                mesh.active -= 1
+
+    def _stream(self, request, context, reply, n):
+        mesh, sp = self.mesh, request.sampling_params
         for i in range(n):
             if not context.is_active():
                 return
-            if sp.seed == SLOW:
-                time.sleep(0.1)
+            if sp.seed in (SLOW, ECHO):
+                time.sleep(0.1 if sp.seed == SLOW else 0.02)
             last = i == n - 1
-            chunk = decode_pb2.DecodeChunk(token_ids=[mesh.reply_ids[i]])
+            chunk = decode_pb2.DecodeChunk(token_ids=[reply[i]])
             if sp.HasField("logprobs"):
-                chunk.logprobs.add(token_id=mesh.reply_ids[i], logprob=-0.5,
-                                   top_logprobs=[cpb.TopLogprob(token_id=mesh.reply_ids[i],
+                chunk.logprobs.add(token_id=reply[i], logprob=-0.5,
+                                   top_logprobs=[cpb.TopLogprob(token_id=reply[i],
                                                                 logprob=-0.5)] * sp.logprobs)
             if last:
                 chunk.finish_reason = cpb.FINISH_REASON_LENGTH
@@ -84,15 +99,16 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillResponse(room=request.room)
 
 
-def start_worker(mesh: FakeMesh, role: int, registry: str):
-    """A fake worker of `role` on a free port, registered; returns (server, client)."""
+def start_worker(mesh: FakeMesh, role: int, registry: str, max_workers: int = 32):
+    """A fake worker of `role` on a free port, registered; returns (server, client).
+    Each open stream (and each Prefill) holds one of its `max_workers` threads."""
     if role == rpb.WORKER_ROLE_PREFILL:
         svc = Servicer(FakePrefill(mesh), prefill_pb2_grpc.add_PrefillServicer_to_server,
                        service_name(prefill_pb2, "Prefill"))
     else:
         svc = Servicer(FakeDecode(mesh), decode_pb2_grpc.add_DecodeServicer_to_server,
                        service_name(decode_pb2, "Decode"))
-    server, port, _ = create_server("127.0.0.1:0", [svc])
+    server, port, _ = create_server("127.0.0.1:0", [svc], max_workers=max_workers)
     client = RegistryClient(registry, rpb.RegisterRequest(
         role=role, address=f"127.0.0.1:{port}", model_id="default"))
     client.start()

@@ -17,6 +17,17 @@ from pdmesh.services.gateway.server import GatewayServicer, create_server
 from pdmesh.services.gateway.transcoder import build_app
 
 
+def run(config: GatewayConfig, on_ready: Callable[[int, int], None]) -> None:
+    """`serve` on uvloop when it is installed (the gateway spends ~15% less CPU per
+    streamed token on it: benchmarks/gateway_ceiling.py), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config, on_ready))
+        return
+    uvloop.run(serve(config, on_ready))
+
+
 async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
                 stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGINT/SIGTERM), then drain for shutdown_grace_s.

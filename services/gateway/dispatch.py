@@ -98,6 +98,7 @@ class Dispatcher:
         self.pool, self.model = pool, model
         self.started = int(time.time())  # ListModels' "created"
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, type], object] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -105,10 +106,18 @@ class Dispatcher:
                 address, interceptors=tracing.aio_client_interceptors())
         return self._channels[address]
 
+    def _stub(self, address: str, cls):
+        """One stub per (worker, service): making one per request costs more than the call."""
+        stub = self._stubs.get((address, cls))
+        if stub is None:
+            stub = self._stubs[(address, cls)] = cls(self._channel(address))
+        return stub
+
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        self._stubs.clear()
 
     async def generate(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
                        detokenize: bool = True, obs: RequestObserver | None = None,
@@ -171,14 +180,14 @@ class Dispatcher:
                sampling: cpb.SamplingParams):
         """Start both legs: (decode stream call, prefill call or None)."""
         d, p = route.decode, route.prefill
-        dcall = decode_pb2_grpc.DecodeStub(self._channel(d.address)).Generate(
+        dcall = self._stub(d.address, decode_pb2_grpc.DecodeStub).Generate(
             decode_pb2.DecodeRequest(
                 room=room, prefill_worker_id=p.worker_id if p else "",
                 prefill_address=p.address if p else "", token_ids=prompt_ids,
                 sampling_params=sampling))
         pcall = None
         if p is not None:
-            pcall = prefill_pb2_grpc.PrefillStub(self._channel(p.address)).Prefill(
+            pcall = self._stub(p.address, prefill_pb2_grpc.PrefillStub).Prefill(
                 prefill_pb2.PrefillRequest(room=room, decode_worker_id=d.worker_id,
                                            decode_address=d.address, token_ids=prompt_ids,
                                            sampling_params=sampling))

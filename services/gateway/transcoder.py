@@ -50,6 +50,8 @@ _WELL_KNOWN = ("google.protobuf.Value", "google.protobuf.Struct", "google.protob
 # and clients index choices[0]["text"] unconditionally (sglang's bench_serving does).
 _KEEP_EMPTY = frozenset({"pdmesh.v1.CompletionChoice.text"})
 _BIG_BODY = 256 << 10  # request bodies larger than this are parsed on a thread
+# aiohttp's default (1 MiB) would refuse a long-context prompt (413); SMG takes 512 MB
+MAX_BODY = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ async def _errors(request: web.Request, handler):
 
 def build_app(servicer: Any, services: list[_d.ServiceDescriptor]) -> web.Application:
     """An aiohttp app with one route per annotated RPC of `services`."""
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     for service in services:
         for route in http_routes(service):
             app.router.add_route(route.verb, route.path, _handler(route, servicer))
