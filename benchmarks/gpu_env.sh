@@ -1,6 +1,7 @@
 # Prepare an offline GPU machine (the repo copied there) for the GPU runtime's runs.
 # Usage, from the repo root:  source benchmarks/gpu_env.sh
-# It installs what was carried under .whl/ (ignored by git) into /tmp/site, once:
+# It installs what was carried under .whl/ (ignored by git; scripts/gpu_wheels.sh builds it
+# and prints what each device call carries) into /tmp/site, once:
 #   .whl/w/*.whl          pure-python / small wheels the image lacks (gguf, grpc*, otel...)
 #   .whl/m/mc.tar.xz      Mooncake's CUDA build, stripped to the transfer engine, plus the
 #                         system libraries it links (libibverbs, libcurl, ...) as fallbacks
@@ -28,7 +29,10 @@ if [ ! -f $G ] && [ -f .whl/ga/part ] && [ -f .whl/gb/part ]; then
   cat .whl/ga/part .whl/gb/part > $G.tmp && mv $G.tmp $G
 fi
 [ -f $G ] && echo "default model: $G ($(md5sum < $G | cut -c1-32))" || echo "default model: absent"
-# setup.py maps services/ and kernels/ into pdmesh.*; without an install, link them
-ln -sfn ../services pdmesh/services
-ln -sfn ../kernels pdmesh/kernels
+# pdmesh.services / pdmesh.kernels are the committed symlinks pdmesh/services -> ../services
+# and pdmesh/kernels -> ../kernels; make them only where a tree lacks them
+for d in services kernels; do
+  [ -e pdmesh/$d ] || ln -sfn ../$d pdmesh/$d
+done
 export PYTHONPATH=$S:$PWD:$PWD/tests
+export PATH=$S/bin:$PATH  # py-spy (benchmarks/serve_gpu.py profiles)
