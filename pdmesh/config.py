@@ -331,8 +331,11 @@ class WorkerConfig:
     bootstrap_timeout: float = 300.0  # prefill: a room's Transfer must arrive within this
     waiting_timeout: float = 300.0  # decode: deadline on Prefill.Transfer
     shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGTERM
+    stream_interval: int = 1  # decode: tokens per stream message after the first
 
     def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.role not in WORKER_ROLES:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if self.transfer_protocol not in ("tcp", "rdma"):
@@ -367,6 +370,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_KV_TRANSFER_MODE": ("kv_transfer_mode", str),
     "PDMESH_BOOTSTRAP_TIMEOUT": ("bootstrap_timeout", float),
     "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
+    "PDMESH_STREAM_INTERVAL": ("stream_interval", int),
 }
 
 

@@ -154,3 +154,24 @@ def test_prefill_already_gone_fails_at_once():
         return eng, await consume(proto)
     eng, (toks, code) = run(main())
     assert code is Code.UNAVAILABLE and eng.freed(RID) == 1
+
+
+def test_stream_interval_coalesces_after_the_first_token():
+    """stream_interval 3: token 1 alone (TTFT), then messages of >= 3 tokens, and the
+    last message whatever is left when the request finishes."""
+    async def main():
+        proto, eng, peers, live = make()
+        proto.stream_interval = 3
+        msgs = []
+
+        async def consume_msgs():
+            async for outs, _ in proto.generate(ROOM, "", [1, 2, 3], None):
+                msgs.append([t for o in outs for t in o.new_token_ids])
+        task = asyncio.ensure_future(consume_msgs())
+        await settle()
+        for tok in range(1, 7):
+            eng.decode(RID, tok, finished=tok == 6)
+            await settle()
+        await task
+        return msgs
+    assert run(main()) == [[1], [2, 3, 4], [5, 6]]

@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdmesh registry: {e}", file=sys.stderr)
         return 2
     telemetry_flags.setup(telemetry, "pdmesh-registry")
-    return asyncio.run(_serve(args, config, telemetry))
+    from pdmesh import aio
+
+    return aio.run(_serve(args, config, telemetry))
 
 
 async def _serve(args: argparse.Namespace, config, telemetry) -> int:

@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
         p.add_argument("--waiting-timeout", type=float, default=None,
                        help="deadline in seconds on the prefill's Transfer (default 300; env "
                             "PDMESH_WAITING_TIMEOUT)")
+        p.add_argument("--stream-interval", type=int, default=None,
+                       help="tokens per stream message after the first (default 1; env "
+                            "PDMESH_STREAM_INTERVAL): larger values cost less CPU per "
+                            "token on the worker and the gateway at high concurrency")
         p.add_argument("--role", choices=("decode", "colocated"), default="decode",
                        help="decode (KV from prefill workers) or colocated (prefill and decode "
                             "in this engine, no transfer)")
@@ -70,7 +74,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "kv_transfer_mode": args.kv_transfer_mode, "shutdown_grace_s": args.shutdown_grace,
              "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
              "waiting_timeout": getattr(args, "waiting_timeout", None),
-             "role": getattr(args, "role", None) or role}
+             "role": getattr(args, "role", None) or role,
+             "stream_interval": getattr(args, "stream_interval", None)}
     worker = worker_config_from_env(WorkerConfig()).replace(
         **{k: v for k, v in flags.items() if v is not None})
     engine_flags = {"model": args.model, "page_size": args.page_size,
@@ -93,7 +98,9 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     from pdmesh.services.common.worker import WorkerHost
 
     host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
-    return asyncio.run(_serve(host, telemetry, create_server))
+    from pdmesh import aio
+
+    return aio.run(_serve(host, telemetry, create_server))
 
 
 async def _serve(host, telemetry, create_server) -> int:
@@ -117,6 +124,7 @@ async def _serve(host, telemetry, create_server) -> int:
     await host.start_registry(address, servicer.load, servicer.peer_gone)
     print(f"{worker.role} listening on {worker.host}:{port} (registered as "
           f"{host.registry.worker_id} at {address}, model {worker.model_id}{metrics})", flush=True)
+    print(f"{worker.role} ready {host.startup.line()}", flush=True)
     await stop.wait()
     await stop_aio_gracefully(server, health, worker.shutdown_grace_s)
     obs.stop()

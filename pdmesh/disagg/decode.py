@@ -65,11 +65,14 @@ class DecodeProtocol:
 
     def __init__(self, engine: Any, peers: PrefillPeers | None, kv: KVReceiver | None,
                  target_for: Any, waiting_timeout: float, liveness: Liveness | None = None,
-                 modes: tuple[Any, Any] = (ADOPTED, GENERATE)) -> None:
-        """`target_for(pages) -> TransferTarget` builds this worker's destination."""
+                 modes: tuple[Any, Any] = (ADOPTED, GENERATE), stream_interval: int = 1
+                 ) -> None:
+        """`target_for(pages) -> TransferTarget` builds this worker's destination;
+        `stream_interval`: tokens per stream message after the first (SGLang's
+        --stream-interval; fewer, larger messages cost the stream's hops less CPU)."""
         self.engine, self.peers, self.kv = engine, peers, kv
         self.target_for, self.waiting_timeout = target_for, waiting_timeout
-        self.liveness = liveness
+        self.liveness, self.stream_interval = liveness, stream_interval
         self.adopted_mode, self.generate_mode = modes
         self.rooms: dict[int, DecodeRoom] = {}
         self.quarantine = Quarantine(self._confirm_abort, engine.abort)
@@ -93,13 +96,24 @@ class DecodeProtocol:
                 await self._pull_kv(room, req)
             else:
                 room.stream = self.engine.add(req)
+            first = True
             while not room.finished:
-                outs = await room.stream.next_batch()
-                room.finished = bool(outs[-1].finished)
+                outs = await self._next(room.stream, 1 if first else self.stream_interval)
+                room.finished, first = bool(outs[-1].finished), False
                 yield outs, room
             self.counters.finished += 1
         finally:
             self.cleanup(room)
+
+    @staticmethod
+    async def _next(stream: Any, tokens: int) -> list[Any]:
+        """Outputs ready now, waiting for more until they hold `tokens` tokens or the
+        request finished."""
+        outs = await stream.next_batch()
+        while (not outs[-1].finished and
+               sum(len(o.new_token_ids) for o in outs) < tokens):
+            outs += await stream.next_batch()
+        return outs
 
     async def _pull_kv(self, room: DecodeRoom, req: Any) -> None:
         """Hold pages, ask the prefill to write them, adopt."""

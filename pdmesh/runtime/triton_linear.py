@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdmesh.runtime import tuning_cache
+
 MAX_ROWS = 16
 GEMV_ROWS = 4  # the CUDA-core kernel ("gemv") serves up to this many rows
 # (kernel, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape
@@ -120,13 +122,17 @@ class LinearDispatch:
             for rows in (1, 16):
                 key = (tuple(w.shape), w.dtype, rows)
                 if key not in by_shape:
-                    by_shape[key], report[f"{tuple(w.shape)}@{rows}"] = _pick(w, rows)
+                    k = tuning_cache.key("skinny", torch.cuda.get_device_name(w.device), *key)
+                    cfg, ratio = tuning_cache.cached(k, lambda: _pick(w, rows))
+                    by_shape[key] = None if cfg is None else tuple(cfg)
+                    report[f"{tuple(w.shape)}@{rows}"] = ratio
                 if by_shape[key] is not None:
                     self.choice[(w.data_ptr(), rows)] = by_shape[key]
         return report
 
 
-def _pick(w: torch.Tensor, rows: int) -> tuple[tuple | None, float]:
+def _pick(w: torch.Tensor, rows: int) -> list:
+    """[best config or None (cuBLAS), cuBLAS time / best time] for `w` at `rows` rows."""
     from triton.testing import do_bench
 
     x = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype)
@@ -143,4 +149,4 @@ def _pick(w: torch.Tensor, rows: int) -> tuple[tuple | None, float]:
         t = do_bench(lambda: skinny_linear(x, w, cfg), warmup=5, rep=25, return_mode="median")
         if t < best_t * 0.97:  # a clear win only
             best, best_t = cfg, t
-    return best, round(base / best_t, 2)
+    return [None if best is None else list(best), round(base / best_t, 2)]

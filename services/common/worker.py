@@ -9,8 +9,11 @@ and binds it to the running event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any, Callable
+import os
+import time
+from typing import Any, Callable, Iterator
 
 from pdmesh.config import EngineConfig, WorkerConfig
 from pdmesh.registry_client import RegistryClient
@@ -29,15 +32,52 @@ POOL_AXES = "page,layer,offset,kv,head,dim"  # pdmesh's page-major pool (model_r
 OnPeerGone = Callable[[str, str], None]
 
 
+class Startup:
+    """How long each start-up phase took, for the worker's `ready` line."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.monotonic()
+        yield
+        self.phases.append((name, time.monotonic() - t))
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.phases)
+        age = _process_age_s()
+        since = "" if age is None else f"{age:.1f} s after the process started, "
+        return f"{since}{time.monotonic() - self.t0:.1f} s after imports ({parts})"
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class WorkerHost:
     """Engine + transport + registry membership of one worker process."""
 
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig,
                  use_transport: bool = True) -> None:
         from pdmesh.runtime.engine import Engine
+        from pdmesh.runtime.loader import load_model
 
         self.config = config
-        self._engine = Engine(config=engine_config)
+        self.startup = Startup()
+        with self.startup.phase("model load"):
+            loaded = load_model(engine_config.model)
+        with self.startup.phase("engine (weights to device, kernel tuning, CUDA graphs)"):
+            self._engine = Engine(config=engine_config, loaded=loaded)
         self.model_config = self._engine.model_config
         self.tokenizer = self._engine.tokenizer
         self.metrics = WorkerMetrics()  # the servicer observes events into it
@@ -46,15 +86,19 @@ class WorkerHost:
         self.kv_base = 0
         self.kv_transfer_mode = "none"  # direct | staged | host (pdmesh.transfer.staged)
         if use_transport:
-            self.transport, self.kv_base, self.kv_transfer_mode = make_kv_transport(
-                "mooncake", self._engine.runner.kv, config.kv_transfer_mode,
-                hostname=config.advertise_host, protocol=config.transfer_protocol,
-                device_name=config.transfer_device)
-            print(f"KV transfer: {config.transfer_protocol}, mode {self.kv_transfer_mode} "
-                  f"(pool on {self._engine.runner.kv.device})", flush=True)
+            with self.startup.phase("KV transport"):
+                self._make_transport(config)
         self.engine: AsyncEngine | None = None
         self.registry: RegistryClient | None = None
         self.watch: RegistryWatch | None = None
+
+    def _make_transport(self, config: WorkerConfig) -> None:
+        self.transport, self.kv_base, self.kv_transfer_mode = make_kv_transport(
+            "mooncake", self._engine.runner.kv, config.kv_transfer_mode,
+            hostname=config.advertise_host, protocol=config.transfer_protocol,
+            device_name=config.transfer_device)
+        print(f"KV transfer: {config.transfer_protocol}, mode {self.kv_transfer_mode} "
+              f"(pool on {self._engine.runner.kv.device})", flush=True)
 
     async def start(self) -> "WorkerHost":
         """Start the engine loop on its thread, bound to the running event loop."""

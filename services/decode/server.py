@@ -40,7 +40,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.proto = DecodeProtocol(
             host.engine, self.peers, TransportReceiver(host.transport) if pd else None,
             self._target, host.config.waiting_timeout, liveness=host,
-            modes=(Mode.ADOPTED, Mode.GENERATE))
+            modes=(Mode.ADOPTED, Mode.GENERATE), stream_interval=host.config.stream_interval)
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Generate(self, request: pb.DecodeRequest, context):
