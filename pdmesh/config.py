@@ -332,8 +332,15 @@ class WorkerConfig:
     waiting_timeout: float = 300.0  # decode: deadline on Prefill.Transfer
     shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGTERM
     stream_interval: int = 1  # decode: tokens per stream message after the first
+    # The engine thread drops the GIL in every torch call and must take it back from the
+    # event-loop thread, which may keep it for a whole switch interval (Python's default
+    # 5 ms, longer than a GPU decode step); a short interval hands it back sooner.
+    gil_switch_interval_s: float = 0.0005
 
     def __post_init__(self) -> None:
+        if not 0 < self.gil_switch_interval_s <= 1:
+            raise ValueError(f"gil_switch_interval_s must be in (0, 1], got "
+                             f"{self.gil_switch_interval_s}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.role not in WORKER_ROLES:
@@ -371,6 +378,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_BOOTSTRAP_TIMEOUT": ("bootstrap_timeout", float),
     "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
     "PDMESH_STREAM_INTERVAL": ("stream_interval", int),
+    "PDMESH_GIL_SWITCH_INTERVAL": ("gil_switch_interval_s", float),
 }
 
 

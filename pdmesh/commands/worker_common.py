@@ -100,6 +100,7 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
     from pdmesh import aio
 
+    sys.setswitchinterval(worker.gil_switch_interval_s)
     return aio.run(_serve(host, telemetry, create_server))
 
 
