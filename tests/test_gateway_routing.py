@@ -2,8 +2,10 @@
 real (in-process) registry through Watch, and the transcoder's route table."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
+import threading
 import time
 
 import pytest
@@ -122,7 +124,10 @@ def test_pool_follows_a_real_registry_through_restart():
                                                                  heartbeat_max_failure=3))
     addr = f"127.0.0.1:{port}"
     pool = WorkerPool(addr, reconnect_s=0.1)
-    pool.start()
+    # the pool follows the registry on an event loop (the gateway's); here, a thread's
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    loop.call_soon_threadsafe(pool.start)
     try:
         a = reg(addr, rpb.WORKER_ROLE_PREFILL, 7001)
         b = reg(addr, rpb.WORKER_ROLE_DECODE, 7003)
@@ -140,7 +145,8 @@ def test_pool_follows_a_real_registry_through_restart():
         b.close(deregister=False)  # killed: EXPIRED after one lease
         wait_for(lambda: pool.workers() == [], timeout=5)
     finally:
-        pool.close()
+        loop.call_soon_threadsafe(pool.close)
+        loop.call_soon_threadsafe(loop.stop)
         server.stop(0)
 
 

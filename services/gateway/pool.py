@@ -1,10 +1,10 @@
 """The gateway's view of the mesh: workers followed through the registry's Watch stream.
 
-`WorkerPool.start()` runs a background thread that holds one `Registry.Watch` stream
-and applies its events (JOINED, LEFT, EXPIRED, UPDATED with load). When the stream
-breaks (registry restarted or unreachable) the thread reconnects every `reconnect_s`,
-keeping the last known workers routable meanwhile; on reconnecting, `ListWorkers`
-replaces the pool (members that vanished meanwhile are dropped).
+`WorkerPool.start()` (inside the gateway's event loop) follows the registry with
+pdmesh.registry_watch.RegistryWatch and applies its events (JOINED, LEFT, EXPIRED,
+UPDATED with load). When the stream breaks (registry restarted or unreachable) it
+reconnects every `reconnect_s`, keeping the last known workers routable meanwhile; on
+reconnecting, the member list replaces the pool (members that vanished are dropped).
 
 `route()` picks what serves one request:
   - mode "pd": a (prefill, decode) pair, each by its own policy;
@@ -19,11 +19,9 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import grpc
-
 from pdmesh.config import ROUTING_MODES
+from pdmesh.registry_watch import RegistryWatch
 from pdmesh.v1 import registry_pb2 as rpb
-from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
 from pdmesh.services.gateway.routing import Load, Policy, Worker, make_policy
 
 log = logging.getLogger(__name__)
@@ -76,9 +74,7 @@ class WorkerPool:
         self._reconnect_s = reconnect_s
         self._workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._call = None
-        self._thread: threading.Thread | None = None
+        self._watch: RegistryWatch | None = None
         self.synced = threading.Event()  # set once a member list was applied
 
     # ---- membership -------------------------------------------------------------
@@ -151,36 +147,11 @@ class WorkerPool:
         except NoRoute:
             return False
 
-    # ---- the Watch thread -------------------------------------------------------
+    # ---- following the registry -----------------------------------------------
     def start(self) -> None:
-        """Follow the registry in a daemon thread (reconnecting until `close`)."""
-        self._thread = threading.Thread(target=self._run, name="gateway-watch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._watch_once()
-            except grpc.RpcError as e:
-                if not self._stop.is_set():
-                    log.warning("registry watch broke (%s); reconnecting", e.code())
-            self._stop.wait(self._reconnect_s)
-
-    def _watch_once(self) -> None:
-        with grpc.insecure_channel(self._registry_addr) as channel:
-            stub = rpb_grpc.RegistryStub(channel)
-            self._call = stub.Watch(rpb.WatchRequest(), wait_for_ready=True)
-            if self._stop.is_set():
-                self._call.cancel()
-            # Watch first, then the member list: the list replaces the pool (workers
-            # that vanished while we were disconnected are dropped; after a registry
-            # restart every worker re-registers under a new id), and the stream's
-            # opening JOINED events and later changes are applied on top of it.
-            members = stub.ListWorkers(rpb.ListWorkersRequest(), wait_for_ready=True,
-                                       timeout=10).workers
-            self._replace(members)
-            for event in self._call:
-                self.apply(rpb.WorkerEvent.Type.Name(event.type), event.worker)
+        """Follow the registry (call inside the running event loop) until `close`."""
+        self._watch = RegistryWatch(self._registry_addr, self.apply, self._reconnect_s,
+                                    on_sync=self._replace).start()
 
     def _replace(self, members) -> None:
         ids = {info.worker_id for info in members}
@@ -192,8 +163,6 @@ class WorkerPool:
         self.synced.set()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._call is not None:
-            self._call.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        """Stop following the registry (on the event loop's thread)."""
+        if self._watch is not None:
+            self._watch.cancel()
