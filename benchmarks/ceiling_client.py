@@ -7,6 +7,7 @@ so a delta's token count is its count of spaces).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -66,11 +67,16 @@ async def one_stream(session: aiohttp.ClientSession, url: str, payload: dict
 
 
 async def load(url: str, streams: int, max_tokens: int, seconds: float, seed: int) -> Result:
-    """`streams` concurrent clients, each sending requests until `seconds` have passed."""
+    """`streams` concurrent clients, each sending requests until `seconds` have passed.
+    Paced (seed > 0: microseconds a token), client i starts i / streams of one request's
+    duration late, so request starts are spread out as in steady traffic rather than
+    arriving all at once every request."""
     res, payload = Result(), body(max_tokens, seed)
     deadline = time.monotonic() + seconds
+    spread = max_tokens * seed / 1e6
 
-    async def client(session):
+    async def client(session, i):
+        await asyncio.sleep(spread * i / streams)
         while time.monotonic() < deadline:
             try:
                 rid, events = await one_stream(session, url, payload)
@@ -81,12 +87,15 @@ async def load(url: str, streams: int, max_tokens: int, seconds: float, seed: in
             res.tokens += sum(k for _, k in events)
             res.streams.append((rid, events))
 
+    gc.collect()
+    gc.disable()  # a full collection of this process would read as the gateway's latency
     t0 = time.monotonic()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn,
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
-        await asyncio.gather(*(client(session) for _ in range(streams)))
+        await asyncio.gather(*(client(session, i) for i in range(streams)))
     res.wall = time.monotonic() - t0
+    gc.enable()
     return res
 
 

@@ -41,9 +41,11 @@ WORDS = ("the of and to in is was for on with as by at from his that it he are t
          "other new some time could these two may then do first any my now such like").split()
 
 
-def spawn(cmd: list[str], pattern: str, env: dict | None = None, timeout: float = 120):
+def spawn(cmd: list[str], pattern: str, env: dict | None = None, timeout: float = 120,
+          cwd: str | None = None):
     """Start `cmd`; return (process, match) once a line of its output matches."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=cwd,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                                  **(env or {})}, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -133,7 +135,7 @@ def pdmesh_stack(s: Stack, tmp: Path, name: str, ids: list[int], src: str | None
     cli = ["-c", UVLOOP_CLI] if uvloop else ["-m", "pdmesh.cli"]
     gw, m = spawn([py, *cli, "gateway", "--registry", registry, "--host",
                    "127.0.0.1", "--port", "0", "--grpc-port", "0"],
-                  r"listening on (\S+) \(REST\)", env=env)
+                  r"listening on (\S+) \(REST\)", env=env, cwd=src)  # src's pdmesh first
     s.gateway, s.url = s.add(gw), f"http://{m.group(1)}"
     cc.wait_ready(s.url)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
 
@@ -175,6 +176,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--log", required=True, help="append per-stream send times here")
     args = ap.parse_args()
+    gc.disable()  # a collection pause here would read as the gateway's latency
     asyncio.run(run_grpc(args) if args.kind == "grpc" else run_openai(args))
 
 

