@@ -6,8 +6,11 @@
 Behind each gateway sits a fake that streams tokens as fast as its process can
 (benchmarks/gateway_fakes_bench.py): for pdmesh a grpc.aio process serving Decode and
 Prefill, registered with a real registry, in front of the real `pdmesh gateway`; for SMG
-a tiny aiohttp OpenAI server behind `smg launch --worker-urls`. `--before DIR` adds the
-pdmesh gateway of another checkout (a `git worktree` of an older commit), run the same way.
+a tiny aiohttp OpenAI server behind `smg launch --worker-urls` (`pip install smg`, e.g.
+into its own venv; the row is left out when --smg is not there). `--before DIR` adds the
+pdmesh gateway of another checkout (a `git worktree` of an older commit), run the same
+way from that folder; "after, uvloop" is this checkout's gateway with uvloop's loop.
+Results: benchmarks/results/2026-11-29-gateway-ceiling-cpu.md.
 
 Per gateway, two phases of `--streams` concurrent streaming chat requests (each stream
 sends request after request until `--seconds` have passed):
