@@ -25,6 +25,16 @@ except ImportError:  # the stdlib parser is slower but gives the same result
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
+def set_prompt_bytes(n: int) -> None:
+    """Make the prompt about `n` bytes of English-like words (0: the short default)."""
+    if n <= 0:
+        return
+    words = ("the lighthouse keeper saw a ship in the storm and lit the lamp again while "
+             "waves broke on the rocks below the old tower at night ").split()
+    text = " ".join(words[i % len(words)] for i in range(n // 4))[:n]
+    PROMPT[0] = {"role": "user", "content": text}
+
+
 @dataclass
 class Result:
     tokens: int = 0

@@ -209,9 +209,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--pace-ms", type=float, default=50)
+    ap.add_argument("--prompt-bytes", type=int, default=0,
+                    help="prompt size (default: one short sentence)")
     ap.add_argument("--only", nargs="*", help="targets to run: before after after-uvloop smg")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args()
+    cc.set_prompt_bytes(args.prompt_bytes)
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="gwceil-"))
     ids, words = word_ids()
@@ -236,8 +239,9 @@ def main() -> None:
         finally:
             stack.close()
         print(f"{name}: {rows[-1][1]}", flush=True)
+    prompt = f"{args.prompt_bytes} B prompts" if args.prompt_bytes else "short prompts"
     text = (f"{args.streams} concurrent streams, {args.max_tokens} tokens a request, "
-            f"{args.seconds:g} s a phase.\nMachine: {desc}\n\n" + table(rows, args))
+            f"{prompt}, {args.seconds:g} s a phase.\nMachine: {desc}\n\n" + table(rows, args))
     print(text)
     if args.out:
         Path(args.out).write_text(text)

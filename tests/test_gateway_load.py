@@ -19,6 +19,7 @@ import pytest
 
 from gateway_fakes import ECHO, SLOW, FakeMesh, start_worker
 from test_gateway import KEY, MAX_LEN, REPLY, spawn, tok, wait_health  # noqa: F401 (fixture)
+from pdmesh.services.gateway.server import INLINE_PROMPT_BYTES
 from pdmesh.v1 import registry_pb2 as rpb
 
 STREAMS = 256
@@ -84,6 +85,19 @@ def test_256_concurrent_streams_each_get_their_own_tokens(mesh, tok):
         assert text == tok.decode(tok.apply_chat_template(convo))  # its own prompt, echoed
     assert len({text for text, _ in results}) == STREAMS
     assert mesh.peak >= STREAMS // 4, mesh.peak  # the streams really ran side by side
+
+
+def test_a_long_prompt_is_tokenized_on_a_thread_and_served(mesh, tok):
+    convo = [{"role": "user", "content": " ".join(["lighthouse"] * 230)}]
+    assert len(convo[0]["content"]) > INLINE_PROMPT_BYTES  # the thread path
+    body = {"model": "default", "messages": convo, "max_tokens": 150, "seed": ECHO}
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            return await stream_text(s, f"http://{mesh.rest}/v1/chat/completions", body)
+
+    text, _ = asyncio.run(run())
+    assert text == tok.decode(tok.apply_chat_template(convo)[:150])
 
 
 def slow_stream_gaps(mesh, until: threading.Event | None = None,
