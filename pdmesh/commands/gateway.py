@@ -6,7 +6,6 @@ runs until SIGINT or SIGTERM and stops gracefully (in-flight requests may finish
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from pdmesh.commands import telemetry_flags
@@ -37,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (env PDMESH_API_KEY)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit for prompt + output (default: the model's)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="gateway processes sharing the ports (default 1; env "
+                        "PDMESH_GATEWAY_PROCESSES): one process streams from one core")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     telemetry_flags.add_arguments(p, metrics_port=False)  # /metrics is on the REST port
 
 
@@ -44,15 +47,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """Defaults, then PDMESH_* env, then flags (flags win)."""
     config = gateway_config_from_env(GatewayConfig())
     flags = {"registry": args.registry, "prefill_policy": args.prefill_policy,
-             "decode_policy": args.decode_policy, "mode": args.mode, "api_key": args.api_key}
+             "decode_policy": args.decode_policy, "mode": args.mode, "api_key": args.api_key,
+             "processes": args.processes}
     return config.replace(model=args.model, served_model_name=args.served_model_name,
                           host=args.host, port=args.port, grpc_port=args.grpc_port,
-                          max_model_len=args.max_model_len,
+                          max_model_len=args.max_model_len, reuse_port=args.reuse_port,
                           **{k: v for k, v in flags.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdmesh.services.gateway.app import serve
+    from pdmesh.services.gateway.app import run as run_app
 
     try:
         config = config_from_args(args)
@@ -60,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdmesh gateway: {e}", file=sys.stderr)
         return 2
+    if config.processes > 1:
+        from pdmesh.commands.gateway_group import run_group
+
+        return run_group(config)
     telemetry_flags.setup(telemetry, "pdmesh-gateway")
 
     def ready(rest_port: int, grpc_port: int) -> None:
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
               "/metrics", flush=True)
 
     try:
-        asyncio.run(serve(config, ready))
+        run_app(config, ready)
     except (FileNotFoundError, ValueError) as e:
         print(f"pdmesh gateway: {e}", file=sys.stderr)
         return 2

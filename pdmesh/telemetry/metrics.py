@@ -33,7 +33,8 @@ class GatewayMetrics:
         self.requests = Counter("pdmesh_gateway_requests", "Requests by endpoint and final "
                                 "status (gRPC code name; OK = finished)", ["endpoint", "status"],
                                 registry=r)
-        self.running = Gauge("pdmesh_gateway_requests_running", "Requests in flight", registry=r)
+        self.running = Gauge("pdmesh_gateway_requests_running", "Requests in flight",
+                             registry=r, multiprocess_mode="livesum")
         self.ttft = _hist("pdmesh_gateway_time_to_first_token_seconds",
                           "Request arrival at the gateway to its first token", r)
         self.tpot = _hist("pdmesh_gateway_time_per_output_token_seconds",
@@ -214,6 +215,20 @@ def serve_http(registry: CollectorRegistry, host: str, port: int) -> int:
 
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server.server_address[1]
+
+
+def render_gateway(registry: CollectorRegistry) -> bytes:
+    """The gateway's /metrics: its own registry, or, when it is one of several gateway
+    processes (PROMETHEUS_MULTIPROC_DIR set), the sum over all of them."""
+    import os
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return render(registry)
+    from prometheus_client import multiprocess
+
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    return generate_latest(merged)
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -10,7 +10,7 @@ from typing import Callable
 from aiohttp import web
 
 from pdmesh.config import GatewayConfig
-from pdmesh.telemetry.metrics import CONTENT_TYPE, GatewayMetrics, render
+from pdmesh.telemetry.metrics import CONTENT_TYPE, GatewayMetrics, render_gateway
 from pdmesh.v1 import gateway_pb2 as gpb
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.pool import WorkerPool
@@ -57,12 +57,12 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
     app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]])
     app.router.add_get("/metrics", lambda _: web.Response(
-        body=render(metrics.registry), headers={"Content-Type": CONTENT_TYPE}))
+        body=render_gateway(metrics.registry), headers={"Content-Type": CONTENT_TYPE}))
     # handler_cancellation: a client that disconnects cancels its handler, and with it
     # both legs of its request, even while no token is being written
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.reuse_port or None)
     await site.start()
     rest_port = site._server.sockets[0].getsockname()[1]
     freeze_startup_objects()
