@@ -9,7 +9,7 @@ Prefill, registered with a real registry, in front of the real `pdmesh gateway`;
 a tiny aiohttp OpenAI server behind `smg launch --worker-urls` (`pip install smg`, e.g.
 into its own venv; the row is left out when --smg is not there). `--before DIR` adds the
 pdmesh gateway of another checkout (a `git worktree` of an older commit), run the same
-way from that folder; "after, uvloop" is this checkout's gateway with uvloop's loop.
+way from that folder.
 Results: benchmarks/results/2026-11-29-gateway-ceiling-cpu.md.
 
 Per gateway, two phases of `--streams` concurrent streaming chat requests (each stream
@@ -119,13 +119,8 @@ class Stack:
                 p.kill()
 
 
-# `pdmesh gateway` with uvloop as the asyncio policy (app.run does this once the CLI uses it)
-UVLOOP_CLI = ("import sys, asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy());"
-              " from pdmesh.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
 def pdmesh_stack(s: Stack, tmp: Path, name: str, ids: list[int], src: str | None,
-                 uvloop: bool = False) -> None:
+                 extra: list[str] = ()) -> None:
     py = sys.executable
     s.log = str(tmp / f"{name}.sends")
     env = {"PYTHONPATH": src} if src else {}
@@ -135,9 +130,8 @@ def pdmesh_stack(s: Stack, tmp: Path, name: str, ids: list[int], src: str | None
     registry = m.group(1)
     s.add(spawn([py, FAKES, "grpc", "--registry", registry, "--ids", ",".join(map(str, ids)),
                  "--log", s.log], r"fake listening")[0])
-    cli = ["-c", UVLOOP_CLI] if uvloop else ["-m", "pdmesh.cli"]
-    gw, m = spawn([py, *cli, "gateway", "--registry", registry, "--host",
-                   "127.0.0.1", "--port", "0", "--grpc-port", "0"],
+    gw, m = spawn([py, "-m", "pdmesh.cli", "gateway", "--registry", registry, "--host",
+                   "127.0.0.1", "--port", "0", "--grpc-port", "0", *extra],
                   r"listening on (\S+) \(REST\)", env=env, cwd=src)  # src's pdmesh first
     s.gateway, s.url = s.add(gw), f"http://{m.group(1)}"
     cc.wait_ready(s.url)
@@ -211,7 +205,9 @@ def main() -> None:
     ap.add_argument("--pace-ms", type=float, default=50)
     ap.add_argument("--prompt-bytes", type=int, default=0,
                     help="prompt size (default: one short sentence)")
-    ap.add_argument("--only", nargs="*", help="targets to run: before after after-uvloop smg")
+    ap.add_argument("--only", nargs="*", help="targets to run: before after smg")
+    ap.add_argument("--gateway-arg", action="append", default=[],
+                    help="extra flag for this checkout's gateway, e.g. --gateway-arg=--processes=2")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args()
     cc.set_prompt_bytes(args.prompt_bytes)
@@ -219,9 +215,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gwceil-"))
     ids, words = word_ids()
     desc = machine()
-    targets = [("pdmesh (after)", "after", lambda s: pdmesh_stack(s, tmp, "after", ids, None)),
-               ("pdmesh (after, uvloop)", "after-uvloop",
-                lambda s: pdmesh_stack(s, tmp, "uv", ids, None, uvloop=True))]
+    after = "pdmesh (after" + "".join(f", {a}" for a in args.gateway_arg) + ")"
+    targets = [(after, "after", lambda s: pdmesh_stack(s, tmp, "after", ids, None,
+                                                       args.gateway_arg))]
     if args.before:
         cc.link_mapped_packages(args.before)
         targets.insert(0, ("pdmesh (before)", "before",
