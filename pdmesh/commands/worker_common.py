@@ -55,13 +55,13 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
         p.add_argument("--waiting-timeout", type=float, default=None,
                        help="deadline in seconds on the prefill's Transfer (default 300; env "
                             "PDMESH_WAITING_TIMEOUT)")
-        p.add_argument("--stream-interval", type=int, default=None,
-                       help="tokens per stream message after the first (default 1; env "
-                            "PDMESH_STREAM_INTERVAL): larger values cost less CPU per "
-                            "token on the worker and the gateway at high concurrency")
         p.add_argument("--role", choices=("decode", "colocated"), default="decode",
                        help="decode (KV from prefill workers) or colocated (prefill and decode "
                             "in this engine, no transfer)")
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="decode: tokens per stream message after the first (default 1; env "
+                        "PDMESH_STREAM_INTERVAL): larger values cost less CPU per token on "
+                        "the worker and the gateway at high concurrency (a prefill ignores it)")
     telemetry_flags.add_arguments(p, metrics_port=True, summaries=True)
 
 
