@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from pdmesh import Engine, SamplingParams
 from pdmesh.config import EngineConfig, engine_config_from_env
+from pdmesh.runtime.fused import CpuForward
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.model_runner import ModelRunner
 from pdmesh.runtime.loader import resolve_model_path
@@ -52,6 +53,7 @@ def test_runner_rejects_bad_numerics(default_model):
     # "auto" resolves to the torch backend in reference mode, with no fused path
     r = ModelRunner(net, 4, 16, torch.float32, "cpu", numerics="reference")
     assert r.backend == "torch" and r.fused is None and r.graphs is None and net.reference
+    assert r.cpu_forward is None
 
 
 class _Calls(TorchFunctionMode):
@@ -108,17 +110,33 @@ def test_reference_runs_separate_gemms_on_views_and_4d_sdpa(default_model):
     assert calls.sdpa_dims == {4}
 
     fast = Engine(loaded=default_model, page_size=16, num_pages=64)
+    fwd = fast.runner.cpu_forward
+    assert isinstance(fwd, CpuForward)  # the CPU fast path: packed oneDNN linears
+    shapes_of = {id(w): tuple(lin.weight.shape) for lin, w in _packed(fwd)}
+    seen, linear = [], fwd._linear
+    fwd._linear = lambda x, w, b=None: seen.append(shapes_of[id(w)]) or linear(x, w, b)
     with _Calls() as calls:
         _prefill_and_decode(fast, [list(range(100, 120))], steps=1)
-    # one fused qkv and one fused gate_up GEMM per layer (the CPU LM head is a matmul)
-    assert [s for s, _ in calls.linear] == [(q + 2 * kv, d), (d, q), (2 * c.intermediate_size, d),
-                                           (d, c.intermediate_size)] * c.num_layers
-    assert calls.sdpa_dims == {3}
+    # one fused qkv and one fused gate_up GEMM per layer, then the LM head on the last row
+    assert seen == [(q + 2 * kv, d), (d, q), (2 * c.intermediate_size, d),
+                    (d, c.intermediate_size)] * c.num_layers + [(c.vocab_size, d)]
+    assert calls.linear == [] and calls.sdpa_dims == {4}
+
+
+def _packed(fwd: CpuForward):
+    """(nn.Linear, the weight CpuForward passes for it) for every linear of the model."""
+    out = [(fwd.lm.lm_head, fwd.head)]
+    for layer, (_, w_qkv, _, w_o, _, w_gu, w_down, _) in zip(fwd.lm.model.layers, fwd.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        out += [(a.qkv_proj, w_qkv), (a.o_proj, w_o), (mlp.gate_up_proj, w_gu),
+                (mlp.down_proj, w_down)]
+    return out
 
 
 def test_reference_logits_equal_fast_in_fp32(default_model):
-    fast = Engine(loaded=default_model, page_size=16, num_pages=256)
-    ref = Engine(loaded=default_model, page_size=16, num_pages=256, numerics="reference")
+    fast = Engine(loaded=default_model, dtype="float32", page_size=16, num_pages=256)
+    ref = Engine(loaded=default_model, dtype="float32", page_size=16, num_pages=256,
+                 numerics="reference")
     prompts = [fast.tokenizer.apply_chat_template([{"role": "user", "content": q}])
                for q in QUESTIONS[:3]]
     a, b = _prefill_and_decode(fast, prompts, 5), _prefill_and_decode(ref, prompts, 5)

@@ -50,6 +50,7 @@ class ModelRunner:
 
     On CUDA with the triton backend the forward runs fused kernels (fused.py) and decode
     batches replay CUDA graphs (cuda_graph.py) when `cuda_graphs` and they fit.
+    On CPU the forward is fused.CpuForward (oneDNN linears on packed weights): `cpu_forward`.
     `numerics="reference"` runs transformers' op order instead (CausalLM.set_reference_numerics):
     torch attention, eager, no fused forward or graphs; greedy tokens then equal
     transformers' at batch 1 (whole-prompt prefill, then one token per step) in bf16 too."""
@@ -69,7 +70,8 @@ class ModelRunner:
             attention_backend = "torch"
         self.backend = resolve_attention_backend(attention_backend, self.device)
         self.attn_cls = get_attention_backend(self.backend)
-        self.fused = self.graphs = None
+        self.fused = self.graphs = None  # GPU: FusedForward, DecodeGraphs
+        self.cpu_forward = None  # CPU, numerics="fast": CpuForward
         self.linear_speedups: dict[str, float] = {}
         if model.reference != self.reference:
             model.set_reference_numerics(self.reference)
@@ -78,6 +80,11 @@ class ModelRunner:
             from pdmesh.runtime.fused import FusedForward
 
             self.fused = FusedForward(model, self.device)
+        elif self.device.type == "cpu" and not self.reference:
+            from pdmesh.runtime.fused import CpuForward
+
+            self.cpu_forward = CpuForward(model)
+        self._fast = self.fused if self.fused is not None else self.cpu_forward
         if cuda_graphs and self.fused is not None and self.device.type == "cuda":
             from pdmesh.runtime.cuda_graph import DecodeGraphs, graph_batch_sizes as pick_sizes
 
@@ -93,7 +100,7 @@ class ModelRunner:
 
     def run(self, batch: Batch) -> torch.Tensor:
         """Forward `batch`, writing its KV; returns float32 logits [n_sampled, V]."""
-        if self.fused is not None:
+        if self._fast is not None:
             return self._run_fused(batch)
         ids, pos, spans, last = self._flatten(batch)
         meta = AttnMetadata.build(spans, self.page_size, self.device)
@@ -115,7 +122,8 @@ class ModelRunner:
         return torch.stack(rows)  # [n_sampled, V]
 
     def _run_fused(self, batch: Batch) -> torch.Tensor:
-        """The GPU path: no host sync (inputs go through pinned memory, async)."""
+        """The fast path (CpuForward, or FusedForward on the GPU: no host sync there, inputs
+        go through pinned memory, async)."""
         seqs = batch.seqs
         if self.graphs is not None and seqs and all(s.length == 1 and s.sample for s in seqs) \
                 and self.graphs.fits(len(seqs), max(s.start + 1 for s in seqs)):
@@ -123,28 +131,28 @@ class ModelRunner:
                                    [s.req.pages for s in seqs], [s.start + 1 for s in seqs])
         ids, pos, spans, last = self._flatten(batch)
         meta = self.attn_cls.build_metadata(spans, self.page_size, self.device)
-        hidden = self.fused(to_device(torch.tensor(ids), self.device),
+        hidden = self._fast(to_device(torch.tensor(ids), self.device),
                             to_device(pos, self.device), self.kv, meta)  # [T, D]
         if not last:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
         if len(last) < hidden.shape[0]:
             hidden = hidden[to_device(torch.tensor(last), self.device)]
-        return self.fused.logits(hidden)
+        return self._fast.logits(hidden)
 
     def _flatten(self, batch: Batch) -> tuple[list[int], torch.Tensor, list[SeqSpan], list[int]]:
         """The batch as one flat sequence: token ids [T], positions [T], one SeqSpan per
         sequence, and the flat indices of the rows to sample."""
-        ids, spans, last = [], [], []
+        ids, pos, spans, last = [], [], [], []
         q_start = 0
         for s in batch.seqs:
             r, end = s.req, s.start + s.length
             ids.extend(r.token_at(i) for i in range(s.start, end))
+            pos.extend(range(s.start, end))
             spans.append(self._span(r.pages, q_start, s.length, end))
             q_start += s.length
             if s.sample:
                 last.append(q_start - 1)
-        pos = torch.cat([torch.arange(s.start, s.start + s.length) for s in batch.seqs])
-        return ids, pos, spans, last
+        return ids, torch.tensor(pos, dtype=torch.long), spans, last
 
     def _span(self, pages: list[int], q_start: int, q_len: int, ctx_len: int) -> SeqSpan:
         n = -(-ctx_len // self.page_size)

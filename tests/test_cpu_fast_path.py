@@ -1,0 +1,152 @@
+"""The CPU fast path (fused.CpuForward, TorchAttention's fast layouts) and dtype="auto".
+
+CpuForward computes CausalLM.forward's function with oneDNN-packed linears; its fp32
+logits equal the reference forward's to fp32 tolerance and greedy tokens equal
+transformers' fp32 ones (test_engine_hf, test_numerics); here: each attention layout
+against plain softmax attention, every architecture's branches (qkv bias, q/k norm, tied
+head) against CausalLM.forward, bf16 against fp32, and how "auto" picks the dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdmesh import Engine, SamplingParams
+from pdmesh.runtime.attention import AttnMetadata, SeqSpan, TorchAttention, gather_pages
+from pdmesh.runtime.fused import CpuForward, onednn_linear_supported
+from tiny_models import ARCHS, write_tiny_hf_model
+
+
+def test_gather_pages_equals_indexing():
+    kv = torch.randn(11, 3, 4, 2, 2, 8)  # [P, L, page, 2, Hkv, D]
+    table = torch.tensor([[7, 2, 9], [0, 10, 4]])
+    for layer in range(3):
+        got = gather_pages(kv[:, layer], table)
+        assert torch.equal(got, kv[:, layer][table].flatten(1, 2))
+
+
+def _reference_attention(q, k, v, prefix):
+    """q [S, H, D], k/v [ctx, Hkv, D]: softmax attention in float64, causal after `prefix`."""
+    h, hkv = q.shape[1], k.shape[1]
+    k = k.double().repeat_interleave(h // hkv, 1)
+    v = v.double().repeat_interleave(h // hkv, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * q.shape[-1] ** -0.5
+    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(prefix)
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", p, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_layouts_match_softmax_attention(dtype):
+    """Prefill without a prefix (over the new K/V), chunk after a prefix, one-token decode
+    and batched decode (grouped query heads), each against float64 softmax attention."""
+    torch.manual_seed(0)
+    h, hkv, d, page, pages = 6, 2, 16, 4, 40
+    kv = torch.zeros(pages, 1, page, 2, hkv, d, dtype=dtype)
+    layer = kv[:, 0]
+    attn = TorchAttention(h, hkv, d)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    tables = [torch.tensor([5, 17, 3, 30, 8, 25]), torch.tensor([21, 1, 12]), torch.tensor([9, 33])]
+    full = {}
+    # step 1: two prompts (lengths 13, 9) in one forward, no prefix
+    lens = [13, 9]
+    spans, start = [], 0
+    for t, n in zip(tables, lens):
+        spans.append(SeqSpan(start, n, n, t[: -(-n // page)]))
+        start += n
+    q, k, v = (torch.randn(sum(lens), x, d, dtype=dtype) for x in (h, hkv, hkv))
+    meta = AttnMetadata.build(spans, page)
+    attn.store(layer, k, v, meta)
+    out = attn.forward(q, layer, meta, k, v)
+    for s in spans:
+        r = slice(s.q_start, s.q_start + s.q_len)
+        full[s.q_len] = (k[r], v[r])
+        torch.testing.assert_close(out[r].double(), _reference_attention(q[r], k[r], v[r], 0), **tol)
+    # step 2: a 6-token chunk after the 13-token prefix (masked, read from the pages)
+    s = SeqSpan(0, 6, 19, tables[0][:5])
+    q2, k2, v2 = (torch.randn(6, x, d, dtype=dtype) for x in (h, hkv, hkv))
+    meta = AttnMetadata.build([s], page)
+    attn.store(layer, k2, v2, meta)
+    kc, vc = torch.cat((full[13][0], k2)), torch.cat((full[13][1], v2))
+    got = attn.forward(q2, layer, meta, k2, v2)
+    torch.testing.assert_close(got.double(), _reference_attention(q2, kc, vc, 13), **tol)
+    # step 3: one decode token for seq 0 alone, then a batched decode of both
+    ctx = {0: (kc, vc), 1: full[9]}
+    for batch in ([0], [0, 1]):
+        spans, qs = [], []
+        for j, i in enumerate(batch):
+            n = ctx[i][0].shape[0] + 1
+            spans.append(SeqSpan(j, 1, n, tables[i][: -(-n // page)]))
+        qd, kd, vd = (torch.randn(len(batch), x, d, dtype=dtype) for x in (h, hkv, hkv))
+        meta = AttnMetadata.build(spans, page)
+        assert (meta.decode_table is not None) == (len(batch) > 1)
+        attn.store(layer, kd, vd, meta)
+        got = attn.forward(qd, layer, meta, kd, vd)
+        for j, i in enumerate(batch):
+            ctx[i] = (torch.cat((ctx[i][0], kd[j: j + 1])), torch.cat((ctx[i][1], vd[j: j + 1])))
+            want = _reference_attention(qd[j: j + 1], *ctx[i], ctx[i][0].shape[0] - 1)
+            torch.testing.assert_close(got[j: j + 1].double(), want, **tol)
+
+
+def _logits(engine: Engine, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    for ids in prompts:
+        engine.add_request(prompt_token_ids=ids, params=params)
+    out = []
+    orig = engine.runner.run
+
+    def run(batch):
+        r = orig(batch)
+        out.append(r.clone())
+        return r
+
+    engine.runner.run = run
+    while engine.has_unfinished():
+        engine.step()
+    engine.runner.run = orig
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cpu_forward_matches_torch_forward_every_arch(tmp_path, arch):
+    """qkv bias (qwen2), q/k norm (qwen3), tied head, llama3 rope: CpuForward's fp32 logits
+    equal CausalLM.forward's (numerics=reference runs it) through prefill and decodes."""
+    overrides = {"qwen2": {"tie_word_embeddings": True}}.get(arch, {})
+    write_tiny_hf_model(tmp_path, arch, seed=5, **overrides)
+    fast = Engine(model=str(tmp_path), dtype="float32", page_size=4, num_pages=128)
+    ref = Engine(model=str(tmp_path), dtype="float32", page_size=4, num_pages=128,
+                 numerics="reference")
+    assert isinstance(fast.runner.cpu_forward, CpuForward) and ref.runner.cpu_forward is None
+    prompts = [[5, 9, 13, 2, 7, 7, 1], [3, 4], [11] * 10]
+    a, b = _logits(fast, prompts, 4), _logits(ref, prompts, 4)
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not onednn_linear_supported(torch.bfloat16), reason="no oneDNN bf16 here")
+def test_bf16_fast_path_tracks_fp32(default_model):
+    """bf16 CpuForward (packed oneDNN weights) on the default model: logits within bf16
+    noise of the fp32 run, the same argmax on these prompts, and the same values as the
+    unpacked F.linear fallback (both oneDNN)."""
+    bf = Engine(loaded=default_model, dtype="bfloat16", page_size=16, num_pages=64)
+    fp = Engine(loaded=default_model, dtype="float32", page_size=16, num_pages=64)
+    assert bf.runner.kv.dtype == torch.bfloat16 and bf.runner.cpu_forward.onednn
+    prompts = [bf.tokenizer.apply_chat_template([{"role": "user", "content": q}])
+               for q in ("What is the capital of France?", "Name three colours.")]
+    a, b = _logits(bf, prompts, 3), _logits(fp, prompts, 3)
+    for x, y in zip(a, b):
+        assert (x - y).abs().max() < 1.0, (x - y).abs().max()
+        assert torch.equal(x.argmax(-1), y.argmax(-1))
+    plain = Engine(loaded=default_model, dtype="bfloat16", page_size=16, num_pages=64)
+    fwd = plain.runner.cpu_forward
+    fwd.onednn = False
+    fwd.head = fwd.lm.lm_head.weight.detach()
+    fwd.layers = [(w_in, lin.self_attn.qkv_proj.weight.detach(), b_qkv,
+                   lin.self_attn.o_proj.weight.detach(), w_post,
+                   lin.mlp.gate_up_proj.weight.detach(), lin.mlp.down_proj.weight.detach(), a_)
+                  for (w_in, _, b_qkv, _, w_post, _, _, a_), lin
+                  in zip(fwd.layers, fwd.lm.model.layers)]
+    c = _logits(plain, prompts, 3)
+    for x, y in zip(a, c):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
