@@ -12,9 +12,48 @@ import pytest
 import torch
 
 from pdmesh import Engine, SamplingParams
+from pdmesh.runtime import model_runner
 from pdmesh.runtime.attention import AttnMetadata, SeqSpan, TorchAttention, gather_pages
 from pdmesh.runtime.fused import CpuForward, onednn_linear_supported
+from pdmesh.runtime.model_runner import cpu_has_native_bf16, resolve_dtype
 from tiny_models import ARCHS, write_tiny_hf_model
+
+
+def _cpuinfo(tmp_path, flags: str):
+    p = tmp_path / "cpuinfo"
+    p.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n"
+                 f"processor\t: 1\nflags\t\t: {flags}\n")
+    return str(p)
+
+
+def test_native_bf16_from_cpu_flags(tmp_path):
+    cases = {"zen4": ("fpu sse2 avx2 avx512f avx512_bf16 avx512bw", True),
+             "sapphire": ("fpu avx512f amx_tile amx_bf16", True),
+             "skylake": ("fpu sse2 avx2 avx512f avx512bw", False)}
+    for name, (flags, want) in cases.items():
+        (tmp_path / name).mkdir()
+        assert cpu_has_native_bf16(_cpuinfo(tmp_path / name, flags)) == want, name
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_cpu(monkeypatch, native):
+    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: native)
+    want = torch.bfloat16 if native and onednn_linear_supported(torch.bfloat16) else torch.float32
+    assert resolve_dtype("auto", "cpu") == want
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float32", "cpu") == torch.float32  # explicit always wins
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_dtype_env_pins_float32(monkeypatch, default_model):
+    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("PDMESH_DTYPE", "float32")
+    e = Engine(loaded=default_model, num_pages=8)
+    assert e.runner.kv.dtype == torch.float32
+    assert e.runner.model.lm_head.weight.dtype == torch.float32
 
 
 def test_gather_pages_equals_indexing():

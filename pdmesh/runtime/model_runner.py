@@ -7,6 +7,7 @@ pages per layer (see attention.py).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -21,9 +22,35 @@ from pdmesh.runtime.scheduler import Batch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True on an x86 CPU whose flags (in `cpuinfo`) include AVX512-BF16 or AMX-BF16: bf16
+    dot-product instructions, on which oneDNN's bf16 GEMMs run ~4x faster than fp32 ones
+    (torch.backends.cpu.get_cpu_capability() says only "AVX512" either way). False where
+    the file is missing (not Linux) or lists neither."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(_BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """EngineConfig.dtype -> torch dtype. "auto": bfloat16 on CUDA and on CPUs with native
+    bf16 (cpu_has_native_bf16, and torch's oneDNN runs bf16 there), float32 on other CPUs."""
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16
+        from pdmesh.runtime.fused import onednn_linear_supported
+
+        bf16 = cpu_has_native_bf16() and onednn_linear_supported(torch.bfloat16)
+        return torch.bfloat16 if bf16 else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r} (known: auto, {', '.join(_DTYPES)})")
     return _DTYPES[name]
