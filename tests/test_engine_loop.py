@@ -41,7 +41,7 @@ def test_concurrent_requests_match_offline_and_never_mix(engine):
     async def main():
         eng = AsyncEngine(engine)
         try:
-            reqs = [await eng.make_request(p, GREEDY, f"t{i}", Mode.GENERATE)
+            reqs = [await eng.make_request(p, GREEDY, f"t{i}", Mode.GENERATE, detokenize=True)
                     for i, p in enumerate(prompts)]
             return await asyncio.gather(*(drain(eng.add(r)) for r in reqs))
         finally:
@@ -52,6 +52,29 @@ def test_concurrent_requests_match_offline_and_never_mix(engine):
         assert streamed == outs[-1].token_ids == want[i]
         assert "".join(o.new_text for o in outs) == outs[-1].text
     assert engine.stats()["used_pages"] == 0
+
+
+def test_workers_skip_detokenization_unless_stop_strings_need_it(engine):
+    """A worker's outputs carry token ids only (the gateway makes the text): same tokens,
+    no text, and a stop string still ends the request where it completes."""
+    ids = engine.tokenizer.encode("Count: 1, 2, 3,")
+    full = engine.generate(prompt_token_ids=ids, params=GREEDY)[0]
+    stop = full.text[len(full.text) // 2:][:3]
+
+    async def main():
+        eng = AsyncEngine(engine)
+        try:
+            plain = await eng.make_request(ids, GREEDY, "plain", Mode.GENERATE)
+            params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])
+            stopped = await eng.make_request(ids, params, "stop", Mode.GENERATE)
+            return await asyncio.gather(drain(eng.add(plain)), drain(eng.add(stopped)))
+        finally:
+            eng.stop()
+    plain, stopped = run(main())
+    assert plain[-1].token_ids == full.token_ids and plain[-1].text == ""
+    assert all(o.new_text == "" for o in plain)
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].stop_reason == stop
+    assert len(stopped[-1].token_ids) < len(full.token_ids)
 
 
 def test_events_come_in_one_batch_per_step(engine):

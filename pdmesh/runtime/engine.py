@@ -87,8 +87,11 @@ class Engine:
     def make_request(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                      prompt_token_ids: Sequence[int] | None = None,
                      params: SamplingParams | None = None, request_id: str | None = None,
-                     mode: Mode = Mode.GENERATE) -> Request:
-        """Tokenize and validate; raises ValueError saying what is wrong. Adds nothing."""
+                     mode: Mode = Mode.GENERATE, detokenize: bool = True) -> Request:
+        """Tokenize and validate; raises ValueError saying what is wrong. Adds nothing.
+
+        `detokenize=False`: outputs carry no text (a mesh worker's gateway detokenizes),
+        unless stop strings need it; the engine thread then skips the per-token decode."""
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt, messages, prompt_token_ids)
         params.validate_for_prompt(len(ids), self.max_model_len)
@@ -100,8 +103,9 @@ class Engine:
         if not self.scheduler.can_ever_fit(req):
             raise ValueError(f"the prompt needs {req.prompt_len} tokens of KV; the pool "
                              f"holds {self.allocator.num_pages * self.config.page_size}")
-        req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                           params.stop)
+        if detokenize or params.stop:
+            req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                               params.stop)
         return req
 
     def add_request(self, *args: Any, **kwargs: Any) -> str:
@@ -202,7 +206,7 @@ class Engine:
         new_text, reason, by_string = "", None, False
         if token in r.stop_ids:  # the sampler masked these until min_tokens
             reason, r.stop_reason = "stop", token
-        else:
+        elif r.detok is not None:
             new_text, by_string = r.detok.add(token)
             if by_string:
                 reason, r.stop_reason = "stop", r.detok.stop_str
@@ -212,8 +216,8 @@ class Engine:
             r.finish_reason = reason  # pages stay held until release()
             return self._output(r, [token], new_text, finished=True, pages=list(r.pages))
         if reason is not None:
-            if not by_string:  # text held back as a possible stop-string prefix is final now
-                new_text += r.detok.flush()
+            if not by_string and r.detok is not None:  # text held back as a possible
+                new_text += r.detok.flush()  # stop-string prefix is final now
             self.scheduler.finish(r, reason)
             self.requests.pop(r.request_id, None)
         return self._output(r, [token], new_text, finished=reason is not None)
@@ -227,7 +231,8 @@ class Engine:
 
     def _output(self, r: Request, new_ids: list[int], new_text: str, finished: bool,
                 pages: list[int] | None = None) -> RequestOutput:
-        return RequestOutput(r.request_id, r.prompt_ids, list(r.output_ids), r.detok.text,
+        text = r.detok.text if r.detok is not None else ""
+        return RequestOutput(r.request_id, r.prompt_ids, list(r.output_ids), text,
                              new_ids, new_text, finished, r.finish_reason, r.stop_reason,
                              list(r.logprobs) if r.params.logprobs is not None else None,
                              pages or [])

@@ -35,9 +35,11 @@ class AsyncEngine:
 
     # -- commands ------------------------------------------------------------------------
     async def make_request(self, prompt_token_ids: Sequence[int], params: Any,
-                           request_id: str, mode: Any) -> Any:
-        """A validated Request (ValueError saying what is wrong); nothing is queued."""
-        return await self._call(MakeRequest(list(prompt_token_ids), params, request_id, mode))
+                           request_id: str, mode: Any, detokenize: bool = False) -> Any:
+        """A validated Request (ValueError saying what is wrong); nothing is queued.
+        Outputs carry text only with `detokenize` (or stop strings to match)."""
+        return await self._call(MakeRequest(list(prompt_token_ids), params, request_id, mode,
+                                            detokenize))
 
     def add(self, req: Any) -> OutputStream:
         """Queue `req`; its outputs arrive in the returned stream."""

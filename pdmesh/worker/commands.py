@@ -20,6 +20,7 @@ class MakeRequest:
     params: Any  # SamplingParams
     request_id: str
     mode: Any  # pdmesh.runtime.request.Mode
+    detokenize: bool = False  # workers stream token ids; the gateway makes the text
 
 
 @dataclass(frozen=True)

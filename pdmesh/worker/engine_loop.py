@@ -73,7 +73,8 @@ class EngineLoop:
         match cmd:
             case MakeRequest():
                 return eng.make_request(prompt_token_ids=cmd.prompt_token_ids, params=cmd.params,
-                                        request_id=cmd.request_id, mode=cmd.mode)
+                                        request_id=cmd.request_id, mode=cmd.mode,
+                                        detokenize=cmd.detokenize)
             case Add(req=req):
                 eng.requests[req.request_id] = req
                 eng.scheduler.add(req)
