@@ -71,9 +71,10 @@ def test_each_staged_transport_owns_its_mirror():
     ta, tb = StagedTransport(_Null()), StagedTransport(_Null())
     ta.register(a), tb.register(b)
     next(iter(ta._mirrors.values())).host[1] = 7.0
+    next(iter(tb._mirrors.values())).host[1] = 3.0
     ta.land([1])
     tb.land([1])
-    assert a[1].eq(7).all() and not b.any()
+    assert a[1].eq(7).all() and b[1].eq(3).all() and not a[[0, 2, 3]].any()
 
 
 class _Null:

@@ -143,8 +143,14 @@ def check_tree(spans, prompt_tokens: int) -> None:
 
 
 def bytes_per_page() -> int:
-    """SmolLM2-135M, fp32, 16-token pages: 30 layers x K,V x 16 x 3 heads x 64 x 4 bytes."""
-    return 30 * 2 * 16 * 3 * 64 * 4
+    """SmolLM2-135M, 16-token pages: 30 layers x K,V x 16 x 3 heads x 64 x the bytes of the
+    CPU's default dtype (bf16 where the CPU has native bf16, else fp32)."""
+    import torch
+
+    from pdmesh.runtime.model_runner import resolve_dtype
+
+    itemsize = torch.empty(0, dtype=resolve_dtype("auto", "cpu")).element_size()
+    return 30 * 2 * 16 * 3 * 64 * itemsize
 
 
 def test_trace_show_renders_the_tree(traced_mesh):

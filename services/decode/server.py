@@ -20,6 +20,7 @@ from pdmesh.services.common.kv import TransportReceiver
 from pdmesh.services.common.worker import WorkerHost
 from pdmesh.services.decode.chunks import first_chunk_timings, make_chunk
 from pdmesh.services.decode.peers import GrpcPrefillPeers
+from pdmesh.telemetry import tracing
 from pdmesh.v1 import decode_pb2 as pb
 from pdmesh.v1 import decode_pb2_grpc as pb_grpc
 from pdmesh.v1 import registry_pb2 as rpb
@@ -60,8 +61,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 chunk = make_chunk(outs, len(ids), 0, self.host.tokenizer)
                 if first and room.stamps:
                     first_chunk_timings(chunk, room.request_id, room.stamps)
-                    self.host.metrics.admission_wait.observe(
-                        room.stamps["pages"] - room.stamps["arrival"])
+                    self._admitted(room)
                 first = False
                 yield chunk
         except RoomError as e:
@@ -93,6 +93,14 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             forward_sleep_time=s["forward_sleep_time"], finished_requests=s["finished"])
 
     # -- plumbing ------------------------------------------------------------------------
+    def _admitted(self, room) -> None:
+        """The wait for pages: a `decode.admission` span and the admission-wait metric."""
+        t0, t_pages = room.stamps["arrival"], room.stamps["pages"]
+        tracing.record_span("decode.admission", t0, t_pages,
+                            {"pdmesh.room": room.request_id,
+                             "pdmesh.kv.pages": len(room.pages or [])})
+        self.host.metrics.admission_wait.observe(t_pages - t0)
+
     def snapshot(self) -> dict[str, float]:
         """Pages, running and queued requests, token and request counters (never waits)."""
         s, q = self.host.engine.stats, self.proto.quarantine
