@@ -24,7 +24,17 @@ from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 
 N = 256
 MAX_TOKENS = 4
-POOL = "--worker-arg=--kv-cache-bytes=100000000"  # ~135 pages of 16 tokens (fp32 SmolLM2)
+PAGES = 135  # per worker: 256 requests of ~2 pages each must wait for pages
+
+
+def pool_flag() -> str:
+    """--kv-cache-bytes for PAGES pages of 16 tokens of SmolLM2 in the CPU's default dtype."""
+    import torch
+
+    from pdmesh.runtime.model_runner import resolve_dtype
+
+    itemsize = torch.empty(0, dtype=resolve_dtype("auto", "cpu")).element_size()
+    return f"--worker-arg=--kv-cache-bytes={PAGES * 30 * 2 * 16 * 3 * 64 * itemsize}"
 
 
 async def one(client, i: int) -> tuple[str, int, str]:
@@ -100,7 +110,7 @@ def pages_back(lines: list[str]) -> bool:
                                     ("--prefill", "0", "--decode", "0", "--colocated", "1")],
                          ids=["1P1D", "2P1D", "colocated"])
 def test_256_concurrent_streams_complete_and_free_every_page(layout):
-    proc, base, lines = start_serve(*layout, POOL)
+    proc, base, lines = start_serve(*layout, pool_flag())
     try:
         # 1P1D takes the REST and the gRPC bursts at once: 512 streams
         both = layout[1] == "1" and layout[3] == "1"
