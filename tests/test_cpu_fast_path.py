@@ -165,17 +165,20 @@ def test_cpu_forward_matches_torch_forward_every_arch(tmp_path, arch):
 
 @pytest.mark.skipif(not onednn_linear_supported(torch.bfloat16), reason="no oneDNN bf16 here")
 def test_bf16_fast_path_tracks_fp32(default_model):
-    """bf16 CpuForward (packed oneDNN weights) on the default model: logits within bf16
-    noise of the fp32 run, the same argmax on these prompts, and the same values as the
+    """bf16 CpuForward (packed oneDNN weights, eager prefill attention with bf16 scores) on
+    the default model: logits off the fp32 run's by at most twice what transformers' op
+    order in bf16 (numerics=reference) is off, the same argmax, and the same values as the
     unpacked F.linear fallback (both oneDNN)."""
-    bf = Engine(loaded=default_model, dtype="bfloat16", page_size=16, num_pages=64)
-    fp = Engine(loaded=default_model, dtype="float32", page_size=16, num_pages=64)
+    mk = lambda **kw: Engine(loaded=default_model, page_size=16, num_pages=64, **kw)  # noqa: E731
+    bf = mk(dtype="bfloat16")
     assert bf.runner.kv.dtype == torch.bfloat16 and bf.runner.cpu_forward.onednn
     prompts = [bf.tokenizer.apply_chat_template([{"role": "user", "content": q}])
                for q in ("What is the capital of France?", "Name three colours.")]
-    a, b = _logits(bf, prompts, 3), _logits(fp, prompts, 3)
-    for x, y in zip(a, b):
-        assert (x - y).abs().max() < 1.0, (x - y).abs().max()
+    a = _logits(bf, prompts, 3)
+    b = _logits(mk(dtype="float32"), prompts, 3)
+    ref = _logits(mk(dtype="bfloat16", numerics="reference"), prompts, 3)
+    for x, y, r in zip(a, b, ref):
+        assert (x - y).abs().max() <= 2 * (r - y).abs().max(), ((x - y).abs().max(), (r - y).abs().max())
         assert torch.equal(x.argmax(-1), y.argmax(-1))
     plain = Engine(loaded=default_model, dtype="bfloat16", page_size=16, num_pages=64)
     fwd = plain.runner.cpu_forward

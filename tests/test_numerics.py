@@ -109,7 +109,7 @@ def test_reference_runs_separate_gemms_on_views_and_4d_sdpa(default_model):
     assert [p for _, p in calls.linear[:3]] == [qkv_ptr] * 3
     assert calls.sdpa_dims == {4}
 
-    fast = Engine(loaded=default_model, page_size=16, num_pages=64)
+    fast = Engine(loaded=default_model, dtype="float32", page_size=16, num_pages=64)
     fwd = fast.runner.cpu_forward
     assert isinstance(fwd, CpuForward)  # the CPU fast path: packed oneDNN linears
     shapes_of = {id(w): tuple(lin.weight.shape) for lin, w in _packed(fwd)}

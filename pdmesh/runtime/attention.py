@@ -10,6 +10,7 @@ CPU.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -82,6 +83,16 @@ def gather_kv(kv_layer: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor
     return g.select(-3, 0).transpose(-3, -2), g.select(-3, 1).transpose(-3, -2)
 
 
+EAGER_MAX_SCORES = 768 * 768  # q_len * ctx_len up to which bf16 CPU prefill runs _eager
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_bias(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """float32 [q_len, ctx_len]: 0 where query i (position ctx_len - q_len + i) may see
+    key j, -inf after."""
+    return torch.full((q_len, ctx_len), float("-inf"), device=device).triu(ctx_len - q_len + 1)
+
+
 class TorchAttention:
     """Reference paged attention in plain torch (the CPU path; the oracle for kernels)."""
 
@@ -134,6 +145,9 @@ class TorchAttention:
                 q.view(1, self.num_kv_heads, g, self.head_dim), k[None], v[None],
                 scale=self.scale)  # [1, Hkv, g, D]
             return out.view(1, self.num_heads, self.head_dim)
+        if (q.dtype == torch.bfloat16 and q.device.type == "cpu"
+                and s.q_len * s.ctx_len <= EAGER_MAX_SCORES):
+            return self._eager(q, k, v)
         # 4-D inputs: SDPA's CPU flash kernel runs them ~1.5x faster than 3-D ones
         qh, prefix = q.transpose(0, 1)[None], s.ctx_len - s.q_len  # [1, H, q_len, D]
         if prefix == 0:
@@ -144,6 +158,22 @@ class TorchAttention:
             out = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=mask.to(q.device),
                                                  scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """bf16 prefill on CPU: q [S, H, D], k/v [Hkv, ctx, D] -> [S, H, D], rounded as
+        transformers' eager attention (bf16 scores, float32 softmax, bf16 probabilities):
+        two batched oneDNN GEMMs over each KV head's g query heads, ~2x faster than SDPA's
+        CPU flash kernel in bf16 up to ~768 tokens (with freed memory kept in the heap,
+        see fused.keep_freed_memory). Query i sees keys up to ctx - S + i."""
+        n, ctx = q.shape[0], k.shape[1]
+        hkv, d = self.num_kv_heads, self.head_dim
+        g = self.num_heads // hkv
+        qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
+        scores = torch.matmul(qg, k.transpose(1, 2)).view(hkv, g, n, ctx).float()
+        scores.mul_(self.scale).add_(_causal_bias(n, ctx, q.device))
+        p = torch.softmax(scores, -1).to(q.dtype).view(hkv, g * n, ctx)
+        out = torch.matmul(p, v)  # [Hkv, g * S, D]
+        return out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, self.num_heads, d)
 
     def _one_hf(self, q: torch.Tensor, kv_layer: torch.Tensor, s: SeqSpan) -> torch.Tensor:
         """Reference numerics: SDPA as transformers calls it ([1, H, q_len, D] with K/V
