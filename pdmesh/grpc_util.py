@@ -1,24 +1,18 @@
 """Shared gRPC server plumbing for every pdmesh service.
 
-`create_server` binds one port and serves the given servicers plus
-grpc.health.v1.Health and server reflection, so `grpcurl list/describe` works on
-any pdmesh port. `stop_gracefully` drains in-flight calls before shutting down.
+`create_aio_server` binds one port and serves the given servicers (grpc.aio, no thread
+pool) plus grpc.health.v1.Health and server reflection, so `grpcurl list/describe`
+works on any pdmesh port. `stop_aio_gracefully` drains in-flight calls first.
 Never imported by pdmesh.runtime (the runtime stays free of grpc).
 """
 from __future__ import annotations
 
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-# Enough threads for long-lived Watch/Generate streams plus unary calls; each open
-# server stream holds one thread for its lifetime.
-DEFAULT_MAX_WORKERS = 32
-
 
 @dataclass(frozen=True)
 class Servicer:
@@ -35,24 +29,10 @@ def service_name(pb2_module: Any, service: str) -> str:
     return pb2_module.DESCRIPTOR.services_by_name[service].full_name
 
 
-def create_server(addr: str, servicers: Iterable[Servicer], *,
-                  max_workers: int = DEFAULT_MAX_WORKERS,
-                  options: list[tuple[str, Any]] | None = None,
-                  interceptors: Iterable[grpc.ServerInterceptor] = (),
-                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build and start a server on `addr` ("host:port"; port 0 picks a free one).
-
-    `interceptors` run first (e.g. metrics); tracing's are added when tracing is on.
-    Returns (server, bound port, health servicer). Every service given, plus the
-    overall server ("") is marked SERVING once started.
-    """
-    from pdmesh.telemetry import tracing
-
+def add_services(server: Any, servicers: Iterable[Servicer], health_servicer: Any) -> list[str]:
+    """Put `servicers`, grpc.health.v1.Health and server reflection on `server` (aio, or a
+    sync one in test fakes); returns the names to mark SERVING once it runs."""
     servicers = list(servicers)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=options or [],
-                         interceptors=[*interceptors, *tracing.server_interceptors()])
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in servicers:
         s.add_to_server(s.impl, server)
@@ -60,43 +40,30 @@ def create_server(addr: str, servicers: Iterable[Servicer], *,
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(addr)
-    if port == 0:
-        raise RuntimeError(f"could not bind gRPC server to {addr}")
-    server.start()
-    for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    return ["", *names]
 
 
 async def create_aio_server(addr: str, servicers: Iterable[Servicer], *,
                             options: list[tuple[str, Any]] | None = None,
                             interceptors: Iterable[Any] = (),
                             ) -> tuple[grpc.aio.Server, int, Any]:
-    """The asyncio twin of `create_server`: no thread pool, so nothing but the engine's
-    own limits caps how many calls and streams are open at once.
-
-    Returns (server, bound port, health servicer); every service given, plus the
-    overall server (""), is SERVING once started.
+    """Build and start a grpc.aio server on `addr` ("host:port"; port 0 picks a free one).
+    No thread pool: nothing but the engine's own limits caps how many calls and streams
+    are open at once. `interceptors` run first (e.g. metrics); tracing's are added when
+    tracing is on. Returns (server, bound port, health servicer); every service given,
+    plus the overall server (""), is SERVING once started.
     """
     from pdmesh.telemetry import tracing
 
-    servicers = list(servicers)
     server = grpc.aio.server(options=options or [],
                              interceptors=[*interceptors, *tracing.aio_server_interceptors()])
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for s in servicers:
-        s.add_to_server(s.impl, server)
-    names = [s.full_name for s in servicers]
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+    names = add_services(server, servicers, health_servicer)
     port = server.add_insecure_port(addr)
     if port == 0:
         raise RuntimeError(f"could not bind gRPC server to {addr}")
     await server.start()
-    for name in ["", *names]:
+    for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
 
@@ -107,17 +74,6 @@ async def stop_aio_gracefully(server: grpc.aio.Server, health_servicer: Any = No
     if health_servicer is not None:
         await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_s)
-
-
-def stop_gracefully(server: grpc.Server, health_servicer: health.HealthServicer | None = None,
-                    grace_s: float = 5.0) -> None:
-    """Report NOT_SERVING, refuse new calls and let in-flight ones finish for `grace_s`.
-
-    Open server streams (Watch) are cancelled at the end of the grace period.
-    """
-    if health_servicer is not None:
-        health_servicer.enter_graceful_shutdown()
-    server.stop(grace_s).wait()
 
 
 def split_host_port(addr: str) -> tuple[str, int]:

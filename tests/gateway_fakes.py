@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
-from pdmesh.grpc_util import Servicer, create_server, service_name
+from pdmesh.grpc_util import Servicer, add_services, service_name
 from pdmesh.registry_client import RegistryClient
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -97,6 +99,18 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
             context.abort(grpc.StatusCode.INTERNAL, "fake prefill exploded")
         self.mesh.room_event(request.room).set()
         return prefill_pb2.PrefillResponse(room=request.room)
+
+
+def create_server(addr: str, servicers, max_workers: int):
+    """A sync server for these fakes (a thread per open stream, like the fakes' code)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    health_servicer = health.HealthServicer()
+    names = add_services(server, servicers, health_servicer)
+    port = server.add_insecure_port(addr)
+    server.start()
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
 
 
 def start_worker(mesh: FakeMesh, role: int, registry: str, max_workers: int = 32):

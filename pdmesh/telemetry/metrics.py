@@ -100,60 +100,6 @@ class SnapshotCollector:
         return []  # unknown until scraped; keeps registration from calling snapshot()
 
 
-class RpcMetricsInterceptor(grpc.ServerInterceptor):
-    """Counts every RPC of a (sync) grpc server by method and final status code."""
-
-    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self.rpcs = Counter(f"{prefix}_rpcs", "RPCs by method and final status code",
-                            ["method", "code"], registry=registry)
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or details.method.startswith("/grpc."):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.request_streaming:
-            return handler  # pdmesh has no client-streaming RPCs
-        return grpc.unary_unary_rpc_method_handler(
-            self._unary(handler.unary_unary, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-
-    def _unary(self, behavior, method: str):
-        def run(request, context):
-            try:
-                out = behavior(request, context)
-            except BaseException:
-                self._count(method, context, failed=True)
-                raise
-            self._count(method, context, failed=False)
-            return out
-        return run
-
-    def _stream(self, behavior, method: str):
-        def run(request, context):
-            try:
-                yield from behavior(request, context)
-            except GeneratorExit:  # the client went away mid-stream
-                self.rpcs.labels(method, "CANCELLED").inc()
-                raise
-            except BaseException:
-                self._count(method, context, failed=True)
-                raise
-            self._count(method, context, failed=False)
-        return run
-
-    def _count(self, method: str, context, failed: bool) -> None:
-        code = context.code()  # set by context.abort / set_code
-        name = code.name if code is not None else ("UNKNOWN" if failed else "OK")
-        self.rpcs.labels(method, name).inc()
-
-
 class AioRpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC of a grpc.aio server by method and final status code."""
 

@@ -6,7 +6,7 @@ nothing is installed: no interceptor is added to any server or channel, every he
 here returns at its first line, and the API's tracer is the no-op one.
 
 W3C trace context crosses every RPC through opentelemetry-instrumentation-grpc's
-interceptors (`server_interceptors`, `traced_channel`, `aio_*`), so one request is one
+interceptors (`aio_server_interceptors`, `aio_client_interceptors`), so one request is one
 trace from the gateway's entry span down to the prefill's KV write.
 
 Work measured on another thread (the engine loop) becomes a span after the fact with
@@ -149,28 +149,11 @@ def _traced(details) -> bool:
     return not (method.startswith("/grpc.") or method.rsplit("/", 1)[-1] in _UNTRACED_METHODS)
 
 
-def server_interceptors() -> list:
-    """Interceptors for a grpc.server: a SERVER span per RPC (none when tracing is off)."""
-    if not _enabled:
-        return []
-    from opentelemetry.instrumentation.grpc import server_interceptor
-    return [server_interceptor(filter_=_traced)]
-
-
 def aio_server_interceptors() -> list:
     if not _enabled:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
     return [aio_server_interceptor(filter_=_traced)]
-
-
-def traced_channel(channel):
-    """`channel` with a CLIENT span + traceparent on every call (as is when tracing is off)."""
-    if not _enabled:
-        return channel
-    from opentelemetry.instrumentation.grpc import client_interceptor
-    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
-    return intercept_channel(channel, client_interceptor(filter_=_traced))
 
 
 def aio_client_interceptors() -> list | None:

@@ -11,9 +11,8 @@ import contextlib
 from typing import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from pdmesh.grpc_util import Servicer, create_aio_server
 from pdmesh.telemetry import tracing
 from pdmesh.telemetry.metrics import GatewayMetrics
 from pdmesh.v1 import common_pb2 as cpb
@@ -231,17 +230,6 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
 
 async def create_server(addr: str, servicer: GatewayServicer) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server on `addr` with the Gateway, health and reflection."""
-    server = grpc.aio.server(interceptors=tracing.aio_server_interceptors())
-    gpb_grpc.add_GatewayServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(addr)
-    if port == 0:
-        raise RuntimeError(f"could not bind gRPC server to {addr}")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server, port, _ = await create_aio_server(
+        addr, [Servicer(servicer, gpb_grpc.add_GatewayServicer_to_server, SERVICE_NAME)])
     return server, port
