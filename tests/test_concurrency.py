@@ -31,9 +31,11 @@ def pool_flag() -> str:
     """--kv-cache-bytes for PAGES pages of 16 tokens of SmolLM2 in the CPU's default dtype."""
     import torch
 
+    from pdmesh.config import engine_config_from_env
     from pdmesh.runtime.model_runner import resolve_dtype
 
-    itemsize = torch.empty(0, dtype=resolve_dtype("auto", "cpu")).element_size()
+    dtype = resolve_dtype(engine_config_from_env().dtype, "cpu")  # the workers' dtype
+    itemsize = torch.empty(0, dtype=dtype).element_size()
     return f"--worker-arg=--kv-cache-bytes={PAGES * 30 * 2 * 16 * 3 * 64 * itemsize}"
 
 

@@ -147,9 +147,11 @@ def bytes_per_page() -> int:
     CPU's default dtype (bf16 where the CPU has native bf16, else fp32)."""
     import torch
 
+    from pdmesh.config import engine_config_from_env
     from pdmesh.runtime.model_runner import resolve_dtype
 
-    itemsize = torch.empty(0, dtype=resolve_dtype("auto", "cpu")).element_size()
+    dtype = resolve_dtype(engine_config_from_env().dtype, "cpu")  # the workers' dtype
+    itemsize = torch.empty(0, dtype=dtype).element_size()
     return 30 * 2 * 16 * 3 * 64 * itemsize
 
 
