@@ -112,7 +112,8 @@ def pages_back(lines: list[str]) -> bool:
                                     ("--prefill", "0", "--decode", "0", "--colocated", "1")],
                          ids=["1P1D", "2P1D", "colocated"])
 def test_256_concurrent_streams_complete_and_free_every_page(layout):
-    proc, base, lines = start_serve(*layout, pool_flag())
+    # a 4 s lease: 512 streams on 2 shared cores must not cost a worker its registration
+    proc, base, lines = start_serve(*layout, pool_flag(), "--heartbeat-interval", "2")
     try:
         # 1P1D takes the REST and the gRPC bursts at once: 512 streams
         both = layout[1] == "1" and layout[3] == "1"
