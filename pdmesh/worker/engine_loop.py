@@ -134,17 +134,23 @@ class EngineLoop:
                 self._commands.get_nowait()
         except queue.Empty:
             return False
+        done: list[tuple[Future, bool, Any]] = []
         while True:
             cmd, fut = item
             if cmd is not None and fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(self._process(cmd))
+                    done.append((fut, True, self._process(cmd)))
                 except BaseException as e:  # the caller gets it through the Future
-                    fut.set_exception(e)
+                    done.append((fut, False, e))
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
-                return True
+                break
+        # invariant: when a command's future resolves, `stats` already reflects it
+        self._publish_stats()
+        for fut, ok, value in done:
+            fut.set_result(value) if ok else fut.set_exception(value)
+        return True
 
     def _account(self, out: Any) -> None:
         if len(out.token_ids) == 1:  # sampled right after the prompt's last chunk
