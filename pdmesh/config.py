@@ -336,6 +336,9 @@ class WorkerConfig:
     # KV pages on a GPU: "direct" registers device memory with Mooncake, "staged" copies
     # through a pinned host mirror; "auto" = direct if the engine can register it, else staged
     kv_transfer_mode: str = "auto"
+    # prefill: the path into a decode pool on the same host (pdmesh.transfer.route):
+    # auto = the fastest that works, measured when the pair binds; shm | ipc | mooncake
+    kv_path: str = "auto"
     bootstrap_timeout: float = 300.0  # prefill: a room's Transfer must arrive within this
     waiting_timeout: float = 300.0  # decode: deadline on Prefill.Transfer
     shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGTERM
@@ -358,6 +361,8 @@ class WorkerConfig:
         if self.kv_transfer_mode not in ("auto", "direct", "staged"):
             raise ValueError(f"kv_transfer_mode must be auto, direct or staged, "
                              f"got {self.kv_transfer_mode!r}")
+        if self.kv_path not in ("auto", "mooncake", "shm", "ipc"):
+            raise ValueError(f"kv_path must be auto, mooncake, shm or ipc, got {self.kv_path!r}")
         for name in ("bootstrap_timeout", "waiting_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -383,6 +388,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_TRANSFER_PROTOCOL": ("transfer_protocol", str),
     "PDMESH_TRANSFER_DEVICE": ("transfer_device", str),
     "PDMESH_KV_TRANSFER_MODE": ("kv_transfer_mode", str),
+    "PDMESH_KV_PATH": ("kv_path", str),
     "PDMESH_BOOTSTRAP_TIMEOUT": ("bootstrap_timeout", float),
     "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
     "PDMESH_STREAM_INTERVAL": ("stream_interval", int),

@@ -133,6 +133,7 @@ def check_tree(spans, prompt_tokens: int) -> None:
     pages = math.ceil(prompt_tokens / 16)
     assert kv.attributes["pdmesh.kv.pages"] == pages
     assert kv.attributes["pdmesh.kv.bytes"] == pages * bytes_per_page()
+    assert kv.attributes["pdmesh.kv.path"] == "shm"
     assert kv.attributes["pdmesh.kv.descriptors"] >= 1 and kv.attributes["pdmesh.kv.gb_per_s"] > 0
     # GenAI semantic conventions on the request span
     assert chat.attributes["gen_ai.request.model"] == "default"
@@ -220,10 +221,11 @@ def test_metrics_move_by_the_right_amounts(traced_mesh):
     p = lambda name, **kw: delta(before["prefill-0"], after["prefill-0"], name, **kw)  # noqa: E731
     assert p("pdmesh_worker_rpcs_total", method="Prefill", code="OK") == n
     assert p("pdmesh_worker_rpcs_total", method="Transfer", code="OK") == n
-    assert p("pdmesh_kv_transfer_pages_total") == pages
-    assert p("pdmesh_kv_transfer_bytes_total") == pages * bytes_per_page()
-    assert p("pdmesh_kv_transfer_seconds_count") == n
-    assert p("pdmesh_kv_transfer_failures_total") == 0
+    # both workers on this host: the prefill writes through shared memory (transfer.route)
+    assert p("pdmesh_kv_transfer_pages_total", path="shm") == pages
+    assert p("pdmesh_kv_transfer_bytes_total", path="shm") == pages * bytes_per_page()
+    assert p("pdmesh_kv_transfer_seconds_count", path="shm") == n
+    assert p("pdmesh_kv_transfer_failures_total", path="shm") == 0
     assert p("pdmesh_worker_prompt_tokens_total") == prompt
     assert p("pdmesh_worker_finished_requests_total") == n
     assert after["prefill-0"][("pdmesh_worker_kv_pages_used", ())] == 0

@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="KV pool on a GPU: direct (register device memory; needs Mooncake's "
                         "CUDA build), staged (through pinned host memory) or auto (default; "
                         "env PDMESH_KV_TRANSFER_MODE)")
+    p.add_argument("--kv-path", choices=("auto", "mooncake", "shm", "ipc"), default=None,
+                   help="prefill: how KV reaches a decode on the same host: auto (default; "
+                        "the fastest that works, measured when the pair first meets), shm "
+                        "(shared memory, host pools), ipc (CUDA IPC, GPU pools) or mooncake "
+                        "(the transfer engine only); env PDMESH_KV_PATH")
     p.add_argument("--transfer-device", default=None,
                    help="RDMA devices, comma-separated, e.g. mlx5_0,mlx5_1 (default: auto; "
                         "env PDMESH_TRANSFER_DEVICE)")
@@ -71,7 +76,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "host": args.host, "port": args.port, "hostname": args.hostname,
              "transfer_protocol": args.transfer_protocol,
              "transfer_device": args.transfer_device,
-             "kv_transfer_mode": args.kv_transfer_mode, "shutdown_grace_s": args.shutdown_grace,
+             "kv_transfer_mode": args.kv_transfer_mode, "kv_path": args.kv_path,
+             "shutdown_grace_s": args.shutdown_grace,
              "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
              "waiting_timeout": getattr(args, "waiting_timeout", None),
              "role": getattr(args, "role", None) or role,

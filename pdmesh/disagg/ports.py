@@ -47,6 +47,8 @@ class TransferTarget:
     layout: Any  # pdmesh.transfer.KVLayout (num_pages: the highest page id + 1)
     decode_worker_id: str = ""
     room: int = 0
+    host_id: str = ""  # the decode's host (pdmesh.transfer.route.host_id)
+    local_endpoints: tuple[str, ...] = ()  # same-host ways into its pool (shm:, ipc:)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class TransferReply:
     bytes_moved: int = 0
     descriptors: int = 0
     seconds: float = 0.0
+    path: str = ""  # the KV path the bytes took: shm, ipc, mooncake
 
 
 class KVWriter(Protocol):

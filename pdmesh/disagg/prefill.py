@@ -308,4 +308,4 @@ def _reply(first: Any, stats: Any) -> TransferReply:
     lp = first.logprobs[0] if first.logprobs else None
     return TransferReply(first_token=first.token_ids[0], first_logprob=lp,
                          bytes_moved=stats.bytes, descriptors=stats.descriptors,
-                         seconds=stats.seconds)
+                         seconds=stats.seconds, path=getattr(stats, "path", ""))

@@ -24,7 +24,7 @@ from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.loader import LoadedModel, load_model
 from pdmesh.runtime.model import CausalLM
-from pdmesh.runtime.model_runner import ModelRunner, num_pages_for, resolve_dtype
+from pdmesh.runtime.model_runner import KVAlloc, ModelRunner, num_pages_for, resolve_dtype
 from pdmesh.runtime.request import Mode, Request, Status
 from pdmesh.runtime.sampler import SamplingRow, make_generator, sample
 from pdmesh.runtime.sampling_params import SamplingParams
@@ -52,10 +52,13 @@ class Engine:
     """Offline and worker entry point. `Engine(model="default")` serves SmolLM2-135M."""
 
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
-                 loaded: LoadedModel | None = None, **overrides: Any) -> None:
+                 loaded: LoadedModel | None = None, kv_alloc: KVAlloc | None = None,
+                 **overrides: Any) -> None:
         """`model`: "default", a HF folder or a .gguf file; `overrides`: EngineConfig fields.
 
         `loaded` reuses an already loaded model (tests build several engines from one).
+        `kv_alloc(shape, dtype)` allocates a host KV pool instead of torch.zeros (a worker
+        puts it in shared memory so a prefill on the same host can write into it).
         """
         cfg = engine_config_from_env(config).replace(**overrides)
         if model is not None:
@@ -76,7 +79,7 @@ class Engine:
             attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
             graph_batch_sizes=cfg.cuda_graph_batch_sizes,
             graph_max_context=cfg.cuda_graph_max_context or self.max_model_len,
-            max_batch=cfg.max_running_requests, numerics=cfg.numerics)
+            max_batch=cfg.max_running_requests, numerics=cfg.numerics, kv_alloc=kv_alloc)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
                                    cfg.max_prefill_tokens, cfg.chunked_prefill_size)

@@ -8,7 +8,7 @@ pages per layer (see attention.py).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,6 +19,8 @@ from pdmesh.runtime.triton_backend import to_device
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.scheduler import Batch
 
+# (shape, dtype) -> a zeroed contiguous host tensor: where a worker's KV pool lives
+KVAlloc = Callable[[tuple, torch.dtype], torch.Tensor]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,12 +88,16 @@ class ModelRunner:
                  dtype: torch.dtype, device: str, *, attention_backend: str = "auto",
                  cuda_graphs: bool = False, graph_batch_sizes: Sequence[int] = (),
                  graph_max_context: int | None = None, max_batch: int = 64,
-                 tune_linears: bool = True, numerics: str = "fast") -> None:
+                 tune_linears: bool = True, numerics: str = "fast",
+                 kv_alloc: KVAlloc | None = None) -> None:
         c = model.cfg
         self.model, self.page_size, self.device = model, page_size, torch.device(device)
         # kv: [P, L, page, 2, Hkv, Dh]
-        self.kv = torch.zeros(num_pages, c.num_layers, page_size, 2, c.num_kv_heads,
-                              c.head_dim, dtype=dtype, device=self.device)
+        shape = (num_pages, c.num_layers, page_size, 2, c.num_kv_heads, c.head_dim)
+        if kv_alloc is not None and self.device.type == "cpu":
+            self.kv = kv_alloc(shape, dtype)  # zeroed, e.g. in shared memory
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, device=self.device)
         self.reference = check_numerics(numerics, attention_backend)
         if self.reference:
             attention_backend = "torch"

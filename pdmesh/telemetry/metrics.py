@@ -59,13 +59,16 @@ class WorkerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        # path: the route the bytes took (pdmesh.transfer.route): shm, ipc, mooncake
         self.transfer_bytes = Counter("pdmesh_kv_transfer_bytes", "KV bytes written into "
-                                      "decode workers", registry=r)
-        self.transfer_pages = Counter("pdmesh_kv_transfer_pages", "KV pages written", registry=r)
-        self.transfer_seconds = _hist("pdmesh_kv_transfer_seconds",
-                                      "Duration of one room's KV write", r)
+                                      "decode workers", ["path"], registry=r)
+        self.transfer_pages = Counter("pdmesh_kv_transfer_pages", "KV pages written",
+                                      ["path"], registry=r)
+        self.transfer_seconds = Histogram("pdmesh_kv_transfer_seconds",
+                                          "Duration of one room's KV write", ["path"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
         self.transfer_failures = Counter("pdmesh_kv_transfer_failures",
-                                         "KV writes that failed", registry=r)
+                                         "KV writes that failed", ["path"], registry=r)
         self.bootstrap_timeouts = Counter("pdmesh_prefill_bootstrap_timeouts", "Rooms freed "
                                           "because no Transfer came in time", registry=r)
         self.waiting_timeouts = Counter("pdmesh_decode_waiting_timeouts", "Rooms failed "

@@ -27,6 +27,7 @@ class TransferStats:
     bytes: int
     descriptors: int
     seconds: float
+    path: str = ""  # the route's name (pdmesh.transfer.route): shm, ipc, mooncake
 
     @property
     def gbps(self) -> float:

@@ -44,7 +44,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, room: _Optional[int] = ..., timings: _Optional[_Union[PrefillTimings, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class TransferRequest(_message.Message):
-    __slots__ = ("room", "decode_worker_id", "dst_session_id", "dst_kv_base_address", "dst_page_ids", "model_id", "dtype", "page_size", "num_layers", "num_kv_heads", "head_dim", "bytes_per_page")
+    __slots__ = ("room", "decode_worker_id", "dst_session_id", "dst_kv_base_address", "dst_page_ids", "model_id", "dtype", "page_size", "num_layers", "num_kv_heads", "head_dim", "bytes_per_page", "dst_host_id", "dst_local_endpoints")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DST_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class TransferRequest(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_PAGE_FIELD_NUMBER: _ClassVar[int]
+    DST_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_LOCAL_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     room: int
     decode_worker_id: str
     dst_session_id: str
@@ -69,23 +71,27 @@ class TransferRequest(_message.Message):
     num_kv_heads: int
     head_dim: int
     bytes_per_page: int
-    def __init__(self, room: _Optional[int] = ..., decode_worker_id: _Optional[str] = ..., dst_session_id: _Optional[str] = ..., dst_kv_base_address: _Optional[int] = ..., dst_page_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., bytes_per_page: _Optional[int] = ...) -> None: ...
+    dst_host_id: str
+    dst_local_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, room: _Optional[int] = ..., decode_worker_id: _Optional[str] = ..., dst_session_id: _Optional[str] = ..., dst_kv_base_address: _Optional[int] = ..., dst_page_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., bytes_per_page: _Optional[int] = ..., dst_host_id: _Optional[str] = ..., dst_local_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TransferResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "bytes_moved", "descriptor_count", "transfer_s")
+    __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "bytes_moved", "descriptor_count", "transfer_s", "transfer_path")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_PATH_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: _common_pb2.TokenLogprob
     cached_tokens: int
     bytes_moved: int
     descriptor_count: int
     transfer_s: float
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., descriptor_count: _Optional[int] = ..., transfer_s: _Optional[float] = ...) -> None: ...
+    transfer_path: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., descriptor_count: _Optional[int] = ..., transfer_s: _Optional[float] = ..., transfer_path: _Optional[str] = ...) -> None: ...
 
 class PrefillAbortRequest(_message.Message):
     __slots__ = ("room",)

@@ -39,14 +39,18 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., bytes_per_page: _Optional[int] = ..., num_pages: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class TransferEndpoint(_message.Message):
-    __slots__ = ("session_id", "kv_base_address", "protocol")
+    __slots__ = ("session_id", "kv_base_address", "protocol", "host_id", "local_endpoints")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KV_BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kv_base_address: int
     protocol: str
-    def __init__(self, session_id: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+    host_id: str
+    local_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., protocol: _Optional[str] = ..., host_id: _Optional[str] = ..., local_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Capacity(_message.Message):
     __slots__ = ("max_running_requests", "num_pages")

@@ -1,4 +1,4 @@
-"""The P/D protocol's data-plane ports over a pdmesh Transport (Mooncake).
+"""The P/D protocol's data-plane ports over pdmesh's KV paths (shm, ipc, Mooncake).
 
 `TransportWriter.write` runs the blocking page write on a small pool of writer threads,
 so the event loop never blocks while bytes move. Writes are one-sided and never wait
@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from pdmesh.disagg.ports import TransferTarget
 from pdmesh.telemetry import tracing
+from pdmesh.transfer.route import Destination
 
 log = logging.getLogger(__name__)
 # Writer threads: enough to keep a NIC busy with several rooms at once. env override.
@@ -22,12 +23,11 @@ WRITER_THREADS = int(os.environ.get("PDMESH_KV_WRITER_THREADS", "4"))
 
 
 class TransportWriter:
-    """KVWriter (pdmesh.disagg.ports) over `transport`; counts into WorkerMetrics."""
+    """KVWriter (pdmesh.disagg.ports) over a Router (pdmesh.transfer.route): each decode
+    pool is reached by the path chosen when the pair bound; counts into WorkerMetrics."""
 
-    def __init__(self, transport: Any, src_base: int, bytes_per_page: int, metrics: Any,
-                 threads: int = WRITER_THREADS) -> None:
-        self.transport, self.src_base, self.bytes_per_page = transport, src_base, bytes_per_page
-        self.metrics, self.threads = metrics, threads
+    def __init__(self, router: Any, metrics: Any, threads: int = WRITER_THREADS) -> None:
+        self.router, self.metrics, self.threads = router, metrics, threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-write")
         self.in_flight = 0  # writes submitted and not finished (running + queued)
 
@@ -37,9 +37,12 @@ class TransportWriter:
 
     async def write(self, src_pages: Sequence[int], target: TransferTarget) -> Any:
         """Write src_pages into target's pages; TransferStats; raises on failure."""
-        if self.transport is None:
+        if self.router is None:
             raise RuntimeError("this worker has no KV transport")
-        attrs = {"pdmesh.room": str(target.room), "pdmesh.kv.pages": len(src_pages), "pdmesh.kv.destination": target.session_id}
+        dst = Destination(target.session_id, target.kv_base, target.host_id,
+                          tuple(target.local_endpoints))
+        attrs = {"pdmesh.room": str(target.room), "pdmesh.kv.pages": len(src_pages),
+                 "pdmesh.kv.destination": target.session_id}
         with tracing.span("kv.transfer", **attrs) as sp:
             self.in_flight += 1
             if self.in_flight > self.threads:
@@ -47,24 +50,27 @@ class TransportWriter:
                          self.in_flight, self.threads)
             try:
                 stats = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.transport.write_pages, target.session_id, self.src_base,
-                    target.kv_base, self.bytes_per_page, list(src_pages), list(target.page_ids))
+                    self._pool, self.router.write_pages, dst, list(src_pages),
+                    list(target.page_ids))
             except Exception as e:
-                self.metrics.transfer_failures.inc()
-                sp.set_attribute("pdmesh.kv.error", str(e))
+                path = self.router.route_name(dst) or "unbound"
+                self.metrics.transfer_failures.labels(path).inc()
+                sp.set_attributes({"pdmesh.kv.error": str(e), "pdmesh.kv.path": path})
                 raise
             finally:
                 self.in_flight -= 1
-            sp.set_attributes({"pdmesh.kv.bytes": stats.bytes,
+            sp.set_attributes({"pdmesh.kv.bytes": stats.bytes, "pdmesh.kv.path": stats.path,
                                "pdmesh.kv.descriptors": stats.descriptors,
                                "pdmesh.kv.gb_per_s": stats.gbps})
-        self.metrics.transfer_bytes.inc(stats.bytes)
-        self.metrics.transfer_pages.inc(len(src_pages))
-        self.metrics.transfer_seconds.observe(stats.seconds)
+        self.metrics.transfer_bytes.labels(stats.path).inc(stats.bytes)
+        self.metrics.transfer_pages.labels(stats.path).inc(len(src_pages))
+        self.metrics.transfer_seconds.labels(stats.path).observe(stats.seconds)
         return stats
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        if self.router is not None:
+            self.router.close()
 
 
 class TransportReceiver:

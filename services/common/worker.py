@@ -20,6 +20,7 @@ from pdmesh.registry_client import RegistryClient
 from pdmesh.registry_watch import GONE, RegistryWatch
 from pdmesh.telemetry.metrics import WorkerMetrics
 from pdmesh.transfer import KVLayout, make_kv_transport
+from pdmesh.transfer.route import Router, host_id, local_endpoints
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.worker.aio_engine import AsyncEngine
 
@@ -64,6 +65,15 @@ def _process_age_s() -> float | None:
         return None
 
 
+def _shared_kv_alloc() -> Any:
+    """shm.alloc_pool where shared memory works (Linux memfd), else None (torch.zeros)."""
+    try:
+        from pdmesh.transfer import shm
+        return shm.alloc_pool if hasattr(os, "memfd_create") else None
+    except ImportError:
+        return None
+
+
 class WorkerHost:
     """Engine + transport + registry membership of one worker process."""
 
@@ -77,7 +87,9 @@ class WorkerHost:
         with self.startup.phase("model load"):
             loaded = load_model(engine_config.model)
         with self.startup.phase("engine (weights to device, kernel tuning, CUDA graphs)"):
-            self._engine = Engine(config=engine_config, loaded=loaded)
+            # a host pool in shared memory, so a prefill on this host can write into it
+            self._engine = Engine(config=engine_config, loaded=loaded,
+                                  kv_alloc=_shared_kv_alloc() if use_transport else None)
         self.model_config = self._engine.model_config
         self.tokenizer = self._engine.tokenizer
         self.metrics = WorkerMetrics()  # the servicer observes events into it
@@ -85,6 +97,8 @@ class WorkerHost:
         self.transport = None
         self.kv_base = 0
         self.kv_transfer_mode = "none"  # direct | staged | host (pdmesh.transfer.staged)
+        self.host_id, self.local_endpoints = host_id(), []  # same-host paths (transfer.route)
+        self._router: Router | None = None
         if use_transport:
             with self.startup.phase("KV transport"):
                 self._make_transport(config)
@@ -97,8 +111,18 @@ class WorkerHost:
             "mooncake", self._engine.runner.kv, config.kv_transfer_mode,
             hostname=config.advertise_host, protocol=config.transfer_protocol,
             device_name=config.transfer_device)
+        self.local_endpoints = local_endpoints(self._engine.runner.kv)
+        local = ", ".join(u.partition(":")[0] for u in self.local_endpoints) or "none"
         print(f"KV transfer: {config.transfer_protocol}, mode {self.kv_transfer_mode} "
-              f"(pool on {self._engine.runner.kv.device})", flush=True)
+              f"(pool on {self._engine.runner.kv.device}); same-host paths: {local}", flush=True)
+
+    def router(self) -> Router:
+        """The prefill's choice of path into each decode pool (pdmesh.transfer.route);
+        routes to a peer that leaves the registry are closed (its pool unmapped)."""
+        if self._router is None:
+            self._router = Router(self.transport, self.kv_base, self._engine.runner.kv,
+                                  self.layout.bytes_per_page, self.config.kv_path, self.host_id)
+        return self._router
 
     async def start(self) -> "WorkerHost":
         """Start the engine loop on its thread, bound to the running event loop."""
@@ -113,7 +137,9 @@ class WorkerHost:
             transfer = rpb.TransferEndpoint(session_id=self.transport.session_id,
                                             kv_base_address=self.kv_base,
                                             protocol=f"{self.config.transfer_protocol}/"
-                                                     f"{self.kv_transfer_mode}")
+                                                     f"{self.kv_transfer_mode}",
+                                            host_id=self.host_id,
+                                            local_endpoints=self.local_endpoints)
         return rpb.RegisterRequest(
             role=ROLES[self.config.role], address=address, model_id=self.config.model_id,
             kv_layout=rpb.KvLayout(num_layers=lay.num_layers, page_size=lay.page_size,
@@ -129,6 +155,8 @@ class WorkerHost:
                              on_peer_gone: OnPeerGone | None = None) -> str:
         """Watch peers, register (raises grpc.RpcError when refused) and heartbeat."""
         def on_event(name: str, info: Any) -> None:
+            if name in GONE and self._router is not None and info.transfer.session_id:
+                self._router.forget(info.transfer.session_id)
             if name in GONE and on_peer_gone is not None:
                 on_peer_gone(name, info.address)
         self.watch = RegistryWatch(self.config.registry, on_event).start()

@@ -36,7 +36,8 @@ class GrpcPrefillPeers:
             dst_session_id=target.session_id, dst_kv_base_address=target.kv_base,
             dst_page_ids=list(target.page_ids), model_id=lay.model, dtype=lay.dtype,
             page_size=lay.page_size, num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads,
-            head_dim=lay.head_dim, bytes_per_page=lay.bytes_per_page)
+            head_dim=lay.head_dim, bytes_per_page=lay.bytes_per_page,
+            dst_host_id=target.host_id, dst_local_endpoints=list(target.local_endpoints))
         try:
             resp = await self._stub(address).Transfer(msg, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -44,7 +45,8 @@ class GrpcPrefillPeers:
         lp = logprob_from_proto(resp.first_logprob) if resp.HasField("first_logprob") else None
         return TransferReply(first_token=resp.first_token_id, first_logprob=lp,
                              cached_tokens=resp.cached_tokens, bytes_moved=resp.bytes_moved,
-                             descriptors=resp.descriptor_count, seconds=resp.transfer_s)
+                             descriptors=resp.descriptor_count, seconds=resp.transfer_s,
+                             path=resp.transfer_path)
 
     async def abort(self, address: str, room: int, timeout: float) -> bool:
         """Prefill.Abort; returns once the prefill confirmed (no write in flight)."""

@@ -119,7 +119,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         host = self.host
         return TransferTarget(session_id=host.transport.session_id, kv_base=host.kv_base,
                               page_ids=tuple(pages), layout=host.layout,
-                              decode_worker_id=host.registry.worker_id if host.registry else "")
+                              decode_worker_id=host.registry.worker_id if host.registry else "",
+                              host_id=host.host_id, local_endpoints=tuple(host.local_endpoints))
 
     def load(self) -> rpb.LoadReport:
         """Heartbeat load: running, queued, free (not held, not quarantined) pages."""

@@ -36,8 +36,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
-        self.writer = TransportWriter(host.transport, host.kv_base,
-                                      host.layout.bytes_per_page, host.metrics)
+        self.writer = TransportWriter(host.router() if host.transport else None, host.metrics)
         self.proto = PrefillProtocol(host.engine, self.writer, host.config.bootstrap_timeout,
                                      self._check_target, mode=Mode.PREFILL_ONLY,
                                      on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc,
@@ -71,7 +70,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             first_token_id=reply.first_token,
             first_logprob=logprob_to_proto(lp) if lp is not None else None, cached_tokens=0,
             bytes_moved=reply.bytes_moved, descriptor_count=reply.descriptors,
-            transfer_s=reply.seconds)
+            transfer_s=reply.seconds, transfer_path=reply.path)
 
     async def Abort(self, request: pb.PrefillAbortRequest, context) -> pb.PrefillAbortResponse:
         """Drop the room wherever it is; when this returns, no write of it is in flight."""
@@ -126,7 +125,9 @@ def _target(request: pb.TransferRequest) -> TransferTarget:
                       num_pages=max(pages, default=0) + 1)
     return TransferTarget(session_id=request.dst_session_id,
                           kv_base=request.dst_kv_base_address, page_ids=pages, layout=layout,
-                          decode_worker_id=request.decode_worker_id, room=request.room)
+                          decode_worker_id=request.decode_worker_id, room=request.room,
+                          host_id=request.dst_host_id,
+                          local_endpoints=tuple(request.dst_local_endpoints))
 
 
 async def _abort(context, e: RoomError) -> None:
