@@ -125,7 +125,7 @@ class DecodeProtocol:
         room.stamps["pages"] = time.monotonic()
         room.reply = await self._transfer(room, deadline)
         if self.kv is not None:
-            await self.kv.land(room.pages)
+            await self.kv.land(room.pages, room.reply.path)
         room.stamps["kv"] = time.monotonic()
         room.stream = await self.engine.adopt(room.request_id, room.reply.first_token,
                                               room.reply.first_logprob)

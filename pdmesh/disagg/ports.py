@@ -75,8 +75,9 @@ class KVWriter(Protocol):
 class KVReceiver(Protocol):
     """The decode's side of the data plane (a no-op unless KV is staged in host memory)."""
 
-    async def land(self, pages: Sequence[int]) -> None:
-        """Make written pages visible to the engine (e.g. host mirror -> device)."""
+    async def land(self, pages: Sequence[int], path: str) -> None:
+        """Make pages written by `path` (TransferReply.path) visible to the engine, e.g.
+        host mirror -> device after a transfer-engine write into a staged pool."""
 
 
 class PrefillPeers(Protocol):

@@ -80,6 +80,7 @@ class TransportReceiver:
     def __init__(self, transport: Any) -> None:
         self._land = getattr(transport, "land", None)
 
-    async def land(self, pages: Sequence[int]) -> None:
-        if self._land is not None:
+    async def land(self, pages: Sequence[int], path: str) -> None:
+        # local paths (shm, ipc) write the pool itself, never the staged mirror
+        if self._land is not None and path in ("mooncake", ""):
             await asyncio.to_thread(self._land, list(pages))
