@@ -1,0 +1,308 @@
+"""CUDA IPC KV transfer: write KV pages straight into another process's pool on this GPU.
+
+A decode worker exports its pool once (`export_pool` -> an "ipc:..." URI it publishes);
+a prefill worker on the same host opens it (`open_peer`) and gets the peer's pool mapped
+into its own address space, so moving pages is one device kernel (kernels/page_copy.py)
+at device-copy bandwidth instead of a trip through a transfer engine. `open_peer` raises
+ValueError for a malformed URI (or a local pool not on a GPU) and RuntimeError when the
+peer's pool cannot be reached from here (another GPU, a handle the driver refuses): the
+caller then falls back to Mooncake.
+
+The handle is torch's own (UntypedStorage._share_cuda_ / _new_shared_cuda, the pair that
+torch.multiprocessing uses), so the caching allocator's rules hold: the handle names the
+whole cudaMalloc block, torch keeps one mapping per block per process, and the exporter's
+block is not reused while an opened copy is alive (torch's IPC ref counter; a URI stands
+for one such reference, so export once per opener). CUDA refuses to open a handle in the
+process that made it, so there a URI resolves to the exported tensor itself.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import operator
+import os
+import secrets
+import threading
+import time
+import weakref
+from typing import Any, Sequence
+
+import torch
+
+from pdmesh.transfer.base import TransferError, TransferStats
+from pdmesh.transfer.plan import validate_pages
+
+NAME = "ipc"
+_PREFIX = "ipc:"
+_VERSION = 1
+# URI fields and their JSON types. _SHARE: the 8 values of _share_cuda_() in order (the
+# same in torch 2.11 and 2.13): device, block handle, storage bytes, storage offset in the
+# block, ref counter file and slot, producer event handle, whether to wait on that event.
+_SHARE = ("share_device", "handle", "storage_size", "storage_offset", "ref_counter",
+          "ref_counter_offset", "event_handle", "event_sync")
+_FIELDS: dict[str, type] = {  # offset, nbytes: the pool's bytes inside its storage
+    "v": int, "proc": str, "export": str, "uuid": str, "share_device": int, "handle": bytes,
+    "storage_size": int, "storage_offset": int, "ref_counter": bytes, "ref_counter_offset":
+    int, "event_handle": bytes, "event_sync": bool, "offset": int, "nbytes": int}
+
+_TIMER_SLACK = 60e-6   # time.sleep wakes this late (Linux timer slack ~50 us)
+_POLL = 20e-6          # between polls of the copy's event
+_POLL_WINDOW = 2e-3    # polling past the prediction this long: block in the driver
+
+_exports: "weakref.WeakValueDictionary[str, torch.Tensor]" = weakref.WeakValueDictionary()
+# who exported: the pid alone is not enough (two containers can share a pid), and the
+# token alone neither (a forked child keeps it), so both
+_TOKEN = secrets.token_hex(8)
+
+
+def _process_key() -> str:
+    return f"{os.getpid()}:{_TOKEN}"
+
+
+def encode_uri(info: dict[str, Any]) -> str:
+    """"ipc:" + urlsafe base64 (unpadded) of compact JSON; bytes fields as base64 text."""
+    doc = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
+           for k, v in info.items()}
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return _PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_uri(uri: str) -> dict[str, Any]:
+    """The fields of an "ipc:" URI, checked; ValueError for anything malformed."""
+    if not isinstance(uri, str) or not uri.startswith(_PREFIX):
+        raise ValueError(f"not an {_PREFIX} URI: {str(uri)[:40]!r}")
+    body = uri[len(_PREFIX):]
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (binascii.Error, ValueError) as e:  # bad base64, UTF-8 or JSON
+        raise ValueError(f"malformed {_PREFIX} URI: {e}") from None
+    if not isinstance(doc, dict) or set(doc) != set(_FIELDS):
+        got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"malformed {_PREFIX} URI: fields {got}, expected {sorted(_FIELDS)}")
+    info: dict[str, Any] = {}
+    for k, kind in _FIELDS.items():
+        v = doc[k]
+        if kind is bytes:
+            try:
+                v = base64.b64decode(v, validate=True) if isinstance(v, str) else None
+            except binascii.Error:
+                v = None
+        # bool is an int to isinstance, and no count or offset may be negative
+        if (v is None or not isinstance(v, kind) or (kind is int and isinstance(v, bool))
+                or (kind is int and v < 0)):
+            raise ValueError(f"malformed {_PREFIX} URI: field {k!r} is not a valid "
+                             f"{kind.__name__}")
+        info[k] = v
+    if info["v"] != _VERSION:
+        raise ValueError(f"{_PREFIX} URI version {info['v']}, this side reads {_VERSION}")
+    if info["nbytes"] == 0 or info["offset"] + info["nbytes"] > info["storage_size"]:
+        raise ValueError(f"malformed {_PREFIX} URI: pool bytes [{info['offset']}, "
+                         f"+{info['nbytes']}) outside a storage of {info['storage_size']}")
+    return info
+
+
+def _gpu_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _flat_bytes(pool: torch.Tensor, what: str) -> torch.Tensor:
+    """The pool's memory as one uint8 vector (pages are slices of it)."""
+    if not isinstance(pool, torch.Tensor) or not pool.is_contiguous() or pool.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty contiguous tensor")
+    return pool.reshape(-1).view(torch.uint8)
+
+
+def export_pool(pool: torch.Tensor) -> str | None:
+    """URI a process on this host opens (open_peer) to write into `pool`; None for a pool
+    not in GPU memory. `pool` must stay alive while peers use it, and must come from
+    torch's caching allocator (any tensor torch allocated on the GPU does)."""
+    flat = _flat_bytes(pool, "pool")
+    if not flat.is_cuda:
+        return None
+    share = pool.untyped_storage()._share_cuda_()
+    if len(share) != len(_SHARE):  # the layout torch 2.x has kept; fail loudly if it moves
+        raise RuntimeError(f"torch {torch.__version__}: _share_cuda_() gave {len(share)} "
+                           f"values, this module reads {len(_SHARE)}")
+    export_id = secrets.token_hex(8)
+    _exports[export_id] = pool
+    info = dict(zip(_SHARE, share))
+    info.update(v=_VERSION, proc=_process_key(), export=export_id,
+                uuid=_gpu_uuid(pool.device.index), offset=pool.storage_offset() *
+                pool.element_size(), nbytes=flat.numel())
+    return encode_uri(info)
+
+
+def open_peer(uri: str, local_pool: torch.Tensor) -> "IpcPeer":
+    """Open the pool behind `uri` for writes from `local_pool` (this process's own pool,
+    on the same GPU). ValueError: malformed URI or a local pool not on a GPU;
+    RuntimeError: the peer's pool cannot be reached from here (fall back)."""
+    info = decode_uri(uri)
+    if not isinstance(local_pool, torch.Tensor) or not local_pool.is_cuda:
+        raise ValueError("CUDA IPC needs the local pool in GPU memory")
+    if info["proc"] == _process_key():  # our own export: no IPC at all
+        pool = _exports.get(info["export"])
+        if pool is None:
+            raise RuntimeError("the pool this process exported under that URI is gone")
+        # the peer holds the tensor itself, so give back the export's IPC reference now,
+        # or the pool's block would wait in torch's IPC limbo forever once freed
+        torch.UntypedStorage._release_ipc_counter_cuda(info["ref_counter"],
+                                                       info["ref_counter_offset"])
+        return IpcPeer(pool, local_pool)
+    index = local_pool.device.index
+    if _gpu_uuid(index) != info["uuid"]:
+        raise RuntimeError(f"peer pool is on GPU {info['uuid']}, the local pool on "
+                           f"{_gpu_uuid(index)}: CUDA IPC here copies within one GPU")
+    args = [info[k] for k in _SHARE]
+    args[0] = index  # the exporter's index of that GPU may differ (CUDA_VISIBLE_DEVICES)
+    try:
+        storage = torch.UntypedStorage._new_shared_cuda(*args)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/TypeError variants
+        raise RuntimeError(f"cannot open the peer's CUDA IPC handle: {e}") from e
+    peer = torch.empty(0, dtype=torch.uint8, device=local_pool.device)
+    peer.set_(storage, info["offset"], (info["nbytes"],))
+    return IpcPeer(peer, local_pool, opened=storage)
+
+
+def _ids(pages: Sequence[int] | torch.Tensor, name: str, limit: int) -> list[int]:
+    """Python ints (from a list, range, numpy array or tensor), each < limit (the pages of
+    the pool they index); ValueError otherwise. Negative ids are validate_pages' to refuse."""
+    try:
+        ids = [operator.index(p) for p in (pages.tolist() if isinstance(pages, torch.Tensor)
+                                           else pages)]
+    except TypeError as e:
+        raise ValueError(f"{name}: page ids must be integers ({e})") from None
+    if ids and max(ids) >= limit:
+        raise ValueError(f"{name} names pages past the {limit} of its pool: "
+                         f"{sorted({p for p in ids if p >= limit})[:8]}")
+    return ids
+
+
+def _pages(flat: torch.Tensor, bytes_per_page: int, what: str) -> torch.Tensor:
+    """flat viewed as [pages, bytes_per_page]; ValueError unless it divides evenly."""
+    if not isinstance(bytes_per_page, int) or bytes_per_page <= 0:
+        raise ValueError(f"bytes_per_page must be a positive int, got {bytes_per_page!r}")
+    if flat.numel() % bytes_per_page:
+        raise ValueError(f"{what} of {flat.numel()} bytes is no whole number of "
+                         f"{bytes_per_page}-byte pages")
+    return flat.view(-1, bytes_per_page)
+
+
+class IpcPeer:
+    """An opened peer pool: pages of the local pool are written into it by one kernel.
+    Thread-safe (one copy at a time). Host pools work too (tests, TRITON_INTERPRET=1)."""
+
+    name = NAME
+
+    def __init__(self, peer_pool: torch.Tensor, local_pool: torch.Tensor,
+                 opened: torch.UntypedStorage | None = None) -> None:
+        from pdmesh.kernels.page_copy import copy_pages  # triton: only once a peer exists
+
+        self._peer = _flat_bytes(peer_pool, "peer pool")
+        self._local = _flat_bytes(local_pool, "local pool")
+        if self._peer.device != self._local.device:
+            raise RuntimeError(f"peer pool on {self._peer.device}, local on {self._local.device}")
+        self._opened = opened  # holds the IPC mapping open; dropped by close()
+        self._copy = copy_pages
+        self._lock = threading.Lock()
+        self._stream = self._done = None
+        self._ids_host = self._ids_dev = None  # [2 * capacity] int64 staging, reused
+        self._rate = 0.0  # fastest bytes/s seen: predicts how long to sleep (_wait)
+        if self._local.is_cuda:
+            # own stream: a transfer never queues behind the engine's kernels; blocking
+            # event: a long wait sleeps in the driver instead of spinning (_wait)
+            self._stream = torch.cuda.Stream(self._local.device)
+            self._done = torch.cuda.Event(blocking=True)
+
+    def write_pages(self, src_pages: Sequence[int], dst_pages: Sequence[int],
+                    bytes_per_page: int) -> TransferStats:
+        """Local page src_pages[i] over the peer's page dst_pages[i], for every i; returns
+        once the bytes are in the peer's memory. ValueError (nothing written) for bad ids
+        or page size; TransferError once closed."""
+        local, peer = self._views(bytes_per_page)
+        src = _ids(src_pages, "src_pages", local.shape[0])
+        dst = _ids(dst_pages, "dst_pages", peer.shape[0])
+        validate_pages(src, dst)
+        t0 = time.perf_counter()
+        if src:
+            self._run(local, peer, src, dst)
+        return TransferStats(len(src) * bytes_per_page, 1 if src else 0,
+                             time.perf_counter() - t0)
+
+    def read_pages(self, peer_pages: Sequence[int], bytes_per_page: int) -> torch.Tensor:
+        """A new uint8 tensor [n, bytes_per_page] (on the pools' device) holding the peer's
+        pages peer_pages[i]: a probe; ids may repeat, nothing is written there."""
+        _, peer = self._views(bytes_per_page)
+        ids = _ids(peer_pages, "peer_pages", peer.shape[0])
+        validate_pages(ids, list(range(len(ids))))
+        out = torch.empty((len(ids), bytes_per_page), dtype=torch.uint8, device=peer.device)
+        if ids:
+            self._run(peer, out, ids, list(range(len(ids))))
+        return out
+
+    def close(self) -> None:
+        """Drop the opened storage (torch unmaps the block and releases the exporter's
+        reference once nothing here uses it). Idempotent; later calls raise TransferError."""
+        with self._lock:
+            self._peer = self._local = self._opened = None
+
+    def __enter__(self) -> "IpcPeer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _views(self, bytes_per_page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        local, peer = self._local, self._peer
+        if local is None or peer is None:
+            raise TransferError(-1, "use of a closed IpcPeer")
+        return (_pages(local, bytes_per_page, "local pool"),
+                _pages(peer, bytes_per_page, "peer pool"))
+
+    def _run(self, src: torch.Tensor, dst: torch.Tensor, s: list[int], d: list[int]) -> None:
+        """One copy_pages launch; on a GPU on this peer's stream, waited for by event."""
+        with self._lock:
+            if self._stream is None:
+                ids = torch.tensor(s + d, dtype=torch.int64)
+                self._copy(src, dst, ids[:len(s)], ids[len(s):])
+                return
+            dev, n = src.device, len(s)
+            if self._ids_host is None or self._ids_host.numel() < 2 * n:
+                cap = 2 * max(256, 1 << (n - 1).bit_length())
+                # pinned: an async DMA (8 us); from pageable memory the upload took 78 us
+                self._ids_host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
+                self._ids_dev = torch.empty(cap, dtype=torch.int64, device=dev)
+            host = self._ids_host.numpy()  # safe to refill: the last call's upload is done
+            host[:n], host[n:2 * n] = s, d
+            with torch.cuda.device(dev):
+                # the engine synchronised after the step that wrote the source pages; this
+                # costs ~6 us and covers callers that did not
+                self._stream.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(self._stream):
+                    ids = self._ids_dev[:2 * n]
+                    ids.copy_(self._ids_host[:2 * n], non_blocking=True)
+                    self._copy(src, dst, ids[:n], ids[n:])
+                    self._done.record(self._stream)
+            self._wait(n * src.shape[1], time.perf_counter())
+
+    def _wait(self, nbytes: int, launched: float) -> None:
+        """Return once the copy is done, with the thread asleep (GIL released) meanwhile.
+
+        Not just self._done.synchronize(): on the (gVisor) H200 machine this was measured
+        on, waking from the driver's blocking sync cost 120-250 us per 512 MiB copy over a
+        spinning wait. So sleep on the host through the copy time predicted from the
+        fastest rate seen so far, poll the tail (time.sleep between polls), and block in
+        the driver only if the copy runs far past the prediction (a busy GPU)."""
+        if self._rate:
+            ahead = 0.9 * nbytes / self._rate - _TIMER_SLACK
+            if ahead > 0:
+                time.sleep(ahead)
+        give_up = time.perf_counter() + _POLL_WINDOW
+        while not self._done.query():
+            if time.perf_counter() > give_up:
+                self._done.synchronize()  # releases the GIL; cudaEventBlockingSync
+                break
+            time.sleep(_POLL)
+        # launch-to-seen-done bounds the copy time from above, so the max rate approaches
+        # the true one from below and the 0.9 x prediction does not sleep past the end
+        self._rate = max(self._rate, nbytes / max(time.perf_counter() - launched, 1e-9))
