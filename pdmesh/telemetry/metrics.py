@@ -52,6 +52,16 @@ class GatewayMetrics:
                                      "finished requests", registry=r)
         self.generation_tokens = Counter("pdmesh_gateway_generation_tokens",
                                          "Tokens streamed to clients", registry=r)
+        # admission (services/gateway/admission.py): per process, summed over processes
+        self.admission_inflight = Gauge("pdmesh_gateway_admission_inflight", "Requests "
+                                        "holding an admission slot", registry=r,
+                                        multiprocess_mode="livesum")
+        self.admission_queued = Gauge("pdmesh_gateway_admission_queued", "Requests waiting "
+                                      "for an admission slot", registry=r,
+                                      multiprocess_mode="livesum")
+        self.admission_rejected = Counter("pdmesh_gateway_admission_rejected", "Requests "
+                                          "turned away (429 / RESOURCE_EXHAUSTED) by reason: "
+                                          "queue_full, queue_timeout", ["reason"], registry=r)
 
 
 class WorkerMetrics:
