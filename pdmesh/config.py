@@ -287,16 +287,36 @@ class GatewayConfig:
     shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish
     processes: int = 1  # gateway processes sharing the ports (SO_REUSEPORT)
     reuse_port: bool = False  # bind with SO_REUSEPORT (set in each of `processes`)
+    # admission (services/gateway/admission.py), per gateway process: requests in flight
+    # (0 = no limit), waiters beyond that (None = max_inflight), how long one may wait,
+    # and the retry hint a turned-away client gets (429 Retry-After / gRPC retry-after)
+    max_inflight: int = 0
+    max_queued: int | None = None
+    queue_timeout_s: float = 30.0
+    retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
+        self._check_admission()
         check_routing_policy(self.prefill_policy), check_routing_policy(self.decode_policy)
         if self.mode not in ROUTING_MODES:
             raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+
+    def _check_admission(self) -> None:
+        for name in ("max_inflight", "max_queued", "queue_timeout_s"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.retry_after_s <= 0:
+            raise ValueError(f"retry_after_s must be > 0, got {self.retry_after_s}")
+
+    @property
+    def queue_limit(self) -> int:
+        """Waiters allowed beyond max_inflight (max_queued, by default max_inflight)."""
+        return self.max_inflight if self.max_queued is None else self.max_queued
 
     def replace(self, **changes: Any) -> "GatewayConfig":
         return dataclasses.replace(self, **changes)
@@ -309,12 +329,17 @@ _GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_DECODE_POLICY": ("decode_policy", str),
     "PDMESH_ROUTING_MODE": ("mode", str),
     "PDMESH_GATEWAY_PROCESSES": ("processes", int),
+    "PDMESH_GATEWAY_MAX_INFLIGHT": ("max_inflight", int),
+    "PDMESH_GATEWAY_MAX_QUEUED": ("max_queued", int),
+    "PDMESH_GATEWAY_QUEUE_TIMEOUT": ("queue_timeout_s", float),
+    "PDMESH_GATEWAY_RETRY_AFTER": ("retry_after_s", float),
 }
 
 
 def gateway_config_from_env(base: GatewayConfig | None = None,
                             env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Apply PDMESH_REGISTRY / _API_KEY / _PREFILL_POLICY / _DECODE_POLICY / _ROUTING_MODE."""
+    """Apply PDMESH_REGISTRY / _API_KEY / _PREFILL_POLICY / _DECODE_POLICY / _ROUTING_MODE
+    and PDMESH_GATEWAY_* (processes and admission)."""
     return _apply_env(base or GatewayConfig(), _GATEWAY_ENV_OVERRIDES, env)
 
 

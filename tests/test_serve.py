@@ -61,12 +61,15 @@ def check_completions(client, want) -> None:
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
-@pytest.mark.parametrize("prefill, decode", [(1, 1), (2, 2)])
-def test_serve_greedy_chat_equals_runtime_alone(expected, completion, prefill, decode):
+# (1, 1) takes the path chosen by measurement (shared memory on one host); (2, 2) is
+# forced onto the transfer engine (Mooncake tcp, async writes)
+@pytest.mark.parametrize("prefill, decode, kv_path", [(1, 1, "auto"), (2, 2, "mooncake")])
+def test_serve_greedy_chat_equals_runtime_alone(expected, completion, prefill, decode, kv_path):
     import openai
 
     proc, base, lines = start_serve("--prefill", str(prefill), "--decode", str(decode),
-                                    "--worker-arg=--kv-cache-bytes=50000000")
+                                    "--worker-arg=--kv-cache-bytes=50000000",
+                                    f"--worker-arg=--kv-path={kv_path}")
     try:
         client = openai.OpenAI(base_url=base, api_key="unused")
         kw = dict(model="default", messages=[{"role": "user", "content": QUESTION}],
@@ -86,6 +89,8 @@ def test_serve_greedy_chat_equals_runtime_alone(expected, completion, prefill, d
         assert sum(pre) == sum(dec) == 2 * prefill + 1, (pre, dec)
         if prefill == 1:
             check_completions(client, completion)
+        chosen = {m for line in lines for m in re.findall(r"KV path to \S+: (\w+)", line)}
+        assert chosen == {"shm" if kv_path == "auto" else "mooncake"}, chosen
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)

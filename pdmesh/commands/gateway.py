@@ -39,8 +39,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=None,
                    help="gateway processes sharing the ports (default 1; env "
                         "PDMESH_GATEWAY_PROCESSES): one process streams from one core")
+    add_admission_arguments(p)
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     telemetry_flags.add_arguments(p, metrics_port=False)  # /metrics is on the REST port
+
+
+def add_admission_arguments(p: argparse.ArgumentParser) -> None:
+    """Admission flags (services/gateway/admission.py); each limit is per gateway process."""
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="requests in flight per gateway process; beyond it they queue, then "
+                        "get 429 / RESOURCE_EXHAUSTED (default 0 = no limit; with "
+                        "--processes N the gateway admits N times this; env "
+                        "PDMESH_GATEWAY_MAX_INFLIGHT)")
+    p.add_argument("--max-queued", type=int, default=None,
+                   help="requests waiting for a slot per process, beyond --max-inflight "
+                        "(default: = --max-inflight; env PDMESH_GATEWAY_MAX_QUEUED)")
+    p.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a queued request may wait before it gets 429 too (default "
+                        "30; 0 = until a slot frees; env PDMESH_GATEWAY_QUEUE_TIMEOUT)")
+    p.add_argument("--retry-after", type=float, default=None,
+                   help="retry hint of a 429 in seconds, jittered ±50%% (default 1; env "
+                        "PDMESH_GATEWAY_RETRY_AFTER)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -48,7 +67,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     config = gateway_config_from_env(GatewayConfig())
     flags = {"registry": args.registry, "prefill_policy": args.prefill_policy,
              "decode_policy": args.decode_policy, "mode": args.mode, "api_key": args.api_key,
-             "processes": args.processes}
+             "processes": args.processes, "max_inflight": args.max_inflight,
+             "max_queued": args.max_queued, "queue_timeout_s": args.queue_timeout,
+             "retry_after_s": args.retry_after}
     return config.replace(model=args.model, served_model_name=args.served_model_name,
                           host=args.host, port=args.port, grpc_port=args.grpc_port,
                           max_model_len=args.max_model_len, reuse_port=args.reuse_port,

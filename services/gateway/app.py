@@ -12,6 +12,7 @@ from aiohttp import web
 from pdmesh.config import GatewayConfig
 from pdmesh.telemetry.metrics import CONTENT_TYPE, GatewayMetrics, render_gateway
 from pdmesh.v1 import gateway_pb2 as gpb
+from pdmesh.services.gateway.admission import Admission
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.pool import WorkerPool
 from pdmesh.services.gateway.server import GatewayServicer, create_server
@@ -51,8 +52,10 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     pool = WorkerPool(config.registry, config.mode, config.prefill_policy,
                       config.decode_policy)
     pool.start()
-    dispatcher = Dispatcher(pool, info)
     metrics = GatewayMetrics()
+    admission = Admission(config.max_inflight, config.queue_limit, config.queue_timeout_s,
+                          config.retry_after_s, metrics)
+    dispatcher = Dispatcher(pool, info, admission)
     servicer = GatewayServicer(dispatcher, config.api_key, metrics)
     grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
     app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]])

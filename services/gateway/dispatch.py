@@ -27,6 +27,7 @@ from pdmesh.runtime.tokenizer import Tokenizer
 from pdmesh.telemetry import tracing
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdmesh.services.gateway.admission import Admission, Rejected
 from pdmesh.services.gateway.observe import RequestObserver
 from pdmesh.services.gateway.pool import NoRoute, Route, WorkerPool
 
@@ -39,9 +40,11 @@ _PREFILL_TAIL_S = 2.0
 class GatewayError(Exception):
     """A request failure with the gRPC status it maps to (REST maps that to HTTP)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        # trailers: gRPC trailing metadata (REST: response headers), e.g. retry-after
+        self.code, self.message, self.trailers = code, message, trailers
 
 
 @dataclass
@@ -94,8 +97,10 @@ def _leg_error(leg: str, address: str, e: grpc.aio.AioRpcError) -> GatewayError:
 class Dispatcher:
     """Routes requests through the pool and runs both legs; one per gateway process."""
 
-    def __init__(self, pool: WorkerPool, model: ModelInfo) -> None:
+    def __init__(self, pool: WorkerPool, model: ModelInfo,
+                 admission: Admission | None = None) -> None:
         self.pool, self.model = pool, model
+        self.admission = admission or Admission()  # default: no limit, only counts
         self.started = int(time.time())  # ListModels' "created"
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, type], object] = {}
@@ -114,6 +119,7 @@ class Dispatcher:
         return stub
 
     async def close(self) -> None:
+        self.admission.close()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -123,22 +129,29 @@ class Dispatcher:
                        detokenize: bool = True, obs: RequestObserver | None = None,
                        ) -> AsyncIterator[Delta]:
         """Run one request; yields Deltas, the last with finish_reason and usage.
-        Raises GatewayError (UNAVAILABLE when no route or a leg failed). `obs` (spans,
-        metrics) is told the route, every token message and both legs' timings."""
-        try:
-            route = self.pool.route()
-        except NoRoute as e:
-            raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        room = secrets.randbits(63)
-        if obs is not None:
-            obs.routed(route, room, "pd" if route.prefill else "colocated", route.why)
+        Raises GatewayError (RESOURCE_EXHAUSTED when admission turns it away, UNAVAILABLE
+        when no route or a leg failed). `obs` (spans, metrics) is told the route, every
+        token message and both legs' timings. The request holds an admission slot from
+        before routing until it ends, however it ends."""
         detok = IncrementalDetokenizer(
             self.model.tokenizer, prompt_ids,
             skip_special_tokens=sampling.skip_special_tokens
             if sampling.HasField("skip_special_tokens") else True,
             stop=list(sampling.stop)) if detokenize else None
-        completion = 0
         try:
+            await self.admission.acquire()
+        except Rejected as e:
+            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message,
+                               e.retry_headers()) from None
+        try:  # nothing awaits between acquire and here: the slot cannot leak
+            route = self.pool.route()
+        except NoRoute as e:
+            self.admission.release()
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        room, completion = secrets.randbits(63), 0
+        try:
+            if obs is not None:
+                obs.routed(route, room, "pd" if route.prefill else "colocated", route.why)
             async for chunk in self._legs(route, room, prompt_ids, sampling, obs):
                 if obs is not None:
                     obs.tokens(len(chunk.token_ids))
@@ -156,6 +169,7 @@ class Dispatcher:
                 yield delta
         finally:
             self.pool.release(route)
+            self.admission.release()
 
     @staticmethod
     def _detokenize(detok: IncrementalDetokenizer, delta: Delta) -> bool:

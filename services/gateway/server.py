@@ -64,7 +64,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             status = "OK"
         except GatewayError as e:
             status = e.code.name
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, e.message, e.trailers)  # retry-after on 429s
         finally:
             obs.finish(status, last.finish_reason if last else 0, last.usage if last else None)
 

@@ -41,6 +41,10 @@ HTTP_STATUS = {
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
               403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
               503: "service_unavailable_error"}
+# OpenAI's own code for a 429 (the openai client retries it, after Retry-After)
+ERROR_CODE = {429: "rate_limit_exceeded"}
+# trailing metadata of a failed call that REST passes on as response headers
+_HEADER_TRAILERS = frozenset({"retry-after", "retry-after-ms"})
 _PLAIN_STRING, _INT64 = _d.FieldDescriptor.TYPE_STRING, (
     _d.FieldDescriptor.TYPE_INT64, _d.FieldDescriptor.TYPE_UINT64,
     _d.FieldDescriptor.TYPE_SINT64, _d.FieldDescriptor.TYPE_FIXED64)
@@ -82,9 +86,10 @@ def http_routes(service: _d.ServiceDescriptor) -> list[HttpRoute]:
 
 
 class RestAbort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailers=()) -> None:
         super().__init__(details)
         self.code, self.details = code, details
+        self.headers = {k: v for k, v in trailers or () if k in _HEADER_TRAILERS}
 
 
 class RestContext:
@@ -99,15 +104,17 @@ class RestContext:
     def invocation_metadata(self):
         return self._md
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
-        raise RestAbort(code, details)
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=(),
+                    ) -> None:
+        raise RestAbort(code, details, trailing_metadata)
 
 
-def error_response(status: int, message: str, param: str | None = None) -> web.Response:
-    """OpenAI's error JSON."""
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """OpenAI's error JSON (`headers`: e.g. Retry-After on a 429)."""
     body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "internal_error"),
-                      "param": param, "code": status}}
-    return web.json_response(body, status=status)
+                      "param": param, "code": ERROR_CODE.get(status, status)}}
+    return web.json_response(body, status=status, headers=headers)
 
 
 def to_json(msg) -> dict:
@@ -177,7 +184,7 @@ def _handler(route: HttpRoute, servicer: Any):
                 await stream.aclose()
                 return web.json_response(to_json(first))
         except RestAbort as e:
-            return error_response(HTTP_STATUS.get(e.code, 500), e.details)
+            return error_response(HTTP_STATUS.get(e.code, 500), e.details, headers=e.headers)
         except StopAsyncIteration:
             return error_response(500, "the RPC returned no response")
         return await _sse(http, first, stream)
