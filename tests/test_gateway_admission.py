@@ -9,12 +9,27 @@ RESOURCE_EXHAUSTED + retry-after (gRPC), the admitted requests complete, and the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+import subprocess
+import sys
+import threading
+import time
 
+import aiohttp
+import grpc
+import httpx2 as httpx
+import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway_fakes import ECHO, SLOW, FakeMesh, start_worker
+from test_gateway import ENV, REPLY, spawn, tok  # noqa: F401 (fixture)
+from pdmesh.client import AsyncClient
 from pdmesh.services.gateway.admission import QUEUE_FULL, QUEUE_TIMEOUT, Admission, Rejected
 from pdmesh.telemetry.metrics import GatewayMetrics
+from pdmesh.v1 import registry_pb2 as rpb
 
 
 def run(coro):
@@ -156,3 +171,179 @@ def test_bad_limits_are_refused():
         Admission(max_inflight=-1)
     with pytest.raises(ValueError):
         Admission(retry_after_s=0)
+
+
+# --- end to end: real registry and gateway processes, fake workers --------------------
+
+GATEWAYS = {  # name -> extra flags
+    "limited": ["--max-inflight", "8", "--max-queued", "8", "--queue-timeout", "20"],
+    "no_queue": ["--max-inflight", "4", "--max-queued", "0", "--retry-after", "1"],
+    "unlimited": [],
+}
+
+
+class Gateway:
+    """A `pdmesh gateway` process; its output is read on a thread (kept in `lines`)."""
+
+    def __init__(self, registry: str, flags: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdmesh.cli", "gateway", "--registry", registry, "--host",
+             "127.0.0.1", "--port", "0", "--grpc-port", "0", "--max-model-len", "512", *flags],
+            env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r"listening on (\S+) \(REST\) and (\S+) \(gRPC\)", line):
+                self.rest, self.grpc = m.group(1), m.group(2)
+                self.ready.set()
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"http://{self.rest}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def logged(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+
+@pytest.fixture(scope="module")
+def mesh(tok):
+    """A registry, fake prefill + decode workers and the three gateways of GATEWAYS."""
+    reg, m = spawn(["registry", "--host", "127.0.0.1", "--port", "0",
+                    "--heartbeat-interval", "0.3"], r"listening on (\S+)")
+    fake = FakeMesh(tok.encode(REPLY, add_special_tokens=False))
+    fake.workers = [start_worker(fake, role, m.group(1), max_workers=256 + 64)
+                    for role in (rpb.WORKER_ROLE_PREFILL, rpb.WORKER_ROLE_DECODE)]
+    fake.gateways = {name: Gateway(m.group(1), flags) for name, flags in GATEWAYS.items()}
+    for gw in fake.gateways.values():  # started side by side, waited for in turn
+        assert gw.ready.wait(60), "".join(gw.lines)
+    yield fake
+    for server, client in fake.workers:
+        client.close()
+        server.stop(0)
+    for p in [gw.proc for gw in fake.gateways.values()] + [reg]:
+        p.terminate()
+        assert p.wait(10) == 0
+
+
+def convo(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Request {i}: {i * 7919 % 1000} pears."}]
+
+
+async def rest_stream(session, gw: Gateway, i: int, max_tokens: int, seed: int = ECHO):
+    """('ok', text) or (HTTP status, headers, error JSON) of one streaming chat request."""
+    body = {"model": "default", "messages": convo(i), "max_tokens": max_tokens, "seed": seed,
+            "stream": True}
+    async with session.post(f"http://{gw.rest}/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            return resp.status, dict(resp.headers), await resp.json()
+        text = []
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        return "ok", "".join(text)
+
+
+async def grpc_stream(client: AsyncClient, i: int, max_tokens: int):
+    """('ok', text) or (status code, trailing metadata) of one gRPC Chat stream."""
+    try:
+        text = [r.text async for r in client.chat_stream(convo(i), max_tokens=max_tokens,
+                                                           seed=ECHO)]
+        return "ok", "".join(text)
+    except grpc.aio.AioRpcError as e:
+        return e.code(), dict(e.trailing_metadata() or ())
+
+
+def echoed(tok, i: int, max_tokens: int) -> str:
+    """What the ECHO fake streams for request i: its own prompt's first tokens."""
+    return tok.decode(tok.apply_chat_template(convo(i))[:max_tokens])
+
+
+def test_4x_overload_sheds_the_excess_and_serves_the_rest(mesh, tok):
+    gw, n, max_tokens = mesh.gateways["limited"], 64, 40  # ~0.8 s a stream
+    mesh.peak = 0
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s, \
+                AsyncClient(gw.grpc) as c:
+            return await asyncio.gather(
+                *(rest_stream(s, gw, i, max_tokens) for i in range(0, n, 2)),
+                *(grpc_stream(c, i, max_tokens) for i in range(1, n, 2)))
+
+    t0 = time.monotonic()
+    results = asyncio.run(main())
+    took = time.monotonic() - t0
+    order = list(range(0, n, 2)) + list(range(1, n, 2))
+    ok = [i for i, r in zip(order, results) if r[0] == "ok"]
+    for i, r in zip(order, results):
+        if r[0] == "ok":
+            assert r[1] == echoed(tok, i, max_tokens)  # its own tokens, complete
+        elif i % 2 == 0:
+            status, headers, err = r
+            assert status == 429 and err["error"]["type"] == "rate_limit_error", r
+            assert err["error"]["code"] == "rate_limit_exceeded"
+            assert int(headers["Retry-After"]) >= 1 and int(headers["retry-after-ms"]) > 0
+        else:
+            assert r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and int(r[1]["retry-after"]) >= 1
+    assert len(ok) >= 16 and n - len(ok) >= 32, (len(ok), took)  # 8 + 8 queued, then more
+    assert mesh.peak <= 8, mesh.peak  # never more than --max-inflight streams at once
+    assert took < 30
+    after_overload(gw, n - len(ok))
+
+
+def after_overload(gw: Gateway, rejected: int) -> None:
+    """Gauges back to 0, every rejection counted and logged once, a new request served."""
+    m = gw.metrics()
+    assert m[("pdmesh_gateway_admission_inflight", ())] == 0
+    assert m[("pdmesh_gateway_admission_queued", ())] == 0
+    assert sum(v for (name, _), v in m.items()
+               if name == "pdmesh_gateway_admission_rejected_total") == rejected
+    deadline = time.monotonic() + 5
+    while not gw.logged("stopped rejecting") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gw.logged("rejecting requests") == 1 and gw.logged("stopped rejecting") == 1, \
+        gw.lines
+
+    async def one():
+        async with aiohttp.ClientSession() as s:
+            return await rest_stream(s, gw, 1000, 5)
+    assert asyncio.run(one())[0] == "ok"
+
+
+def test_openai_client_retries_its_way_through_a_small_limit(mesh, tok):
+    gw, n = mesh.gateways["no_queue"], 32
+    before = sum(v for (name, _), v in gw.metrics().items()
+                 if name == "pdmesh_gateway_admission_rejected_total")
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"http://{gw.rest}/v1", api_key="unused",
+                                    max_retries=5)
+        async with client:
+            return await asyncio.gather(*(client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": f"hi {i}"}],
+                max_tokens=3, seed=SLOW) for i in range(n)))  # ~0.3 s each
+
+    results = asyncio.run(main())
+    assert [r.choices[0].message.content for r in results] == [tok.decode(mesh.reply_ids[:3])] * n
+    rejected = sum(v for (name, _), v in gw.metrics().items()
+                   if name == "pdmesh_gateway_admission_rejected_total") - before
+    assert rejected >= n - 4  # every request past the first 4 was turned away at least once
+
+
+def test_256_concurrent_with_no_limit_are_all_served(mesh, tok):
+    gw, n, max_tokens = mesh.gateways["unlimited"], 256, 20
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            return await asyncio.gather(*(rest_stream(s, gw, i, max_tokens) for i in range(n)))
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == ["ok"] * n
+    assert all(r[1] == echoed(tok, i, max_tokens) for i, r in enumerate(results))
+    m = gw.metrics()
+    assert not any(name == "pdmesh_gateway_admission_rejected_total" for name, _ in m)
+    assert m[("pdmesh_gateway_admission_inflight", ())] == 0
