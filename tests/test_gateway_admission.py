@@ -347,3 +347,55 @@ def test_256_concurrent_with_no_limit_are_all_served(mesh, tok):
     m = gw.metrics()
     assert not any(name == "pdmesh_gateway_admission_rejected_total" for name, _ in m)
     assert m[("pdmesh_gateway_admission_inflight", ())] == 0
+
+
+def test_clients_that_disconnect_while_queued_leave_the_queue(mesh):
+    gw = mesh.gateways["limited"]
+
+    async def gauges(s):
+        async with s.get(f"http://{gw.rest}/metrics") as r:
+            text = await r.text()
+        found = {s.name: s.value for f in text_string_to_metric_families(text)
+                 for s in f.samples}
+        return (found["pdmesh_gateway_admission_inflight"],
+                found["pdmesh_gateway_admission_queued"])
+
+    async def until(s, want):
+        for _ in range(100):
+            if await gauges(s) == want:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"gauges {await gauges(s)}, expected {want}")
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s, \
+                AsyncClient(gw.grpc) as c:
+            holders = [asyncio.ensure_future(rest_stream(s, gw, i, 30, SLOW)) for i in range(8)]
+            await until(s, (8, 0))  # 3 s streams hold every slot
+            queued = [asyncio.ensure_future(rest_stream(s, gw, i, 5)) for i in range(4)]
+            queued += [asyncio.ensure_future(grpc_stream(c, i, 5)) for i in range(4)]
+            await until(s, (8, 8))
+            for t in queued:  # the clients go away (REST: the connection closes)
+                t.cancel()
+            await until(s, (8, 0))  # their places are free while the slots are still held
+            for t in holders:
+                t.cancel()
+            await until(s, (0, 0))
+    asyncio.run(main())
+
+
+def test_flags_and_env_set_the_limits(monkeypatch):
+    import argparse
+
+    from pdmesh.commands import gateway as cmd
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    monkeypatch.setenv("PDMESH_GATEWAY_MAX_INFLIGHT", "5")
+    monkeypatch.setenv("PDMESH_GATEWAY_QUEUE_TIMEOUT", "2.5")
+    c = cmd.config_from_args(p.parse_args([]))
+    assert (c.max_inflight, c.queue_limit, c.queue_timeout_s, c.retry_after_s) == (5, 5, 2.5, 1)
+    c = cmd.config_from_args(p.parse_args(["--max-inflight", "7", "--max-queued", "0",
+                                           "--retry-after", "0.5"]))
+    assert (c.max_inflight, c.queue_limit, c.retry_after_s) == (7, 0, 0.5)
+    with pytest.raises(ValueError):
+        cmd.config_from_args(p.parse_args(["--max-queued", "-1"]))
