@@ -399,3 +399,18 @@ def test_flags_and_env_set_the_limits(monkeypatch):
     assert (c.max_inflight, c.queue_limit, c.retry_after_s) == (7, 0, 0.5)
     with pytest.raises(ValueError):
         cmd.config_from_args(p.parse_args(["--max-queued", "-1"]))
+
+
+def test_serve_passes_the_admission_flags_to_its_gateway():
+    import argparse
+
+    from pdmesh.commands import gateway, serve
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    args = p.parse_args(["--max-inflight", "64", "--gateway-arg=--processes=2",
+                         "--queue-timeout", "5"])
+    assert args.gateway_arg == ["--max-inflight=64", "--processes=2", "--queue-timeout=5.0"]
+    g = argparse.ArgumentParser()
+    gateway.add_arguments(g)
+    c = gateway.config_from_args(g.parse_args(args.gateway_arg))
+    assert (c.max_inflight, c.processes, c.queue_timeout_s) == (64, 2, 5.0)

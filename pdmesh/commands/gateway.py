@@ -44,22 +44,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     telemetry_flags.add_arguments(p, metrics_port=False)  # /metrics is on the REST port
 
 
-def add_admission_arguments(p: argparse.ArgumentParser) -> None:
-    """Admission flags (services/gateway/admission.py); each limit is per gateway process."""
-    p.add_argument("--max-inflight", type=int, default=None,
-                   help="requests in flight per gateway process; beyond it they queue, then "
-                        "get 429 / RESOURCE_EXHAUSTED (default 0 = no limit; with "
-                        "--processes N the gateway admits N times this; env "
-                        "PDMESH_GATEWAY_MAX_INFLIGHT)")
-    p.add_argument("--max-queued", type=int, default=None,
-                   help="requests waiting for a slot per process, beyond --max-inflight "
-                        "(default: = --max-inflight; env PDMESH_GATEWAY_MAX_QUEUED)")
-    p.add_argument("--queue-timeout", type=float, default=None,
-                   help="seconds a queued request may wait before it gets 429 too (default "
-                        "30; 0 = until a slot frees; env PDMESH_GATEWAY_QUEUE_TIMEOUT)")
-    p.add_argument("--retry-after", type=float, default=None,
-                   help="retry hint of a 429 in seconds, jittered ±50%% (default 1; env "
-                        "PDMESH_GATEWAY_RETRY_AFTER)")
+class _ToGateway(argparse.Action):
+    """`pdmesh serve`: the flag goes to the gateway child, as --gateway-arg would take it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.gateway_arg = [*(namespace.gateway_arg or []), f"{option_string}={values}"]
+
+
+def add_admission_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) -> None:
+    """Admission flags (services/gateway/admission.py); each limit is per gateway process.
+    `to_gateway` (pdmesh serve): append them to the gateway child's argv instead."""
+    def add(flag: str, kind: type, help: str) -> None:
+        p.add_argument(flag, type=kind, default=None, help=help,
+                       action=_ToGateway if to_gateway else "store")
+    add("--max-inflight", int, "requests in flight per gateway process; beyond it they "
+        "queue, then get 429 / RESOURCE_EXHAUSTED (default 0 = no limit; with --processes N "
+        "the gateway admits N times this; env PDMESH_GATEWAY_MAX_INFLIGHT)")
+    add("--max-queued", int, "requests waiting for a slot per process, beyond "
+        "--max-inflight (default: = --max-inflight; env PDMESH_GATEWAY_MAX_QUEUED)")
+    add("--queue-timeout", float, "seconds a queued request may wait before it gets 429 "
+        "too (default 30; 0 = until a slot frees; env PDMESH_GATEWAY_QUEUE_TIMEOUT)")
+    add("--retry-after", float, "retry hint of a 429 in seconds, jittered ±50%% (default 1; "
+        "env PDMESH_GATEWAY_RETRY_AFTER)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
