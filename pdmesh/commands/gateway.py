@@ -54,8 +54,8 @@ class _ToGateway(argparse.Action):
 def add_admission_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) -> None:
     """Admission flags (services/gateway/admission.py); each limit is per gateway process.
     `to_gateway` (pdmesh serve): append them to the gateway child's argv instead."""
-    def add(flag: str, kind: type, help: str) -> None:
-        p.add_argument(flag, type=kind, default=None, help=help,
+    def add(flag: str, kind: type, text: str) -> None:
+        p.add_argument(flag, type=kind, default=None, help=text,
                        action=_ToGateway if to_gateway else "store")
     add("--max-inflight", int, "requests in flight per gateway process; beyond it they "
         "queue, then get 429 / RESOURCE_EXHAUSTED (default 0 = no limit; with --processes N "
