@@ -282,7 +282,8 @@ class GatewayConfig:
     prefill_policy: str = "round_robin"
     decode_policy: str = "round_robin"
     mode: str = "auto"  # pd | colocated | auto (PD when a pair exists, else colocated)
-    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    # when set, requests need "Authorization: Bearer <key>"; repr=False: never in logs
+    api_key: str | None = dataclasses.field(default=None, repr=False)
     max_model_len: int | None = None  # defaults to the model's context length
     shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish
     processes: int = 1  # gateway processes sharing the ports (SO_REUSEPORT)
@@ -341,6 +342,39 @@ def gateway_config_from_env(base: GatewayConfig | None = None,
     """Apply PDMESH_REGISTRY / _API_KEY / _PREFILL_POLICY / _DECODE_POLICY / _ROUTING_MODE
     and PDMESH_GATEWAY_* (processes and admission)."""
     return _apply_env(base or GatewayConfig(), _GATEWAY_ENV_OVERRIDES, env)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """The cluster credential of one service process (checked and sent by pdmesh/auth.py).
+
+    `cluster_token` is the shared secret every internal RPC (registry, workers) carries;
+    None leaves internal RPCs unauthenticated.
+    """
+
+    cluster_token: str | None = dataclasses.field(default=None, repr=False)  # never logged
+
+    def __post_init__(self) -> None:
+        token = self.cluster_token
+        # gRPC metadata values are printable ASCII; a space or newline would be cut or refused
+        if token is not None and (not token or any(not 33 <= ord(c) <= 126 for c in token)):
+            raise ValueError("the cluster token must be non-empty printable ASCII without "
+                             "spaces (e.g. python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))')")
+
+    def replace(self, **changes: Any) -> "AuthConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_AUTH_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
+    "PDMESH_CLUSTER_TOKEN": ("cluster_token", str),
+}
+
+
+def auth_config_from_env(base: AuthConfig | None = None,
+                         env: Mapping[str, str] | None = None) -> AuthConfig:
+    """Apply PDMESH_CLUSTER_TOKEN on top of `base`."""
+    return _apply_env(base or AuthConfig(), _AUTH_ENV_OVERRIDES, env)
 
 
 @dataclass(frozen=True)
@@ -493,7 +527,8 @@ def cache_dir(env: Mapping[str, str] | None = None) -> "os.PathLike[str]":
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdmesh"
 
 
-__all__ = ["GatewayConfig", "gateway_config_from_env", "ROUTING_MODES", "ROUTING_POLICIES",
+__all__ = ["AuthConfig", "auth_config_from_env",
+           "GatewayConfig", "gateway_config_from_env", "ROUTING_MODES", "ROUTING_POLICIES",
            "check_routing_policy", "ModelConfig", "RopeScaling", "EngineConfig", "engine_config_from_env",
            "SUPPORTED_ARCHS", "RegistryConfig", "registry_config_from_env",
            "WorkerConfig", "worker_config_from_env", "WORKER_ROLES",

@@ -2,7 +2,8 @@
 
 `create_aio_server` binds one port and serves the given servicers (grpc.aio, no thread
 pool) plus grpc.health.v1.Health and server reflection, so `grpcurl list/describe`
-works on any pdmesh port. `stop_aio_gracefully` drains in-flight calls first.
+works on any pdmesh port, and guards internal services with the cluster token
+(pdmesh/auth.py). `stop_aio_gracefully` drains in-flight calls first.
 Never imported by pdmesh.runtime (the runtime stays free of grpc).
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from pdmesh import auth
 
 @dataclass(frozen=True)
 class Servicer:
@@ -46,17 +49,23 @@ def add_services(server: Any, servicers: Iterable[Servicer], health_servicer: An
 async def create_aio_server(addr: str, servicers: Iterable[Servicer], *,
                             options: list[tuple[str, Any]] | None = None,
                             interceptors: Iterable[Any] = (),
+                            cluster_token: Any = auth.PROCESS,
                             ) -> tuple[grpc.aio.Server, int, Any]:
     """Build and start a grpc.aio server on `addr` ("host:port"; port 0 picks a free one).
     No thread pool: nothing but the engine's own limits caps how many calls and streams
     are open at once. `interceptors` run first (e.g. metrics); tracing's are added when
-    tracing is on. Returns (server, bound port, health servicer); every service given,
-    plus the overall server (""), is SERVING once started.
+    tracing is on. Every RPC but health and reflection needs `cluster_token` (default:
+    the process's, pdmesh.auth.cluster_token(); None = open), unless every servicer is
+    public (the gateway). Returns (server, bound port, health servicer); every service
+    given, plus the overall server (""), is SERVING once started.
     """
     from pdmesh.telemetry import tracing
 
-    server = grpc.aio.server(options=options or [],
-                             interceptors=[*interceptors, *tracing.aio_server_interceptors()])
+    servicers = list(servicers)
+    # after `interceptors` (metrics count refused calls), before tracing (no span for them)
+    guard = auth.server_interceptors([s.full_name for s in servicers], cluster_token)
+    server = grpc.aio.server(options=options or [], interceptors=[
+        *interceptors, *guard, *tracing.aio_server_interceptors()])
     health_servicer = health.aio.HealthServicer()
     names = add_services(server, servicers, health_servicer)
     port = server.add_insecure_port(addr)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import grpc
 
+from pdmesh import auth
 from pdmesh.v1 import registry_pb2 as pb
 from pdmesh.v1 import registry_pb2_grpc as pb_grpc
 
@@ -33,7 +34,7 @@ class RegistryClient:
         self.registration = registration
         self._load_fn = load_fn
         self._timeout = rpc_timeout_s
-        self._channel = grpc.insecure_channel(registry_addr)
+        self._channel = auth.insecure_channel(registry_addr)  # carries the cluster token
         self._stub = pb_grpc.RegistryStub(self._channel)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

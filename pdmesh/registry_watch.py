@@ -21,6 +21,7 @@ from typing import Callable
 
 import grpc
 
+from pdmesh import auth
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
 
@@ -51,7 +52,7 @@ class RegistryWatch:
 
     async def _run(self) -> None:
         while True:
-            self._channel = grpc.aio.insecure_channel(self._addr)
+            self._channel = auth.aio_insecure_channel(self._addr)  # with the cluster token
             stub = rpb_grpc.RegistryStub(self._channel)
             try:
                 call = stub.Watch(rpb.WatchRequest(), wait_for_ready=True)

@@ -113,12 +113,22 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
         time.sleep(interval)
 
 
-def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
-    """Start `pdmesh serve`; return (process, REST base URL, its output lines so far)."""
+# The cluster token of meshes from start_serve: tests calling workers or the registry
+# directly pass it (auth.insecure_channel(addr, token=SERVE_TOKEN)).
+SERVE_TOKEN = "pdmesh-test-cluster-token"
+
+
+def start_serve(*args: str, token: str | None = SERVE_TOKEN,
+                ) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start `pdmesh serve` with cluster token `token` (None: serve mints one); return
+    (process, REST base URL, its output lines so far)."""
+    env = worker_env(PDMESH_CLUSTER_TOKEN=token or "")
+    if token is None:
+        del env["PDMESH_CLUSTER_TOKEN"]
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
                              "--grpc-port", "0", "--heartbeat-interval", "0.5", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=worker_env())
+                            env=env)
     lines: list[str] = []
     deadline = time.monotonic() + 240
     for line in proc.stdout:

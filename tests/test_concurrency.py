@@ -16,7 +16,8 @@ import signal
 import grpc
 import pytest
 
-from mesh_procs import start_serve, wait_until, worker_addresses
+from mesh_procs import SERVE_TOKEN, start_serve, wait_until, worker_addresses
+from pdmesh import auth
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
@@ -96,11 +97,13 @@ def gateway_grpc(lines: list[str]) -> str:
 
 def pages_back(lines: list[str]) -> bool:
     for addr in worker_addresses(lines, "decode") + worker_addresses(lines, "colocated"):
-        s = dgrpc.DecodeStub(grpc.insecure_channel(addr)).Stats(dpb.StatsRequest(), timeout=10)
+        s = dgrpc.DecodeStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
+            dpb.StatsRequest(), timeout=10)
         if not (s.free_pages == s.total_pages and s.used_pages == s.quarantined_pages == 0):
             return False
     for addr in worker_addresses(lines, "prefill"):
-        s = pgrpc.PrefillStub(grpc.insecure_channel(addr)).Stats(ppb.PrefillStatsRequest(),
+        s = pgrpc.PrefillStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
+            ppb.PrefillStatsRequest(),
                                                                   timeout=10)
         if not (s.free_pages == s.total_pages and s.rooms == 0):
             return False

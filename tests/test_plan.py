@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mesh_procs import chat_when_routable, start_serve, worker_env
+from mesh_procs import SERVE_TOKEN, chat_when_routable, start_serve, worker_env
 from pdmesh.bench.metrics import RequestRecord
 from pdmesh.plan.fit import fit_decode
 from pdmesh.plan.measure import step_time_after
@@ -84,7 +84,8 @@ def test_plan_against_a_real_mesh(tmp_path):
              "--prefill-number-per-client", "1", "--decode-batch", "2", "3",
              "--decode-output-len", "24", "--decode-sleep", "0.3", "--fit-iters", "15",
              "--contention-probe", "2", "--cpu-cores", "2", "--output", str(out)],
-            text=True, capture_output=True, env=worker_env(), timeout=600)
+            text=True, capture_output=True, env=worker_env(PDMESH_CLUSTER_TOKEN=SERVE_TOKEN),
+            timeout=600)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)

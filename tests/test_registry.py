@@ -147,6 +147,8 @@ def registry(tmp_path):
          "--heartbeat-interval", str(INTERVAL), "--heartbeat-max-failure", str(MAX_FAILURE)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     line = proc.stdout.readline()
+    while line and "registry listening on" not in line:  # e.g. the unauthenticated warning
+        line = proc.stdout.readline()
     assert "registry listening on" in line, line + proc.stdout.read()
     addr = line.split()[3]
     yield addr

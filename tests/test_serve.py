@@ -8,11 +8,10 @@ import sys
 import threading
 import time
 
-import grpc
 import pytest
 
-from mesh_procs import chat_when_routable, start_serve, worker_addresses, worker_env
-from pdmesh import Engine, SamplingParams
+from mesh_procs import SERVE_TOKEN, chat_when_routable, start_serve, worker_addresses, worker_env
+from pdmesh import Engine, SamplingParams, auth
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
@@ -23,10 +22,10 @@ QUESTION = "What is the capital of France?"
 
 def served_counts(lines: list[str]) -> tuple[list[int], list[int]]:
     """Per prefill: rooms whose KV it transferred; per decode: streams it finished."""
-    pre = [pgrpc.PrefillStub(grpc.insecure_channel(a)).Stats(
+    pre = [pgrpc.PrefillStub(auth.insecure_channel(a, token=SERVE_TOKEN)).Stats(
         ppb.PrefillStatsRequest(), timeout=10).transferred_requests
         for a in worker_addresses(lines, "prefill")]
-    dec = [dgrpc.DecodeStub(grpc.insecure_channel(a)).Stats(
+    dec = [dgrpc.DecodeStub(auth.insecure_channel(a, token=SERVE_TOKEN)).Stats(
         dpb.StatsRequest(), timeout=10).finished_requests
         for a in worker_addresses(lines, "decode")]
     return pre, dec

@@ -8,8 +8,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdmesh.commands import telemetry_flags
+from pdmesh.commands import auth_flags, telemetry_flags
 from pdmesh.config import GatewayConfig, gateway_config_from_env
+
+
+def _read_key_file(path: str) -> str:
+    """--api-key-file: the key is read at parse time, so the file path is all `ps` shows."""
+    from pdmesh.auth import read_secret_file
+
+    try:
+        return read_secret_file(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default=None,
                    help="pd | colocated | auto (default: a prefill+decode pair when one "
                         "exists, else a colocated worker; env PDMESH_ROUTING_MODE)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (env PDMESH_API_KEY)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' (shows in `ps`: prefer "
+                          "--api-key-file or env PDMESH_API_KEY)")
+    key.add_argument("--api-key-file", dest="api_key", type=_read_key_file, metavar="PATH",
+                     help="require the key held in this file (env PDMESH_API_KEY)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit for prompt + output (default: the model's)")
     p.add_argument("--processes", type=int, default=None,
@@ -41,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "PDMESH_GATEWAY_PROCESSES): one process streams from one core")
     add_admission_arguments(p)
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    auth_flags.add_arguments(p)
     telemetry_flags.add_arguments(p, metrics_port=False)  # /metrics is on the REST port
 
 
@@ -88,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         telemetry = telemetry_flags.config_from_args(args)
+        auth = auth_flags.config_from_args(args)
     except ValueError as e:
         print(f"pdmesh gateway: {e}", file=sys.stderr)
         return 2
+    auth_flags.setup(auth)  # the token its worker channels and registry watch carry
     if config.processes > 1:
         from pdmesh.commands.gateway_group import run_group
 

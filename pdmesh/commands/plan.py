@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import sys
 
+from pdmesh.commands import auth_flags
+
 
 def _range(values: list[int]) -> tuple[int, int]:
     if len(values) not in (1, 2) or min(values) < 1 or values[0] > values[-1]:
@@ -24,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--registry", required=True, help="registry HOST:PORT (workers via ListWorkers)")
     m.add_argument("--model", default=None, help="model name (default: first of GET /models)")
     m.add_argument("--tokenizer", default="default", help="tokenizer for the random prompts")
+    auth_flags.add_arguments(m)  # ListWorkers and SlowDown are internal RPCs
     w = p.add_argument_group("workload and targets")
     w.add_argument("--input-len", type=int, nargs="+", default=[256, 384], metavar="N",
                    help="prompt tokens: N or MIN MAX (default 256 384)")
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
         if min(args.prefill_concurrency + args.decode_batch) < 1:
             raise ValueError("concurrencies and batch sizes must be >= 1")
+        auth_flags.setup(auth_flags.config_from_args(args))
     except ValueError as e:
         return _fail(str(e))
     try:

@@ -10,7 +10,7 @@ import asyncio
 import signal
 import sys
 
-from pdmesh.commands import telemetry_flags
+from pdmesh.commands import auth_flags, telemetry_flags
 from pdmesh.config import RegistryConfig, registry_config_from_env
 
 
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-max-failure", type=int, default=None,
                    help="missed heartbeats before a worker is expired (default 2, env "
                         "PDMESH_HEARTBEAT_MAX_FAILURE)")
+    auth_flags.add_arguments(p)
     telemetry_flags.add_arguments(p, metrics_port=True)
 
 
@@ -40,10 +41,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         telemetry = telemetry_flags.config_from_args(args)
+        auth = auth_flags.config_from_args(args)
     except ValueError as e:
         print(f"pdmesh registry: {e}", file=sys.stderr)
         return 2
     telemetry_flags.setup(telemetry, "pdmesh-registry")
+    auth_flags.setup(auth)
     from pdmesh import aio
 
     return aio.run(_serve(args, config, telemetry))

@@ -9,6 +9,9 @@ and, with prefill/decode workers, the Mooncake transfer engine imports. A start 
 later stops every child already started (exit 1, one line). Each child gets SIGTERM from
 the kernel when this process dies (PR_SET_PDEATHSIG), so even `kill -9` of serve leaves
 no service behind.
+
+The mesh is closed by default: every child gets one cluster token (--cluster-token-file,
+PDMESH_CLUSTER_TOKEN, else a random one minted here) in its environment, never in argv.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import ctypes
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pdmesh.commands import telemetry_flags
+from pdmesh.commands import auth_flags, telemetry_flags
 
 _LISTENING = re.compile(r"listening on (\S+)")
 _METRICS = re.compile(r"metrics (http://\S+?/metrics)")
@@ -54,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra flag passed to the gateway (repeatable)")
     p.add_argument("--ready-timeout", type=float, default=300.0,
                    help="seconds to wait for each service to report it is listening")
+    auth_flags.add_arguments(p)  # the children get the token by environment
     telemetry_flags.add_arguments(p, metrics_port=False)  # passed on to every service
 
 
@@ -131,8 +136,18 @@ def wait_ready(child: Child, timeout: float, stop: threading.Event) -> None:
         raise StartError(f"{child.name} did not start (exit code {code}); see its output above")
 
 
-def _worker_env(num_workers: int) -> dict[str, str]:
-    env = dict(os.environ)
+def mesh_token(args: argparse.Namespace) -> str:
+    """The children's cluster token: given (file, env), else a fresh random one."""
+    return auth_flags.config_from_args(args).cluster_token or secrets.token_urlsafe(32)
+
+
+def _env(token: str) -> dict[str, str]:
+    """A child's environment: ours, plus the token (environment, not argv: `ps` shows argv)."""
+    return dict(os.environ, PDMESH_CLUSTER_TOKEN=token)
+
+
+def _worker_env(num_workers: int, token: str) -> dict[str, str]:
+    env = _env(token)
     # several engines share the cores: one OpenMP pool each would oversubscribe them
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_workers))))
     return env
@@ -146,23 +161,23 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
         wait_ready(children[-1], args.ready_timeout, stop)
         return children[-1]
 
-    tel = telemetry_flags.forward(args)
+    tel, token = telemetry_flags.forward(args), mesh_token(args)
     reg = ["registry", "--host", args.host, "--port", str(args.registry_port), *tel]
     if args.heartbeat_interval is not None:
         reg += ["--heartbeat-interval", str(args.heartbeat_interval)]
     if args.heartbeat_max_failure is not None:
         reg += ["--heartbeat-max-failure", str(args.heartbeat_max_failure)]
-    registry = start("registry", reg, dict(os.environ)).address
+    registry = start("registry", reg, _env(token)).address
     common = ["--registry", registry, "--model", args.model, "--host", args.host,
               "--port", "0", *tel, *args.worker_arg]
     roles = ([("prefill", ["prefill"])] * args.prefill + [("decode", ["decode"])] * args.decode
              + [("colocated", ["decode", "--role", "colocated"])] * args.colocated)
-    env = _worker_env(len(roles))
+    env = _worker_env(len(roles), token)
     for i, (name, argv) in enumerate(roles):
         start(f"{name}-{i}", argv + common, env)
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
-                      *tel, *args.gateway_arg], dict(os.environ))
+                      *tel, *args.gateway_arg], _env(token))
 
 
 def shutdown(children: list[Child], grace: float = 30.0) -> None:
@@ -201,6 +216,10 @@ def preflight(args: argparse.Namespace) -> tuple[int, str] | None:
     if args.prefill + args.decode + args.colocated == 0 or (args.prefill > 0) != (args.decode > 0):
         return 2, ("pdmesh serve: error: give --prefill N and --decode M (both >= 1), and/or "
                    "--colocated K")
+    try:
+        auth_flags.config_from_args(args)
+    except ValueError as e:  # an unreadable token file or a malformed token
+        return 2, f"pdmesh serve: error: {e}"
     if args.prefill + args.decode:  # colocated workers move no KV: no Mooncake needed
         from pdmesh.transfer import MooncakeUnavailable, check_transport
 

@@ -12,7 +12,7 @@ import asyncio
 import signal
 import sys
 
-from pdmesh.commands import telemetry_flags
+from pdmesh.commands import auth_flags, telemetry_flags
 from pdmesh.config import (EngineConfig, WorkerConfig, engine_config_from_env,
                            worker_config_from_env)
 
@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="decode: tokens per stream message after the first (default 1; env "
                         "PDMESH_STREAM_INTERVAL): larger values cost less CPU per token on "
                         "the worker and the gateway at high concurrency (a prefill ignores it)")
+    auth_flags.add_arguments(p)
     telemetry_flags.add_arguments(p, metrics_port=True, summaries=True)
 
 
@@ -97,10 +98,12 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     try:
         worker, engine = configs_from_args(args, role)
         telemetry = telemetry_flags.config_from_args(args)
+        auth = auth_flags.config_from_args(args)
     except ValueError as e:
         print(f"pdmesh {role}: {e}", file=sys.stderr)
         return 2
     telemetry_flags.setup(telemetry, f"pdmesh-{worker.role}")
+    auth_flags.setup(auth)
     from pdmesh.services.common.worker import WorkerHost
 
     host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")

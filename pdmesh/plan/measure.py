@@ -13,9 +13,9 @@ import asyncio
 import time
 from dataclasses import dataclass, replace
 
-import grpc
 import numpy as np
 
+from pdmesh import auth
 from pdmesh.bench.loadgen import ClientConfig, run_fixed
 from pdmesh.bench.metrics import RequestRecord, RunSummary
 from pdmesh.bench.workload import Workload, WorkloadSpec
@@ -36,7 +36,7 @@ class MeshInfo:
 
 def discover(registry: str, timeout: float = 10.0) -> MeshInfo:
     """ListWorkers on the registry; ValueError when there is no prefill or decode worker."""
-    with grpc.insecure_channel(registry) as ch:
+    with auth.insecure_channel(registry) as ch:
         resp = registry_pb2_grpc.RegistryStub(ch).ListWorkers(
             registry_pb2.ListWorkersRequest(), timeout=timeout)
     pre = [w for w in resp.workers if w.role == registry_pb2.WORKER_ROLE_PREFILL]
@@ -72,7 +72,7 @@ class _Decodes:
     """SlowDown / Stats over every decode worker's gRPC."""
 
     def __init__(self, addresses: list[str]) -> None:
-        self.channels = [grpc.insecure_channel(a) for a in addresses]
+        self.channels = [auth.insecure_channel(a) for a in addresses]
         self.stubs = [decode_pb2_grpc.DecodeStub(c) for c in self.channels]
 
     def slow_down(self, seconds: float) -> None:

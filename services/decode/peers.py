@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 
+from pdmesh import auth
 from pdmesh.disagg.ports import Code, RoomError, TransferReply, TransferTarget
 from pdmesh.telemetry import tracing
 from pdmesh.v1 import prefill_pb2 as ppb
@@ -23,7 +24,7 @@ class GrpcPrefillPeers:
     def _stub(self, address: str) -> ppb_grpc.PrefillStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(
+            ch = self._channels[address] = auth.aio_insecure_channel(
                 address, interceptors=tracing.aio_client_interceptors())
         return ppb_grpc.PrefillStub(ch)
 

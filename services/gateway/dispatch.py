@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from pdmesh import auth
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.tokenizer import Tokenizer
 from pdmesh.telemetry import tracing
@@ -107,7 +108,7 @@ class Dispatcher:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
+            self._channels[address] = auth.aio_insecure_channel(  # + the cluster token
                 address, interceptors=tracing.aio_client_interceptors())
         return self._channels[address]
 

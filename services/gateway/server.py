@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from pdmesh import auth
 from pdmesh.grpc_util import Servicer, create_aio_server
 from pdmesh.telemetry import tracing
 from pdmesh.telemetry.metrics import GatewayMetrics
@@ -43,7 +44,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
         if not self.api_key:
             return
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        if md.get("authorization", "") != f"Bearer {self.api_key}":
+        if not auth.matches(md.get("authorization", ""), f"Bearer {self.api_key}"):  # const time
             raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "Invalid or missing API key "
                                "(expected 'Authorization: Bearer <key>').")
 
