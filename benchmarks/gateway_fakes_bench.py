@@ -102,7 +102,9 @@ async def register(registry: str, reg) -> None:
     from pdmesh.v1 import registry_pb2 as rpb
     from pdmesh.v1 import registry_pb2_grpc
 
-    stub = registry_pb2_grpc.RegistryStub(grpc.aio.insecure_channel(registry))
+    from pdmesh import auth
+
+    stub = registry_pb2_grpc.RegistryStub(auth.aio_insecure_channel(registry))
     resp = await stub.Register(reg)
 
     async def beat(wid, interval):

@@ -6,6 +6,8 @@
 MODE=${1:-auto}
 PORT=${2:-8000}
 LOG=${LOG:-/tmp/serve_$MODE.log}
+# the mesh's cluster token, known here so the registry can be asked below
+export PDMESH_CLUSTER_TOKEN=${PDMESH_CLUSTER_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')}
 PDMESH_DEVICE=${DEVICE:-cuda} PDMESH_KV_TRANSFER_MODE=$MODE python3 -m pdmesh.cli serve --port $PORT \
   --grpc-port $((PORT + 51)) --prefill 1 --decode 1 >"$LOG" 2>&1 &
 PID=$!
@@ -23,12 +25,12 @@ echo
 echo "== registry view of the workers' transfer endpoints:"
 python3 - "$LOG" <<'EOF'
 import re, sys
-import grpc
+from pdmesh import auth
 from pdmesh.v1 import registry_pb2 as rpb, registry_pb2_grpc as rg
 text = open(sys.argv[1]).read()
 m = re.search(r"registry listening on (\S+)", text)
 if m:
-    stub = rg.RegistryStub(grpc.insecure_channel(m.group(1)))
+    stub = rg.RegistryStub(auth.insecure_channel(m.group(1)))  # PDMESH_CLUSTER_TOKEN
     for w in stub.ListWorkers(rpb.ListWorkersRequest(), timeout=5).workers:
         print(w.address, rpb.WorkerRole.Name(w.role), "transfer protocol:", w.transfer.protocol,
               "layout dtype:", w.kv_layout.dtype)
