@@ -17,7 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mesh_procs import chat_when_routable, kill9, start, start_serve, terminate, worker_addresses
+from mesh_procs import (chat_when_routable, kill9, start, start_serve, terminate,
+                        worker_addresses, worker_env)
 from pdmesh import auth
 from pdmesh.config import AuthConfig, auth_config_from_env
 from pdmesh.registry_client import RegistryClient
@@ -144,6 +145,29 @@ async def _aio_calls(addr: str) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await rgrpc.RegistryStub(ch).ListWorkers(rpb.ListWorkersRequest(), timeout=5)
         assert e.value.code() == UNAUTH
+
+
+def test_registry_process_token_file_or_open(tmp_path):
+    """--cluster-token-file closes a `pdmesh registry`; without a token it warns once."""
+    env = worker_env()
+    env.pop("PDMESH_CLUSTER_TOKEN", None)
+    (tmp_path / "token").write_text("file-token\n")
+    closed, c_addr = start("registry", "--host", "127.0.0.1", "--cluster-token-file",
+                           str(tmp_path / "token"), env=env)
+    opened, o_addr = start("registry", "--host", "127.0.0.1", env=env)
+    try:
+        refused(lambda: registry_calls(rgrpc.RegistryStub(
+            auth.insecure_channel(c_addr, token=None)))["ListWorkers"]())
+        with auth.insecure_channel(c_addr, token="file-token") as ch:
+            rgrpc.RegistryStub(ch).ListWorkers(rpb.ListWorkersRequest(), timeout=5)
+        with grpc.insecure_channel(o_addr) as ch:  # open: anyone may call
+            rgrpc.RegistryStub(ch).ListWorkers(rpb.ListWorkersRequest(), timeout=5)
+        warned = [line for p in (closed, opened) for line in p.output
+                  if auth.UNAUTHENTICATED_WARNING in line]
+        assert len(warned) == 1 and "file-token" not in "".join(closed.output)
+    finally:
+        for p in (closed, opened):
+            terminate(p)
 
 
 # ---- a real mesh -----------------------------------------------------------------------
