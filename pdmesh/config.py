@@ -358,9 +358,9 @@ class AuthConfig:
         token = self.cluster_token
         # gRPC metadata values are printable ASCII; a space or newline would be cut or refused
         if token is not None and (not token or any(not 33 <= ord(c) <= 126 for c in token)):
-            raise ValueError("the cluster token must be non-empty printable ASCII without "
-                             "spaces (e.g. python -c 'import secrets; "
-                             "print(secrets.token_urlsafe(32))')")
+            raise ValueError("the cluster token (PDMESH_CLUSTER_TOKEN or --cluster-token-file) "
+                             "must be non-empty printable ASCII without spaces (e.g. python "
+                             "-c 'import secrets; print(secrets.token_urlsafe(32))')")
 
     def replace(self, **changes: Any) -> "AuthConfig":
         return dataclasses.replace(self, **changes)
