@@ -1,0 +1,100 @@
+"""A checksum of a room's KV pages, to catch silent corruption on the way to a decode.
+
+`pages_checksum(pool, pages)` digests pool[pages[0]], pool[pages[1]], ... in that order:
+it depends on the pages' bytes and their order in the list, never on the page ids, so
+the prefill's source pages and the decode's destination pages (other ids, maybe another
+pool layout of the same bytes) give the same value when the KV arrived intact. `pool` is
+page-major: [num_pages, ...] of any dtype (the bytes are what counts), or a uint8
+[n, bytes_per_page] read back from a peer.
+
+Two algorithms; the writer picks one by where its pool lives, sends its name with the
+value, and the verifier computes that one, wherever its own pages are:
+
+- "crc32" (CPU pools): zlib.crc32 over each page's bytes, chained page to page. zlib
+  releases the GIL on big buffers and runs at several GB/s (4.6 GB/s measured on the dev
+  machine, 47 MB in 10 ms). Catches every burst error up to 32 bits and, with
+  probability 1 - 2^-32, anything else: flipped bytes, swapped, stale or zeroed pages.
+- "wsum64" (GPU pools): on the device, each page viewed as int32 words x, its sum
+  s = sum_j x_j * w_j with a fixed pseudo-random odd weight per word, then
+  sum_i s_i * m_i with a fixed odd multiplier per position in the list, all mod 2^64.
+  Integer adds commute mod 2^64, so the value is exact and the same on any device.
+  Catches every single-bit flip (an odd weight times 2^k is never 0 mod 2^64), swapped
+  pages (different multipliers) and stale or zeroed pages, unless the changes cancel
+  exactly mod 2^64 (random corruption: about 2^-64). Not a defence against an adversary
+  who knows the weights: it is an integrity check, not a MAC.
+Pages whose size is not a multiple of 4 bytes use crc32.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Sequence
+
+import torch
+
+CRC32, WSUM64 = "crc32", "wsum64"
+ALGOS = (CRC32, WSUM64)
+_MASK = (1 << 64) - 1
+_SEED = 0x5EED_C0DE
+_weights: dict[tuple[int, str], torch.Tensor] = {}  # (words per page, device) -> int64
+
+
+def algo_for(pool: Any) -> str:
+    """The algorithm a writer with this pool uses: wsum64 on a GPU, crc32 elsewhere."""
+    words_ok = _page_bytes(pool) % 4 == 0
+    return WSUM64 if pool.device.type == "cuda" and words_ok else CRC32
+
+
+def pages_checksum(pool: Any, pages: Sequence[int], algo: str | None = None) -> int:
+    """The checksum (unsigned 64-bit int) of pool[pages] in list order; `algo` defaults
+    to `algo_for(pool)`. Blocks (run it off the event loop); reads the pages only."""
+    algo = algo or algo_for(pool)
+    if algo == CRC32:
+        return _crc32(pool, pages)
+    if algo == WSUM64:
+        return _wsum64(pool, pages)
+    raise ValueError(f"unknown KV checksum algorithm {algo!r} (known: {', '.join(ALGOS)})")
+
+
+def _page_bytes(pool: Any) -> int:
+    return pool[0].numel() * pool.element_size() if pool.shape[0] else 0
+
+
+def _crc32(pool: Any, pages: Sequence[int]) -> int:
+    crc = 0
+    on_cpu = pool.device.type == "cpu"
+    for p in pages:
+        page = pool[p]
+        if not on_cpu:  # a GPU pool verified against a CPU writer's crc32
+            page = page.cpu()
+        crc = zlib.crc32(_byte_view(page), crc)
+    return crc
+
+
+def _byte_view(page: torch.Tensor) -> memoryview:
+    """The page's bytes without a copy (a page of a contiguous pool is contiguous)."""
+    return memoryview(page.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _wsum64(pool: Any, pages: Sequence[int]) -> int:
+    if not pages:
+        return 0
+    words = _page_bytes(pool) // 4
+    dev = pool.device
+    w = _table(words, dev)
+    m = _table(len(pages), dev, offset=1)  # per position: a swapped page changes the sum
+    total = torch.zeros((), dtype=torch.int64, device=dev)
+    for i, p in enumerate(pages):  # one page at a time: no [n, words] int64 temporary
+        x = pool[p].contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+        total += (x * w).sum() * m[i]  # int64 wraps mod 2^64: exact and associative
+    return int(total.item()) & _MASK
+
+
+def _table(n: int, device: Any, offset: int = 0) -> torch.Tensor:
+    """n fixed odd pseudo-random int64 values (the same in every process)."""
+    key = (n * 2 + offset, str(device))
+    t = _weights.get(key)
+    if t is None:
+        g = torch.Generator().manual_seed(_SEED + offset)
+        t = torch.randint(-(1 << 31), 1 << 31, (n,), generator=g, dtype=torch.int64) | 1
+        t = _weights[key] = t.to(device)
+    return t
