@@ -3,7 +3,8 @@
 `create_aio_server` binds one port and serves the given servicers (grpc.aio, no thread
 pool) plus grpc.health.v1.Health and server reflection, so `grpcurl list/describe`
 works on any pdmesh port, and guards internal services with the cluster token
-(pdmesh/auth.py). `stop_aio_gracefully` drains in-flight calls first.
+(pdmesh/auth.py), and answers undecodable request bytes with INVALID_ARGUMENT
+(pdmesh/grpc_decode.py). `stop_aio_gracefully` drains in-flight calls first.
 Never imported by pdmesh.runtime (the runtime stays free of grpc).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdmesh import auth
+from pdmesh.grpc_decode import DecodeGuard
 
 @dataclass(frozen=True)
 class Servicer:
@@ -64,8 +66,10 @@ async def create_aio_server(addr: str, servicers: Iterable[Servicer], *,
     servicers = list(servicers)
     # after `interceptors` (metrics count refused calls), before tracing (no span for them)
     guard = auth.server_interceptors([s.full_name for s in servicers], cluster_token)
+    # DecodeGuard first: it wraps the handler the whole chain returns, so corrupt bytes
+    # get INVALID_ARGUMENT (not UNKNOWN and a traceback) on every method
     server = grpc.aio.server(options=options or [], interceptors=[
-        *interceptors, *guard, *tracing.aio_server_interceptors()])
+        DecodeGuard(), *interceptors, *guard, *tracing.aio_server_interceptors()])
     health_servicer = health.aio.HealthServicer()
     names = add_services(server, servicers, health_servicer)
     port = server.add_insecure_port(addr)
