@@ -1,12 +1,14 @@
 """Fakes for unit tests of the P/D protocol classes (pdmesh/disagg): an engine whose
-outputs the test releases by hand, a KV writer that blocks until told, prefill peers."""
+outputs the test releases by hand, a KV writer that blocks until told (and moves page
+bytes between two dict "pools", with checksums), a receiver, prefill peers."""
 from __future__ import annotations
 
 import asyncio
+import zlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from pdmesh.disagg.ports import Code, RoomError, TransferReply, TransferTarget
+from pdmesh.disagg.ports import Code, KVChecksum, RoomError, TransferReply, TransferTarget
 from pdmesh.transfer.base import TransferStats
 from pdmesh.worker.streams import OutputStream, StreamClosed
 
@@ -77,14 +79,28 @@ class FakeEngine:
         return self.aborted.count(rid) + self.released.count(rid)
 
 
-class FakeWriter:
-    """write() waits for `release()`; `fail` makes it raise."""
+def crc(pool: dict, pages) -> KVChecksum:
+    """The fakes' checksum: crc32 over the pages' bytes in order."""
+    value = 0
+    for p in pages:
+        value = zlib.crc32(pool.get(p, b""), value)
+    return KVChecksum("crc32", value)
 
-    def __init__(self) -> None:
+
+class FakeWriter:
+    """write() waits for `gate`; `fail` makes it raise. Page bytes: `src` (the prefill
+    pool, page -> bytes) are copied into `dst` (the decode pool); `corrupt` writes from
+    now flip a byte in the destination (chaos); `checksums=False`: checks off."""
+
+    def __init__(self, dst: dict | None = None) -> None:
         self.gate = asyncio.Event()
         self.writes: list[tuple] = []
         self.fail = False
         self.in_flight = 0
+        self.src: dict[int, bytes] = {p: b"page-%d" % p for p in range(64)}
+        self.dst = {} if dst is None else dst
+        self.corrupt = 0
+        self.checksums = True
 
     async def write(self, src_pages, target):
         self.in_flight += 1
@@ -93,9 +109,36 @@ class FakeWriter:
             await self.gate.wait()
             if self.fail:
                 raise RuntimeError("link down")
+            for s, d in zip(src_pages, target.page_ids):
+                self.dst[d] = self.src[s]
+            if self.corrupt and target.page_ids:
+                self.corrupt -= 1
+                d = target.page_ids[0]
+                self.dst[d] = bytes([self.dst[d][0] ^ 0xFF]) + self.dst[d][1:]
             return TransferStats(bytes=100 * len(src_pages), descriptors=1, seconds=0.01)
         finally:
             self.in_flight -= 1
+
+    async def checksum(self, src_pages):
+        return crc(self.src, src_pages) if self.checksums else None
+
+    async def read_checksum(self, target, algo):
+        return crc(self.dst, target.page_ids) if self.checksums else None
+
+
+class FakeReceiver:
+    """KVReceiver over a dict pool (shared with a FakeWriter's `dst`)."""
+
+    def __init__(self, pool: dict | None = None) -> None:
+        self.pool = {} if pool is None else pool
+        self.landed: list[list[int]] = []
+        self.checksums = True
+
+    async def land(self, pages, path):
+        self.landed.append(list(pages))
+
+    async def checksum(self, pages, algo):
+        return crc(self.pool, pages) if self.checksums else None
 
 
 def target(pages=(10, 11), room: int = 0) -> TransferTarget:
@@ -122,8 +165,8 @@ class FakePeers:
             self.cancelled.append(room)
             raise
 
-    def reply(self, room: int, token: int = 7) -> None:
-        self.calls[room].set_result(TransferReply(first_token=token))
+    def reply(self, room: int, token: int = 7, checksum: KVChecksum | None = None) -> None:
+        self.calls[room].set_result(TransferReply(first_token=token, checksum=checksum))
 
     def error(self, room: int, code: Code, msg: str = "boom") -> None:
         self.calls[room].set_exception(RoomError(code, msg))

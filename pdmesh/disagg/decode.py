@@ -8,7 +8,10 @@ Invariants:
 - a room is cleaned up exactly once (`closed`), by whoever ends it first;
 - pages a prefill may still be writing (Transfer sent, no answer) are never reused:
   they are quarantined until that prefill confirms the abort or its lease expires;
-- every other ending returns the room's pages at once (engine abort).
+- every other ending returns the room's pages at once (engine abort);
+- KV integrity: when the prefill sent a checksum and this worker checks, the room's
+  pages are digested after `land` and before `adopt`; a mismatch fails the room
+  (DATA_LOSS): never adopted, its pages freed.
 Everything runs on one event loop: no locks.
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pdmesh.disagg.ports import (Code, KVReceiver, Liveness, PrefillPeers, RoomE
 from pdmesh.disagg.quarantine import Quarantine
 
 # Errors from the prefill's Transfer passed through as they are; the rest -> UNAVAILABLE.
-_PASS_THROUGH = {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.DEADLINE_EXCEEDED}
+_PASS_THROUGH = {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.DEADLINE_EXCEEDED,
+                 Code.DATA_LOSS}
 ADOPTED, GENERATE = "adopted", "generate"  # engine modes (runtime Mode values, by default)
 
 
@@ -58,6 +62,7 @@ class DecodeRoom:
 class DecodeCounters:
     finished: int = 0
     waiting_timeouts: int = 0
+    integrity_failures: int = 0  # rooms whose pages mismatched the prefill's checksum
 
 
 class DecodeProtocol:
@@ -65,14 +70,16 @@ class DecodeProtocol:
 
     def __init__(self, engine: Any, peers: PrefillPeers | None, kv: KVReceiver | None,
                  target_for: Any, waiting_timeout: float, liveness: Liveness | None = None,
-                 modes: tuple[Any, Any] = (ADOPTED, GENERATE), stream_interval: int = 1
-                 ) -> None:
+                 modes: tuple[Any, Any] = (ADOPTED, GENERATE), stream_interval: int = 1,
+                 on_integrity_failure: Any = lambda: None) -> None:
         """`target_for(pages) -> TransferTarget` builds this worker's destination;
         `stream_interval`: tokens per stream message after the first (SGLang's
-        --stream-interval; fewer, larger messages cost the stream's hops less CPU)."""
+        --stream-interval; fewer, larger messages cost the stream's hops less CPU);
+        `on_integrity_failure()`: a room's pages mismatched its checksum (metrics)."""
         self.engine, self.peers, self.kv = engine, peers, kv
         self.target_for, self.waiting_timeout = target_for, waiting_timeout
         self.liveness, self.stream_interval = liveness, stream_interval
+        self.on_integrity_failure = on_integrity_failure
         self.adopted_mode, self.generate_mode = modes
         self.rooms: dict[int, DecodeRoom] = {}
         self.quarantine = Quarantine(self._confirm_abort, engine.abort)
@@ -126,9 +133,25 @@ class DecodeProtocol:
         room.reply = await self._transfer(room, deadline)
         if self.kv is not None:
             await self.kv.land(room.pages, room.reply.path)
+            await self._verify(room)
         room.stamps["kv"] = time.monotonic()
         room.stream = await self.engine.adopt(room.request_id, room.reply.first_token,
                                               room.reply.first_logprob)
+
+    async def _verify(self, room: DecodeRoom) -> None:
+        """Compare the room's landed pages with the prefill's checksum (off the event
+        loop; the pages are held, so the engine never reads or frees them meanwhile)."""
+        want = room.reply.checksum
+        if want is None:  # the prefill has checksums off
+            return
+        got = await self._wait(room, self.kv.checksum(room.pages, want.algo), None, "")
+        if got is None or got == want:  # None: this worker's checks are off
+            return
+        self.counters.integrity_failures += 1
+        self.on_integrity_failure()
+        raise RoomError(Code.DATA_LOSS, f"KV of room {room.room} from "
+                        f"{room.prefill_address} is corrupted: checksum of its pages here "
+                        f"{got} != the prefill's {want}; not adopted, pages freed")
 
     async def _transfer(self, room: DecodeRoom, deadline: float) -> TransferReply:
         room.transfer_sent = True  # from here a cleanup must assume a write in flight
@@ -138,6 +161,8 @@ class DecodeProtocol:
         try:
             reply = await self._wait(room, call, None, "")
         except RoomError as e:
+            if e.code is Code.DATA_LOSS:  # sent only once the prefill's write ended
+                room.kv_done = True
             if e.code is Code.DEADLINE_EXCEEDED and room.error is None:
                 raise self._timeout_error(room) from None
             if room.error is None and e.code not in _PASS_THROUGH:

@@ -23,6 +23,7 @@ class Code(enum.Enum):
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    DATA_LOSS = "DATA_LOSS"  # the KV arrived corrupted (checksum mismatch)
 
 
 class RoomError(Exception):
@@ -52,6 +53,18 @@ class TransferTarget:
 
 
 @dataclass(frozen=True)
+class KVChecksum:
+    """A checksum of a room's pages in token order (pdmesh.transfer.checksum): the
+    algorithm's name and its unsigned 64-bit value."""
+
+    algo: str
+    value: int
+
+    def __str__(self) -> str:
+        return f"{self.algo}:{self.value:#018x}"
+
+
+@dataclass(frozen=True)
 class TransferReply:
     """The prefill's answer once the KV is in the decode's pages."""
 
@@ -62,6 +75,7 @@ class TransferReply:
     descriptors: int = 0
     seconds: float = 0.0
     path: str = ""  # the KV path the bytes took: shm, ipc, mooncake
+    checksum: KVChecksum | None = None  # of the source pages; None: checksums off
 
 
 class KVWriter(Protocol):
@@ -71,6 +85,13 @@ class KVWriter(Protocol):
         """Write local src_pages[i] over target.page_ids[i]; returns TransferStats
         (bytes, descriptors, seconds); raises on failure. Never blocks the event loop."""
 
+    async def checksum(self, src_pages: Sequence[int]) -> KVChecksum | None:
+        """The checksum of local src_pages in order; None when checksums are off."""
+
+    async def read_checksum(self, target: TransferTarget, algo: str) -> KVChecksum | None:
+        """The checksum (by `algo`) of target's pages as they are now, read back through
+        the path the write took; None when that path cannot read pages back."""
+
 
 class KVReceiver(Protocol):
     """The decode's side of the data plane (a no-op unless KV is staged in host memory)."""
@@ -78,6 +99,11 @@ class KVReceiver(Protocol):
     async def land(self, pages: Sequence[int], path: str) -> None:
         """Make pages written by `path` (TransferReply.path) visible to the engine, e.g.
         host mirror -> device after a transfer-engine write into a staged pool."""
+
+    async def checksum(self, pages: Sequence[int], algo: str) -> KVChecksum | None:
+        """The checksum (by `algo`) of this pool's pages in order, computed off the event
+        loop (the pages are held, not adopted: nothing else touches them); None when
+        this worker's checks are off."""
 
 
 class PrefillPeers(Protocol):

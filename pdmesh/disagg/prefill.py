@@ -17,7 +17,10 @@ Invariants:
   failure during WRITING is recorded and acted on by that task, so `abort` returning
   True always means no write into the decode's pages is in flight;
 - a room's engine request is aborted (FAILED) or released (DONE) exactly once;
-- an ended room id is tombstoned, so a late Prefill or Transfer for it fails at once.
+- an ended room id is tombstoned, so a late Prefill or Transfer for it fails at once;
+- KV integrity (when the writer has checksums on): a room is DONE only once its
+  destination pages, read back, match the checksum of its source pages; a mismatch is
+  rewritten once, a second one fails the room (DATA_LOSS) and frees its pages.
 Everything runs on one event loop: no locks.
 """
 from __future__ import annotations
@@ -29,7 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pdmesh.disagg.ports import Code, KVWriter, RoomError, TransferReply, TransferTarget
+from pdmesh.disagg.ports import (Code, KVChecksum, KVWriter, RoomError, TransferReply,
+                                 TransferTarget)
+from pdmesh.disagg.integrity import write_verified
 from pdmesh.disagg.rooms import Tombstones, wait_until
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class PrefillRoom:
     target: TransferTarget | None = None  # from the decode's Transfer
     error: RoomError | None = None
     stats: Any = None  # TransferStats once written
+    checksum: KVChecksum | None = None  # of its source pages, once verified
     arrival: float = field(default_factory=time.monotonic)
     prefill_done_at: float | None = None
     transfer_at: float | None = None
@@ -78,21 +84,26 @@ class PrefillCounters:
     failed: int = 0
     bootstrap_timeouts: int = 0
     deferred: int = 0  # rooms that waited for their Transfer before computing
+    integrity_retries: int = 0  # rewrites after a destination checksum mismatch
+    integrity_failures: int = 0  # rooms failed: the rewrite mismatched too
 
 
 class PrefillProtocol:
     """Rooms of one prefill worker. `engine`: AsyncEngine-like; `writer`: KVWriter;
     `check_target(target)` raises ValueError for an incompatible destination;
-    `mode`: the engine's PREFILL_ONLY mode value."""
+    `mode`: the engine's PREFILL_ONLY mode value; `on_integrity("retry" | "failure")`
+    is told of every checksum mismatch (metrics)."""
 
     def __init__(self, engine: Any, writer: KVWriter, bootstrap_timeout: float,
                  check_target: Callable[[TransferTarget], None], mode: Any = PREFILL_ONLY,
                  on_bootstrap_timeout: Callable[[], None] = lambda: None,
-                 page_size: int = 16, ahead_pages: int | None = None) -> None:
+                 page_size: int = 16, ahead_pages: int | None = None,
+                 on_integrity: Callable[[str], None] = lambda kind: None) -> None:
         self.engine, self.writer, self.mode = engine, writer, mode
         self.bootstrap_timeout = bootstrap_timeout
         self.check_target = check_target
         self.on_bootstrap_timeout = on_bootstrap_timeout
+        self.on_integrity = on_integrity
         self.page_size, self.ahead_limit = page_size, ahead_pages
         self.ahead_pages = 0  # pages of rooms in the budget now
         self._deferred: dict[int, PrefillRoom] = {}
@@ -223,7 +234,12 @@ class PrefillProtocol:
                             f"prompt pages, got {len(target.page_ids)} destination pages")
         else:
             try:
-                room.stats = await self.writer.write(first.pages, target)
+                room.stats, room.checksum = await write_verified(
+                    self.writer, room.room, first.pages, target, lambda: room.failed,
+                    lambda: self._integrity("retry"))
+            except RoomError as e:  # DATA_LOSS: the rewrite mismatched too
+                self._integrity("failure")
+                err = e
             except Exception as e:  # TransferError, or a bad destination
                 err = RoomError(Code.INTERNAL, f"KV transfer of room {room.room} to "
                                 f"{target.session_id} failed: {e}")
@@ -236,7 +252,15 @@ class PrefillProtocol:
         room.notify()
         if room.error:
             raise room.error
-        return _reply(first, room.stats)
+        return _reply(first, room.stats, room.checksum)
+
+    def _integrity(self, kind: str) -> None:
+        """Count a checksum mismatch: "retry" (rewritten) or "failure" (room failed)."""
+        if kind == "retry":
+            self.counters.integrity_retries += 1
+        else:
+            self.counters.integrity_failures += 1
+        self.on_integrity(kind)
 
     # -- endings -------------------------------------------------------------------------
     def fail(self, room: PrefillRoom, code: Code, message: str) -> State:
@@ -304,8 +328,9 @@ def _forget(tasks: set) -> Callable[[asyncio.Task], None]:
     return done
 
 
-def _reply(first: Any, stats: Any) -> TransferReply:
+def _reply(first: Any, stats: Any, checksum: KVChecksum | None) -> TransferReply:
     lp = first.logprobs[0] if first.logprobs else None
     return TransferReply(first_token=first.token_ids[0], first_logprob=lp,
                          bytes_moved=stats.bytes, descriptors=stats.descriptors,
-                         seconds=stats.seconds, path=getattr(stats, "path", ""))
+                         seconds=stats.seconds, path=getattr(stats, "path", ""),
+                         checksum=checksum)
