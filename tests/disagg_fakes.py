@@ -32,6 +32,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.released: list[str] = []
         self.added: list[str] = []
+        self.adopted: list[str] = []
 
     async def make_request(self, ids, params, request_id, mode):
         if any(t < 0 for t in ids):
@@ -48,6 +49,7 @@ class FakeEngine:
         return await fut
 
     async def adopt(self, rid, first_token, first_logprob) -> OutputStream:
+        self.adopted.append(rid)
         s = self.streams[rid] = OutputStream()
         s.put(Out(rid, [first_token], False, new_token_ids=[first_token]))
         return s
