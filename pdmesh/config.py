@@ -295,11 +295,19 @@ class GatewayConfig:
     max_queued: int | None = None
     queue_timeout_s: float = 30.0
     retry_after_s: float = 1.0
+    # request limits (services/gateway/limits.py); beyond them a request gets 400/413
+    # (gRPC INVALID_ARGUMENT) naming the limit. Prompt and max_tokens are bounded by
+    # max_model_len; 20 top logprobs is OpenAI's limit (and the sampler's, MAX_LOGPROBS)
+    max_body_bytes: int = 32 << 20  # REST request body
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256  # per stop string
+    max_top_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
         self._check_admission()
+        self._check_limits()
         check_routing_policy(self.prefill_policy), check_routing_policy(self.decode_policy)
         if self.mode not in ROUTING_MODES:
             raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
@@ -313,6 +321,13 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.retry_after_s <= 0:
             raise ValueError(f"retry_after_s must be > 0, got {self.retry_after_s}")
+
+    def _check_limits(self) -> None:
+        for name in ("max_body_bytes", "max_stop_strings", "max_stop_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.max_top_logprobs <= 20:  # the sampler computes at most 20
+            raise ValueError(f"max_top_logprobs must be in 0..20, got {self.max_top_logprobs}")
 
     @property
     def queue_limit(self) -> int:
@@ -334,13 +349,17 @@ _GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_GATEWAY_MAX_QUEUED": ("max_queued", int),
     "PDMESH_GATEWAY_QUEUE_TIMEOUT": ("queue_timeout_s", float),
     "PDMESH_GATEWAY_RETRY_AFTER": ("retry_after_s", float),
+    "PDMESH_GATEWAY_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "PDMESH_GATEWAY_MAX_STOP_STRINGS": ("max_stop_strings", int),
+    "PDMESH_GATEWAY_MAX_STOP_CHARS": ("max_stop_chars", int),
+    "PDMESH_GATEWAY_MAX_TOP_LOGPROBS": ("max_top_logprobs", int),
 }
 
 
 def gateway_config_from_env(base: GatewayConfig | None = None,
                             env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Apply PDMESH_REGISTRY / _API_KEY / _PREFILL_POLICY / _DECODE_POLICY / _ROUTING_MODE
-    and PDMESH_GATEWAY_* (processes and admission)."""
+    and PDMESH_GATEWAY_* (processes, admission and request limits)."""
     return _apply_env(base or GatewayConfig(), _GATEWAY_ENV_OVERRIDES, env)
 
 

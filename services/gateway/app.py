@@ -56,9 +56,10 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     admission = Admission(config.max_inflight, config.queue_limit, config.queue_timeout_s,
                           config.retry_after_s, metrics)
     dispatcher = Dispatcher(pool, info, admission)
-    servicer = GatewayServicer(dispatcher, config.api_key, metrics)
+    servicer = GatewayServicer(dispatcher, config.api_key, metrics, config)
     grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
-    app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]])
+    app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]],
+                    config.max_body_bytes)
     app.router.add_get("/metrics", lambda _: web.Response(
         body=render_gateway(metrics.registry), headers={"Content-Type": CONTENT_TYPE}))
     # handler_cancellation: a client that disconnects cancels its handler, and with it

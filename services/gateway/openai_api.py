@@ -13,6 +13,7 @@ from google.protobuf import json_format, struct_pb2
 
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import openai_pb2 as opb
+from pdmesh.services.gateway import limits
 from pdmesh.services.gateway.dispatch import Delta, GatewayError, ModelInfo
 
 FINISH = {cpb.FINISH_REASON_STOP: "stop", cpb.FINISH_REASON_LENGTH: "length",
@@ -94,8 +95,10 @@ def completion_prompt(prompt: struct_pb2.Value, info: ModelInfo) -> list[int]:
 
 
 def sampling(req, prompt_len: int, info: ModelInfo, max_tokens: int | None,
-             logprobs: int | None) -> cpb.SamplingParams:
-    """SamplingParams from a Chat/CompletionRequest; checks the context limit."""
+             logprobs: int | None, config: Any = None,
+             logprobs_param: str = "logprobs") -> cpb.SamplingParams:
+    """SamplingParams from a Chat/CompletionRequest; checks the context limit and
+    `config`'s request limits (GatewayConfig; `logprobs_param`: the field's name)."""
     if max_tokens is None:
         max_tokens = info.max_model_len - prompt_len
     if max_tokens < 1:
@@ -112,6 +115,8 @@ def sampling(req, prompt_len: int, info: ModelInfo, max_tokens: int | None,
         setattr(sp, name, getattr(req, name))
     if logprobs is not None:
         sp.logprobs = logprobs
+    if config is not None:
+        limits.check_sampling(sp, config, logprobs_param)
     validate(sp)
     return sp
 

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 import grpc
 
 from pdmesh import auth
+from pdmesh.config import GatewayConfig
 from pdmesh.grpc_util import Servicer, create_aio_server
 from pdmesh.telemetry import tracing
 from pdmesh.telemetry.metrics import GatewayMetrics
@@ -20,6 +21,7 @@ from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import gateway_pb2 as gpb
 from pdmesh.v1 import gateway_pb2_grpc as gpb_grpc
 from pdmesh.v1 import openai_pb2 as opb
+from pdmesh.services.gateway import errors, limits
 from pdmesh.services.gateway import openai_api as oa
 from pdmesh.services.gateway.chunks import ProtoChunks, SseChunks
 from pdmesh.services.gateway.dispatch import Dispatcher, GatewayError
@@ -36,9 +38,11 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
     """The Gateway RPCs over one Dispatcher (pool + model)."""
 
     def __init__(self, dispatcher: Dispatcher, api_key: str | None = None,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None,
+                 config: GatewayConfig | None = None) -> None:
         self.dispatcher, self.model, self.api_key = dispatcher, dispatcher.model, api_key
         self.metrics = metrics or GatewayMetrics()
+        self.limits = config or GatewayConfig()  # request limits (max_stop_strings, ...)
 
     def _check_key(self, context) -> None:
         if not self.api_key:
@@ -65,7 +69,9 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             status = "OK"
         except GatewayError as e:
             status = e.code.name
-            await context.abort(e.code, e.message, e.trailers)  # retry-after on 429s
+            # no worker address reaches the client: the log has it, under a request id
+            await context.abort(e.code, errors.public(e.code, e.message),
+                                e.trailers)  # retry-after on 429s
         finally:
             obs.finish(status, last.finish_reason if last else 0, last.usage if last else None)
 
@@ -124,6 +130,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             out.max_tokens = min(16, max(1, limit - prompt_len))
         if prompt_len + out.max_tokens > limit:
             raise oa.invalid(oa._too_long(prompt_len, out.max_tokens, self.model))
+        limits.check_sampling(out, self.limits, "sampling_params.logprobs")
         oa.validate(out)
         return out
 
@@ -143,7 +150,8 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
                   else request.max_tokens if request.HasField("max_tokens") else None)
             lp = (request.top_logprobs if request.HasField("top_logprobs") else 0) \
                 if request.logprobs else None
-            return ids, oa.sampling(request, len(ids), self.model, mt, lp)
+            return ids, oa.sampling(request, len(ids), self.model, mt, lp, self.limits,
+                                    "top_logprobs")
         obs = self._observe("ChatCompletions", "chat")
         ids, sp = await self._prepare(context, obs, prepare, request)
         created, want_lp = oa.now(), request.logprobs
@@ -184,7 +192,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             ids = oa.completion_prompt(request.prompt, self.model)
             mt = request.max_tokens if request.HasField("max_tokens") else 16
             lp = request.logprobs if request.HasField("logprobs") else None
-            return ids, oa.sampling(request, len(ids), self.model, mt, lp)
+            return ids, oa.sampling(request, len(ids), self.model, mt, lp, self.limits)
         obs = self._observe("Completions", "text_completion")
         ids, sp = await self._prepare(context, obs, prepare, request)
         created, want_lp = oa.now(), request.HasField("logprobs")

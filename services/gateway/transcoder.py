@@ -27,6 +27,7 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor as _d
 from google.protobuf import json_format, message_factory
 
+from pdmesh.services.gateway import limits
 from pdmesh.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
 }
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
-              403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
-              503: "service_unavailable_error"}
+# OpenAI's error types; any other 4xx (404 unknown path or model, 405, 413) is the
+# client's mistake: invalid_request_error, as OpenAI answers them
+ERROR_TYPE = {401: "authentication_error", 403: "permission_error",
+              429: "rate_limit_error", 503: "service_unavailable_error"}
 # OpenAI's own code for a 429 (the openai client retries it, after Retry-After)
 ERROR_CODE = {429: "rate_limit_exceeded"}
 # trailing metadata of a failed call that REST passes on as response headers
@@ -54,8 +56,9 @@ _WELL_KNOWN = ("google.protobuf.Value", "google.protobuf.Struct", "google.protob
 # and clients index choices[0]["text"] unconditionally (sglang's bench_serving does).
 _KEEP_EMPTY = frozenset({"pdmesh.v1.CompletionChoice.text"})
 _BIG_BODY = 256 << 10  # request bodies larger than this are parsed on a thread
-# aiohttp's default (1 MiB) would refuse a long-context prompt (413); SMG takes 512 MB
-MAX_BODY = 64 << 20
+# aiohttp's default (1 MiB) would refuse a long-context prompt (413); SMG takes 512 MB.
+# The gateway passes GatewayConfig.max_body_bytes (PDMESH_GATEWAY_MAX_BODY_BYTES).
+MAX_BODY = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,17 @@ class RestContext:
         raise RestAbort(code, details, trailing_metadata)
 
 
+def error_type(status: int) -> str:
+    """OpenAI's `type` for an HTTP status."""
+    if status in ERROR_TYPE:
+        return ERROR_TYPE[status]
+    return "invalid_request_error" if 400 <= status < 500 else "internal_error"
+
+
 def error_response(status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     """OpenAI's error JSON (`headers`: e.g. Retry-After on a 429)."""
-    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "internal_error"),
+    body = {"error": {"message": message, "type": error_type(status),
                       "param": param, "code": ERROR_CODE.get(status, status)}}
     return web.json_response(body, status=status, headers=headers)
 
@@ -143,10 +153,12 @@ def _clean(desc: _d.Descriptor, d: dict) -> None:
 
 
 def parse_body(body: bytes, msg) -> None:
-    """A JSON object into `msg` (unknown fields ignored); ValueError / ParseError."""
+    """A JSON object into `msg` (unknown fields ignored, unless they ask for something
+    pdmesh does not do: limits.Unsupported); ValueError / ParseError."""
     payload = orjson.loads(body or b"{}")
     if not isinstance(payload, dict):
         raise ValueError("the request body must be a JSON object")
+    limits.check_unsupported(payload, msg.DESCRIPTOR.full_name)
     json_format.ParseDict(payload, msg, ignore_unknown_fields=True)
 
 
@@ -172,6 +184,8 @@ def _handler(route: HttpRoute, servicer: Any):
                     parse_body(body, msg)
             for name, value in http.match_info.items():
                 setattr(msg, name, value)
+        except limits.Unsupported as e:
+            return error_response(400, str(e), param=e.param)
         except (ValueError, json_format.ParseError) as e:  # JSONDecodeError is a ValueError
             return error_response(400, f"Invalid request body: {e}")
         ctx = RestContext(http)
@@ -206,8 +220,7 @@ async def _sse(http: web.Request, first, stream) -> web.StreamResponse:
     except RestAbort as e:
         status = HTTP_STATUS.get(e.code, 500)
         await resp.write(_event({"error": {"message": e.details, "code": status,
-                                           "type": ERROR_TYPE.get(status, "internal_error"),
-                                           "param": None}}))
+                                           "type": error_type(status), "param": None}}))
     except ConnectionError:  # the client went away: aclose below cancels both legs
         return resp
     finally:
@@ -220,21 +233,39 @@ def _event(obj: dict) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-@web.middleware
-async def _errors(request: web.Request, handler):
-    """Unknown routes, wrong methods and crashes answer in OpenAI's error JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        return error_response(e.status, f"{e.reason}: {request.method} {request.path}")
-    except Exception:  # noqa: BLE001 - the server keeps serving; the log has the trace
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal server error")
+def http_error_message(e: web.HTTPException, request: web.Request, max_body: int) -> str:
+    """What was wrong, for aiohttp's own refusals (unknown path, wrong method, big body)."""
+    where = f"{request.method} {request.path}"
+    if isinstance(e, web.HTTPNotFound):
+        return f"Unknown URL: {where}"
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return f"Method {request.method} is not allowed on {request.path} (allowed: {allowed})"
+    if isinstance(e, web.HTTPRequestEntityTooLarge):
+        return limits.body_too_large(max_body, request.content_length)
+    return f"{e.reason}: {where}"
 
 
-def build_app(servicer: Any, services: list[_d.ServiceDescriptor]) -> web.Application:
-    """An aiohttp app with one route per annotated RPC of `services`."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+def _error_middleware(max_body: int):
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        """Unknown routes, wrong methods, big bodies and crashes answer in OpenAI's
+        error JSON."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            return error_response(e.status, http_error_message(e, request, max_body))
+        except Exception:  # noqa: BLE001 - the server keeps serving; the log has the trace
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, "internal server error")
+    return errors
+
+
+def build_app(servicer: Any, services: list[_d.ServiceDescriptor],
+              max_body: int = MAX_BODY) -> web.Application:
+    """An aiohttp app with one route per annotated RPC of `services`; bodies beyond
+    `max_body` bytes get 413."""
+    app = web.Application(middlewares=[_error_middleware(max_body)], client_max_size=max_body)
     for service in services:
         for route in http_routes(service):
             app.router.add_route(route.verb, route.path, _handler(route, servicer))
