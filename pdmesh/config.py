@@ -288,6 +288,16 @@ class GatewayConfig:
     shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish
     processes: int = 1  # gateway processes sharing the ports (SO_REUSEPORT)
     reuse_port: bool = False  # bind with SO_REUSEPORT (set in each of `processes`)
+    # retries (services/gateway/dispatch.py): attempts in all for a request that fails
+    # before its first token, full-jitter exponential backoff between them
+    retry_max_attempts: int = 3
+    retry_backoff_base_s: float = 0.02
+    retry_backoff_cap_s: float = 0.5
+    # per-worker circuit breakers (services/gateway/breaker.py); defaults: SGLang Model
+    # Gateway's --cb-failure-threshold 5, --cb-success-threshold 2, --cb-timeout-duration-secs 30
+    breaker_failure_threshold: int = 5
+    breaker_success_threshold: int = 2
+    breaker_open_s: float = 30.0
     # admission (services/gateway/admission.py), per gateway process: requests in flight
     # (0 = no limit), waiters beyond that (None = max_inflight), how long one may wait,
     # and the retry hint a turned-away client gets (429 Retry-After / gRPC retry-after)
@@ -306,6 +316,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
+        self._check_retries()
         self._check_admission()
         self._check_limits()
         check_routing_policy(self.prefill_policy), check_routing_policy(self.decode_policy)
@@ -314,6 +325,15 @@ class GatewayConfig:
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+
+    def _check_retries(self) -> None:
+        for name in ("retry_max_attempts", "breaker_failure_threshold",
+                     "breaker_success_threshold"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("retry_backoff_base_s", "retry_backoff_cap_s", "breaker_open_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def _check_admission(self) -> None:
         for name in ("max_inflight", "max_queued", "queue_timeout_s"):
@@ -345,6 +365,12 @@ _GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_DECODE_POLICY": ("decode_policy", str),
     "PDMESH_ROUTING_MODE": ("mode", str),
     "PDMESH_GATEWAY_PROCESSES": ("processes", int),
+    "PDMESH_GATEWAY_RETRY_MAX_ATTEMPTS": ("retry_max_attempts", int),
+    "PDMESH_GATEWAY_RETRY_BACKOFF_BASE": ("retry_backoff_base_s", float),
+    "PDMESH_GATEWAY_RETRY_BACKOFF_CAP": ("retry_backoff_cap_s", float),
+    "PDMESH_GATEWAY_BREAKER_FAILURES": ("breaker_failure_threshold", int),
+    "PDMESH_GATEWAY_BREAKER_SUCCESSES": ("breaker_success_threshold", int),
+    "PDMESH_GATEWAY_BREAKER_OPEN": ("breaker_open_s", float),
     "PDMESH_GATEWAY_MAX_INFLIGHT": ("max_inflight", int),
     "PDMESH_GATEWAY_MAX_QUEUED": ("max_queued", int),
     "PDMESH_GATEWAY_QUEUE_TIMEOUT": ("queue_timeout_s", float),

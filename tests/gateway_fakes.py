@@ -5,7 +5,9 @@ layer alone; the real workers are tested in tests/test_workers.py.
 Magic seeds steer them: PREFILL_FAILS makes Prefill fail (the decode then waits for
 KV that never comes, as a real one would), SLOW streams one token per 0.1 s, ECHO
 streams the prompt's own token ids back (one per 20 ms: streams overlap), so a client
-can tell its tokens from another request's.
+can tell its tokens from another request's, FAILS_AFTER_FIRST makes the decode fail
+(UNAVAILABLE) right after its first token. A worker started with `broken=True` answers
+every call UNAVAILABLE (a worker that is gone, as the gateway sees it).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.v1 import registry_pb2 as rpb
 
-PREFILL_FAILS, SLOW, ECHO = 666, 777, 888
+PREFILL_FAILS, SLOW, ECHO, FAILS_AFTER_FIRST = 666, 777, 888, 999
 
 
 class FakeMesh:
@@ -42,12 +44,15 @@ class FakeMesh:
 
 
 class FakeDecode(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, mesh: FakeMesh) -> None:
-        self.mesh = mesh
+    def __init__(self, mesh: FakeMesh, broken: bool = False) -> None:
+        self.mesh, self.broken, self.calls = mesh, broken, 0
 
     def Generate(self, request, context):
         """Wait for the room's prefill (unless colocated), then stream reply_ids."""
         mesh, sp = self.mesh, request.sampling_params
+        self.calls += 1
+        if self.broken:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "fake decode is broken")
         mesh.requests.append(request)
         context.add_callback(lambda: mesh.cancelled.add(request.room)
                              if not context.is_active() else None)
@@ -83,17 +88,22 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                                                completion_tokens=n,
                                                total_tokens=len(request.token_ids) + n))
             yield chunk
+            if sp.seed == FAILS_AFTER_FIRST:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "fake decode died mid-stream")
 
     def Abort(self, request, context):
         return decode_pb2.DecodeAbortResponse()
 
 
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, mesh: FakeMesh) -> None:
-        self.mesh = mesh
+    def __init__(self, mesh: FakeMesh, broken: bool = False) -> None:
+        self.mesh, self.broken, self.calls = mesh, broken, 0
 
     def Prefill(self, request, context):
         """Succeed at once (releasing the decode), or fail for the magic seed."""
+        self.calls += 1
+        if self.broken:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "fake prefill is broken")
         if request.sampling_params.seed == PREFILL_FAILS:
             time.sleep(0.2)
             context.abort(grpc.StatusCode.INTERNAL, "fake prefill exploded")
@@ -113,17 +123,22 @@ def create_server(addr: str, servicers, max_workers: int):
     return server, port, health_servicer
 
 
-def start_worker(mesh: FakeMesh, role: int, registry: str, max_workers: int = 32):
+def start_worker(mesh: FakeMesh, role: int, registry: str, max_workers: int = 32,
+                 broken: bool = False):
     """A fake worker of `role` on a free port, registered; returns (server, client).
-    Each open stream (and each Prefill) holds one of its `max_workers` threads."""
+    Each open stream (and each Prefill) holds one of its `max_workers` threads.
+    `broken`: every call fails UNAVAILABLE (server.fake counts the calls)."""
     if role == rpb.WORKER_ROLE_PREFILL:
-        svc = Servicer(FakePrefill(mesh), prefill_pb2_grpc.add_PrefillServicer_to_server,
+        fake = FakePrefill(mesh, broken)
+        svc = Servicer(fake, prefill_pb2_grpc.add_PrefillServicer_to_server,
                        service_name(prefill_pb2, "Prefill"))
     else:
-        svc = Servicer(FakeDecode(mesh), decode_pb2_grpc.add_DecodeServicer_to_server,
+        fake = FakeDecode(mesh, broken)
+        svc = Servicer(fake, decode_pb2_grpc.add_DecodeServicer_to_server,
                        service_name(decode_pb2, "Decode"))
     server, port, _ = create_server("127.0.0.1:0", [svc], max_workers=max_workers)
     client = RegistryClient(registry, rpb.RegisterRequest(
         role=role, address=f"127.0.0.1:{port}", model_id="default"))
     client.start()
+    server.fake = fake
     return server, client

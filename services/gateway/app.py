@@ -13,6 +13,8 @@ from pdmesh.config import GatewayConfig
 from pdmesh.telemetry.metrics import CONTENT_TYPE, GatewayMetrics, render_gateway
 from pdmesh.v1 import gateway_pb2 as gpb
 from pdmesh.services.gateway.admission import Admission
+from pdmesh.services.gateway.breaker import (BreakerConfig, Breakers, ResilienceMetrics,
+                                             RetryPolicy)
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.pool import WorkerPool
 from pdmesh.services.gateway.server import GatewayServicer, create_server
@@ -49,13 +51,19 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     info = load_model_info(config.model, config.served_model_name, config.max_model_len)
-    pool = WorkerPool(config.registry, config.mode, config.prefill_policy,
-                      config.decode_policy)
-    pool.start()
     metrics = GatewayMetrics()
+    resilience = ResilienceMetrics(metrics.registry)
+    breakers = Breakers(BreakerConfig(config.breaker_failure_threshold,
+                                      config.breaker_success_threshold, config.breaker_open_s),
+                        resilience)
+    pool = WorkerPool(config.registry, config.mode, config.prefill_policy,
+                      config.decode_policy, breakers=breakers)
+    pool.start()
     admission = Admission(config.max_inflight, config.queue_limit, config.queue_timeout_s,
                           config.retry_after_s, metrics)
-    dispatcher = Dispatcher(pool, info, admission)
+    retry = RetryPolicy(config.retry_max_attempts, config.retry_backoff_base_s,
+                        config.retry_backoff_cap_s)
+    dispatcher = Dispatcher(pool, info, admission, retry, resilience)
     servicer = GatewayServicer(dispatcher, config.api_key, metrics, config)
     grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
     app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]],

@@ -5,14 +5,20 @@
     Prefill.Prefill(room, D, tokens, sampling)   unary           }
     merge: decode tokens -> incremental detokenizer (stop strings) -> deltas
 
-If either leg fails the other is cancelled and the request ends with a GatewayError
-naming the leg and the worker. When the consumer stops early (client disconnect,
-stop string matched at the gateway) the generator's `finally` cancels both calls,
-which both workers see as cancellation and free the room's pages.
+If either leg fails the other is cancelled. Before the first token reached the client a
+retryable failure (breaker.RETRYABLE) is retried on another pair, with a new room id
+(the abandoned room is freed: its calls were cancelled), avoiding the workers that just
+failed, after a jittered backoff, up to RetryPolicy.max_attempts in all; the failed
+worker's circuit breaker is told. After the first token, or out of attempts, the
+request ends with a GatewayError naming the leg and the worker. When the consumer
+stops early (client disconnect, stop string matched at the gateway) closing the
+generators cancels both calls, which both workers see as cancellation and free the
+room's pages.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -29,6 +35,7 @@ from pdmesh.telemetry import tracing
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.services.gateway.admission import Admission, Rejected
+from pdmesh.services.gateway.breaker import ResilienceMetrics, RetryPolicy
 from pdmesh.services.gateway.observe import RequestObserver
 from pdmesh.services.gateway.pool import NoRoute, Route, WorkerPool
 
@@ -88,20 +95,34 @@ class Delta:
     usage: cpb.Usage | None = None
 
 
-def _leg_error(leg: str, address: str, e: grpc.aio.AioRpcError) -> GatewayError:
-    code = e.code()
-    if code != grpc.StatusCode.INVALID_ARGUMENT:
-        code = grpc.StatusCode.UNAVAILABLE  # the mesh failed, not the request
-    return GatewayError(code, f"{leg} worker {address} failed: {e.code().name}: {e.details()}")
+class LegFailed(GatewayError):
+    """A leg's failure: which leg, which worker, and the code the worker answered
+    (`worker_code`; `code` is what the client gets)."""
+
+    def __init__(self, leg: str, worker, worker_code: grpc.StatusCode, message: str) -> None:
+        code = worker_code
+        if code != grpc.StatusCode.INVALID_ARGUMENT:
+            code = grpc.StatusCode.UNAVAILABLE  # the mesh failed, not the request
+        super().__init__(code, message)
+        self.leg, self.worker, self.worker_code = leg, worker, worker_code
+
+
+def _leg_error(leg: str, worker, e: grpc.aio.AioRpcError) -> LegFailed:
+    return LegFailed(leg, worker, e.code(),
+                     f"{leg} worker {worker.address} failed: {e.code().name}: {e.details()}")
 
 
 class Dispatcher:
     """Routes requests through the pool and runs both legs; one per gateway process."""
 
     def __init__(self, pool: WorkerPool, model: ModelInfo,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, retry: RetryPolicy | None = None,
+                 metrics: ResilienceMetrics | None = None) -> None:
         self.pool, self.model = pool, model
         self.admission = admission or Admission()  # default: no limit, only counts
+        self.retry = retry or RetryPolicy()
+        # the pool's breakers publish circuit states here too (app.py shares one object)
+        self.metrics = metrics or pool.breakers.metrics or ResilienceMetrics()
         self.started = int(time.time())  # ListModels' "created"
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, type], object] = {}
@@ -133,7 +154,7 @@ class Dispatcher:
         Raises GatewayError (RESOURCE_EXHAUSTED when admission turns it away, UNAVAILABLE
         when no route or a leg failed). `obs` (spans, metrics) is told the route, every
         token message and both legs' timings. The request holds an admission slot from
-        before routing until it ends, however it ends."""
+        before routing until it ends, however it ends, retries included."""
         detok = IncrementalDetokenizer(
             self.model.tokenizer, prompt_ids,
             skip_special_tokens=sampling.skip_special_tokens
@@ -145,32 +166,82 @@ class Dispatcher:
             raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message,
                                e.retry_headers()) from None
         try:  # nothing awaits between acquire and here: the slot cannot leak
-            route = self.pool.route()
-        except NoRoute as e:
+            failed: set[str] = set()
+            for attempt in range(1, self.retry.max_attempts + 1):
+                if attempt > 1:
+                    await asyncio.sleep(self.retry.backoff(attempt - 1))
+                async with contextlib.aclosing(self._attempt(
+                        prompt_ids, sampling, detok, obs, failed,
+                        attempt < self.retry.max_attempts)) as deltas:
+                    async for delta in deltas:
+                        if delta is None:
+                            break  # failed before any token and retryable: next pair
+                        yield delta
+                    else:
+                        return
+        finally:
             self.admission.release()
+
+    async def _attempt(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
+                       detok: IncrementalDetokenizer | None, obs: RequestObserver | None,
+                       failed: set[str], may_retry: bool) -> AsyncIterator[Delta | None]:
+        """One try on one pair: yields its Deltas, or a single None when it failed before
+        its first token in a way another pair may not (the failed worker joins `failed`)."""
+        try:
+            route = self.pool.route(frozenset(failed))
+        except NoRoute as e:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        room, completion = secrets.randbits(63), 0
+        room, sent = secrets.randbits(63), False  # a new room per attempt
         try:
             if obs is not None:
                 obs.routed(route, room, "pd" if route.prefill else "colocated", route.why)
-            async for chunk in self._legs(route, room, prompt_ids, sampling, obs):
+            async with contextlib.aclosing(self._deltas(route, room, prompt_ids, sampling,
+                                                        detok, obs)) as deltas:
+                async for delta in deltas:
+                    if not sent:  # the pair delivered: the prefill ran, the KV arrived
+                        sent = True
+                        self._succeeded(route)
+                    yield delta
+        except LegFailed as f:
+            if not self.retry.retryable(f.worker_code):
+                raise  # the request's own fault: the same on any worker
+            self.pool.breakers.failure(f.worker)
+            if sent or not may_retry:
+                raise
+            failed.add(f.worker.worker_id)
+            self.metrics.retries.labels(f"{f.leg}_{f.worker_code.name}").inc()
+            log.info("room %d: retrying on another pair after %s", room, f.message)
+            yield None
+        finally:
+            self.pool.release(route)
+
+    async def _deltas(self, route: Route, room: int, prompt_ids: list[int],
+                      sampling: cpb.SamplingParams, detok: IncrementalDetokenizer | None,
+                      obs: RequestObserver | None) -> AsyncIterator[Delta]:
+        """The pair's token stream as Deltas (text, stop strings, usage)."""
+        completion = 0
+        # aclosing: returning early (stop string) cancels both calls now, not when collected
+        async with contextlib.aclosing(self._legs(route, room, prompt_ids, sampling,
+                                                  obs)) as chunks:
+            async for chunk in chunks:
                 if obs is not None:
                     obs.tokens(len(chunk.token_ids))
                 delta = Delta(room, list(chunk.token_ids), logprobs=list(chunk.logprobs),
                               finish_reason=chunk.finish_reason)
                 completion += len(delta.token_ids)
-                if detok is not None:
-                    if self._detokenize(detok, delta):
-                        completion = len(detok.output_ids)
-                        delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
-                        yield delta
-                        return  # a stop string matched here: the finally cancels both legs
+                if detok is not None and self._detokenize(detok, delta):
+                    completion = len(detok.output_ids)
+                    delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
+                    yield delta
+                    return  # a stop string matched here: closing cancels both legs
                 if delta.finish_reason:
                     delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
                 yield delta
-        finally:
-            self.pool.release(route)
-            self.admission.release()
+
+    def _succeeded(self, route: Route) -> None:
+        for w in (route.prefill, route.decode):
+            if w is not None:
+                self.pool.breakers.success(w)
 
     @staticmethod
     def _detokenize(detok: IncrementalDetokenizer, delta: Delta) -> bool:
@@ -232,10 +303,10 @@ class Dispatcher:
             if ptask is not None:
                 await asyncio.wait([ptask], timeout=_PREFILL_TAIL_S)
         except grpc.aio.AioRpcError as e:
-            raise self._failure(ptask, p, "decode", d.address, e) from None
+            raise self._failure(ptask, p, d, e) from None
         except asyncio.CancelledError:
             if ptask is not None and ptask.done() and not ptask.cancelled() and ptask.exception():
-                raise self._failure(ptask, p, "decode", d.address, None) from None
+                raise self._failure(ptask, p, d, None) from None
             raise  # our own cancellation (client gone)
         finally:
             dcall.cancel()
@@ -243,15 +314,16 @@ class Dispatcher:
                 pcall.cancel()
 
     @staticmethod
-    def _failure(ptask, p, leg, address, e) -> GatewayError:
+    def _failure(ptask, p, d, e) -> LegFailed:
         """Prefer the prefill's error when it failed: the decode's is then a consequence."""
         if ptask is not None and ptask.done() and not ptask.cancelled():
             pe = ptask.exception()
             if isinstance(pe, grpc.aio.AioRpcError):
-                return _leg_error("prefill", p.address, pe)
+                return _leg_error("prefill", p, pe)
         if e is None:
-            return GatewayError(grpc.StatusCode.UNAVAILABLE, f"{leg} worker {address} failed")
-        return _leg_error(leg, address, e)
+            return LegFailed("decode", d, grpc.StatusCode.UNAVAILABLE,
+                             f"decode worker {d.address} failed")
+        return _leg_error("decode", d, e)
 
 
 def _usage(prompt: int, completion: int, reported: cpb.Usage) -> cpb.Usage:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pdmesh.config import ROUTING_MODES
 from pdmesh.registry_watch import RegistryWatch
 from pdmesh.v1 import registry_pb2 as rpb
+from pdmesh.services.gateway.breaker import Breakers
 from pdmesh.services.gateway.routing import Load, Policy, Worker, make_policy
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,14 @@ class WorkerPool:
 
     def __init__(self, registry_addr: str | None = None, mode: str = "auto",
                  prefill_policy: str = "round_robin", decode_policy: str = "round_robin",
-                 reconnect_s: float = 0.5) -> None:
+                 reconnect_s: float = 0.5, breakers: Breakers | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown routing mode {mode!r} (known: {', '.join(MODES)})")
         self.mode = mode
         self.prefill_policy: Policy = make_policy(prefill_policy)
         self.decode_policy: Policy = make_policy(decode_policy)
         self.policy_names = (prefill_policy, decode_policy)
+        self.breakers = breakers or Breakers()
         self._registry_addr = registry_addr
         self._reconnect_s = reconnect_s
         self._workers: dict[str, Worker] = {}
@@ -86,6 +88,7 @@ class WorkerPool:
         with self._lock:
             if event_type in ("LEFT", "EXPIRED"):
                 self._workers.pop(w.worker_id, None)
+                self.breakers.forget(w.worker_id)
             elif event_type == "UPDATED" and w.worker_id in self._workers:
                 self._workers[w.worker_id].load = w.load
             elif event_type in ("JOINED", "UPDATED"):
@@ -103,13 +106,15 @@ class WorkerPool:
             return sorted({w.model_id for w in self._workers.values()})
 
     # ---- routing ----------------------------------------------------------------
-    def route(self) -> Route:
+    def route(self, exclude: frozenset[str] = frozenset()) -> Route:
         """Pick the workers for one request and count it in flight; NoRoute when none.
-        Call `release(route)` when the request ends."""
+        `exclude`: worker ids to avoid (a retry's failed workers) unless nothing else is
+        left. Call `release(route)` when the request ends."""
         with self._lock:
             by_role: dict[str, list[Worker]] = {"PREFILL": [], "DECODE": [], "COLOCATED": []}
             for w in self._workers.values():
                 by_role[w.role].append(w)
+            by_role = {role: self.breakers.usable(ws, exclude) for role, ws in by_role.items()}
             use_pd = self.mode == "pd" or (
                 self.mode == "auto" and by_role["PREFILL"] and by_role["DECODE"])
             if use_pd:
@@ -132,6 +137,7 @@ class WorkerPool:
             for w in (route.prefill, route.decode):
                 if w is not None:
                     w.inflight += 1
+                    self.breakers.taken(w)
             return route
 
     def release(self, route: Route) -> None:
@@ -139,6 +145,7 @@ class WorkerPool:
             for w in (route.prefill, route.decode):
                 if w is not None:
                     w.inflight = max(0, w.inflight - 1)
+                    self.breakers.done(w)
 
     def has_route(self) -> bool:
         try:
@@ -158,6 +165,7 @@ class WorkerPool:
         with self._lock:
             for wid in [wid for wid in self._workers if wid not in ids]:
                 del self._workers[wid]
+                self.breakers.forget(wid)
         for info in members:
             self.apply("JOINED", info)
         self.synced.set()
