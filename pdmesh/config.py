@@ -451,8 +451,20 @@ class WorkerConfig:
     # event-loop thread, which may keep it for a whole switch interval (Python's default
     # 5 ms, longer than a GPU decode step); a short interval hands it back sooner.
     gil_switch_interval_s: float = 0.0005
+    # KV integrity: the prefill verifies each room's destination pages after the write
+    # (one rewrite on a mismatch), the decode its pages before adopt. on | off
+    kv_checksum: str = "on"
+    # Chaos hook, tests only (services/common/kv.py CorruptKV): a prefill corrupts a
+    # room's first write with this probability; `_rewrites` corrupts the rewrite too
+    chaos_corrupt_kv: float = 0.0
+    chaos_corrupt_kv_rewrites: bool = False
 
     def __post_init__(self) -> None:
+        if self.kv_checksum not in ("on", "off"):
+            raise ValueError(f"kv_checksum must be on or off, got {self.kv_checksum!r}")
+        if not 0 <= self.chaos_corrupt_kv <= 1:
+            raise ValueError(f"chaos_corrupt_kv must be a probability in [0, 1], got "
+                             f"{self.chaos_corrupt_kv}")
         if not 0 < self.gil_switch_interval_s <= 1:
             raise ValueError(f"gil_switch_interval_s must be in (0, 1], got "
                              f"{self.gil_switch_interval_s}")
@@ -497,6 +509,9 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
     "PDMESH_STREAM_INTERVAL": ("stream_interval", int),
     "PDMESH_GIL_SWITCH_INTERVAL": ("gil_switch_interval_s", float),
+    "PDMESH_KV_CHECKSUM": ("kv_checksum", str),
+    "PDMESH_CHAOS_CORRUPT_KV": ("chaos_corrupt_kv", float),
+    "PDMESH_CHAOS_CORRUPT_KV_REWRITES": ("chaos_corrupt_kv_rewrites", _env_bool),
 }
 
 

@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                         "the fastest that works, measured when the pair first meets), shm "
                         "(shared memory, host pools), ipc (CUDA IPC, GPU pools) or mooncake "
                         "(the transfer engine only); env PDMESH_KV_PATH")
+    p.add_argument("--kv-checksum", choices=("on", "off"), default=None,
+                   help="KV integrity (default on; env PDMESH_KV_CHECKSUM): the prefill "
+                        "verifies each room's pages in the decode after the write and "
+                        "rewrites once on a mismatch, the decode verifies them before use; "
+                        "a room that stays corrupted fails with DATA_LOSS")
     p.add_argument("--transfer-device", default=None,
                    help="RDMA devices, comma-separated, e.g. mlx5_0,mlx5_1 (default: auto; "
                         "env PDMESH_TRANSFER_DEVICE)")
@@ -78,6 +83,7 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "transfer_protocol": args.transfer_protocol,
              "transfer_device": args.transfer_device,
              "kv_transfer_mode": args.kv_transfer_mode, "kv_path": args.kv_path,
+             "kv_checksum": args.kv_checksum,
              "shutdown_grace_s": args.shutdown_grace,
              "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
              "waiting_timeout": getattr(args, "waiting_timeout", None),

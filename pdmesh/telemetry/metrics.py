@@ -79,6 +79,13 @@ class WorkerMetrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.transfer_failures = Counter("pdmesh_kv_transfer_failures",
                                          "KV writes that failed", ["path"], registry=r)
+        # KV integrity (pdmesh/disagg/integrity.py): stage = prefill (read back after the
+        # write and its rewrite) | decode (its pages before adopt)
+        self.integrity_failures = Counter("pdmesh_kv_integrity_failures", "Rooms failed "
+                                          "because their KV mismatched its checksum",
+                                          ["stage"], registry=r)
+        self.integrity_retries = Counter("pdmesh_kv_integrity_retries", "KV rewrites after "
+                                         "a destination checksum mismatch", registry=r)
         self.bootstrap_timeouts = Counter("pdmesh_prefill_bootstrap_timeouts", "Rooms freed "
                                           "because no Transfer came in time", registry=r)
         self.waiting_timeouts = Counter("pdmesh_decode_waiting_timeouts", "Rooms failed "

@@ -156,6 +156,30 @@ class Router:
             self._release(r)
         return TransferStats(stats.bytes, stats.descriptors, stats.seconds, r.name)
 
+    def read_pages(self, dst: Destination, dst_pages: Sequence[int]) -> Any:
+        """dst's dst_pages as they are now, a uint8 tensor [n, bytes_per_page], read by
+        the pair's route (a read never disturbs the peer); blocks. Raises
+        NotImplementedError when that route cannot read (e.g. a staged transport)."""
+        r = self._acquire(dst, dst_pages)
+        try:
+            return r.read_pages(list(dst_pages))
+        finally:
+            self._release(r)
+
+    def corrupt_page(self, dst: Destination, src_page: int, dst_page: int) -> None:
+        """Chaos hook (tests only): leave dst_page a copy of local src_page with one byte
+        changed, written by the pair's route. The caller owns both pages (a room being
+        written); src_page is restored before this returns."""
+        page = _bytes_of(self.pool, src_page)
+        saved = page.clone()
+        hi = self.pool.element_size() - 1  # the high byte of the page's first element:
+        b = int(page[hi])  # its exponent, so the value becomes absurd (as a bad write)
+        page[hi] = (b | 0x7F) if b & 0x7F != 0x7F else b ^ 0x40
+        try:
+            self.write_pages(dst, [src_page], [dst_page])
+        finally:
+            page.copy_(saved)
+
     def route_name(self, dst: Destination) -> str | None:
         """The bound route's name, None before the pair binds."""
         r = self._routes.get((dst.session_id, dst.kv_base))
@@ -261,6 +285,12 @@ class Router:
         if not ok:
             return candidates[0], times  # none could be probed: local paths come first
         return min(ok, key=lambda r: times[r.name]), times
+
+
+def _bytes_of(pool: Any, page: int) -> Any:
+    """Page `page` of a contiguous page-major pool as a flat uint8 view (no copy)."""
+    import torch
+    return pool[page].reshape(-1).view(torch.uint8)
 
 
 def _bytes(data: Any) -> bytes:

@@ -76,7 +76,7 @@ class TransferRequest(_message.Message):
     def __init__(self, room: _Optional[int] = ..., decode_worker_id: _Optional[str] = ..., dst_session_id: _Optional[str] = ..., dst_kv_base_address: _Optional[int] = ..., dst_page_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., bytes_per_page: _Optional[int] = ..., dst_host_id: _Optional[str] = ..., dst_local_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TransferResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "bytes_moved", "descriptor_count", "transfer_s", "transfer_path")
+    __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "bytes_moved", "descriptor_count", "transfer_s", "transfer_path", "kv_checksum", "kv_checksum_algo")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class TransferResponse(_message.Message):
     DESCRIPTOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_PATH_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUM_ALGO_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: _common_pb2.TokenLogprob
     cached_tokens: int
@@ -91,7 +93,9 @@ class TransferResponse(_message.Message):
     descriptor_count: int
     transfer_s: float
     transfer_path: str
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., descriptor_count: _Optional[int] = ..., transfer_s: _Optional[float] = ..., transfer_path: _Optional[str] = ...) -> None: ...
+    kv_checksum: int
+    kv_checksum_algo: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., descriptor_count: _Optional[int] = ..., transfer_s: _Optional[float] = ..., transfer_path: _Optional[str] = ..., kv_checksum: _Optional[int] = ..., kv_checksum_algo: _Optional[str] = ...) -> None: ...
 
 class PrefillAbortRequest(_message.Message):
     __slots__ = ("room",)

@@ -83,7 +83,9 @@ class PrefillServicer:
         the transfer engine (out of band), samples token 1 and returns it.
         Errors: NOT_FOUND (unknown or aborted room), FAILED_PRECONDITION (the
         layouts are incompatible; nothing was written), INVALID_ARGUMENT (wrong
-        number of pages), INTERNAL (the transfer failed).
+        number of pages), INTERNAL (the transfer failed), DATA_LOSS (the KV read
+        back from the decode's pages mismatched its checksum, again after one
+        rewrite; the room failed and its pages were freed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

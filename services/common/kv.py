@@ -4,17 +4,25 @@
 so the event loop never blocks while bytes move. Writes are one-sided and never wait
 on a peer, so the pool only orders them: a queued write is a wait the operator sees
 (`pdmesh_prefill_kv_writes_queued` and a log line), never a deadlock.
+
+KV integrity (`--kv-checksum`, on by default): the writer digests a room's source pages
+and its destination pages read back through the route, the receiver its own pages
+before adopt (pdmesh.transfer.checksum), all on threads. `CorruptKV` is a chaos hook for
+tests (PDMESH_CHAOS_CORRUPT_KV), off unless set at start.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from pdmesh.disagg.ports import TransferTarget
+from pdmesh.disagg.ports import KVChecksum, TransferTarget
 from pdmesh.telemetry import tracing
+from pdmesh.transfer.checksum import algo_for, pages_checksum
 from pdmesh.transfer.route import Destination
 
 log = logging.getLogger(__name__)
@@ -22,14 +30,38 @@ log = logging.getLogger(__name__)
 WRITER_THREADS = int(os.environ.get("PDMESH_KV_WRITER_THREADS", "4"))
 
 
+class CorruptKV:
+    """Chaos hook, for tests only: after a room's first write, with `probability`, one
+    byte of the room's first destination page is changed through the route (as a bad
+    write or a page reused too early would leave it). `rewrites`: the integrity rewrite
+    is corrupted too (so the room must fail). Decided on the event loop (no locks)."""
+
+    def __init__(self, probability: float, rewrites: bool = False, seed: int | None = None):
+        self.probability, self.rewrites = probability, rewrites
+        self._rng = random.Random(seed)
+        self._written: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    def hit(self, room: int) -> bool:
+        """Whether this write of `room` is to be corrupted."""
+        rewrite = room in self._written
+        self._written[room] = None
+        if len(self._written) > 4096:  # rooms are rewritten at once or never
+            self._written.popitem(last=False)
+        return (not rewrite or self.rewrites) and self._rng.random() < self.probability
+
+
 class TransportWriter:
     """KVWriter (pdmesh.disagg.ports) over a Router (pdmesh.transfer.route): each decode
-    pool is reached by the path chosen when the pair bound; counts into WorkerMetrics."""
+    pool is reached by the path chosen when the pair bound; counts into WorkerMetrics.
+    `checksum`: digest rooms for the integrity check; `chaos`: a CorruptKV or None."""
 
-    def __init__(self, router: Any, metrics: Any, threads: int = WRITER_THREADS) -> None:
+    def __init__(self, router: Any, metrics: Any, threads: int = WRITER_THREADS,
+                 checksum: bool = True, chaos: CorruptKV | None = None) -> None:
         self.router, self.metrics, self.threads = router, metrics, threads
+        self.checks, self.chaos = checksum and router is not None, chaos
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-write")
         self.in_flight = 0  # writes submitted and not finished (running + queued)
+        self._unreadable: set[str] = set()  # paths already logged as not reading back
 
     @property
     def queued(self) -> int:
@@ -49,9 +81,10 @@ class TransportWriter:
                 log.info("KV write queued: %d writes in flight on %d writer threads",
                          self.in_flight, self.threads)
             try:
+                corrupt = self.chaos is not None and self.chaos.hit(target.room)
                 stats = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.router.write_pages, dst, list(src_pages),
-                    list(target.page_ids))
+                    self._pool, self._write, dst, list(src_pages), list(target.page_ids),
+                    corrupt)
             except Exception as e:
                 path = self.router.route_name(dst) or "unbound"
                 self.metrics.transfer_failures.labels(path).inc()
@@ -67,6 +100,48 @@ class TransportWriter:
         self.metrics.transfer_seconds.labels(stats.path).observe(stats.seconds)
         return stats
 
+    def _write(self, dst: Destination, src: list[int], dst_pages: list[int],
+               corrupt: bool) -> Any:
+        stats = self.router.write_pages(dst, src, dst_pages)
+        if corrupt and src:
+            self.router.corrupt_page(dst, src[0], dst_pages[0])
+            log.warning("chaos: corrupted KV page %d in %s (PDMESH_CHAOS_CORRUPT_KV)",
+                        dst_pages[0], dst.session_id)
+        return stats
+
+    async def checksum(self, src_pages: Sequence[int]) -> KVChecksum | None:
+        """The checksum of local src_pages in order (on a thread); None when off."""
+        if not self.checks:
+            return None
+        pool = self.router.pool
+        algo = algo_for(pool)
+        return KVChecksum(algo, await asyncio.to_thread(pages_checksum, pool,
+                                                        list(src_pages), algo))
+
+    async def read_checksum(self, target: TransferTarget, algo: str | None
+                            ) -> KVChecksum | None:
+        """The checksum of target's pages read back through the pair's route (on a
+        thread); None when off or when that route cannot read pages back."""
+        if not self.checks:
+            return None
+        algo = algo or algo_for(self.router.pool)
+        dst = Destination(target.session_id, target.kv_base, target.host_id,
+                          tuple(target.local_endpoints))
+        try:
+            value = await asyncio.to_thread(self._read_checksum, dst, target.page_ids, algo)
+        except NotImplementedError as e:
+            path = self.router.route_name(dst) or "unbound"
+            if path not in self._unreadable:
+                self._unreadable.add(path)
+                log.info("KV path %s cannot read pages back (%s): the decode alone "
+                         "verifies the checksum", path, e)
+            return None
+        return KVChecksum(algo, value)
+
+    def _read_checksum(self, dst: Destination, pages: Sequence[int], algo: str) -> int:
+        data = self.router.read_pages(dst, list(pages))
+        return pages_checksum(data, range(len(pages)), algo)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         if self.router is not None:
@@ -75,10 +150,19 @@ class TransportWriter:
 
 class TransportReceiver:
     """KVReceiver over `transport`: lands staged pages (host mirror -> device) off the
-    event loop; a no-op for transports that write straight into the pool."""
+    event loop (a no-op for transports that write straight into the pool), and digests
+    `pool`'s pages for the integrity check when `checksum` is on."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, pool: Any = None, checksum: bool = True) -> None:
         self._land = getattr(transport, "land", None)
+        self.pool, self.checks = pool, checksum and pool is not None
+
+    async def checksum(self, pages: Sequence[int], algo: str) -> KVChecksum | None:
+        """The checksum of this pool's pages by `algo`, on a thread; None when off."""
+        if not self.checks:
+            return None
+        return KVChecksum(algo, await asyncio.to_thread(pages_checksum, self.pool,
+                                                        list(pages), algo))
 
     async def land(self, pages: Sequence[int], path: str) -> None:
         # local paths (shm, ipc) write the pool itself, never the staged mirror

@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 
 from pdmesh import auth
-from pdmesh.disagg.ports import Code, RoomError, TransferReply, TransferTarget
+from pdmesh.disagg.ports import Code, KVChecksum, RoomError, TransferReply, TransferTarget
 from pdmesh.telemetry import tracing
 from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as ppb_grpc
@@ -47,7 +47,7 @@ class GrpcPrefillPeers:
         return TransferReply(first_token=resp.first_token_id, first_logprob=lp,
                              cached_tokens=resp.cached_tokens, bytes_moved=resp.bytes_moved,
                              descriptors=resp.descriptor_count, seconds=resp.transfer_s,
-                             path=resp.transfer_path)
+                             path=resp.transfer_path, checksum=_checksum(resp))
 
     async def abort(self, address: str, room: int, timeout: float) -> bool:
         """Prefill.Abort; returns once the prefill confirmed (no write in flight)."""
@@ -62,6 +62,13 @@ class GrpcPrefillPeers:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+
+
+def _checksum(resp: ppb.TransferResponse) -> KVChecksum | None:
+    """The prefill's checksum of the room's KV; None when it has checksums off."""
+    if not resp.kv_checksum_algo:
+        return None
+    return KVChecksum(resp.kv_checksum_algo, resp.kv_checksum)
 
 
 def _room_error(e: grpc.aio.AioRpcError) -> RoomError:

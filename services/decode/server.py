@@ -38,10 +38,14 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.host = host
         pd = host.transport is not None
         self.peers = GrpcPrefillPeers() if pd else None
+        # the pool is read (off the event loop) for the KV checksum before adopt
+        kv = TransportReceiver(host.transport, host._engine.runner.kv,
+                               checksum=host.config.kv_checksum == "on") if pd else None
         self.proto = DecodeProtocol(
-            host.engine, self.peers, TransportReceiver(host.transport) if pd else None,
-            self._target, host.config.waiting_timeout, liveness=host,
-            modes=(Mode.ADOPTED, Mode.GENERATE), stream_interval=host.config.stream_interval)
+            host.engine, self.peers, kv, self._target, host.config.waiting_timeout,
+            liveness=host, modes=(Mode.ADOPTED, Mode.GENERATE),
+            stream_interval=host.config.stream_interval,
+            on_integrity_failure=host.metrics.integrity_failures.labels("decode").inc)
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Generate(self, request: pb.DecodeRequest, context):

@@ -15,7 +15,7 @@ from pdmesh.disagg.ports import RoomError, TransferTarget
 from pdmesh.disagg.prefill import PrefillProtocol
 from pdmesh.grpc_util import Servicer, create_aio_server, service_name
 from pdmesh.runtime.request import Mode
-from pdmesh.services.common.kv import TransportWriter
+from pdmesh.services.common.kv import CorruptKV, TransportWriter
 from pdmesh.services.common.worker import WorkerHost
 from pdmesh.services.prefill.timings import record_spans, timings
 from pdmesh.transfer import KVLayout, check_compatible
@@ -36,12 +36,15 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
-        self.writer = TransportWriter(host.router() if host.transport else None, host.metrics)
-        self.proto = PrefillProtocol(host.engine, self.writer, host.config.bootstrap_timeout,
+        cfg = host.config
+        self.writer = TransportWriter(host.router() if host.transport else None, host.metrics,
+                                      checksum=cfg.kv_checksum == "on", chaos=_chaos(cfg))
+        self.proto = PrefillProtocol(host.engine, self.writer, cfg.bootstrap_timeout,
                                      self._check_target, mode=Mode.PREFILL_ONLY,
                                      on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc,
                                      page_size=host.layout.page_size,
-                                     ahead_pages=int(host.layout.num_pages * AHEAD_FRACTION))
+                                     ahead_pages=int(host.layout.num_pages * AHEAD_FRACTION),
+                                     on_integrity=self._integrity)
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -70,7 +73,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             first_token_id=reply.first_token,
             first_logprob=logprob_to_proto(lp) if lp is not None else None, cached_tokens=0,
             bytes_moved=reply.bytes_moved, descriptor_count=reply.descriptors,
-            transfer_s=reply.seconds, transfer_path=reply.path)
+            transfer_s=reply.seconds, transfer_path=reply.path,
+            kv_checksum=reply.checksum.value if reply.checksum else 0,
+            kv_checksum_algo=reply.checksum.algo if reply.checksum else "")
 
     async def Abort(self, request: pb.PrefillAbortRequest, context) -> pb.PrefillAbortResponse:
         """Drop the room wherever it is; when this returns, no write of it is in flight."""
@@ -84,6 +89,13 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                                        failed_requests=s["failed"])
 
     # -- plumbing ------------------------------------------------------------------------
+    def _integrity(self, kind: str) -> None:
+        """A destination checksum mismatch: "retry" (rewritten) or "failure" (room failed)."""
+        if kind == "retry":
+            self.host.metrics.integrity_retries.inc()
+        else:
+            self.host.metrics.integrity_failures.labels("prefill").inc()
+
     def _check_target(self, target: TransferTarget) -> None:
         check_compatible(self.host.layout, target.layout, list(target.page_ids))
 
@@ -115,6 +127,16 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 
     async def close(self) -> None:
         self.writer.close()
+
+
+def _chaos(cfg) -> CorruptKV | None:
+    """The KV-corruption chaos hook when PDMESH_CHAOS_CORRUPT_KV is set (tests only)."""
+    if cfg.chaos_corrupt_kv <= 0:
+        return None
+    log.warning("chaos: corrupting KV writes (first write of a room with probability %g%s)"
+                " -- a test hook, never for serving", cfg.chaos_corrupt_kv,
+                ", rewrites too" if cfg.chaos_corrupt_kv_rewrites else "")
+    return CorruptKV(cfg.chaos_corrupt_kv, cfg.chaos_corrupt_kv_rewrites)
 
 
 def _target(request: pb.TransferRequest) -> TransferTarget:
