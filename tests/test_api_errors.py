@@ -216,3 +216,16 @@ def test_worker_failure_hides_worker_addresses(mesh):
     while not any(rid in line and "127.0.0.1:" in line for line in mesh.procs["gateway"].output):
         assert time.monotonic() < deadline, list(mesh.procs["gateway"].output)[-5:]
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("message,hidden", [
+    ("decode worker 10.0.0.7:41234 failed: UNAVAILABLE: gone", True),
+    ("prefill worker [fd00::7]:50061 failed", True),
+    ("decode worker gpu-node-3.internal:50061 failed", True),
+    ("no worker is registered that can serve this request (routing mode auto)", False),
+])
+def test_which_messages_are_hidden(message, hidden):
+    from pdmesh.services.gateway import errors
+    assert errors.reveals_internals(grpc.StatusCode.UNAVAILABLE, message) == hidden
+    public = errors.public(grpc.StatusCode.UNAVAILABLE, message)
+    assert (public != message) == hidden and ("req-" in public) == hidden
