@@ -153,6 +153,26 @@ def _worker_env(num_workers: int, token: str) -> dict[str, str]:
     return env
 
 
+def supervise(children: list[Child], gone: set[str]) -> bool:
+    """True when the mesh must stop: the registry or the gateway exited, or the last
+    worker of a role did. One worker's death alone does not stop it: the gateway's
+    retries and circuit breakers route around it (`gone`: the exits already reported)."""
+    for c in children:
+        if c.proc.poll() is None or c.name in gone:
+            continue
+        gone.add(c.name)
+        role = c.name.rsplit("-", 1)[0]
+        alive = [o for o in children if o.name.rsplit("-", 1)[0] == role
+                 and o.proc.poll() is None]
+        if role in ("registry", "gateway") or not alive:
+            print(f"pdmesh serve: {c.name} exited ({c.proc.returncode}); stopping the mesh",
+                  file=sys.stderr)
+            return True
+        print(f"pdmesh serve: {c.name} exited ({c.proc.returncode}); {len(alive)} {role} "
+              "worker(s) left, the mesh goes on", file=sys.stderr)
+    return False
+
+
 def launch(args: argparse.Namespace, children: list[Child], stop: threading.Event) -> None:
     """Start registry, workers, then the gateway, appending each to `children` as soon as
     it is spawned (so the caller can stop it whatever fails next)."""
@@ -251,11 +271,9 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         print("pdmesh serve: metrics — " + ", ".join(f"{c.name} {c.metrics}" for c in children
                                                      if c.metrics), flush=True)
+        gone: set[str] = set()
         while not stop.is_set():
-            dead = [c for c in children if c.proc.poll() is not None]
-            if dead:
-                print(f"pdmesh serve: {dead[0].name} exited ({dead[0].proc.returncode}); "
-                      "stopping the mesh", file=sys.stderr)
+            if supervise(children, gone):
                 return 1
             time.sleep(0.5)
         return 0
