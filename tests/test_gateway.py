@@ -59,6 +59,9 @@ def mesh(tok):
                     for role in (rpb.WORKER_ROLE_PREFILL, rpb.WORKER_ROLE_DECODE)]
     wait_health(fake, 200)
     yield fake
+    with fake.lock:  # fake decodes still waiting for a failed prefill's KV: let them go
+        for event in fake.prefilled.values():
+            event.set()
     for server, client in fake.workers:
         client.close()
         server.stop(0)
