@@ -121,6 +121,7 @@ def test_retry_policy_backoff_codes_and_config():
         delays = [p.backoff(retry, rng) for _ in range(200)]
         assert 0 <= min(delays) and max(delays) <= cap and max(delays) > cap / 2
     assert p.retryable(grpc.StatusCode.UNAVAILABLE) and p.retryable(grpc.StatusCode.INTERNAL)
+    assert p.retryable(grpc.StatusCode.DATA_LOSS)  # a KV transfer that arrived corrupted
     assert not p.retryable(grpc.StatusCode.INVALID_ARGUMENT)
     cfg = gateway_config_from_env(env={"PDMESH_GATEWAY_RETRY_MAX_ATTEMPTS": "5",
                                        "PDMESH_GATEWAY_RETRY_BACKOFF_CAP": "1.5",

@@ -31,15 +31,16 @@ CLOSED, OPEN, HALF_OPEN = 0, 1, 2  # the values of pdmesh_gateway_circuit_state
 STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half-open"}
 
 # Failures another pair may not have: the worker is gone or broke (UNAVAILABLE, UNKNOWN,
-# INTERNAL), the KV never came (DEADLINE_EXCEEDED), the room was dropped (CANCELLED,
-# ABORTED), the worker is full (RESOURCE_EXHAUSTED), the room id clashed (ALREADY_EXISTS:
-# the retry has a new one). Everything else (INVALID_ARGUMENT above all) is the request's
+# INTERNAL), the KV never came (DEADLINE_EXCEEDED) or came corrupted (DATA_LOSS: the KV
+# checksum), the room was dropped (CANCELLED, ABORTED), the worker is full
+# (RESOURCE_EXHAUSTED), the room id clashed (ALREADY_EXISTS: the retry has a new one). Everything else (INVALID_ARGUMENT above all) is the request's
 # own fault or a deployment error, the same on every worker: never retried, never held
 # against the worker.
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS})
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.DATA_LOSS})
 
 
 @dataclass(frozen=True)
