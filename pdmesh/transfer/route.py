@@ -172,8 +172,12 @@ class Router:
         written); src_page is restored before this returns."""
         page = _bytes_of(self.pool, src_page)
         saved = page.clone()
-        hi = self.pool.element_size() - 1  # the high byte of the page's first element:
-        b = int(page[hi])  # its exponent, so the value becomes absurd (as a bad write)
+        size = self.pool.element_size()
+        # pdmesh's pool is [page, layer, offset, kv, head, dim]: the first V element of
+        # layer 0, token 0 (every later token reads it), else the page's first element
+        elem = self.pool.shape[-2] * self.pool.shape[-1] if self.pool.dim() == 6 else 0
+        hi = elem * size + size - 1  # its high byte: the exponent, so the value becomes
+        b = int(page[hi])  # absurd (about 1e38, inf or NaN), as a bad write would leave
         page[hi] = (b | 0x7F) if b & 0x7F != 0x7F else b ^ 0x40
         try:
             self.write_pages(dst, [src_page], [dst_page])
