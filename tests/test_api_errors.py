@@ -172,7 +172,8 @@ def test_several_choices_are_400(mesh, path, param):
 
 
 @pytest.mark.parametrize("path,extra", [
-    (CHAT, {"response_format": {"type": "text"}, "logit_bias": {}, "tools": None}),
+    (CHAT, {"response_format": {"type": "text"}, "logit_bias": {}, "tools": [],
+            "tool_choice": "none"}),
     (COMPLETIONS, {"best_of": 1, "suffix": None, "logit_bias": None}),
 ])
 def test_their_unused_values_are_accepted(mesh, path, extra):

@@ -17,7 +17,11 @@ from pdmesh.services.gateway.dispatch import GatewayError
 
 
 def _absent(v: Any) -> bool:
-    return v is None
+    return v is None or v == [] or v == {}  # an empty list of tools asks for nothing
+
+
+def _no_tool_call(v: Any) -> bool:
+    return v is None or v == "none"
 
 
 def _text_format(v: Any) -> bool:
@@ -46,10 +50,9 @@ def _text_only(v: Any) -> bool:
 _COMMON: dict[str, Callable[[Any], bool]] = {"logit_bias": _no_bias}
 UNSUPPORTED: dict[str, dict[str, Callable[[Any], bool]]] = {
     "pdmesh.v1.ChatCompletionRequest": {
-        **_COMMON, "tools": _absent, "tool_choice": _absent, "functions": _absent,
-        "function_call": _absent, "parallel_tool_calls": _absent,
-        "response_format": _text_format, "audio": _absent, "modalities": _text_only,
-        "prediction": _absent},
+        **_COMMON, "tools": _absent, "tool_choice": _no_tool_call, "functions": _absent,
+        "function_call": _no_tool_call, "response_format": _text_format, "audio": _absent,
+        "modalities": _text_only, "prediction": _absent},
     "pdmesh.v1.CompletionRequest": {**_COMMON, "best_of": _one, "suffix": _no_suffix},
 }
 
