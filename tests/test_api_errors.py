@@ -38,11 +38,10 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 @pytest.fixture(scope="module")
 def mesh(tok):
-    env = mesh_procs.worker_env(PDMESH_GATEWAY_MAX_BODY_BYTES=str(MAX_BODY))
     reg, registry = mesh_procs.start_registry()
     gw, rest = mesh_procs.start("gateway", "--registry", registry, "--host", "127.0.0.1",
-                                "--grpc-port", "0", "--api-key", KEY,
-                                "--max-model-len", str(MAX_LEN), env=env)
+                                "--grpc-port", "0", "--api-key", KEY, "--max-model-len",
+                                str(MAX_LEN), "--max-body-bytes", str(MAX_BODY))
     fake = FakeMesh(tok.encode(REPLY, add_special_tokens=False))
     fake.registry, fake.rest, fake.procs = registry, rest, {"gateway": gw, "registry": reg}
     fake.grpc = next(m.group(1) for line in gw.output
@@ -233,3 +232,15 @@ def test_which_messages_are_hidden(message, hidden):
     assert errors.reveals_internals(grpc.StatusCode.UNAVAILABLE, message) == hidden
     public = errors.public(grpc.StatusCode.UNAVAILABLE, message)
     assert (public != message) == hidden and ("req-" in public) == hidden
+
+
+def test_limits_come_from_env_and_are_checked():
+    from pdmesh.config import GatewayConfig, gateway_config_from_env
+    env = {"PDMESH_GATEWAY_MAX_STOP_STRINGS": "4", "PDMESH_GATEWAY_MAX_STOP_CHARS": "8",
+           "PDMESH_GATEWAY_MAX_TOP_LOGPROBS": "5", "PDMESH_GATEWAY_MAX_BODY_BYTES": "1024"}
+    c = gateway_config_from_env(GatewayConfig(), env)
+    assert (c.max_stop_strings, c.max_stop_chars, c.max_top_logprobs, c.max_body_bytes) == \
+        (4, 8, 5, 1024)
+    for bad in ({"max_top_logprobs": 21}, {"max_body_bytes": 0}, {"max_stop_strings": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GatewayConfig(**bad)

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=None,
                    help="gateway processes sharing the ports (default 1; env "
                         "PDMESH_GATEWAY_PROCESSES): one process streams from one core")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="REST request bodies beyond this get 413 (default 32 MiB; env "
+                        "PDMESH_GATEWAY_MAX_BODY_BYTES; other limits: PDMESH_GATEWAY_MAX_*)")
     add_admission_arguments(p)
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     auth_flags.add_arguments(p)
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
              "decode_policy": args.decode_policy, "mode": args.mode, "api_key": args.api_key,
              "processes": args.processes, "max_inflight": args.max_inflight,
              "max_queued": args.max_queued, "queue_timeout_s": args.queue_timeout,
-             "retry_after_s": args.retry_after}
+             "retry_after_s": args.retry_after, "max_body_bytes": args.max_body_bytes}
     return config.replace(model=args.model, served_model_name=args.served_model_name,
                           host=args.host, port=args.port, grpc_port=args.grpc_port,
                           max_model_len=args.max_model_len, reuse_port=args.reuse_port,
