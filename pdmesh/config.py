@@ -451,8 +451,9 @@ class WorkerConfig:
     # event-loop thread, which may keep it for a whole switch interval (Python's default
     # 5 ms, longer than a GPU decode step); a short interval hands it back sooner.
     gil_switch_interval_s: float = 0.0005
-    # KV integrity: the prefill verifies each room's destination pages after the write
-    # (one rewrite on a mismatch), the decode its pages before adopt. on | off
+    # KV integrity: "on": the prefill verifies each room's destination pages after the
+    # write (one rewrite on a mismatch) and the decode its pages before adopt; "decode":
+    # the decode's check only (a mismatch fails the request); "off"
     kv_checksum: str = "on"
     # Chaos hook, tests only (services/common/kv.py CorruptKV): a prefill corrupts a
     # room's first write with this probability; `_rewrites` corrupts the rewrite too
@@ -460,8 +461,9 @@ class WorkerConfig:
     chaos_corrupt_kv_rewrites: bool = False
 
     def __post_init__(self) -> None:
-        if self.kv_checksum not in ("on", "off"):
-            raise ValueError(f"kv_checksum must be on or off, got {self.kv_checksum!r}")
+        if self.kv_checksum not in ("on", "decode", "off"):
+            raise ValueError(f"kv_checksum must be on, decode or off, got "
+                             f"{self.kv_checksum!r}")
         if not 0 <= self.chaos_corrupt_kv <= 1:
             raise ValueError(f"chaos_corrupt_kv must be a probability in [0, 1], got "
                              f"{self.chaos_corrupt_kv}")

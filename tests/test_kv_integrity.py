@@ -50,7 +50,8 @@ def integrity(lines) -> dict[str, float]:
 
 
 def test_corrupted_first_writes_are_rewritten(monkeypatch, expected):
-    proc, client, lines = serve(monkeypatch, PDMESH_CHAOS_CORRUPT_KV="1.0")
+    proc, client, lines = serve(monkeypatch, PDMESH_CHAOS_CORRUPT_KV="1.0",
+                                PDMESH_KV_CHECKSUM="on")
     try:
         for _ in range(3):
             assert chat_when_routable(client, **KW).choices[0].message.content == expected
@@ -76,7 +77,7 @@ def failed_request(client) -> str:
 
 def test_corruption_that_persists_fails_the_request(monkeypatch):
     proc, client, lines = serve(monkeypatch, PDMESH_CHAOS_CORRUPT_KV="1.0",
-                                PDMESH_CHAOS_CORRUPT_KV_REWRITES="1")
+                                PDMESH_KV_CHECKSUM="on", PDMESH_CHAOS_CORRUPT_KV_REWRITES="1")
     try:
         failed_request(client)  # the client sees a generic 503 (the gateway logs why)
         counts = integrity(lines)

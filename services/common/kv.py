@@ -5,9 +5,9 @@ so the event loop never blocks while bytes move. Writes are one-sided and never 
 on a peer, so the pool only orders them: a queued write is a wait the operator sees
 (`pdmesh_prefill_kv_writes_queued` and a log line), never a deadlock.
 
-KV integrity (`--kv-checksum`, on by default): the writer digests a room's source pages
-and its destination pages read back through the route, the receiver its own pages
-before adopt (pdmesh.transfer.checksum), all on threads. `CorruptKV` is a chaos hook for
+KV integrity (`--kv-checksum`): the writer digests a room's source pages (`on`: also its
+destination pages read back through the route, for a rewrite on a mismatch), the
+receiver its own pages before adopt (`on`, `decode`), all on threads. `CorruptKV` is a chaos hook for
 tests (PDMESH_CHAOS_CORRUPT_KV), off unless set at start.
 """
 from __future__ import annotations
@@ -53,12 +53,14 @@ class CorruptKV:
 class TransportWriter:
     """KVWriter (pdmesh.disagg.ports) over a Router (pdmesh.transfer.route): each decode
     pool is reached by the path chosen when the pair bound; counts into WorkerMetrics.
-    `checksum`: digest rooms for the integrity check; `chaos`: a CorruptKV or None."""
+    `checksum`: "on" (digest the source, read the destination back), "decode" (digest
+    the source only: the decode verifies) or "off"; `chaos`: a CorruptKV or None."""
 
     def __init__(self, router: Any, metrics: Any, threads: int = WRITER_THREADS,
-                 checksum: bool = True, chaos: CorruptKV | None = None) -> None:
+                 checksum: str = "on", chaos: CorruptKV | None = None) -> None:
         self.router, self.metrics, self.threads = router, metrics, threads
-        self.checks, self.chaos = checksum and router is not None, chaos
+        self.checks, self.chaos = checksum != "off" and router is not None, chaos
+        self.read_back = self.checks and checksum == "on"
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-write")
         self.in_flight = 0  # writes submitted and not finished (running + queued)
         self._unreadable: set[str] = set()  # paths already logged as not reading back
@@ -121,8 +123,8 @@ class TransportWriter:
     async def read_checksum(self, target: TransferTarget, algo: str | None
                             ) -> KVChecksum | None:
         """The checksum of target's pages read back through the pair's route (on a
-        thread); None when off or when that route cannot read pages back."""
-        if not self.checks:
+        thread); None when read-back is off or that route cannot read pages back."""
+        if not self.read_back:
             return None
         algo = algo or algo_for(self.router.pool)
         dst = Destination(target.session_id, target.kv_base, target.host_id,

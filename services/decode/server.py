@@ -40,7 +40,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.peers = GrpcPrefillPeers() if pd else None
         # the pool is read (off the event loop) for the KV checksum before adopt
         kv = TransportReceiver(host.transport, host._engine.runner.kv,
-                               checksum=host.config.kv_checksum == "on") if pd else None
+                               checksum=host.config.kv_checksum != "off") if pd else None
         self.proto = DecodeProtocol(
             host.engine, self.peers, kv, self._target, host.config.waiting_timeout,
             liveness=host, modes=(Mode.ADOPTED, Mode.GENERATE),

@@ -38,7 +38,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.host = host
         cfg = host.config
         self.writer = TransportWriter(host.router() if host.transport else None, host.metrics,
-                                      checksum=cfg.kv_checksum == "on", chaos=_chaos(cfg))
+                                      checksum=cfg.kv_checksum, chaos=_chaos(cfg))
         self.proto = PrefillProtocol(host.engine, self.writer, cfg.bootstrap_timeout,
                                      self._check_target, mode=Mode.PREFILL_ONLY,
                                      on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc,

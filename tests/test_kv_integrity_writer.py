@@ -1,0 +1,90 @@
+"""The workers' integrity plumbing without processes: TransportWriter's checksum modes
+over a Router into a real shared-memory pool, the chaos hook, the config."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pdmesh.config import WorkerConfig, worker_config_from_env
+from pdmesh.disagg.ports import TransferTarget
+from pdmesh.services.common.kv import CorruptKV, TransportReceiver, TransportWriter
+from pdmesh.transfer import shm
+from pdmesh.transfer.route import Router
+
+SHAPE = (8, 2, 4, 2, 1, 8)  # [page, layer, offset, kv, head, dim], like pdmesh's pool
+
+
+def pools():
+    src = torch.randn(SHAPE).to(torch.bfloat16)
+    dst = shm.alloc_pool(SHAPE, torch.bfloat16)
+    router = Router(None, 0, src, src[0].numel() * 2, path="shm", my_host="h")
+    tgt = TransferTarget("d:1", 0, (5, 2), None, room=9, host_id="h",
+                         local_endpoints=(shm.export_pool(dst),))
+    return src, dst, router, tgt
+
+
+def metrics():
+    counter = SimpleNamespace(labels=lambda *a: counter, inc=lambda *a: None,
+                              observe=lambda *a: None)
+    return SimpleNamespace(transfer_bytes=counter, transfer_pages=counter,
+                           transfer_seconds=counter, transfer_failures=counter)
+
+
+@pytest.mark.parametrize("mode", ["on", "decode", "off"])
+def test_modes(mode):
+    async def main():
+        src, dst, router, tgt = pools()
+        writer = TransportWriter(router, metrics(), threads=1, checksum=mode)
+        await writer.write([1, 3], tgt)
+        want = await writer.checksum([1, 3])
+        got = await writer.read_checksum(tgt, None)
+        mine = await TransportReceiver(None, dst, checksum=mode != "off").checksum(
+            [5, 2], want.algo if want else "crc32")
+        writer.close()
+        return want, got, mine
+    want, got, mine = asyncio.run(main())
+    if mode == "off":
+        assert want is got is mine is None
+    else:
+        assert want == mine and want.algo == "crc32"  # relocated pages, equal checksums
+        assert got == (want if mode == "on" else None)  # read back only when "on"
+
+
+def test_chaos_corrupts_through_the_route_and_restores_the_source():
+    async def main():
+        src, dst, router, tgt = pools()
+        before = src.clone()
+        writer = TransportWriter(router, metrics(), threads=1, chaos=CorruptKV(1.0))
+        await writer.write([1, 3], tgt)
+        want, got = await writer.checksum([1, 3]), await writer.read_checksum(tgt, None)
+        changed = (dst[5].view(torch.uint8) != src[1].view(torch.uint8)).sum().item()
+        await writer.write([1, 3], tgt)  # the room's rewrite: clean
+        again = await writer.read_checksum(tgt, None)
+        writer.close()
+        return torch.equal(before.view(torch.uint8), src.view(torch.uint8)), want, got, \
+            changed, again
+    restored, want, got, changed, again = asyncio.run(main())
+    assert restored and changed == 1 and got != want and again == want
+
+
+def test_corrupt_kv_first_write_only_unless_rewrites():
+    once, always = CorruptKV(1.0), CorruptKV(1.0, rewrites=True)
+    assert [once.hit(1), once.hit(1), once.hit(2)] == [True, False, True]
+    assert [always.hit(1), always.hit(1)] == [True, True]
+    assert not any(CorruptKV(0.0).hit(r) for r in range(50))
+
+
+def test_config():
+    assert WorkerConfig().kv_checksum == "on" and WorkerConfig().chaos_corrupt_kv == 0
+    cfg = worker_config_from_env(env={"PDMESH_KV_CHECKSUM": "decode",
+                                      "PDMESH_CHAOS_CORRUPT_KV": "0.5",
+                                      "PDMESH_CHAOS_CORRUPT_KV_REWRITES": "1"})
+    assert (cfg.kv_checksum, cfg.chaos_corrupt_kv, cfg.chaos_corrupt_kv_rewrites) == (
+        "decode", 0.5, True)
+    with pytest.raises(ValueError, match="kv_checksum"):
+        WorkerConfig(kv_checksum="maybe")
+    with pytest.raises(ValueError, match="probability"):
+        WorkerConfig(chaos_corrupt_kv=2.0)
