@@ -6,9 +6,9 @@ up at once, measured alternately (on, off, on, off, ...) so drift hits both alik
 Each round and mode: `pdmesh bench` chat, concurrency 1, 8 output tokens, prompts of
 256 and of 2048 tokens. Prints per-round mean TTFT and a markdown table of the mean
 over rounds. First, in process, the work the checksum adds to one room's TTFT, timed
-alone (best of 5): the default model's pool (SmolLM2-135M, this machine's dtype),
-source digest + destination read back over shm and digested (concurrently, as the
-prefill does), then the decode's digest of its pool.
+alone (best of 7): the default model's pool (SmolLM2-135M, this machine's dtype),
+source digest and destination digested in place over shm (concurrently, as the prefill
+does), then the decode's digest of its pool.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def bench(base: str, input_len: int, number: int) -> float:
 
 
 def component_ms(tokens: int) -> dict[str, float]:
-    """Milliseconds of each integrity step for one room of `tokens` prompt tokens."""
+    """Milliseconds of each integrity step for one room of `tokens` prompt tokens, as
+    the workers run them: through a Router bound to a shared-memory pool."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -62,35 +63,37 @@ def component_ms(tokens: int) -> dict[str, float]:
     from pdmesh.runtime.model_runner import resolve_dtype
     from pdmesh.transfer import shm
     from pdmesh.transfer.checksum import pages_checksum
+    from pdmesh.transfer.route import Destination, Router
 
     pages = list(range(0, 2 * (tokens // 16), 2))  # scattered, as an allocator gives them
     shape, dtype = (2 * len(pages) + 2, 30, 16, 2, 3, 64), resolve_dtype("auto", "cpu")
     src = torch.randn(shape).to(dtype)
     dst = shm.alloc_pool(shape, dtype)
-    peer = shm.open_peer(shm.export_pool(dst), src)
     bpp = src[0].numel() * src.element_size()
-    peer.write_pages(pages, pages, bpp)
+    router = Router(None, 0, src, bpp, path="shm", my_host="h")
+    d = Destination("d:1", 0, "h", (shm.export_pool(dst),))
+    router.write_pages(d, pages, pages)
     pool = ThreadPoolExecutor(2)
 
-    def prefill_check():
+    def on_check():  # the prefill's check: source and read-back digested at once
         a = pool.submit(pages_checksum, src, pages, "crc32")
-        b = pool.submit(lambda: pages_checksum(peer.read_pages(pages, bpp),
-                                               range(len(pages)), "crc32"))
+        b = pool.submit(router.checksum_pages, d, pages, "crc32")
         assert a.result() == b.result()
 
     def best(fn) -> float:
         times = []
-        for _ in range(5):
+        for _ in range(7):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
         return min(times) * 1e3
 
     out = {"MB": len(pages) * bpp / 1e6, "dtype": str(dtype).replace("torch.", ""),
-           "write": best(lambda: peer.write_pages(pages, pages, bpp)),
-           "prefill check": best(prefill_check),
+           "write": best(lambda: router.write_pages(d, pages, pages)),
+           "source": best(lambda: pages_checksum(src, pages, "crc32")),
+           "prefill check": best(on_check),
            "decode check": best(lambda: pages_checksum(dst, pages, "crc32"))}
-    peer.close()
+    router.close()
     return out
 
 
@@ -106,8 +109,9 @@ def main() -> None:
     for n in args.input_len:
         c = component_ms(n)
         print(f"in process, {n} tokens ({c['MB']:.1f} MB, {c['dtype']}): shm write "
-              f"{c['write']:.1f} ms; added: prefill check {c['prefill check']:.1f} ms, "
-              f"decode check {c['decode check']:.1f} ms", flush=True)
+              f"{c['write']:.1f} ms; added by `on`: prefill check {c['prefill check']:.1f}"
+              f" + decode check {c['decode check']:.1f} ms; by `decode`: source digest "
+              f"{c['source']:.1f} + decode check {c['decode check']:.1f} ms", flush=True)
     serves = {m: start_serve(m) for m in MODES}
     ttft: dict[tuple[str, int], list[float]] = {}
     try:

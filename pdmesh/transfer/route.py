@@ -87,6 +87,11 @@ class Route:
         """The destination's pages as a uint8 tensor [n, bytes_per_page] (probe only)."""
         raise NotImplementedError
 
+    def checksum_pages(self, dst_pages: Sequence[int], algo: str) -> int:
+        """pdmesh.transfer.checksum of the destination's pages as they are now."""
+        from pdmesh.transfer.checksum import pages_checksum
+        return pages_checksum(self.read_pages(dst_pages), range(len(dst_pages)), algo)
+
     def close(self) -> None:
         pass
 
@@ -121,6 +126,19 @@ class LocalRoute(Route):
 
     def read_pages(self, dst_pages: Sequence[int]) -> Any:
         return self.peer.read_pages(list(dst_pages), self.bpp)
+
+    def checksum_pages(self, dst_pages: Sequence[int], algo: str) -> int:
+        """shm: digests the peer's pool where it is mapped, without the copy read_pages
+        makes (a third of a room's check time at 2k tokens on the dev machine)."""
+        live = getattr(self.peer, "_live", None)  # ShmPeer: the peer's pool, uint8, mapped
+        if self.name != "shm" or live is None:
+            return super().checksum_pages(dst_pages, algo)
+        from pdmesh.transfer.checksum import pages_checksum
+        remote = live()
+        n = remote.numel() // self.bpp
+        if any(not 0 <= p < n for p in dst_pages):
+            raise ValueError(f"destination page out of range 0..{n - 1}: {list(dst_pages)}")
+        return pages_checksum(remote[:n * self.bpp].view(n, self.bpp), dst_pages, algo)
 
     def close(self) -> None:
         self.peer.close()
@@ -163,6 +181,15 @@ class Router:
         r = self._acquire(dst, dst_pages)
         try:
             return r.read_pages(list(dst_pages))
+        finally:
+            self._release(r)
+
+    def checksum_pages(self, dst: Destination, dst_pages: Sequence[int], algo: str) -> int:
+        """pdmesh.transfer.checksum (by `algo`) of dst's dst_pages as they are now, read
+        by the pair's route; blocks. NotImplementedError when that route cannot read."""
+        r = self._acquire(dst, dst_pages)
+        try:
+            return r.checksum_pages(list(dst_pages), algo)
         finally:
             self._release(r)
 

@@ -130,7 +130,8 @@ class TransportWriter:
         dst = Destination(target.session_id, target.kv_base, target.host_id,
                           tuple(target.local_endpoints))
         try:
-            value = await asyncio.to_thread(self._read_checksum, dst, target.page_ids, algo)
+            value = await asyncio.to_thread(self.router.checksum_pages, dst,
+                                            list(target.page_ids), algo)
         except NotImplementedError as e:
             path = self.router.route_name(dst) or "unbound"
             if path not in self._unreadable:
@@ -139,10 +140,6 @@ class TransportWriter:
                          "verifies the checksum", path, e)
             return None
         return KVChecksum(algo, value)
-
-    def _read_checksum(self, dst: Destination, pages: Sequence[int], algo: str) -> int:
-        data = self.router.read_pages(dst, list(pages))
-        return pages_checksum(data, range(len(pages)), algo)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
