@@ -453,8 +453,10 @@ class WorkerConfig:
     gil_switch_interval_s: float = 0.0005
     # KV integrity: "on": the prefill verifies each room's destination pages after the
     # write (one rewrite on a mismatch) and the decode its pages before adopt; "decode":
-    # the decode's check only (a mismatch fails the request); "off"
-    kv_checksum: str = "on"
+    # the decode's check only (a mismatch fails the request); "off". Default "decode":
+    # "on" cost 3.7% of TTFT at 256 prompt tokens on CPU, "decode" 2.2%
+    # (benchmarks/results/2026-11-29-kv-checksum-cpu.md)
+    kv_checksum: str = "decode"
     # Chaos hook, tests only (services/common/kv.py CorruptKV): a prefill corrupts a
     # room's first write with this probability; `_rewrites` corrupts the rewrite too
     chaos_corrupt_kv: float = 0.0

@@ -78,7 +78,7 @@ def test_corrupt_kv_first_write_only_unless_rewrites():
 
 
 def test_config():
-    assert WorkerConfig().kv_checksum == "on" and WorkerConfig().chaos_corrupt_kv == 0
+    assert WorkerConfig().kv_checksum == "decode" and WorkerConfig().chaos_corrupt_kv == 0
     cfg = worker_config_from_env(env={"PDMESH_KV_CHECKSUM": "decode",
                                       "PDMESH_CHAOS_CORRUPT_KV": "0.5",
                                       "PDMESH_CHAOS_CORRUPT_KV_REWRITES": "1"})

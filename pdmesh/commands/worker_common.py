@@ -48,11 +48,12 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                         "(shared memory, host pools), ipc (CUDA IPC, GPU pools) or mooncake "
                         "(the transfer engine only); env PDMESH_KV_PATH")
     p.add_argument("--kv-checksum", choices=("on", "decode", "off"), default=None,
-                   help="KV integrity (default on; env PDMESH_KV_CHECKSUM): on = the prefill "
-                        "reads each room's pages back from the decode after the write and "
-                        "rewrites once on a mismatch, and the decode verifies them before "
-                        "use; decode = only the decode's check (cheaper; a mismatch fails "
-                        "the request); a room that stays corrupted fails with DATA_LOSS")
+                   help="KV integrity (default decode; env PDMESH_KV_CHECKSUM): on = the "
+                        "prefill reads each room's pages back from the decode after the "
+                        "write and rewrites once on a mismatch, and the decode verifies "
+                        "them before use; decode = only the decode's check (cheaper; a "
+                        "mismatch fails the request); a room that stays corrupted fails "
+                        "with DATA_LOSS")
     p.add_argument("--transfer-device", default=None,
                    help="RDMA devices, comma-separated, e.g. mlx5_0,mlx5_1 (default: auto; "
                         "env PDMESH_TRANSFER_DEVICE)")
