@@ -18,9 +18,10 @@ Invariants:
   True always means no write into the decode's pages is in flight;
 - a room's engine request is aborted (FAILED) or released (DONE) exactly once;
 - an ended room id is tombstoned, so a late Prefill or Transfer for it fails at once;
-- KV integrity (when the writer has checksums on): a room is DONE only once its
-  destination pages, read back, match the checksum of its source pages; a mismatch is
-  rewritten once, a second one fails the room (DATA_LOSS) and frees its pages.
+- KV integrity (when the writer reads back: --kv-checksum on): a room is DONE only
+  once its destination pages, read back, match the checksum of its source pages; a
+  mismatch is rewritten once, a second one fails the room (DATA_LOSS) and frees its
+  pages. The source checksum goes to the decode in the reply unless checksums are off.
 Everything runs on one event loop: no locks.
 """
 from __future__ import annotations
