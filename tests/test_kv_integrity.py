@@ -1,8 +1,10 @@
 """KV integrity end to end: `pdmesh serve` 1P1D with the chaos hook corrupting KV writes
 (PDMESH_CHAOS_CORRUPT_KV). With checksums on, a corrupted first write is caught by the
 prefill's read-back and rewritten: greedy output equals the runtime alone, the retry
-counter moves. Corrupting the rewrite too fails the request (DATA_LOSS), counted. With
-checksums off the same corruption changes the output: the injection is real."""
+counter moves. With the default (decode's check only) the corrupted request fails
+(DATA_LOSS), counted; a rewrite that stays corrupted is unit-tested
+(tests/test_disagg_integrity.py). With checksums off the same corruption changes the
+output: the injection is real."""
 from __future__ import annotations
 
 import signal
@@ -75,17 +77,18 @@ def failed_request(client) -> str:
     raise AssertionError("no request failed")
 
 
-def test_corruption_that_persists_fails_the_request(monkeypatch):
-    proc, client, lines = serve(monkeypatch, PDMESH_CHAOS_CORRUPT_KV="1.0",
-                                PDMESH_KV_CHECKSUM="on", PDMESH_CHAOS_CORRUPT_KV_REWRITES="1")
+def test_default_decode_check_fails_corrupted_requests(monkeypatch):
+    """The default (--kv-checksum decode): no read-back on the prefill, so the decode
+    finds the mismatch before adopting; the request fails (the gateway's retry, a new
+    room, is corrupted too), counted on the decode, never decoded from."""
+    proc, client, lines = serve(monkeypatch, PDMESH_CHAOS_CORRUPT_KV="1.0")
     try:
         failed_request(client)  # the client sees a generic 503 (the gateway logs why)
         counts = integrity(lines)
-        assert counts["prefill"] >= 1 and counts["retries"] == counts["prefill"], counts
-        assert counts["decode"] == 0  # never adopted: the prefill failed the room first
+        assert counts["decode"] >= 1 and counts["retries"] == counts["prefill"] == 0, counts
     finally:
         stop(proc, lines)
-    assert any("DATA_LOSS" in line and "after a rewrite" in line for line in lines), \
+    assert any("DATA_LOSS" in line and "not adopted" in line for line in lines), \
         "".join(lines[-30:])
 
 
