@@ -142,3 +142,14 @@ def start_worker(mesh: FakeMesh, role: int, registry: str, max_workers: int = 32
     client.start()
     server.fake = fake
     return server, client
+
+
+def stop_workers(mesh: FakeMesh) -> None:
+    """Teardown: let fake decodes still waiting for a failed prefill's KV go (else the
+    interpreter waits for their threads at exit), then stop every fake worker."""
+    with mesh.lock:
+        for event in mesh.prefilled.values():
+            event.set()
+    for server, client in mesh.workers:
+        client.close()
+        server.stop(0)

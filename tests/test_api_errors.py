@@ -23,7 +23,7 @@ import httpx2 as httpx
 import pytest
 
 import mesh_procs
-from gateway_fakes import PREFILL_FAILS, FakeMesh, start_worker
+from gateway_fakes import PREFILL_FAILS, FakeMesh, start_worker, stop_workers
 from test_gateway import HELLO, KEY, MAX_LEN, REPLY, tok  # noqa: F401 (fixture)
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import gateway_pb2 as gpb
@@ -53,12 +53,7 @@ def mesh(tok):
         assert time.monotonic() < deadline, "/health never answered 200"
         time.sleep(0.05)
     yield fake
-    with fake.lock:  # fake decodes still waiting for a failed prefill's KV: let them go
-        for event in fake.prefilled.values():
-            event.set()
-    for server, client in fake.workers:
-        client.close()
-        server.stop(0)
+    stop_workers(fake)
     for p in (gw, reg):
         assert mesh_procs.terminate(p) == 0
 

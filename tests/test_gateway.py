@@ -18,7 +18,7 @@ import httpx2 as httpx  # the HTTP client the openai package itself uses
 import openai
 import pytest
 
-from gateway_fakes import PREFILL_FAILS, SLOW, FakeMesh, start_worker
+from gateway_fakes import PREFILL_FAILS, SLOW, FakeMesh, start_worker, stop_workers
 from pdmesh.client import AsyncClient, Client
 from pdmesh.runtime.loader import resolve_model_path
 from pdmesh.runtime.tokenizer import Tokenizer
@@ -59,12 +59,7 @@ def mesh(tok):
                     for role in (rpb.WORKER_ROLE_PREFILL, rpb.WORKER_ROLE_DECODE)]
     wait_health(fake, 200)
     yield fake
-    with fake.lock:  # fake decodes still waiting for a failed prefill's KV: let them go
-        for event in fake.prefilled.values():
-            event.set()
-    for server, client in fake.workers:
-        client.close()
-        server.stop(0)
+    stop_workers(fake)
     for p in (gw, reg):
         p.terminate()
         assert p.wait(10) == 0
