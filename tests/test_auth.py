@@ -9,6 +9,8 @@ import asyncio
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -168,6 +170,27 @@ def test_registry_process_token_file_or_open(tmp_path):
     finally:
         for p in (closed, opened):
             terminate(p)
+
+
+def test_worker_with_a_wrong_token_exits_with_one_line(tmp_path):
+    """A worker the registry refuses says so in one line and exits 1, no traceback."""
+    (tmp_path / "token").write_text("right-token\n")
+    env = worker_env()
+    env.pop("PDMESH_CLUSTER_TOKEN", None)
+    reg, addr = start("registry", "--host", "127.0.0.1", "--cluster-token-file",
+                      str(tmp_path / "token"), env=env)
+    try:
+        env["PDMESH_CLUSTER_TOKEN"] = "wrong-token"
+        run = subprocess.run([sys.executable, "-m", "pdmesh.cli", "decode", "--registry", addr,
+                              "--port", "0", "--kv-cache-bytes", "20000000"], env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        err = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "refused this decode worker: UNAUTHENTICATED" in err[0]
+        assert "wrong-token" not in run.stdout + run.stderr
+    finally:
+        terminate(reg)
 
 
 # ---- a real mesh -----------------------------------------------------------------------

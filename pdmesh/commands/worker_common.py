@@ -123,6 +123,8 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
 
 async def _serve(host, telemetry, create_server) -> int:
     """The worker's life on its event loop: serve, register, wait for a signal, drain."""
+    import grpc
+
     from pdmesh.grpc_util import stop_aio_gracefully
     from pdmesh.services.common.observe import WorkerObservability
 
@@ -139,7 +141,16 @@ async def _serve(host, telemetry, create_server) -> int:
     metrics = "" if obs.metrics_port is None else \
         f", metrics http://{worker.advertise_host}:{obs.metrics_port}/metrics"
     address = f"{worker.advertise_host}:{port}"
-    await host.start_registry(address, servicer.load, servicer.peer_gone)
+    try:
+        await host.start_registry(address, servicer.load, servicer.peer_gone)
+    except grpc.RpcError as e:  # refused (wrong cluster token, layout...): one line, no traceback
+        print(f"error: the registry at {worker.registry} refused this {worker.role} worker: "
+              f"{e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+        await server.stop(0)
+        obs.stop()
+        await servicer.close()
+        await host.close(deregister=False)
+        return 1
     print(f"{worker.role} listening on {worker.host}:{port} (registered as "
           f"{host.registry.worker_id} at {address}, model {worker.model_id}{metrics})", flush=True)
     print(f"{worker.role} ready {host.startup.line()}", flush=True)
