@@ -17,13 +17,14 @@ transfer engine, with a log line, where it does not open).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from pdmesh.transfer.base import TransferStats
 
@@ -79,6 +80,8 @@ class Route:
     """One path into one destination pool. `write_pages` blocks until the bytes are there."""
 
     name = "?"
+    users = 0  # calls using this route now (Router._using)
+    retired = False  # forgotten while in use: the last user closes it
 
     def write_pages(self, src_pages: Sequence[int], dst_pages: Sequence[int]) -> TransferStats:
         raise NotImplementedError
@@ -128,17 +131,10 @@ class LocalRoute(Route):
         return self.peer.read_pages(list(dst_pages), self.bpp)
 
     def checksum_pages(self, dst_pages: Sequence[int], algo: str) -> int:
-        """shm: digests the peer's pool where it is mapped, without the copy read_pages
-        makes (a third of a room's check time at 2k tokens on the dev machine)."""
-        live = getattr(self.peer, "_live", None)  # ShmPeer: the peer's pool, uint8, mapped
-        if self.name != "shm" or live is None:
-            return super().checksum_pages(dst_pages, algo)
-        from pdmesh.transfer.checksum import pages_checksum
-        remote = live()
-        n = remote.numel() // self.bpp
-        if any(not 0 <= p < n for p in dst_pages):
-            raise ValueError(f"destination page out of range 0..{n - 1}: {list(dst_pages)}")
-        return pages_checksum(remote[:n * self.bpp].view(n, self.bpp), dst_pages, algo)
+        """A peer that can digest its pages in place (shm) does; else read, then digest."""
+        if hasattr(self.peer, "checksum_pages"):
+            return self.peer.checksum_pages(list(dst_pages), self.bpp, algo)
+        return super().checksum_pages(dst_pages, algo)
 
     def close(self) -> None:
         self.peer.close()
@@ -159,39 +155,28 @@ class Router:
         self.bpp, self.path = bytes_per_page, path
         self.host = my_host if my_host is not None else host_id()
         self._routes: dict[tuple[str, int], Route] = {}
-        self._users: dict[int, int] = {}  # id(route) -> writes using it now
-        self._retired: set[int] = set()  # forgotten routes still in use: closed by the last
         self._lock = threading.Lock()
 
     def write_pages(self, dst: Destination, src_pages: Sequence[int],
                     dst_pages: Sequence[int]) -> TransferStats:
         """Write local src_pages[i] over dst's dst_pages[i] by the pair's route (bound on
         first use, probing with the first dst_pages, which the room holds); blocks."""
-        r = self._acquire(dst, dst_pages)
-        try:
+        with self._using(dst, dst_pages) as r:
             stats = r.write_pages(src_pages, dst_pages)
-        finally:
-            self._release(r)
         return TransferStats(stats.bytes, stats.descriptors, stats.seconds, r.name)
 
     def read_pages(self, dst: Destination, dst_pages: Sequence[int]) -> Any:
         """dst's dst_pages as they are now, a uint8 tensor [n, bytes_per_page], read by
         the pair's route (a read never disturbs the peer); blocks. Raises
         NotImplementedError when that route cannot read (e.g. a staged transport)."""
-        r = self._acquire(dst, dst_pages)
-        try:
+        with self._using(dst, dst_pages) as r:
             return r.read_pages(list(dst_pages))
-        finally:
-            self._release(r)
 
     def checksum_pages(self, dst: Destination, dst_pages: Sequence[int], algo: str) -> int:
         """pdmesh.transfer.checksum (by `algo`) of dst's dst_pages as they are now, read
         by the pair's route; blocks. NotImplementedError when that route cannot read."""
-        r = self._acquire(dst, dst_pages)
-        try:
+        with self._using(dst, dst_pages) as r:
             return r.checksum_pages(list(dst_pages), algo)
-        finally:
-            self._release(r)
 
     def corrupt_page(self, dst: Destination, src_page: int, dst_page: int) -> None:
         """Chaos hook (tests only): leave dst_page a copy of local src_page with one byte
@@ -229,31 +214,30 @@ class Router:
         for r in routes:
             self._retire(r)
 
-    def _acquire(self, dst: Destination, dst_pages: Sequence[int]) -> Route:
-        key = (dst.session_id, dst.kv_base)
+    @contextlib.contextmanager
+    def _using(self, dst: Destination, dst_pages: Sequence[int]) -> Iterator[Route]:
+        """The pair's route (bound now if new, probing with the first dst_pages), kept
+        open until the block ends."""
         with self._lock:
-            r = self._routes.get(key)
+            r = self._routes.get((dst.session_id, dst.kv_base))
             if r is None:
-                r = self._routes[key] = self._bind(dst, list(dst_pages)[:PROBE_PAGES])
-            self._users[id(r)] = self._users.get(id(r), 0) + 1
-        return r
-
-    def _release(self, r: Route) -> None:
-        with self._lock:
-            n = self._users[id(r)] = self._users[id(r)] - 1
-            last = n == 0 and id(r) in self._retired
-            if n == 0:
-                del self._users[id(r)]
-                self._retired.discard(id(r))
-        if last:
-            r.close()
+                r = self._routes[(dst.session_id, dst.kv_base)] = \
+                    self._bind(dst, list(dst_pages)[:PROBE_PAGES])
+            r.users += 1
+        try:
+            yield r
+        finally:
+            with self._lock:
+                r.users -= 1
+                last = r.users == 0 and r.retired
+            if last:
+                r.close()
 
     def _retire(self, r: Route) -> None:
         with self._lock:
-            busy = self._users.get(id(r), 0) > 0
-            if busy:
-                self._retired.add(id(r))
-        if not busy:
+            r.retired = True
+            idle = r.users == 0
+        if idle:
             r.close()
 
     # -- binding -------------------------------------------------------------------------

@@ -158,6 +158,18 @@ class ShmPeer:
             flat[r * b:(r + n) * b].copy_(remote[s * b:(s + n) * b])
         return out
 
+    def checksum_pages(self, peer_pages: Sequence[int], bytes_per_page: int, algo: str) -> int:
+        """pdmesh.transfer.checksum of the peer's pages, digested where they are mapped
+        (no copy: a third of a room's check time at 2k tokens on the dev machine)."""
+        from pdmesh.transfer.checksum import pages_checksum
+
+        remote = self._live()
+        validate_pages(peer_pages, list(range(len(peer_pages))))  # ids >= 0, repeats allowed
+        _check_bounds(peer_pages, bytes_per_page, remote, "peer_pages")
+        n = remote.numel() // bytes_per_page
+        return pages_checksum(remote[:n * bytes_per_page].view(n, bytes_per_page),
+                              peer_pages, algo)
+
     def close(self) -> None:
         """Unmap the peer's pool (once no call in flight still uses it). Idempotent."""
         self._remote = None
