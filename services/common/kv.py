@@ -73,8 +73,7 @@ class TransportWriter:
         """Write src_pages into target's pages; TransferStats; raises on failure."""
         if self.router is None:
             raise RuntimeError("this worker has no KV transport")
-        dst = Destination(target.session_id, target.kv_base, target.host_id,
-                          tuple(target.local_endpoints))
+        dst = _destination(target)
         attrs = {"pdmesh.room": str(target.room), "pdmesh.kv.pages": len(src_pages),
                  "pdmesh.kv.destination": target.session_id}
         with tracing.span("kv.transfer", **attrs) as sp:
@@ -127,8 +126,7 @@ class TransportWriter:
         if not self.read_back:
             return None
         algo = algo or algo_for(self.router.pool)
-        dst = Destination(target.session_id, target.kv_base, target.host_id,
-                          tuple(target.local_endpoints))
+        dst = _destination(target)
         try:
             value = await asyncio.to_thread(self.router.checksum_pages, dst,
                                             list(target.page_ids), algo)
@@ -167,3 +165,9 @@ class TransportReceiver:
         # local paths (shm, ipc) write the pool itself, never the staged mirror
         if self._land is not None and path in ("mooncake", ""):
             await asyncio.to_thread(self._land, list(pages))
+
+
+def _destination(target: TransferTarget) -> Destination:
+    """The route key and endpoints of a decode pool, from its Transfer target."""
+    return Destination(target.session_id, target.kv_base, target.host_id,
+                       tuple(target.local_endpoints))
