@@ -14,7 +14,8 @@ call, host sync included; "copy_pages kernel alone" is device time (CUDA events 
 back-to-back launches), so the gap between it and write_pages is the per-call host cost
 (validation, id upload, launch, wait). "CPU ms" is this process's user+system CPU time
 per call (os.times): copy_ spins in its sync, write_pages sleeps through most of the copy
-(IpcPeer._wait). Goals checked on the 8B shape: write_pages >= 50% of torch copy_'s GB/s,
+(IpcPeer._wait; its wait modes side by side, the default untagged); "launch ms" is the host
+time of the last call from entry to launched (validation, id upload, launch). Goals checked on the 8B shape: write_pages >= 50% of torch copy_'s GB/s,
 scattered within 20% of the contiguous run.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ SHAPES = {  # name -> page shape; bf16, so bytes = 2 * product
     "smollm2-135m": (30, 16, 2, 3, 64),
 }
 SENTINEL = 0xA5
+# IpcPeer.wait_mode values: the default first (its rows carry no tag and are the checked ones)
+WAIT_MODES = ("hybrid", "sleep", "spin", "sync")
 
 
 def page_bytes(shape: tuple[int, ...]) -> int:
@@ -124,12 +127,17 @@ def bench_shape(name: str, shape: tuple[int, ...], pages: int, min_seconds: floa
         row(f"copy_pages kernel alone, {pages} scattered", *gpu_timed(
             lambda: copy_pages(local, mapped.view(-1, bpp), s_ids, d_ids)), None)
         del mapped  # before close: the mapping must not outlive the peer
-        for case, (s, d) in (("ipc write_pages, 1 run", run),
-                             (f"ipc write_pages, {pages} scattered", scattered)):
-            row(case, *timed(lambda: peer.write_pages(s, d, bpp), min_seconds))
-            # what landed in the child's pool is exactly the source pages
-            if not torch.equal(peer.read_pages(d, bpp), local[s]):
-                raise AssertionError(f"{name} {case}: pages in the peer differ from the source")
+        for mode in WAIT_MODES:
+            peer.wait_mode = mode
+            tag = "" if mode == WAIT_MODES[0] else f" [wait {mode}]"
+            for case, (s, d) in (("ipc write_pages, 1 run", run),
+                                 (f"ipc write_pages, {pages} scattered", scattered)):
+                row(case + tag, *timed(lambda: peer.write_pages(s, d, bpp), min_seconds))
+                rows[-1]["launch_ms"] = peer.host_s * 1e3  # the last call's, entry to launched
+                # what landed in the child's pool is exactly the source pages
+                if not torch.equal(peer.read_pages(d, bpp), local[s]):
+                    raise AssertionError(f"{name} {case}: pages in the peer differ from the source")
+        peer.wait_mode = WAIT_MODES[0]
         row("ipc write_pages, 1 page (latency)",
             *timed(lambda: peer.write_pages([3], [7], bpp), min_seconds), n=1)
         peer.close()
@@ -154,14 +162,15 @@ def checks(rows: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict], ok: dict) -> str:
-    lines = ["| shape | case | pages | page bytes | MiB | ms | GB/s | % of copy_ | CPU ms/call |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | case | pages | page bytes | MiB | ms | GB/s | % of copy_ | CPU ms/call "
+             "| launch ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ref = {r["shape"]: r["gbps"] for r in rows if r["case"] == "torch copy_ (this process)"}
     for r in rows:
         lines.append(f"| {r['shape']} | {r['case']} | {r['pages']} | {r['page_bytes']:,} | "
                      f"{r['bytes'] / 2**20:.1f} | {r['ms']:.3f} | {r['gbps']:.0f} | "
                      f"{100 * r['gbps'] / ref[r['shape']]:.0f}% | "
-                     f"{'-' if r['cpu_ms'] is None else format(r['cpu_ms'], '.3f')} |")
+                     f"{'-' if r['cpu_ms'] is None else format(r['cpu_ms'], '.3f')} | "
+                     f"{format(r['launch_ms'], '.3f') if 'launch_ms' in r else '-'} |")
     lines.append("")
     lines.append(f"{ok['shape']}: contiguous run at {ok['run_vs_copy']:.0%} of copy_, scattered "
                  f"at {ok['scattered_vs_copy']:.0%} (goal >= 50%: "

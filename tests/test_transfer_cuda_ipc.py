@@ -126,6 +126,23 @@ def test_write_pages_lands_scattered_pages_and_nothing_else(pools):
     p.close()
 
 
+@pytest.mark.parametrize("src,dst", [
+    ([0, 1, 2, 3], [4, 5, 6, 7]),                  # one run: a single copy_
+    ([4, 5, 0, 1], [8, 9, 2, 3]),                  # two runs: copy_ per run
+    ([5, 0, 3, 1, 4, 2], [9, 2, 0, 6, 4, 7]),      # six runs: the copy_pages kernel
+])
+def test_runs_and_scattered_pages_land_and_nothing_else(pools, src, dst):
+    local, peer = pools
+    p = IpcPeer(peer, local)
+    p.write_pages(src, dst, BPP)
+    got, want = peer_bytes(peer), local.view(torch.uint8).view(-1, BPP).cpu()
+    for s, d in zip(src, dst):
+        assert torch.equal(got[d], want[s]), f"page {s} -> {d}"
+    rest = [i for i in range(10) if i not in dst]
+    assert (got[rest] == SENTINEL).all()
+    p.close()
+
+
 def test_ids_as_tensor_or_numpy(pools):
     local, peer = pools
     p = IpcPeer(peer, local)
@@ -257,6 +274,9 @@ def test_two_processes_write_scattered_pages(child, bpp):
         assert torch.equal(peer.read_pages(dst, bpp), local[src])
         with pytest.raises(ValueError):
             peer.write_pages([0], [24], bpp)
+        run_src, run_dst = [1, 2, 3, 4, 5], [18, 19, 20, 21, 22]  # one run: copy_ path
+        peer.write_pages(run_src, run_dst, bpp)
+        assert torch.equal(peer.read_pages(run_dst, bpp), local[run_src])
 
 
 @needs_cuda

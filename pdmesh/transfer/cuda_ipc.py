@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from pdmesh.transfer.base import TransferError, TransferStats
-from pdmesh.transfer.plan import validate_pages
+from pdmesh.transfer.plan import plan_runs, validate_pages
 
 NAME = "ipc"
 _PREFIX = "ipc:"
@@ -49,6 +49,7 @@ _FIELDS: dict[str, type] = {  # offset, nbytes: the pool's bytes inside its stor
 _TIMER_SLACK = 60e-6   # time.sleep wakes this late (Linux timer slack ~50 us)
 _POLL = 20e-6          # between polls of the copy's event
 _POLL_WINDOW = 2e-3    # polling past the prediction this long: block in the driver
+_MAX_COPY_RUNS = 4     # up to this many page runs: copy_ per run instead of the kernel
 
 _exports: "weakref.WeakValueDictionary[str, torch.Tensor]" = weakref.WeakValueDictionary()
 # who exported: the pid alone is not enough (two containers can share a pid), and the
@@ -208,6 +209,8 @@ class IpcPeer:
         self._stream = self._done = None
         self._ids_host = self._ids_dev = None  # [2 * capacity] int64 staging, reused
         self._rate = 0.0  # fastest bytes/s seen: predicts how long to sleep (_wait)
+        self.wait_mode = "hybrid"  # _wait: hybrid | sleep | spin | sync
+        self.host_s = 0.0  # the last GPU call's host time from entry to launched
         if self._local.is_cuda:
             # own stream: a transfer never queues behind the engine's kernels; blocking
             # event: a long wait sleeps in the driver instead of spinning (_wait)
@@ -260,49 +263,75 @@ class IpcPeer:
                 _pages(peer, bytes_per_page, "peer pool"))
 
     def _run(self, src: torch.Tensor, dst: torch.Tensor, s: list[int], d: list[int]) -> None:
-        """One copy_pages launch; on a GPU on this peer's stream, waited for by event."""
+        """Copy pages s[i] of src over pages d[i] of dst: a few page runs as copy_ (one
+        cudaMemcpyAsync each, no ids to upload), else one copy_pages launch; on a GPU on
+        this peer's stream, waited for by event (_wait)."""
+        runs = plan_runs(s, d)
         with self._lock:
+            t0 = time.perf_counter()
             if self._stream is None:
-                ids = torch.tensor(s + d, dtype=torch.int64)
-                self._copy(src, dst, ids[:len(s)], ids[len(s):])
+                self._launch(src, dst, s, d, runs)
                 return
-            dev, n = src.device, len(s)
-            if self._ids_host is None or self._ids_host.numel() < 2 * n:
-                cap = 2 * max(256, 1 << (n - 1).bit_length())
-                # pinned: an async DMA (8 us); from pageable memory the upload took 78 us
-                self._ids_host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
-                self._ids_dev = torch.empty(cap, dtype=torch.int64, device=dev)
-            host = self._ids_host.numpy()  # safe to refill: the last call's upload is done
-            host[:n], host[n:2 * n] = s, d
+            dev = src.device
             with torch.cuda.device(dev):
                 # the engine synchronised after the step that wrote the source pages; this
                 # costs ~6 us and covers callers that did not
                 self._stream.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(self._stream):
-                    ids = self._ids_dev[:2 * n]
-                    ids.copy_(self._ids_host[:2 * n], non_blocking=True)
-                    self._copy(src, dst, ids[:n], ids[n:])
+                    self._launch(src, dst, s, d, runs)
                     self._done.record(self._stream)
-            self._wait(n * src.shape[1], time.perf_counter())
+            launched = time.perf_counter()
+            self.host_s = launched - t0
+            self._wait(len(s) * src.shape[1], launched)
+
+    def _launch(self, src: torch.Tensor, dst: torch.Tensor, s: list[int], d: list[int],
+                runs: list[tuple[int, int, int]]) -> None:
+        if len(runs) <= _MAX_COPY_RUNS:
+            for a, b, n in runs:  # src, dst: [pages, bytes_per_page]
+                dst[b:b + n].copy_(src[a:a + n], non_blocking=True)
+            return
+        n = len(s)
+        if self._stream is None:
+            ids = torch.tensor(s + d, dtype=torch.int64)
+            self._copy(src, dst, ids[:n], ids[n:])
+            return
+        if self._ids_host is None or self._ids_host.numel() < 2 * n:
+            cap = 2 * max(256, 1 << (n - 1).bit_length())
+            # pinned: an async DMA (8 us); from pageable memory the upload took 78 us
+            self._ids_host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
+            self._ids_dev = torch.empty(cap, dtype=torch.int64, device=src.device)
+        host = self._ids_host.numpy()  # safe to refill: the last call's upload is done
+        host[:n], host[n:2 * n] = s, d
+        ids = self._ids_dev[:2 * n]
+        ids.copy_(self._ids_host[:2 * n], non_blocking=True)
+        self._copy(src, dst, ids[:n], ids[n:])
 
     def _wait(self, nbytes: int, launched: float) -> None:
-        """Return once the copy is done, with the thread asleep (GIL released) meanwhile.
+        """Return once the copy is done, asleep (GIL released) through most of it.
 
         Not just self._done.synchronize(): on the (gVisor) H200 machine this was measured
         on, waking from the driver's blocking sync cost 120-250 us per 512 MiB copy over a
         spinning wait. So sleep on the host through the copy time predicted from the
-        fastest rate seen so far, poll the tail (time.sleep between polls), and block in
-        the driver only if the copy runs far past the prediction (a busy GPU)."""
-        if self._rate:
+        fastest rate seen so far, then poll the event for the tail (wait_mode "hybrid":
+        back-to-back, a few tens of us; "sleep": time.sleep between polls), and block in
+        the driver only if the copy runs far past the prediction (a busy GPU). wait_mode
+        "sync" and "spin" are the two plain ways, kept for benchmarks/ipc_bench.py."""
+        mode = self.wait_mode
+        if mode == "sync":
+            self._done.synchronize()
+            return
+        if self._rate and mode != "spin":
             ahead = 0.9 * nbytes / self._rate - _TIMER_SLACK
             if ahead > 0:
                 time.sleep(ahead)
         give_up = time.perf_counter() + _POLL_WINDOW
+        pause = _POLL if mode == "sleep" else 0.0
         while not self._done.query():
             if time.perf_counter() > give_up:
                 self._done.synchronize()  # releases the GIL; cudaEventBlockingSync
                 break
-            time.sleep(_POLL)
+            if pause:
+                time.sleep(pause)
         # launch-to-seen-done bounds the copy time from above, so the max rate approaches
         # the true one from below and the 0.9 x prediction does not sleep past the end
         self._rate = max(self._rate, nbytes / max(time.perf_counter() - launched, 1e-9))
