@@ -99,6 +99,29 @@ def test_events_come_in_one_batch_per_step(engine):
     assert isinstance(loop.stats, EngineStats) and loop.stats.used_pages == 0
 
 
+def test_adopted_first_token_goes_out_before_the_next_step(engine):
+    """The prefill's first token of an adopted request is handed over as soon as the
+    Adopt command ran, in a batch of its own: not held back until a decode step ended
+    (that step would add a whole TPOT to a PD request's TTFT)."""
+    batches, done = [], threading.Event()
+
+    def on_events(events):
+        batches.append([e for e in events if not isinstance(e, Held)])
+        if any(getattr(o, "finished", False) for o in events):
+            done.set()
+    loop = EngineLoop(engine, on_events).start()
+    try:
+        req = loop.submit(MakeRequest([1, 2, 3, 4, 5], GREEDY, "ad", Mode.ADOPTED)).result(10)
+        loop.submit(Hold(req)).result(10)
+        loop.submit(Adopt("ad", 42, None)).result(10)
+        assert done.wait(60)
+    finally:
+        loop.stop()
+    outs = [b for b in batches if b]
+    assert [o.new_token_ids for o in outs[0]] == [[42]]  # alone: no step's token with it
+    assert sum(len(o.new_token_ids) for b in outs for o in b) == GREEDY.max_tokens
+
+
 def test_preallocation_queue_waits_for_pages_in_order(default_model):
     small = Engine(loaded=default_model, page_size=8, num_pages=6)
     held: list[Held] = []

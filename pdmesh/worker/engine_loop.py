@@ -101,6 +101,8 @@ class EngineLoop:
             # (adopt, release, abort) can change that, so wait for one
             if self._run_commands(block=not self.engine.has_unfinished() or self._stalled):
                 self._stalled = False  # a command may have freed or filled pages: try
+                if self._events:  # an adopt's first token goes out now, not after a step
+                    self._flush()
             self._drain_prealloc()  # an abort or release may have freed pages
             if self.engine.has_unfinished() and not self._stalled:
                 self._step()
