@@ -506,6 +506,23 @@ async def served_profile(args, serve: Serve, cfg, workload, req_s: float | None,
     return res
 
 
+def ttft_parts(url: str, save: Path) -> dict[str, float]:
+    """Mean ms of each pdmesh_gateway_ttft_part_seconds part (PD requests only: prefill
+    queue / compute, KV transfer, first decode) from the gateway's /metrics, saved raw."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(url[:-len("/v1")] + "/metrics", timeout=10).read().decode()
+    except OSError as e:
+        log(f"no /metrics from the gateway: {e}")
+        return {}
+    save.write_text(text)
+    sums, counts = {}, {}
+    for m in re.finditer(r'^pdmesh_gateway_ttft_part_seconds_(sum|count)\{part="([^"]+)"\} (\S+)',
+                         text, re.M):
+        (sums if m.group(1) == "sum" else counts)[m.group(2)] = float(m.group(3))
+    return {k: 1e3 * sums[k] / counts[k] for k in sums if counts.get(k)}
+
+
 def run_served_mode(args, mode: str, workload, out: Path) -> dict:
     serve = Serve(mode, args, out)
     try:
@@ -521,8 +538,12 @@ def run_served_mode(args, mode: str, workload, out: Path) -> dict:
                 prof = await served_profile(args, serve, cfg, workload, req_s, out)
             return levels, prof
         levels, prof = asyncio.run(go())
+        parts = ttft_parts(url, out / f"metrics-{mode}.txt")
+        if parts:
+            log(f"{mode}: mean TTFT parts, all levels: " +
+                ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
         return {"ready_s": serve.ready_t, "services": serve.ready_times(), "levels": levels,
-                "profile": prof}
+                "profile": prof, "ttft_parts_ms": parts}
     finally:
         serve.stop()
 
