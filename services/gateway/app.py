@@ -7,6 +7,7 @@ import gc
 import signal
 from typing import Callable
 
+import orjson
 from aiohttp import web
 
 from pdmesh.config import GatewayConfig
@@ -16,6 +17,7 @@ from pdmesh.services.gateway.admission import Admission
 from pdmesh.services.gateway.breaker import (BreakerConfig, Breakers, ResilienceMetrics,
                                              RetryPolicy)
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
+from pdmesh.services.gateway.openapi import openapi_document
 from pdmesh.services.gateway.pool import WorkerPool
 from pdmesh.services.gateway.server import GatewayServicer, create_server
 from pdmesh.services.gateway.transcoder import build_app
@@ -68,6 +70,11 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     grpc_server, grpc_port = await create_server(f"{config.host}:{config.grpc_port}", servicer)
     app = build_app(servicer, [gpb.DESCRIPTOR.services_by_name["Gateway"]],
                     config.max_body_bytes)
+    # the OpenAPI document of the annotated RPCs, generated from the descriptors
+    api_doc = orjson.dumps(openapi_document([gpb.DESCRIPTOR.services_by_name["Gateway"]],
+                                            api_key=bool(config.api_key)))
+    app.router.add_get("/openapi.json", lambda _: web.Response(
+        body=api_doc, content_type="application/json"))
     app.router.add_get("/metrics", lambda _: web.Response(
         body=render_gateway(metrics.registry), headers={"Content-Type": CONTENT_TYPE}))
     # handler_cancellation: a client that disconnects cancels its handler, and with it
