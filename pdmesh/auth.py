@@ -1,12 +1,17 @@
-"""The cluster credential: a shared secret token that internal RPCs carry.
+"""The cluster credential: a shared secret token that internal RPCs carry, or an mTLS
+client certificate.
 
 Every RPC to the registry and the workers must carry metadata `x-pdmesh-cluster-token`
 equal to the mesh's token, or it is refused with UNAUTHENTICATED before its handler runs.
 grpc.health.v1 and server reflection stay open (health probes, `grpcurl list`), and the
 gateway's public `pdmesh.v1.Gateway` is never guarded by it (the API key guards that).
+A server on mTLS (pdmesh/tls.py, --tls-ca) needs no token: only a client with a
+certificate signed by the mesh's CA gets through the handshake, and that identity is the
+credential.
 
     server: create_aio_server (pdmesh/grpc_util.py) adds `server_interceptors(...)`
-    client: insecure_channel(addr) / aio_insecure_channel(addr) attach the token
+    client: channel(addr) / aio_channel(addr) attach the token, over TLS when the process
+            has TLS material (pdmesh/tls.py), else plaintext
 
 The process's token is what its command set with `configure()` (from
 --cluster-token-file or PDMESH_CLUSTER_TOKEN); a process that never called it (a test, a
@@ -134,10 +139,12 @@ class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
         return _refuse(handler, REFUSED)
 
 
-def server_interceptors(service_names: Iterable[str], token: Any = PROCESS) -> list:
+def server_interceptors(service_names: Iterable[str], token: Any = PROCESS,
+                        mutual_tls: bool = False) -> list:
     """The interceptors guarding a server of `service_names`: none for a public-only
-    server (the gateway), none and one warning line when there is no token."""
-    if all(name in PUBLIC_SERVICES for name in service_names):
+    server (the gateway), none on an mTLS server (the handshake already required a
+    certificate of the mesh's CA), none and one warning line when there is no token."""
+    if all(name in PUBLIC_SERVICES for name in service_names) or mutual_tls:
         return []
     token = _resolve(token)
     if not token:
@@ -193,12 +200,19 @@ def aio_client_interceptors(token: Any = PROCESS) -> list:
                                    _AioStreamStream)]
 
 
-def aio_insecure_channel(target: str, *, options: list | None = None,
-                         interceptors: Iterable[Any] | None = None,
-                         token: Any = PROCESS) -> grpc.aio.Channel:
-    """grpc.aio.insecure_channel whose calls carry the cluster token (when there is one)."""
+def aio_channel(target: str, *, options: list | None = None,
+                interceptors: Iterable[Any] | None = None,
+                token: Any = PROCESS, tls: Any = PROCESS) -> grpc.aio.Channel:
+    """A grpc.aio channel whose calls carry the cluster token (when there is one): TLS
+    with `tls` (default: this process's material, pdmesh.tls.current()), else plaintext."""
+    from pdmesh import tls as tls_
+
     chain = [*aio_client_interceptors(token), *(interceptors or ())]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=chain or None)
+    material = tls_.current() if tls is PROCESS else tls
+    if material is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=chain or None)
+    return grpc.aio.secure_channel(target, tls_.channel_credentials(material),
+                                   options=options, interceptors=chain or None)
 
 
 class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -224,9 +238,18 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
         return continuation(self._details(details), request_iterator)
 
 
-def insecure_channel(target: str, *, options: list | None = None,
-                     token: Any = PROCESS) -> grpc.Channel:
-    """grpc.insecure_channel whose calls carry the cluster token (when there is one)."""
-    channel = grpc.insecure_channel(target, options=options)
+def channel(target: str, *, options: list | None = None, token: Any = PROCESS,
+            tls: Any = PROCESS) -> grpc.Channel:
+    """A sync grpc channel whose calls carry the cluster token (when there is one): TLS
+    with `tls` (default: this process's material, pdmesh.tls.current()), else plaintext."""
+    from pdmesh import tls as tls_
+
+    material = tls_.current() if tls is PROCESS else tls
+    ch = grpc.insecure_channel(target, options=options) if material is None else \
+        grpc.secure_channel(target, tls_.channel_credentials(material), options=options)
     token = _resolve(token)
-    return grpc.intercept_channel(channel, _SyncToken(token)) if token else channel
+    return grpc.intercept_channel(ch, _SyncToken(token)) if token else ch
+
+
+# the names from before TLS: they follow the process's TLS material like the new ones
+insecure_channel, aio_insecure_channel = channel, aio_channel

@@ -28,6 +28,8 @@ COMMANDS = {
                  "predict bench tables of xPyD deployments (discrete-event simulator)"),
     "plan": ("pdmesh.commands.plan",
              "measure prefill and decode capacity on a mesh and recommend xPyD"),
+    "dev-ca": ("pdmesh.commands.dev_ca",
+               "write a throw-away CA and certificates for a TLS mesh (--tls-dir)"),
 }
 
 

@@ -276,7 +276,7 @@ class GatewayConfig:
     registry: str = "127.0.0.1:50050"  # registry address, host:port
     model: str = "default"  # tokenizer + context length source (no weights are loaded)
     served_model_name: str | None = None  # the `model` clients pass (default: `model`)
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # every service binds loopback unless told otherwise
     port: int = 8000  # REST (OpenAI API); 0 = a free port
     grpc_port: int = 50051  # pdmesh.v1.Gateway; 0 = a free port
     prefill_policy: str = "round_robin"
@@ -394,12 +394,17 @@ class AuthConfig:
     """The cluster credential of one service process (checked and sent by pdmesh/auth.py).
 
     `cluster_token` is the shared secret every internal RPC (registry, workers) carries;
-    None leaves internal RPCs unauthenticated.
+    None leaves internal RPCs unauthenticated. `tls_cert`/`tls_key`/`tls_ca` are PEM file
+    paths (pdmesh/tls.py): TLS on every gRPC server and channel, mTLS with a CA; none:
+    plaintext.
     """
 
     cluster_token: str | None = dataclasses.field(default=None, repr=False)  # never logged
 
     def __post_init__(self) -> None:
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
         token = self.cluster_token
         # gRPC metadata values are printable ASCII; a space or newline would be cut or refused
         if token is not None and (not token or any(not 33 <= ord(c) <= 126 for c in token)):
@@ -415,10 +420,13 @@ _AUTH_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CLUSTER_TOKEN": ("cluster_token", str),
 }
 
+    "PDMESH_TLS_CERT": ("tls_cert", str),
+    "PDMESH_TLS_KEY": ("tls_key", str),
+    "PDMESH_TLS_CA": ("tls_ca", str),
 
 def auth_config_from_env(base: AuthConfig | None = None,
                          env: Mapping[str, str] | None = None) -> AuthConfig:
-    """Apply PDMESH_CLUSTER_TOKEN on top of `base`."""
+    """Apply PDMESH_CLUSTER_TOKEN and PDMESH_TLS_CERT / _KEY / _CA on top of `base`."""
     return _apply_env(base or AuthConfig(), _AUTH_ENV_OVERRIDES, env)
 
 

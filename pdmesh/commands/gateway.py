@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a HF folder or a .gguf file (no weights are loaded)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: --model)")
-    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; 0.0.0.0 to serve other hosts)")
     p.add_argument("--port", type=int, default=8000, help="REST port (default 8000; 0 = free)")
     p.add_argument("--grpc-port", type=int, default=50051,
                    help="gRPC port (default 50051; 0 = free)")

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
         if min(args.prefill_concurrency + args.decode_batch) < 1:
             raise ValueError("concurrencies and batch sizes must be >= 1")
-        auth_flags.setup(auth_flags.config_from_args(args))
+        auth_flags.setup(auth_flags.config_from_args(args, serves=False))
     except ValueError as e:
         return _fail(str(e))
     try:

@@ -15,7 +15,8 @@ from pdmesh.config import RegistryConfig, registry_config_from_env
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; 0.0.0.0 for other hosts' workers)")
     p.add_argument("--port", type=int, default=50050,
                    help="gRPC port (default 50050; 0 = a free port, printed at start)")
     p.add_argument("--heartbeat-interval", type=float, default=None,

@@ -12,6 +12,8 @@ no service behind.
 
 The mesh is closed by default: every child gets one cluster token (--cluster-token-file,
 PDMESH_CLUSTER_TOKEN, else a random one minted here) in its environment, never in argv.
+With --tls-dir (or --tls-cert/--tls-key/--tls-ca) every child gets the same TLS files as
+flags: the whole mesh, gateway included, runs on TLS (mTLS between services with a CA).
 """
 from __future__ import annotations
 
@@ -182,6 +184,7 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
         return children[-1]
 
     tel, token = telemetry_flags.forward(args), mesh_token(args)
+    tel += auth_flags.forward(auth_flags.config_from_args(args))  # TLS files: every child
     reg = ["registry", "--host", args.host, "--port", str(args.registry_port), *tel]
     if args.heartbeat_interval is not None:
         reg += ["--heartbeat-interval", str(args.heartbeat_interval)]

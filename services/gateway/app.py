@@ -10,6 +10,7 @@ from typing import Callable
 import orjson
 from aiohttp import web
 
+from pdmesh import tls
 from pdmesh.config import GatewayConfig
 from pdmesh.telemetry.metrics import CONTENT_TYPE, GatewayMetrics, render_gateway
 from pdmesh.v1 import gateway_pb2 as gpb
@@ -81,7 +82,9 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     # both legs of its request, even while no token is being written
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.reuse_port or None)
+    material = tls.current()  # --tls-cert/--tls-key: REST over https too (no client cert)
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.reuse_port or None,
+                       ssl_context=material and tls.ssl_server_context(material))
     await site.start()
     rest_port = site._server.sockets[0].getsockname()[1]
     freeze_startup_objects()
