@@ -7,7 +7,8 @@
 
 `AsyncClient` is the same over grpc.aio (`async for text in c.chat(...)`). Keyword
 arguments are SamplingParams fields (max_tokens, temperature, top_p, seed, stop, ...).
-Errors are grpc.RpcError with the gateway's status and message.
+Errors are grpc.RpcError with the gateway's status and message. A gateway serving TLS
+(--tls-cert): `Client(addr, tls_ca="ca.pem")` (or `tls=True` for the system's roots).
 """
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def _generate_request(prompt: str | Sequence[int], model: str,
                                        sampling_params=_sampling(params))
 
 
+def _credentials(tls: bool, tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials verifying the gateway against `tls_ca` (a PEM file) or, with only
+    `tls`, the system's roots; None: plaintext."""
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            return grpc.ssl_channel_credentials(root_certificates=f.read())
+    return grpc.ssl_channel_credentials() if tls else None
+
+
 def _metadata(api_key: str | None):
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
@@ -48,8 +58,11 @@ class Client:
     """Synchronous client; `chat`/`generate` yield text deltas, `*_stream` the raw
     GenerateResponse messages (token ids, logprobs, finish_reason, usage)."""
 
-    def __init__(self, address: str, api_key: str | None = None, model: str = "") -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, api_key: str | None = None, model: str = "",
+                 tls: bool = False, tls_ca: str | None = None) -> None:
+        creds = _credentials(tls, tls_ca)
+        self._channel = grpc.secure_channel(address, creds) if creds else \
+            grpc.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._md, self.model = _metadata(api_key), model
 
@@ -85,8 +98,11 @@ class Client:
 class AsyncClient:
     """asyncio client over grpc.aio; same methods as Client, as async iterators."""
 
-    def __init__(self, address: str, api_key: str | None = None, model: str = "") -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, api_key: str | None = None, model: str = "",
+                 tls: bool = False, tls_ca: str | None = None) -> None:
+        creds = _credentials(tls, tls_ca)
+        self._channel = grpc.aio.secure_channel(address, creds) if creds else \
+            grpc.aio.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._md, self.model = _metadata(api_key), model
 
