@@ -226,6 +226,7 @@ class RegistryConfig:
 
     heartbeat_interval: float = 5.0  # seconds between a worker's heartbeats
     heartbeat_max_failure: int = 2  # missed intervals before the worker is expired
+    chaos: bool = False  # serve pdmesh.v1.Chaos (fault injection; --chaos, tests only)
 
     def __post_init__(self) -> None:
         if not self.heartbeat_interval > 0:
@@ -245,6 +246,7 @@ class RegistryConfig:
 _REGISTRY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
     "PDMESH_HEARTBEAT_MAX_FAILURE": ("heartbeat_max_failure", int),
+    "PDMESH_CHAOS": ("chaos", _env_bool),
 }
 
 
@@ -400,11 +402,11 @@ class AuthConfig:
     """
 
     cluster_token: str | None = dataclasses.field(default=None, repr=False)  # never logged
-
-    def __post_init__(self) -> None:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+
+    def __post_init__(self) -> None:
         token = self.cluster_token
         # gRPC metadata values are printable ASCII; a space or newline would be cut or refused
         if token is not None and (not token or any(not 33 <= ord(c) <= 126 for c in token)):
@@ -418,11 +420,11 @@ class AuthConfig:
 
 _AUTH_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CLUSTER_TOKEN": ("cluster_token", str),
-}
-
     "PDMESH_TLS_CERT": ("tls_cert", str),
     "PDMESH_TLS_KEY": ("tls_key", str),
     "PDMESH_TLS_CA": ("tls_ca", str),
+}
+
 
 def auth_config_from_env(base: AuthConfig | None = None,
                          env: Mapping[str, str] | None = None) -> AuthConfig:
@@ -469,6 +471,8 @@ class WorkerConfig:
     # room's first write with this probability; `_rewrites` corrupts the rewrite too
     chaos_corrupt_kv: float = 0.0
     chaos_corrupt_kv_rewrites: bool = False
+    # serve pdmesh.v1.Chaos: faults armed by RPC (services/common/chaos.py); --chaos
+    chaos: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_checksum not in ("on", "decode", "off"):
@@ -524,6 +528,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_KV_CHECKSUM": ("kv_checksum", str),
     "PDMESH_CHAOS_CORRUPT_KV": ("chaos_corrupt_kv", float),
     "PDMESH_CHAOS_CORRUPT_KV_REWRITES": ("chaos_corrupt_kv_rewrites", _env_bool),
+    "PDMESH_CHAOS": ("chaos", _env_bool),
 }
 
 

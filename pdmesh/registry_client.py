@@ -23,6 +23,9 @@ from pdmesh.v1 import registry_pb2 as pb
 from pdmesh.v1 import registry_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
+                     ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class RegistryClient:
@@ -34,13 +37,17 @@ class RegistryClient:
         self.registration = registration
         self._load_fn = load_fn
         self._timeout = rpc_timeout_s
-        self._channel = auth.insecure_channel(registry_addr)  # carries the cluster token
+        # carries the cluster token; reconnects within a second of a registry's return
+        # (gRPC's default backoff grows to 120 s: a restarted registry would wait that long
+        # for its workers)
+        self._channel = auth.insecure_channel(registry_addr, options=RECONNECT_OPTIONS)
         self._stub = pb_grpc.RegistryStub(self._channel)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.worker_id: str | None = None
         self.interval_s = 5.0
         self.registrations = 0  # how many times Register succeeded (re-registers count)
+        self.chaos = None  # services/common/chaos.Chaos (--chaos): stalls or drops beats
 
     def start(self) -> str:
         """Register (raising grpc.RpcError on refusal) and start heartbeating."""
@@ -62,6 +69,12 @@ class RegistryClient:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            hold = self.chaos.heartbeat_hold() if self.chaos is not None else None
+            if hold is not None:
+                if hold[0] == "drop":
+                    continue
+                if self._stop.wait(hold[1]):  # stall: the thread blocks, then beats
+                    return
             try:
                 self.heartbeat_once()
             except grpc.RpcError as e:  # registry down: keep trying each interval

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-max-failure", type=int, default=None,
                    help="missed heartbeats before a worker is expired (default 2, env "
                         "PDMESH_HEARTBEAT_MAX_FAILURE)")
+    p.add_argument("--chaos", action="store_true", default=None,
+                   help="serve pdmesh.v1.Chaos (stall/drop heartbeats, delay/fail RPCs); "
+                        "tests only (env PDMESH_CHAOS=1)")
     auth_flags.add_arguments(p)
     telemetry_flags.add_arguments(p, metrics_port=True)
 
@@ -34,7 +37,8 @@ def config_from_args(args: argparse.Namespace) -> RegistryConfig:
     config = registry_config_from_env(RegistryConfig())
     changes = {name: value for name, value in (
         ("heartbeat_interval", args.heartbeat_interval),
-        ("heartbeat_max_failure", args.heartbeat_max_failure)) if value is not None}
+        ("heartbeat_max_failure", args.heartbeat_max_failure),
+        ("chaos", getattr(args, "chaos", None))) if value is not None}
     return config.replace(**changes)
 
 

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--worker-arg=--page-size=16 (repeatable)")
     p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                    help="extra flag passed to the gateway (repeatable)")
+    p.add_argument("--chaos", action="store_true",
+                   help="start the registry and every worker with --chaos (pdmesh.v1.Chaos: "
+                        "fault injection by RPC; tests and benchmarks/chaos.py only)")
     p.add_argument("--ready-timeout", type=float, default=300.0,
                    help="seconds to wait for each service to report it is listening")
     auth_flags.add_arguments(p)  # the children get the token by environment
@@ -71,6 +74,9 @@ class Child:
     ready: threading.Event
     address: str = ""
     metrics: str = ""  # its Prometheus endpoint URL
+    argv: tuple[str, ...] = ()  # how to start it again (supervise)
+    env: dict[str, str] | None = None
+    line: str = ""  # its "listening on" line
 
 
 class StartError(Exception):
@@ -106,7 +112,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=None, bufsize=1,
                             preexec_fn=prctl and _die_with_parent(prctl, os.getpid()))
-    child = Child(name, proc, threading.Event())
+    child = Child(name, proc, threading.Event(), argv=tuple(argv), env=env)
 
     def pump() -> None:  # echo the child's stdout, prefixed; note its addresses
         for line in proc.stdout:
@@ -115,6 +121,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
             if m and not child.ready.is_set():
                 mm = _METRICS.search(line)
                 child.address, child.metrics = m.group(1), mm.group(1) if mm else ""
+                child.line = line
                 child.ready.set()
         child.ready.set()
     threading.Thread(target=pump, daemon=True).start()
@@ -155,24 +162,65 @@ def _worker_env(num_workers: int, token: str) -> dict[str, str]:
     return env
 
 
-def supervise(children: list[Child], gone: set[str]) -> bool:
-    """True when the mesh must stop: the registry or the gateway exited, or the last
-    worker of a role did. One worker's death alone does not stop it: the gateway's
-    retries and circuit breakers route around it (`gone`: the exits already reported)."""
-    for c in children:
-        if c.proc.poll() is None or c.name in gone:
-            continue
-        gone.add(c.name)
-        role = c.name.rsplit("-", 1)[0]
-        alive = [o for o in children if o.name.rsplit("-", 1)[0] == role
-                 and o.proc.poll() is None]
-        if role in ("registry", "gateway") or not alive:
-            print(f"pdmesh serve: {c.name} exited ({c.proc.returncode}); stopping the mesh",
-                  file=sys.stderr)
-            return True
-        print(f"pdmesh serve: {c.name} exited ({c.proc.returncode}); {len(alive)} {role} "
-              "worker(s) left, the mesh goes on", file=sys.stderr)
-    return False
+class Supervisor:
+    """Restarts children that exit while the mesh runs, each with its own backoff
+    (BACKOFF_S doubling up to BACKOFF_MAX_S; back to BACKOFF_S once a child stayed up
+    STABLE_S), while the others keep serving. The registry and the gateway come back on
+    the ports they had (workers re-register with the new registry within a heartbeat
+    interval; the gateway routes from its last view meanwhile); a worker gets a new port
+    and registers anew. Called from the main thread only: PR_SET_PDEATHSIG fires when the
+    *thread* that forked a child ends, so every child is forked by the main thread."""
+
+    BACKOFF_S, BACKOFF_MAX_S, STABLE_S = 0.5, 30.0, 30.0
+
+    def __init__(self, children: list[Child], clock=time.monotonic) -> None:
+        self.children, self._clock = children, clock
+        self._due: dict[str, float] = {}  # name -> when to start it again
+        self._backoff: dict[str, float] = {}
+        self._started: dict[str, float] = {c.name: clock() for c in children}
+        self._waiting: set[str] = set()  # restarted, not yet listening
+        self.restarts: dict[str, int] = {}
+
+    def tick(self) -> None:
+        now = self._clock()
+        for i, c in enumerate(self.children):
+            if c.name in self._waiting and c.ready.is_set():
+                self._waiting.discard(c.name)
+                if c.address:
+                    print(f"pdmesh serve: {c.name} restarted, listening on {c.address}",
+                          file=sys.stderr, flush=True)
+            if c.proc.poll() is None:
+                if now - self._started[c.name] > self.STABLE_S:
+                    self._backoff.pop(c.name, None)
+                continue
+            if c.name not in self._due:
+                wait = self._backoff.get(c.name, 0.0)
+                self._backoff[c.name] = min(self.BACKOFF_MAX_S, max(self.BACKOFF_S, 2 * wait))
+                self._due[c.name] = now + wait
+                print(f"pdmesh serve: {c.name} exited ({c.proc.returncode}); restarting it "
+                      f"in {wait:.1f} s, the mesh goes on", file=sys.stderr, flush=True)
+            elif now >= self._due[c.name]:
+                del self._due[c.name]
+                self._waiting.discard(c.name)
+                self.children[i] = spawn(c.name, restart_argv(c), c.env)
+                self._started[c.name] = now
+                self._waiting.add(c.name)
+                self.restarts[c.name] = self.restarts.get(c.name, 0) + 1
+
+
+def restart_argv(c: Child) -> list[str]:
+    """`c`'s argv with the ports it was given as 0 pinned to the ones it had: a restarted
+    registry must be where the workers look for it, a restarted gateway where clients do."""
+    argv = list(c.argv)
+    ports = re.findall(r"listening on \S+?:(\d+)(?:.*?\S+?:(\d+) \(gRPC\))?", c.line)
+
+    def pin(flag: str, port: str | None) -> None:
+        if port and flag in argv:
+            argv[argv.index(flag) + 1] = port
+    if ports and c.name in ("registry", "gateway"):
+        pin("--port", ports[0][0])
+        pin("--grpc-port", ports[0][1])
+    return argv
 
 
 def launch(args: argparse.Namespace, children: list[Child], stop: threading.Event) -> None:
@@ -201,6 +249,17 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
                       *tel, *args.gateway_arg], _env(token))
+
+
+def share_settings(args: argparse.Namespace) -> None:
+    """Settings every child reads from its environment (ours, plus the token): the lease
+    (the gateway keeps workers a registry resync missed for that long) and --chaos."""
+    if args.heartbeat_interval is not None:
+        os.environ["PDMESH_HEARTBEAT_INTERVAL"] = str(args.heartbeat_interval)
+    if args.heartbeat_max_failure is not None:
+        os.environ["PDMESH_HEARTBEAT_MAX_FAILURE"] = str(args.heartbeat_max_failure)
+    if getattr(args, "chaos", False):
+        os.environ["PDMESH_CHAOS"] = "1"
 
 
 def shutdown(children: list[Child], grace: float = 30.0) -> None:
@@ -267,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     children: list[Child] = []
+    share_settings(args)
     grace = 30.0  # for each child to stop; short when the mesh never came up
     try:
         launch(args, children, stop)
@@ -274,11 +334,10 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         print("pdmesh serve: metrics — " + ", ".join(f"{c.name} {c.metrics}" for c in children
                                                      if c.metrics), flush=True)
-        gone: set[str] = set()
+        supervisor = Supervisor(children)
         while not stop.is_set():
-            if supervise(children, gone):
-                return 1
-            time.sleep(0.5)
+            supervisor.tick()
+            stop.wait(0.2)
         return 0
     except StartError as e:
         print(f"pdmesh serve: error: {e}", file=sys.stderr)

@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="decode: tokens per stream message after the first (default 1; env "
                         "PDMESH_STREAM_INTERVAL): larger values cost less CPU per token on "
                         "the worker and the gateway at high concurrency (a prefill ignores it)")
+    p.add_argument("--chaos", action="store_true", default=None,
+                   help="serve pdmesh.v1.Chaos: faults armed by RPC (delay/fail/corrupt KV "
+                        "writes, stall/drop heartbeats, delay/fail RPCs, slow the engine); "
+                        "tests and benchmarks/chaos.py only (env PDMESH_CHAOS=1)")
     auth_flags.add_arguments(p)
     telemetry_flags.add_arguments(p, metrics_port=True, summaries=True)
 
@@ -90,7 +94,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
              "waiting_timeout": getattr(args, "waiting_timeout", None),
              "role": getattr(args, "role", None) or role,
-             "stream_interval": getattr(args, "stream_interval", None)}
+             "stream_interval": getattr(args, "stream_interval", None),
+             "chaos": getattr(args, "chaos", None)}
     worker = worker_config_from_env(WorkerConfig()).replace(
         **{k: v for k, v in flags.items() if v is not None})
     engine_flags = {"model": args.model, "page_size": args.page_size,
@@ -135,8 +140,20 @@ async def _serve(host, telemetry, create_server) -> int:
         loop.add_signal_handler(sig, stop.set)
     await host.start()
     obs = WorkerObservability(host.metrics.registry, telemetry, worker.role)
+    interceptors = [obs.aio_rpc_interceptor]
+    if worker.chaos:  # fault injection (services/common/chaos.py), armed by RPC
+        from pdmesh.services.common.chaos import Chaos, served_methods
+
+        host.chaos = Chaos(worker.role, engine=host.engine)
+        interceptors.append(host.chaos.interceptor)
+        print(f"{worker.role}: chaos on (pdmesh.v1.Chaos): never for serving", flush=True)
     server, port, servicer, health = await create_server(
-        f"{worker.host}:{worker.port}", host, interceptors=[obs.aio_rpc_interceptor])
+        f"{worker.host}:{worker.port}", host, interceptors=interceptors)
+    if host.chaos is not None:
+        from pdmesh.grpc_util import Servicer
+
+        name = "pdmesh.v1.Prefill" if worker.role == "prefill" else "pdmesh.v1.Decode"
+        host.chaos.methods = served_methods([Servicer(None, None, name)])
     obs.start(servicer.snapshot, worker.host)
     metrics = "" if obs.metrics_port is None else \
         f", metrics http://{worker.advertise_host}:{obs.metrics_port}/metrics"

@@ -159,6 +159,13 @@ class LeaseTable:
                 self._emit(Event(EXPIRED, w))
             return dead
 
+    def extend(self, seconds: float) -> None:
+        """Add `seconds` to every lease: the registry itself was not running (stopped,
+        paused) for that long, so the silence is not the workers'."""
+        with self._lock:
+            for wid, w in self._workers.items():
+                self._workers[wid] = dataclasses.replace(w, last_seen=w.last_seen + seconds)
+
     def snapshot(self) -> dict[str, int]:
         """The cumulative counts plus members by role ("workers_prefill", ...)."""
         with self._lock:

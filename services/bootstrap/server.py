@@ -6,6 +6,7 @@ coroutine reading an asyncio queue, so open watchers hold no thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import grpc
@@ -125,8 +126,18 @@ class RegistryServer:
     async def _reap(self) -> None:
         # a quarter interval (at most 0.25 s) keeps expiry within that of the lease
         period = min(self.table.config.heartbeat_interval / 4, 0.25)
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             await asyncio.sleep(period)
+            now = loop.time()
+            if now - last > period + max(1.0, self.table.config.heartbeat_interval):
+                # this process did not run (SIGSTOP, a paused VM): the missed beats are
+                # ours, not the workers' -- expiring everyone now would be wrong
+                logging.getLogger(__name__).warning(
+                    "registry was not running for %.1f s; leases extended", now - last - period)
+                self.table.extend(now - last - period)
+            last = now
             self.table.expire()
 
     async def stop(self, grace_s: float = 2.0) -> None:
@@ -162,8 +173,16 @@ async def serve(addr: str, config: RegistryConfig | None = None,
     metrics.register(SnapshotCollector(table.snapshot, REGISTRY_SPECS))
     servicer = Servicer(RegistryServicer(table), pb_grpc.add_RegistryServicer_to_server,
                         SERVICE_NAME)
-    grpc_server, port, health = await create_aio_server(
-        addr, [servicer], interceptors=[AioRpcMetricsInterceptor(metrics, "pdmesh_registry")])
+    servicers, interceptors = [servicer], [AioRpcMetricsInterceptor(metrics, "pdmesh_registry")]
+    if table.config.chaos:  # fault injection (services/common/chaos.py), armed by RPC
+        from pdmesh.services.common.chaos import Chaos, served_methods
+
+        chaos = Chaos("registry")
+        chaos.methods = served_methods(servicers)
+        servicers.append(chaos.servicer())
+        interceptors.append(chaos.interceptor)
+    grpc_server, port, health = await create_aio_server(addr, servicers,
+                                                        interceptors=interceptors)
     return RegistryServer(grpc_server, port, table, health, metrics)
 
 

@@ -54,12 +54,15 @@ class TransportWriter:
     """KVWriter (pdmesh.disagg.ports) over a Router (pdmesh.transfer.route): each decode
     pool is reached by the path chosen when the pair bound; counts into WorkerMetrics.
     `checksum`: "on" (digest the source, read the destination back), "decode" (digest
-    the source only: the decode verifies) or "off"; `chaos`: a CorruptKV or None."""
+    the source only: the decode verifies) or "off"; `chaos`: a CorruptKV or None;
+    `faults`: the process's Chaos (services/common/chaos.py, --chaos) or None."""
 
     def __init__(self, router: Any, metrics: Any, threads: int = WRITER_THREADS,
-                 checksum: str = "on", chaos: CorruptKV | None = None) -> None:
+                 checksum: str = "on", chaos: CorruptKV | None = None,
+                 faults: Any = None) -> None:
         self.router, self.metrics, self.threads = router, metrics, threads
         self.checks, self.chaos = checksum != "off" and router is not None, chaos
+        self.faults = faults
         self.read_back = self.checks and checksum == "on"
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-write")
         self.in_flight = 0  # writes submitted and not finished (running + queued)
@@ -83,6 +86,8 @@ class TransportWriter:
                          self.in_flight, self.threads)
             try:
                 corrupt = self.chaos is not None and self.chaos.hit(target.room)
+                if self.faults is not None:  # may sleep, or raise a failed write
+                    corrupt = await self.faults.kv_write(target.room) or corrupt
                 stats = await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._write, dst, list(src_pages), list(target.page_ids),
                     corrupt)
@@ -106,7 +111,7 @@ class TransportWriter:
         stats = self.router.write_pages(dst, src, dst_pages)
         if corrupt and src:
             self.router.corrupt_page(dst, src[0], dst_pages[0])
-            log.warning("chaos: corrupted KV page %d in %s (PDMESH_CHAOS_CORRUPT_KV)",
+            log.warning("chaos: corrupted KV page %d in %s",
                         dst_pages[0], dst.session_id)
         return stats
 

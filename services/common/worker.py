@@ -105,6 +105,7 @@ class WorkerHost:
         self.engine: AsyncEngine | None = None
         self.registry: RegistryClient | None = None
         self.watch: RegistryWatch | None = None
+        self.chaos = None  # services/common/chaos.Chaos when started with --chaos
 
     def _make_transport(self, config: WorkerConfig) -> None:
         self.transport, self.kv_base, self.kv_transfer_mode = make_kv_transport(
@@ -162,6 +163,7 @@ class WorkerHost:
         self.watch = RegistryWatch(self.config.registry, on_event).start()
         self.registry = RegistryClient(self.config.registry,
                                        self.registration(address, load_fn()), load_fn)
+        self.registry.chaos = self.chaos  # heartbeat faults
         return await asyncio.to_thread(self.registry.start)
 
     def is_gone(self, address: str) -> bool:

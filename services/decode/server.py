@@ -145,7 +145,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 async def create_server(addr: str, host: WorkerHost, interceptors=()):
     """Serve Decode (+ health, reflection) on `addr`; returns (server, port, servicer, health)."""
     servicer = DecodeServicer(host)
+    chaos = [host.chaos.servicer()] if host.chaos is not None else []  # --chaos
     server, port, health = await create_aio_server(
-        addr, [Servicer(servicer, pb_grpc.add_DecodeServicer_to_server, SERVICE_NAME)],
+        addr, [Servicer(servicer, pb_grpc.add_DecodeServicer_to_server, SERVICE_NAME), *chaos],
         interceptors=interceptors)
     return server, port, servicer, health

@@ -4,7 +4,9 @@
 pdmesh.registry_watch.RegistryWatch and applies its events (JOINED, LEFT, EXPIRED,
 UPDATED with load). When the stream breaks (registry restarted or unreachable) it
 reconnects every `reconnect_s`, keeping the last known workers routable meanwhile; on
-reconnecting, the member list replaces the pool (members that vanished are dropped).
+reconnecting, the member list replaces the pool: members that vanished stay routable for
+`stale_s` (one lease: a restarted registry starts empty and its workers re-register
+within a heartbeat interval, under new ids) unless one registers at the same address.
 
 `route()` picks what serves one request:
   - mode "pd": a (prefill, decode) pair, each by its own policy;
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
-from pdmesh.config import ROUTING_MODES
+from pdmesh.config import ROUTING_MODES, registry_config_from_env
 from pdmesh.registry_watch import RegistryWatch
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.services.gateway.breaker import Breakers
@@ -64,7 +67,8 @@ class WorkerPool:
 
     def __init__(self, registry_addr: str | None = None, mode: str = "auto",
                  prefill_policy: str = "round_robin", decode_policy: str = "round_robin",
-                 reconnect_s: float = 0.5, breakers: Breakers | None = None) -> None:
+                 reconnect_s: float = 0.5, breakers: Breakers | None = None,
+                 stale_s: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown routing mode {mode!r} (known: {', '.join(MODES)})")
         self.mode = mode
@@ -75,6 +79,9 @@ class WorkerPool:
         self._registry_addr = registry_addr
         self._reconnect_s = reconnect_s
         self._workers: dict[str, Worker] = {}
+        # worker id -> when a resync missed it (kept for stale_s: registry restarts)
+        self._stale: dict[str, float] = {}
+        self.stale_s = registry_config_from_env().lease_s if stale_s is None else stale_s
         self._lock = threading.Lock()
         self._watch: RegistryWatch | None = None
         self.synced = threading.Event()  # set once a member list was applied
@@ -86,9 +93,12 @@ class WorkerPool:
         if w is None:
             return
         with self._lock:
+            if event_type == "JOINED" and self._stale:  # its old id, from before a resync
+                for wid in [wid for wid in self._stale
+                            if self._workers[wid].address == w.address]:
+                    self._drop(wid)
             if event_type in ("LEFT", "EXPIRED"):
-                self._workers.pop(w.worker_id, None)
-                self.breakers.forget(w.worker_id)
+                self._drop(w.worker_id)
             elif event_type == "UPDATED" and w.worker_id in self._workers:
                 self._workers[w.worker_id].load = w.load
             elif event_type in ("JOINED", "UPDATED"):
@@ -96,9 +106,21 @@ class WorkerPool:
                 w.inflight = old.inflight if old else 0
                 self._workers[w.worker_id] = w
 
+    def _drop(self, wid: str) -> None:  # under _lock
+        self._workers.pop(wid, None)
+        self._stale.pop(wid, None)
+        self.breakers.forget(wid)
+
+    def _expire_stale(self) -> None:  # under _lock
+        if self._stale:
+            old = time.monotonic() - self.stale_s
+            for wid in [wid for wid, t in self._stale.items() if t <= old]:
+                self._drop(wid)
+
     def workers(self, role: str | None = None) -> list[Worker]:
         """A snapshot of the members (of one role)."""
         with self._lock:
+            self._expire_stale()
             return [w for w in self._workers.values() if role in (None, w.role)]
 
     def model_ids(self) -> list[str]:
@@ -111,6 +133,7 @@ class WorkerPool:
         `exclude`: worker ids to avoid (a retry's failed workers) unless nothing else is
         left. Call `release(route)` when the request ends."""
         with self._lock:
+            self._expire_stale()
             by_role: dict[str, list[Worker]] = {"PREFILL": [], "DECODE": [], "COLOCATED": []}
             for w in self._workers.values():
                 by_role[w.role].append(w)
@@ -162,10 +185,12 @@ class WorkerPool:
 
     def _replace(self, members) -> None:
         ids = {info.worker_id for info in members}
+        now = time.monotonic()
         with self._lock:
             for wid in [wid for wid in self._workers if wid not in ids]:
-                del self._workers[wid]
-                self.breakers.forget(wid)
+                self._stale.setdefault(wid, now)  # until it re-registers, or stale_s
+            for wid in ids:
+                self._stale.pop(wid, None)
         for info in members:
             self.apply("JOINED", info)
         self.synced.set()

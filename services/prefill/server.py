@@ -38,7 +38,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.host = host
         cfg = host.config
         self.writer = TransportWriter(host.router() if host.transport else None, host.metrics,
-                                      checksum=cfg.kv_checksum, chaos=_chaos(cfg))
+                                      checksum=cfg.kv_checksum, chaos=_chaos(cfg),
+                                      faults=host.chaos)
         self.proto = PrefillProtocol(host.engine, self.writer, cfg.bootstrap_timeout,
                                      self._check_target, mode=Mode.PREFILL_ONLY,
                                      on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc,
@@ -159,7 +160,8 @@ async def _abort(context, e: RoomError) -> None:
 async def create_server(addr: str, host: WorkerHost, interceptors=()):
     """Serve Prefill (+ health, reflection) on `addr`; returns (server, port, servicer, health)."""
     servicer = PrefillServicer(host)
+    chaos = [host.chaos.servicer()] if host.chaos is not None else []  # --chaos
     server, port, health = await create_aio_server(
-        addr, [Servicer(servicer, pb_grpc.add_PrefillServicer_to_server, SERVICE_NAME)],
+        addr, [Servicer(servicer, pb_grpc.add_PrefillServicer_to_server, SERVICE_NAME), *chaos],
         interceptors=interceptors)
     return server, port, servicer, health
