@@ -14,6 +14,13 @@ Facts about Mooncake's Python API this relies on (package 0.3.13):
 - Several engines per process work, and an engine may write into its own registered
   memory (session id = its own), so same-process transfers need no special path.
 - Destroying an engine takes ~0.7 s (it unpublishes its segment).
+- What listens, and where (0.3.13.post1, read in tcp_transport.cpp and seen with `ss`):
+  the handshake RPC port binds 0.0.0.0 and the tcp data port [::] (dual stack), whatever
+  `hostname` says (it only names us in the session id); neither can be restricted from
+  the Python API, and neither authenticates a peer: the data port's protocol is a raw
+  (address, length, read|write) header, so whoever reaches it can read or write any
+  address of the process. Hence the warning at start: keep these ports on a private
+  network (or firewalled to mesh members); pdmesh's TLS covers gRPC only.
 
 Waiting without spinning (read in transfer_engine_py.cpp; the functions named below are
 the same at tag v0.3.12.post1 and on main after 0.3.13, line numbers are v0.3.12.post1's):
@@ -45,6 +52,7 @@ import ctypes
 import os
 import threading
 import time
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -70,6 +78,20 @@ INSTALL = ("pip install mooncake-transfer-engine-non-cuda (CPU) or "
 
 class MooncakeUnavailable(ImportError):
     """mooncake.engine does not import here; str() is one line saying what to install."""
+
+
+log = logging.getLogger(__name__)
+_warned = False
+
+
+def _warn_open_ports(rpc_port: int) -> None:
+    """Once per process: Mooncake's ports are open to every interface, unauthenticated."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("Mooncake transfer engine listens on all interfaces (handshake port %d "
+                    "and a data port) and authenticates no peer: keep them on a private "
+                    "network or firewalled to mesh members (see README, Security)", rpc_port)
 
 
 def unavailable_message(e: BaseException) -> str:
@@ -188,6 +210,7 @@ class MooncakeTransport(Transport):
             raise TransferError(rc, f"initialize({hostname!r}, {metadata_server!r}, "
                                     f"{protocol!r}, {device_name!r})")
         self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
+        _warn_open_ports(self._engine.get_rpc_port())
         self._regions: dict[int, tuple[int, Any]] = {}  # base ptr -> (nbytes, tensor kept alive)
         self._lock = threading.Lock()  # guards _regions, _scratch and _engine against close()
         self._scratch: Any = None  # read_pages' registered landing buffer (uint8 tensor)
