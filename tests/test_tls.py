@@ -83,6 +83,30 @@ def test_tls_file_errors_are_one_line(ca, tmp_path):
     assert material() is None  # nothing given: plaintext
 
 
+def test_flags_and_env(ca, monkeypatch):
+    import argparse
+
+    from pdmesh.commands import auth_flags
+
+    p = argparse.ArgumentParser()
+    auth_flags.add_arguments(p)
+    cert, key, root = tls.dir_files(str(ca))
+    monkeypatch.setenv("PDMESH_TLS_CERT", cert)
+    monkeypatch.setenv("PDMESH_TLS_KEY", key)
+    config = auth_flags.config_from_args(p.parse_args([]))  # env alone
+    assert (config.tls_cert, config.tls_key, config.tls_ca) == (cert, key, None)
+    config = auth_flags.config_from_args(p.parse_args(
+        ["--tls-dir", str(ca), "--tls-ca", str(ca / "client.pem")]))  # flags over dir
+    assert (config.tls_cert, config.tls_ca) == (cert, str(ca / "client.pem"))
+    assert auth_flags.forward(config) == ["--tls-cert", cert, "--tls-key", key,
+                                          "--tls-ca", str(ca / "client.pem")]
+    monkeypatch.delenv("PDMESH_TLS_CERT")
+    monkeypatch.delenv("PDMESH_TLS_KEY")
+    with pytest.raises(tls.TLSError):  # a CA alone: fine for a tool, not for a server
+        auth_flags.config_from_args(p.parse_args(["--tls-ca", root]))
+    assert auth_flags.config_from_args(p.parse_args(["--tls-ca", root]), serves=False).tls_ca
+
+
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pdmesh.cli", *argv], env=worker_env(),
                           capture_output=True, text=True, timeout=120)
@@ -145,7 +169,7 @@ def plaintext_outputs():
 
 @pytest.fixture(scope="module")
 def tls_mesh(ca, plaintext_outputs):  # after the plaintext mesh: one mesh at a time
-    proc, base, lines = start_serve("--tls-dir", str(ca), *MESH_ARGS)
+    proc, base, lines = start_serve("--tls-dir", str(ca), "--colocated", "1", *MESH_ARGS)
     try:
         yield base.replace("http://", "https://"), lines
     finally:
@@ -171,6 +195,7 @@ def test_only_mesh_certificates_reach_internal_services(ca, tls_mesh, tmp_path):
     registry = re.search(r"registry (\S+?),", next(l for l in lines if "serve: ready" in l)).group(1)
     prefill = worker_addresses(lines, "prefill")[0]
     decode = worker_addresses(lines, "decode")[0]
+    colocated = worker_addresses(lines, "colocated")[0]
     root = ca / "ca.pem"
     other = tmp_path / "other"
     tls.mint_dev_ca(other)
@@ -187,20 +212,22 @@ def test_only_mesh_certificates_reach_internal_services(ca, tls_mesh, tmp_path):
         with auth.channel(prefill, token=None, tls=m) as ch:
             _refused(lambda: pgrpc.PrefillStub(ch).Prefill(
                 ppb.PrefillRequest(room=1, token_ids=[1]), timeout=5))
-        with auth.channel(decode, token=None, tls=m) as ch:
-            _refused(lambda: next(dgrpc.DecodeStub(ch).Generate(
-                dpb.DecodeRequest(room=1, token_ids=[1]), timeout=5)))
+        for addr in (decode, colocated):
+            with auth.channel(addr, token=None, tls=m) as ch:
+                _refused(lambda: next(dgrpc.DecodeStub(ch).Generate(
+                    dpb.DecodeRequest(room=1, token_ids=[1]), timeout=5)))
     # the mesh CA's client certificate and no token: past the credential check
     member = material(ca / "client.pem", ca / "client-key.pem", root)
     with auth.channel(registry, token=None, tls=member) as ch:
         stub = rgrpc.RegistryStub(ch)
         workers = stub.ListWorkers(rpb.ListWorkersRequest(), timeout=5).workers
-        assert sorted(w.address for w in workers) == sorted([prefill, decode])  # no fake
+        assert sorted(w.address for w in workers) == sorted([prefill, decode, colocated])
         with pytest.raises(grpc.RpcError) as e:  # a write, authorized: unknown worker
             stub.Heartbeat(rpb.HeartbeatRequest(worker_id="nobody"), timeout=5)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    with auth.channel(decode, token=None, tls=member) as ch:
-        assert dgrpc.DecodeStub(ch).Stats(dpb.StatsRequest(), timeout=5).total_pages > 0
+    for addr in (decode, colocated):
+        with auth.channel(addr, token=None, tls=member) as ch:
+            assert dgrpc.DecodeStub(ch).Stats(dpb.StatsRequest(), timeout=5).total_pages > 0
 
 
 def test_gateway_ports_take_tls_without_client_certificate(ca, tls_mesh):
