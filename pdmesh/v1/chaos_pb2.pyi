@@ -97,7 +97,7 @@ class ChaosStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ChaosState(_message.Message):
-    __slots__ = ("role", "kv_writes_armed", "kv_write_action", "heartbeat_fault_left_s", "rpcs_armed", "engine_fault_left_s", "fired")
+    __slots__ = ("role", "kv_writes_armed", "kv_write_action", "heartbeat_fault_left_s", "rpcs_armed", "engine_fault_left_s", "fired", "pid")
     class RpcsArmedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ChaosState(_message.Message):
     RPCS_ARMED_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FAULT_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     FIRED_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     role: str
     kv_writes_armed: int
     kv_write_action: str
@@ -119,4 +120,5 @@ class ChaosState(_message.Message):
     rpcs_armed: _containers.ScalarMap[str, int]
     engine_fault_left_s: float
     fired: int
-    def __init__(self, role: _Optional[str] = ..., kv_writes_armed: _Optional[int] = ..., kv_write_action: _Optional[str] = ..., heartbeat_fault_left_s: _Optional[float] = ..., rpcs_armed: _Optional[_Mapping[str, int]] = ..., engine_fault_left_s: _Optional[float] = ..., fired: _Optional[int] = ...) -> None: ...
+    pid: int
+    def __init__(self, role: _Optional[str] = ..., kv_writes_armed: _Optional[int] = ..., kv_write_action: _Optional[str] = ..., heartbeat_fault_left_s: _Optional[float] = ..., rpcs_armed: _Optional[_Mapping[str, int]] = ..., engine_fault_left_s: _Optional[float] = ..., fired: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...

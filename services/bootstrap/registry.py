@@ -159,6 +159,12 @@ class LeaseTable:
                 self._emit(Event(EXPIRED, w))
             return dead
 
+    def next_expiry_in(self) -> float:
+        """Seconds until the first lease runs out (inf with no members)."""
+        with self._lock:
+            first = min((w.last_seen for w in self._workers.values()), default=None)
+        return float("inf") if first is None else first + self.config.lease_s - self._clock()
+
     def extend(self, seconds: float) -> None:
         """Add `seconds` to every lease: the registry itself was not running (stopped,
         paused) for that long, so the silence is not the workers'."""

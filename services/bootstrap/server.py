@@ -124,19 +124,21 @@ class RegistryServer:
         self._reaper = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> None:
-        # a quarter interval (at most 0.25 s) keeps expiry within that of the lease
+        # wake when the first lease runs out (at least every quarter interval, at most
+        # 0.25 s): a dead worker is expired on time, not up to a period after its lease
         period = min(self.table.config.heartbeat_interval / 4, 0.25)
         loop = asyncio.get_running_loop()
         last = loop.time()
         while True:
-            await asyncio.sleep(period)
+            nap = max(0.002, min(period, self.table.next_expiry_in() + 0.001))
+            await asyncio.sleep(nap)
             now = loop.time()
-            if now - last > period + max(1.0, self.table.config.heartbeat_interval):
+            if now - last > nap + max(1.0, self.table.config.heartbeat_interval):
                 # this process did not run (SIGSTOP, a paused VM): the missed beats are
                 # ours, not the workers' -- expiring everyone now would be wrong
                 logging.getLogger(__name__).warning(
-                    "registry was not running for %.1f s; leases extended", now - last - period)
-                self.table.extend(now - last - period)
+                    "registry was not running for %.1f s; leases extended", now - last - nap)
+                self.table.extend(now - last - nap)
             last = now
             self.table.expire()
 

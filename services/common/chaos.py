@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -127,7 +128,7 @@ class Chaos:
             heartbeat_fault_left_s=max(0.0, self.hb_until - now),
             rpcs_armed={m: a[1] for m, a in self.rpcs.items() if a[1] > 0},
             engine_fault_left_s=max(0.0, self.engine_until - now) if self._engine_task else 0.0,
-            fired=self.fired)
+            fired=self.fired, pid=os.getpid())
 
     # ---- hooks ----------------------------------------------------------------------
     async def kv_write(self, room: int) -> bool:
