@@ -202,6 +202,19 @@ def ssl_server_context(material: TLSMaterial) -> Any:
     return ctx
 
 
+def unavailable_hint(code_name: str) -> str:
+    """What to add to an UNAVAILABLE error about a peer: a TLS mismatch fails this way
+    (a handshake the other side closed), indistinguishable from a dead peer."""
+    if code_name != "UNAVAILABLE":
+        return ""
+    m = current()
+    if m is None:
+        return " (if that port serves TLS, give this process the mesh's --tls-* flags)"
+    return (" (TLS: check that the peer serves TLS, that its certificate chains to "
+            f"--tls-ca{'' if m.mutual else ' or the system roots'} and names the address "
+            "dialed, and that it trusts this process's certificate)")
+
+
 # ---- a dev CA --------------------------------------------------------------------------
 def mint_dev_ca(out_dir: str | os.PathLike, hosts: list[str] | tuple[str, ...] = (),
                 days: int = 365) -> dict[str, Path]:

@@ -246,3 +246,16 @@ def test_gateway_ports_take_tls_without_client_certificate(ca, tls_mesh):
         httpx.get(base.replace("https://", "http://") + "/models", timeout=5)
     with pytest.raises(httpx.HTTPError):  # a client that does not trust the mesh's CA
         httpx.get(f"{base}/models", timeout=5)
+
+
+def test_a_plaintext_worker_cannot_join_a_tls_mesh(tls_mesh):
+    """It is refused at the handshake: exit 1, one error line that names TLS."""
+    _, lines = tls_mesh
+    registry = re.search(r"registry (\S+?),", next(l for l in lines if "serve: ready" in l)).group(1)
+    run = _cli("decode", "--role", "colocated", "--registry", registry, "--port", "0",
+               "--kv-cache-bytes", "20000000")
+    assert run.returncode == 1, run.stdout + run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "refused this colocated worker: UNAVAILABLE" in errors[0]
+    assert "give this process the mesh's --tls-* flags" in errors[0]

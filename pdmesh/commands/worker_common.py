@@ -130,6 +130,7 @@ async def _serve(host, telemetry, create_server) -> int:
     """The worker's life on its event loop: serve, register, wait for a signal, drain."""
     import grpc
 
+    from pdmesh import tls
     from pdmesh.grpc_util import stop_aio_gracefully
     from pdmesh.services.common.observe import WorkerObservability
 
@@ -162,7 +163,8 @@ async def _serve(host, telemetry, create_server) -> int:
         await host.start_registry(address, servicer.load, servicer.peer_gone)
     except grpc.RpcError as e:  # refused (wrong cluster token, layout...): one line, no traceback
         print(f"error: the registry at {worker.registry} refused this {worker.role} worker: "
-              f"{e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+              f"{e.code().name}: {e.details()}{tls.unavailable_hint(e.code().name)}",
+              file=sys.stderr, flush=True)
         await server.stop(0)
         obs.stop()
         await servicer.close()
