@@ -325,7 +325,7 @@ def engine_worker(spec_path: str) -> int:
 def summary_dict(s) -> dict:
     return {"concurrency": s.concurrency, "number": s.number, "completed": s.completed,
             "failed": s.failed, "duration_s": s.duration_s, "output_tok_s": s.output_tok_s,
-            "ttft_mean": s.ttft.mean, "ttft_p99": s.ttft.p99, "tpot_mean": s.tpot.mean,
+            "ttft_mean": s.ttft.mean, "ttft_median": s.ttft.median, "ttft_p99": s.ttft.p99, "tpot_mean": s.tpot.mean,
             "tpot_p99": s.tpot.p99, "itl_mean": s.itl.mean, "errors": list(s.errors)}
 
 
@@ -477,7 +477,8 @@ async def served_levels(args, mode: str, url: str, workload) -> tuple[list[dict]
     for c, n in level_sizes(args):
         s, _ = await run_fixed(cfg, workload, c, n, label=mode, warmup_requests=1, progress=False)
         log(f"{mode} c={c} n={n}: {s.completed} ok, {s.failed} failed, {s.output_tok_s:.0f} out "
-            f"tok/s, TTFT {1e3 * s.ttft.mean:.1f} ms, TPOT {1e3 * s.tpot.mean:.2f} ms"
+            f"tok/s, TTFT {1e3 * s.ttft.mean:.1f} ms (median {1e3 * s.ttft.median:.1f}, P99 "
+            f"{1e3 * s.ttft.p99:.1f}), TPOT {1e3 * s.tpot.mean:.2f} ms"
             + (f" ({s.errors[0]})" if s.errors else ""))
         results.append(summary_dict(s))
     return results, cfg

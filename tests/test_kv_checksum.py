@@ -53,3 +53,21 @@ def test_gpu_equals_cpu():
     src, _ = pools()
     for algo in ALGOS:
         assert pages_checksum(src.cuda(), [1, 3], algo) == pages_checksum(src, [1, 3], algo)
+
+
+@pytest.mark.parametrize("chunk_words", [1, 100, 16 << 20])
+def test_wsum64_is_the_same_whatever_the_chunking(monkeypatch, chunk_words):
+    """wsum64 digests pages a chunk at a time; the value is the per-page definition's
+    (sum over positions i of m_i * sum_j w_j * x_ij, mod 2^64) for any chunk size."""
+    from pdmesh.transfer import checksum as c
+    pool = torch.randint(-1000, 1000, (12, 2, 3, 16), generator=torch.Generator().manual_seed(1))
+    pool = pool.to(torch.bfloat16)
+    pages = [7, 2, 2, 0, 11, 5]
+    w = c._table(pool[0].numel() // 2, pool.device)
+    m = c._table(len(pages), pool.device, offset=1)
+    want = 0
+    for i, p in enumerate(pages):
+        x = [int(v) for v in pool[p].reshape(-1).view(torch.int32).tolist()]
+        want += m[i].item() * sum(a * b for a, b in zip(x, w.tolist()))
+    monkeypatch.setattr(c, "_CHUNK_WORDS", chunk_words)
+    assert pages_checksum(pool, pages, "wsum64") == want & ((1 << 64) - 1)

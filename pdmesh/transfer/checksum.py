@@ -35,6 +35,7 @@ CRC32, WSUM64 = "crc32", "wsum64"
 ALGOS = (CRC32, WSUM64)
 _MASK = (1 << 64) - 1
 _SEED = 0x5EED_C0DE
+_CHUNK_WORDS = 16 << 20  # int64 words per wsum64 temporary (128 MiB)
 _weights: dict[tuple[int, str], torch.Tensor] = {}  # (words per page, device) -> int64
 
 
@@ -82,10 +83,17 @@ def _wsum64(pool: Any, pages: Sequence[int]) -> int:
     dev = pool.device
     w = _table(words, dev)
     m = _table(len(pages), dev, offset=1)  # per position: a swapped page changes the sum
+    ids = torch.tensor(list(pages), dtype=torch.int64, device=dev)
+    flat = pool.reshape(pool.shape[0], -1)  # [num_pages, page elements]: a view
     total = torch.zeros((), dtype=torch.int64, device=dev)
-    for i, p in enumerate(pages):  # one page at a time: no [n, words] int64 temporary
-        x = pool[p].contiguous().view(torch.int32).reshape(-1).to(torch.int64)
-        total += (x * w).sum() * m[i]  # int64 wraps mod 2^64: exact and associative
+    # pages in chunks of _CHUNK_WORDS int64 temporaries: a handful of device ops per
+    # chunk, not per page (a per-page loop cost ~30 ms for 264 pages on an H200)
+    step = max(1, _CHUNK_WORDS // words)
+    for i in range(0, len(pages), step):
+        x = flat.index_select(0, ids[i:i + step])  # [c, page elements] copy
+        x = x.view(torch.int32).to(torch.int64)    # [c, words]
+        # int64 wraps mod 2^64: exact and associative, so any grouping gives one value
+        total += ((x * w).sum(1) * m[i:i + step]).sum()
     return int(total.item()) & _MASK
 
 
