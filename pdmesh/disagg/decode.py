@@ -188,6 +188,9 @@ class DecodeProtocol:
         if task in done and room.error is None:
             return task.result()
         task.cancel()
+        # the call may have failed too (the same fault that failed the room): its error
+        # is the room's, not one to log as "Task exception was never retrieved"
+        task.add_done_callback(_consume)
         if room.error is not None:
             raise room.error
         raise self._timeout_error(room, what)
@@ -237,3 +240,9 @@ class DecodeProtocol:
             return True
         except RoomError:
             return self.liveness is not None and self.liveness.is_gone(address)
+
+
+def _consume(task: asyncio.Future) -> None:
+    """Retrieve an abandoned task's outcome (so asyncio does not log it)."""
+    if not task.cancelled():
+        task.exception()
