@@ -57,7 +57,8 @@ def test_gpu_equals_cpu():
 
 @pytest.mark.parametrize("chunk_words", [1, 100, 16 << 20])
 def test_wsum64_is_the_same_whatever_the_chunking(monkeypatch, chunk_words):
-    """wsum64 digests pages a chunk at a time; the value is the per-page definition's
+    """wsum64 digests pages a chunk at a time on a GPU, one at a time on a CPU; the value
+    is the definition's
     (sum over positions i of m_i * sum_j w_j * x_ij, mod 2^64) for any chunk size."""
     from pdmesh.transfer import checksum as c
     pool = torch.randint(-1000, 1000, (12, 2, 3, 16), generator=torch.Generator().manual_seed(1))
@@ -70,4 +71,6 @@ def test_wsum64_is_the_same_whatever_the_chunking(monkeypatch, chunk_words):
         x = [int(v) for v in pool[p].reshape(-1).view(torch.int32).tolist()]
         want += m[i].item() * sum(a * b for a, b in zip(x, w.tolist()))
     monkeypatch.setattr(c, "_CHUNK_WORDS", chunk_words)
-    assert pages_checksum(pool, pages, "wsum64") == want & ((1 << 64) - 1)
+    mask = (1 << 64) - 1
+    assert int(c._chunked(pool, pages, w, m).item()) & mask == want & mask  # the GPU's way
+    assert pages_checksum(pool, pages, "wsum64") == want & mask

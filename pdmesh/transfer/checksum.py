@@ -80,21 +80,35 @@ def _wsum64(pool: Any, pages: Sequence[int]) -> int:
     if not pages:
         return 0
     words = _page_bytes(pool) // 4
+    w = _table(words, pool.device)
+    m = _table(len(pages), pool.device, offset=1)  # per position: swapped pages differ
+    # int64 wraps mod 2^64: exact and associative, so any grouping gives one value
+    total = (_chunked if pool.device.type == "cuda" else _per_page)(pool, pages, w, m)
+    return int(total.item()) & _MASK
+
+
+def _per_page(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor) -> Any:
+    """One page at a time: no [n, words] temporary (on a CPU it stays in cache)."""
+    total = torch.zeros((), dtype=torch.int64, device=pool.device)
+    for i, p in enumerate(pages):
+        x = pool[p].contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+        total += (x * w).sum() * m[i]
+    return total
+
+
+def _chunked(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor) -> Any:
+    """Pages in chunks of _CHUNK_WORDS int64 temporaries: a handful of device ops per
+    chunk, not per page (benchmarks/checksum_speed.py times both on a GPU)."""
     dev = pool.device
-    w = _table(words, dev)
-    m = _table(len(pages), dev, offset=1)  # per position: a swapped page changes the sum
     ids = torch.tensor(list(pages), dtype=torch.int64, device=dev)
     flat = pool.reshape(pool.shape[0], -1)  # [num_pages, page elements]: a view
     total = torch.zeros((), dtype=torch.int64, device=dev)
-    # pages in chunks of _CHUNK_WORDS int64 temporaries: a handful of device ops per
-    # chunk, not per page (a per-page loop cost ~30 ms for 264 pages on an H200)
-    step = max(1, _CHUNK_WORDS // words)
+    step = max(1, _CHUNK_WORDS // w.numel())
     for i in range(0, len(pages), step):
-        x = flat.index_select(0, ids[i:i + step])  # [c, page elements] copy
+        x = flat.index_select(0, ids[i:i + step])  # [c, page elements]: a copy
         x = x.view(torch.int32).to(torch.int64)    # [c, words]
-        # int64 wraps mod 2^64: exact and associative, so any grouping gives one value
         total += ((x * w).sum(1) * m[i:i + step]).sum()
-    return int(total.item()) & _MASK
+    return total
 
 
 def _table(n: int, device: Any, offset: int = 0) -> torch.Tensor:
