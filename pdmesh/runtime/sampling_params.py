@@ -6,12 +6,17 @@ names the offending field and value (the API layer turns it into a 400).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 # Temperatures below this are treated as greedy (same threshold as vLLM).
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
+# Repetition penalties outside this range push fp32 logits to inf (1e-308 did: the
+# softmax turned NaN and the engine thread died, found by benchmarks/fuzz.py); sglang
+# bounds it to [0, 2]. Anything useful is well inside.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 def _as_tuple(value: str | Sequence | None, field: str) -> tuple:
@@ -79,8 +84,9 @@ class SamplingParams:
 
     def _validate_distribution(self) -> None:
         # `not (a <= x)` also rejects NaN
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:  # inf: -inf masks / inf = NaN
+            raise ValueError(f"temperature must be a finite non-negative number, got "
+                             f"{self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
@@ -91,8 +97,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     def _validate_penalties(self) -> None:
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be greater than 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                             f"{MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:

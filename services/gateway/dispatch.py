@@ -62,6 +62,9 @@ class ModelInfo:
     name: str
     tokenizer: Tokenizer
     max_model_len: int
+    # token ids a prompt may hold are [0, vocab_size) (None: not checked here, the
+    # workers still check)
+    vocab_size: int | None = None
 
 
 def load_model_info(model: str, served_name: str | None = None,
@@ -80,7 +83,7 @@ def load_model_info(model: str, served_name: str | None = None,
         config = read_hf_config(path)
     tokenizer = Tokenizer.from_path(path, eos_token_ids=config.eos_token_ids)
     return ModelInfo(served_name or model, tokenizer,
-                     max_model_len or config.max_position_embeddings)
+                     max_model_len or config.max_position_embeddings, config.vocab_size)
 
 
 @dataclass

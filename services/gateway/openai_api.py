@@ -5,11 +5,12 @@ says what is wrong; the servicer turns it into a gRPC status, REST into a 4xx.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import openai_pb2 as opb
@@ -34,9 +35,28 @@ def check_model(model: str, info: ModelInfo) -> None:
                            f"The model `{model}` does not exist (served: {info.name}).")
 
 
+def value_to_py(value: struct_pb2.Value) -> Any:
+    """A google.protobuf.Value as Python (None, float, str, bool, dict, list). Unlike
+    json_format.MessageToDict it takes any value a gRPC client can send: a NaN or an
+    infinite number_value (which MessageToDict refuses with a ValueError: a 500 before)
+    is returned as the float, for the caller's type checks to refuse."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: value_to_py(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [value_to_py(v) for v in value.list_value.values]
+    return None  # null_value or unset
+
+
 def value_strings(value: struct_pb2.Value, name: str) -> list[str]:
     """A google.protobuf.Value that is null, a string or a list of strings."""
-    v = json_format.MessageToDict(value) if value.WhichOneof("kind") else None
+    v = value_to_py(value)
     if v is None:
         return []
     if isinstance(v, str):
@@ -52,7 +72,7 @@ def message_content(msg: opb.ChatMessage, i: int) -> str:
     if kind == "string_value":
         return msg.content.string_value
     if kind == "list_value":
-        parts = json_format.MessageToDict(msg.content)
+        parts = value_to_py(msg.content)
         if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                for p in parts):
             return "".join(p["text"] for p in parts)
@@ -82,16 +102,28 @@ def chat_prompt(messages, info: ModelInfo) -> list[int]:
 
 def completion_prompt(prompt: struct_pb2.Value, info: ModelInfo) -> list[int]:
     """A string or a list of token ids (or a list holding exactly one of those)."""
-    v = json_format.MessageToDict(prompt) if prompt.WhichOneof("kind") else None
+    v = value_to_py(prompt)
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
         v = v[0]
     if isinstance(v, str) and v:
         return info.tokenizer.encode(v)
-    if isinstance(v, list) and v and all(isinstance(t, (int, float)) and t == int(t) and t >= 0
-                                         for t in v):
-        return [int(t) for t in v]
+    if isinstance(v, list) and v and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+            and t == int(t) and t >= 0 for t in v):
+        return check_token_ids([int(t) for t in v], info, "prompt")
     raise invalid("'prompt' must be a non-empty string or a list of token ids "
                   "(one prompt per request)")
+
+
+def check_token_ids(ids: list[int], info: ModelInfo, name: str) -> list[int]:
+    """`ids` when every one is in the model's vocabulary; INVALID_ARGUMENT otherwise (an id
+    past it would reach the tokenizer and the workers' protos: 1e30 did, as a 500)."""
+    limit = info.vocab_size or (1 << 32)
+    bad = [t for t in ids if not 0 <= t < limit]
+    if bad:
+        raise invalid(f"'{name}' holds token ids outside the vocabulary [0, {limit}): "
+                      f"{bad[:5]}")
+    return ids
 
 
 def sampling(req, prompt_len: int, info: ModelInfo, max_tokens: int | None,

@@ -104,7 +104,8 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             oa.check_model(request.model, self.model)
             if bool(request.text) == bool(request.token_ids):
                 raise oa.invalid("exactly one of 'text' and 'token_ids' must be set")
-            ids = list(request.token_ids) or self.model.tokenizer.encode(request.text)
+            ids = oa.check_token_ids(list(request.token_ids), self.model, "token_ids") \
+                or self.model.tokenizer.encode(request.text)
             return ids, self._native_sampling(request.sampling_params, len(ids))
         obs = self._observe("Generate", "text_completion")
         ids, sp = await self._prepare(context, obs, prepare, request)
