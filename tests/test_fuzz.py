@@ -29,6 +29,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fuzz  # noqa: E402  (benchmarks/fuzz.py)
 
+from pdmesh.v1 import common_pb2 as cpb  # noqa: E402
 from pdmesh.v1 import gateway_pb2 as gpb  # noqa: E402
 from pdmesh.v1 import gateway_pb2_grpc as gpb_grpc  # noqa: E402
 from pdmesh.v1 import openai_pb2 as opb  # noqa: E402
@@ -166,3 +167,83 @@ def test_fuzz_rest_and_grpc(mesh):
     assert (fuzz.greedy_rest(mesh.rest, fuzz.API_KEY),
             fuzz.greedy_grpc(mesh.grpc, fuzz.API_KEY)) == mesh.ref
     assert fuzz.wait_pages_free(mesh, 10), fuzz.pages_in_use(mesh)
+
+
+def test_a_grpc_deadline_goes_on_to_both_legs():
+    """The dispatcher gives both worker calls what is left of the client's deadline."""
+    from types import SimpleNamespace
+
+    from pdmesh.services.gateway.dispatch import Dispatcher
+    from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc
+
+    seen = {}
+
+    class Stub:
+        def __init__(self, leg):
+            self.leg = leg
+
+        def __getattr__(self, method):
+            return lambda request, **kw: seen.setdefault(self.leg, kw)
+
+    d = Dispatcher(SimpleNamespace(breakers=SimpleNamespace(metrics=None)),
+                   SimpleNamespace(name="default"))
+    d._stubs[("D:1", decode_pb2_grpc.DecodeStub)] = Stub("decode")
+    d._stubs[("P:1", prefill_pb2_grpc.PrefillStub)] = Stub("prefill")
+    route = SimpleNamespace(decode=SimpleNamespace(address="D:1", worker_id="d"),
+                            prefill=SimpleNamespace(address="P:1", worker_id="p"))
+    d._calls(route, 7, [1, 2], cpb.SamplingParams(), deadline=time.monotonic() + 5)
+    assert 4.5 < seen["decode"]["timeout"] <= 5 and 4.5 < seen["prefill"]["timeout"] <= 5
+    seen.clear()
+    d._calls(route, 7, [1, 2], cpb.SamplingParams())  # no deadline: none on the legs
+    assert seen["decode"]["timeout"] is None and seen["prefill"]["timeout"] is None
+
+
+def test_a_passed_grpc_deadline_frees_everything(mesh):
+    """A gRPC client whose deadline passes mid-generation gets DEADLINE_EXCEEDED at its
+    deadline; both legs end, every KV page comes back, and the mesh serves as before."""
+    with grpc.insecure_channel(mesh.grpc) as ch:
+        stub = gpb_grpc.GatewayStub(ch)
+        for deadline in (0.05, 0.3, 1.0):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(gpb.GenerateRequest(
+                    text="Count to one hundred:", sampling_params=cpb.SamplingParams(
+                        max_tokens=48, ignore_eos=True, temperature=0)),
+                    metadata=[("authorization", f"Bearer {fuzz.API_KEY}")],
+                    timeout=deadline))
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - t0 < deadline + 1.0
+    assert fuzz.wait_pages_free(mesh, 15), fuzz.pages_in_use(mesh)
+    assert (fuzz.greedy_rest(mesh.rest, fuzz.API_KEY),
+            fuzz.greedy_grpc(mesh.grpc, fuzz.API_KEY)) == mesh.ref
+
+
+_ANY_FLOAT = (fuzz.st.floats(allow_nan=True, allow_infinity=True)
+              | fuzz.st.floats(-3, 3) | fuzz.st.sampled_from([0.0, 1e-308, 1e308, 1e-40]))
+
+
+@fuzz.settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@fuzz.given(temperature=_ANY_FLOAT, top_p=_ANY_FLOAT, min_p=_ANY_FLOAT,
+            repetition_penalty=_ANY_FLOAT, frequency_penalty=_ANY_FLOAT,
+            presence_penalty=_ANY_FLOAT, top_k=fuzz.st.integers(-2, 100),
+            min_tokens=fuzz.st.integers(0, 3), masked=fuzz.st.integers(0, 31),
+            logprobs=fuzz.st.none() | fuzz.st.integers(0, 20))
+def test_every_accepted_sampling_params_samples(**kw):
+    """What the fuzzer found twice (repetition_penalty 1e-308, then temperature 1e308 or
+    top_p 1e-308: NaN probabilities, and the engine thread died): whatever SamplingParams
+    accepts, the sampler draws a token from, masks (min_tokens) and penalties included."""
+    import torch
+
+    from pdmesh.runtime.sampler import SamplingRow, sample
+    from pdmesh.runtime.sampling_params import SamplingParams
+
+    masked = kw.pop("masked")
+    try:
+        params = SamplingParams(max_tokens=4, **kw)
+    except ValueError:
+        return  # refused: a 400 at the gateway, INVALID_ARGUMENT at a worker
+    logits = torch.randn(2, 32) * 10
+    rows = [SamplingRow(params, [1, 2, 3, masked], [masked, 4], None, (masked, 5)),
+            SamplingRow(params, [7], [], None, ())]
+    for tok in sample(logits, rows):
+        assert 0 <= tok.token_id < 32

@@ -6,7 +6,6 @@ names the offending field and value (the API layer turns it into a 400).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,6 +16,12 @@ MAX_LOGPROBS = 20
 # softmax turned NaN and the engine thread died, found by benchmarks/fuzz.py); sglang
 # bounds it to [0, 2]. Anything useful is well inside.
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# The samplers work in float32: a temperature past its range (1e308) becomes inf there
+# and turns masked (-inf) logits into NaN; beyond 1e6 every token is as likely anyway.
+MAX_TEMPERATURE = 1e6
+# A top_p below float32's range (1e-308) becomes 0 there and masks every token (NaN
+# again); any top_p this small keeps only the most likely token, as this one does.
+MIN_TOP_P = 1e-6
 
 
 def _as_tuple(value: str | Sequence | None, field: str) -> tuple:
@@ -84,11 +89,12 @@ class SamplingParams:
 
     def _validate_distribution(self) -> None:
         # `not (a <= x)` also rejects NaN
-        if not 0.0 <= self.temperature < math.inf:  # inf: -inf masks / inf = NaN
-            raise ValueError(f"temperature must be a finite non-negative number, got "
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got "
                              f"{self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "top_p", max(self.top_p, MIN_TOP_P))  # see MIN_TOP_P
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k < -1:
