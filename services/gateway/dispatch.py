@@ -152,12 +152,16 @@ class Dispatcher:
 
     async def generate(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
                        detokenize: bool = True, obs: RequestObserver | None = None,
-                       ) -> AsyncIterator[Delta]:
+                       timeout: float | None = None) -> AsyncIterator[Delta]:
         """Run one request; yields Deltas, the last with finish_reason and usage.
         Raises GatewayError (RESOURCE_EXHAUSTED when admission turns it away, UNAVAILABLE
-        when no route or a leg failed). `obs` (spans, metrics) is told the route, every
-        token message and both legs' timings. The request holds an admission slot from
-        before routing until it ends, however it ends, retries included."""
+        when no route or a leg failed, DEADLINE_EXCEEDED when `timeout` seconds passed).
+        `obs` (spans, metrics) is told the route, every token message and both legs'
+        timings. The request holds an admission slot from before routing until it ends,
+        however it ends, retries included. `timeout` (the client's deadline) goes to both
+        legs as their gRPC deadline: the workers free the room when it passes, whatever
+        happens to the gateway."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         detok = IncrementalDetokenizer(
             self.model.tokenizer, prompt_ids,
             skip_special_tokens=sampling.skip_special_tokens
@@ -175,7 +179,7 @@ class Dispatcher:
                     await asyncio.sleep(self.retry.backoff(attempt - 1))
                 async with contextlib.aclosing(self._attempt(
                         prompt_ids, sampling, detok, obs, failed,
-                        attempt < self.retry.max_attempts)) as deltas:
+                        attempt < self.retry.max_attempts, deadline)) as deltas:
                     async for delta in deltas:
                         if delta is None:
                             break  # failed before any token and retryable: next pair
@@ -187,9 +191,13 @@ class Dispatcher:
 
     async def _attempt(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
                        detok: IncrementalDetokenizer | None, obs: RequestObserver | None,
-                       failed: set[str], may_retry: bool) -> AsyncIterator[Delta | None]:
+                       failed: set[str], may_retry: bool, deadline: float | None = None,
+                       ) -> AsyncIterator[Delta | None]:
         """One try on one pair: yields its Deltas, or a single None when it failed before
-        its first token in a way another pair may not (the failed worker joins `failed`)."""
+        its first token in a way another pair may not (the failed worker joins `failed`).
+        Past `deadline` (time.monotonic()) it raises DEADLINE_EXCEEDED: the client's
+        deadline, not the workers' fault (no breaker failure, no retry)."""
+        _check_deadline(deadline)
         try:
             route = self.pool.route(frozenset(failed))
         except NoRoute as e:
@@ -199,13 +207,19 @@ class Dispatcher:
             if obs is not None:
                 obs.routed(route, room, "pd" if route.prefill else "colocated", route.why)
             async with contextlib.aclosing(self._deltas(route, room, prompt_ids, sampling,
-                                                        detok, obs)) as deltas:
+                                                        detok, obs, deadline)) as deltas:
                 async for delta in deltas:
                     if not sent:  # the pair delivered: the prefill ran, the KV arrived
                         sent = True
                         self._succeeded(route)
                     yield delta
         except LegFailed as f:
+            if deadline is not None and (f.worker_code == grpc.StatusCode.DEADLINE_EXCEEDED
+                                         or time.monotonic() >= deadline):
+                # the client's deadline, which the legs carried: not the workers' fault
+                raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "The request's deadline passed before it completed.") \
+                    from None
             if not self.retry.retryable(f.worker_code):
                 raise  # the request's own fault: the same on any worker
             self.pool.breakers.failure(f.worker)
@@ -220,12 +234,13 @@ class Dispatcher:
 
     async def _deltas(self, route: Route, room: int, prompt_ids: list[int],
                       sampling: cpb.SamplingParams, detok: IncrementalDetokenizer | None,
-                      obs: RequestObserver | None) -> AsyncIterator[Delta]:
+                      obs: RequestObserver | None, deadline: float | None = None,
+                      ) -> AsyncIterator[Delta]:
         """The pair's token stream as Deltas (text, stop strings, usage)."""
         completion = 0
         # aclosing: returning early (stop string) cancels both calls now, not when collected
         async with contextlib.aclosing(self._legs(route, room, prompt_ids, sampling,
-                                                  obs)) as chunks:
+                                                  obs, deadline)) as chunks:
             async for chunk in chunks:
                 if obs is not None:
                     obs.tokens(len(chunk.token_ids))
@@ -266,29 +281,31 @@ class Dispatcher:
         return False
 
     def _calls(self, route: Route, room: int, prompt_ids: list[int],
-               sampling: cpb.SamplingParams):
-        """Start both legs: (decode stream call, prefill call or None)."""
+               sampling: cpb.SamplingParams, deadline: float | None = None):
+        """Start both legs: (decode stream call, prefill call or None), each with what is
+        left of `deadline` as its gRPC deadline."""
         d, p = route.decode, route.prefill
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
         dcall = self._stub(d.address, decode_pb2_grpc.DecodeStub).Generate(
             decode_pb2.DecodeRequest(
                 room=room, prefill_worker_id=p.worker_id if p else "",
                 prefill_address=p.address if p else "", token_ids=prompt_ids,
-                sampling_params=sampling))
+                sampling_params=sampling), timeout=timeout)
         pcall = None
         if p is not None:
             pcall = self._stub(p.address, prefill_pb2_grpc.PrefillStub).Prefill(
                 prefill_pb2.PrefillRequest(room=room, decode_worker_id=d.worker_id,
                                            decode_address=d.address, token_ids=prompt_ids,
-                                           sampling_params=sampling))
+                                           sampling_params=sampling), timeout=timeout)
         return dcall, pcall
 
     async def _legs(self, route: Route, room: int, prompt_ids: list[int],
                     sampling: cpb.SamplingParams, obs: RequestObserver | None = None,
-                    ) -> AsyncIterator[decode_pb2.DecodeChunk]:
+                    deadline: float | None = None) -> AsyncIterator[decode_pb2.DecodeChunk]:
         d, p = route.decode, route.prefill
         # the calls' client spans (and traceparent) hang under the request's span
         with tracing.attached(obs.context if obs is not None else None):
-            dcall, pcall = self._calls(route, room, prompt_ids, sampling)
+            dcall, pcall = self._calls(route, room, prompt_ids, sampling, deadline)
             ptask = asyncio.ensure_future(pcall) if pcall is not None else None
         if ptask is not None:
             if obs is not None:
@@ -327,6 +344,13 @@ class Dispatcher:
             return LegFailed("decode", d, grpc.StatusCode.UNAVAILABLE,
                              f"decode worker {d.address} failed")
         return _leg_error("decode", d, e)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    """DEADLINE_EXCEEDED once `deadline` (time.monotonic()) has passed."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "The request's deadline passed before it completed.")
 
 
 def _usage(prompt: int, completion: int, reported: cpb.Usage) -> cpb.Usage:
