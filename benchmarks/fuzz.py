@@ -476,7 +476,7 @@ def greedy_rest(rest: str, key: str) -> str:
         data=json.dumps({"model": "default", "prompt": GREEDY_PROMPT, "max_tokens": 8,
                          "temperature": 0}).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
+    with urllib.request.urlopen(req, timeout=60) as r:
         return json.load(r)["choices"][0]["text"]
 
 
@@ -571,6 +571,14 @@ def run(args) -> int:
                   f"past deadline {c[1].past_deadline}); serve alive {mesh.alive()}",
                   flush=True)
             if not mesh.alive():
+                break
+            try:  # between batches: still serving the greedy prompt? (a hang stops the run)
+                same = greedy_rest(mesh.rest, API_KEY) == ref_text
+            except Exception as e:  # noqa: BLE001 - timed out or refused
+                same = False
+                print(f"the mesh stopped serving: {e!r}", flush=True)
+            if not same:
+                print("the greedy prompt failed between batches; stopping", flush=True)
                 break
         elapsed = time.monotonic() - t0
         alive = mesh.alive()
