@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 from pdmesh.disagg.ports import (Code, KVReceiver, Liveness, PrefillPeers, RoomError,
                                  TransferReply)
 from pdmesh.disagg.quarantine import Quarantine
+from pdmesh.disagg.shedding import check_load
 
 # Errors from the prefill's Transfer passed through as they are; the rest -> UNAVAILABLE.
 _PASS_THROUGH = {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.DEADLINE_EXCEEDED,
@@ -71,7 +72,7 @@ class DecodeProtocol:
     def __init__(self, engine: Any, peers: PrefillPeers | None, kv: KVReceiver | None,
                  target_for: Any, waiting_timeout: float, liveness: Liveness | None = None,
                  modes: tuple[Any, Any] = (ADOPTED, GENERATE), stream_interval: int = 1,
-                 on_integrity_failure: Any = lambda: None) -> None:
+                 on_integrity_failure: Any = lambda: None, shed_queued: int = 0) -> None:
         """`target_for(pages) -> TransferTarget` builds this worker's destination;
         `stream_interval`: tokens per stream message after the first (SGLang's
         --stream-interval; fewer, larger messages cost the stream's hops less CPU);
@@ -80,6 +81,7 @@ class DecodeProtocol:
         self.target_for, self.waiting_timeout = target_for, waiting_timeout
         self.liveness, self.stream_interval = liveness, stream_interval
         self.on_integrity_failure = on_integrity_failure
+        self.shed_queued = shed_queued  # shedding.py: 0 = never refuse
         self.adopted_mode, self.generate_mode = modes
         self.rooms: dict[int, DecodeRoom] = {}
         self.quarantine = Quarantine(self._confirm_abort, engine.abort)
@@ -92,6 +94,7 @@ class DecodeProtocol:
         Closing the iterator early (client gone) frees the room's pages."""
         if room_id in self.rooms:
             raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} is already live")
+        check_load(self.shed_queued, self.waiting, "decode")
         room = self.rooms[room_id] = DecodeRoom(room_id, prefill_address)
         try:
             mode = self.adopted_mode if prefill_address else self.generate_mode
@@ -111,6 +114,12 @@ class DecodeProtocol:
             self.counters.finished += 1
         finally:
             self.cleanup(room)
+
+    def waiting(self) -> int:
+        """Requests not running yet: rooms still being made or waiting for pages here,
+        and requests queued in the engine (shedding.py)."""
+        pending = sum(1 for r in self.rooms.values() if r.pages is None and r.stream is None)
+        return self.engine.stats.waiting + pending
 
     @staticmethod
     async def _next(stream: Any, tokens: int) -> list[Any]:
@@ -183,6 +192,10 @@ class DecodeProtocol:
         try:
             done, _ = await asyncio.wait({task, failed}, timeout=left,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this stream was cancelled (the client left): so is the call
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise
         finally:
             failed.cancel()
         if task in done and room.error is None:
