@@ -467,6 +467,9 @@ class WorkerConfig:
     # "on" cost 3.7% of TTFT at 256 prompt tokens on CPU, "decode" 2.2%
     # (benchmarks/results/2026-11-29-kv-checksum-cpu.md)
     kv_checksum: str = "decode"
+    # Load shedding (pdmesh/disagg/shedding.py): refuse a new request with
+    # RESOURCE_EXHAUSTED while this many already wait on this worker; 0 = never
+    shed_queued: int = 0
     # Chaos hook, tests only (services/common/kv.py CorruptKV): a prefill corrupts a
     # room's first write with this probability; `_rewrites` corrupts the rewrite too
     chaos_corrupt_kv: float = 0.0
@@ -486,6 +489,8 @@ class WorkerConfig:
                              f"{self.gil_switch_interval_s}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.shed_queued < 0:
+            raise ValueError(f"shed_queued must be >= 0 (0 = off), got {self.shed_queued}")
         if self.role not in WORKER_ROLES:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if self.transfer_protocol not in ("tcp", "rdma"):
@@ -526,6 +531,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_STREAM_INTERVAL": ("stream_interval", int),
     "PDMESH_GIL_SWITCH_INTERVAL": ("gil_switch_interval_s", float),
     "PDMESH_KV_CHECKSUM": ("kv_checksum", str),
+    "PDMESH_SHED_QUEUED": ("shed_queued", int),
     "PDMESH_CHAOS_CORRUPT_KV": ("chaos_corrupt_kv", float),
     "PDMESH_CHAOS_CORRUPT_KV_REWRITES": ("chaos_corrupt_kv_rewrites", _env_bool),
     "PDMESH_CHAOS": ("chaos", _env_bool),

@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="decode: tokens per stream message after the first (default 1; env "
                         "PDMESH_STREAM_INTERVAL): larger values cost less CPU per token on "
                         "the worker and the gateway at high concurrency (a prefill ignores it)")
+    p.add_argument("--shed-queued", type=int, default=None, metavar="N",
+                   help="refuse new requests (gRPC RESOURCE_EXHAUSTED; the gateway retries "
+                        "another worker, then answers 429) while N already wait here for a "
+                        "batch slot or KV pages (default 0 = never; env PDMESH_SHED_QUEUED)")
     p.add_argument("--chaos", action="store_true", default=None,
                    help="serve pdmesh.v1.Chaos: faults armed by RPC (delay/fail/corrupt KV "
                         "writes, stall/drop heartbeats, delay/fail RPCs, slow the engine); "
@@ -95,7 +99,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "waiting_timeout": getattr(args, "waiting_timeout", None),
              "role": getattr(args, "role", None) or role,
              "stream_interval": getattr(args, "stream_interval", None),
-             "chaos": getattr(args, "chaos", None)}
+             "chaos": getattr(args, "chaos", None),
+             "shed_queued": getattr(args, "shed_queued", None)}
     worker = worker_config_from_env(WorkerConfig()).replace(
         **{k: v for k, v in flags.items() if v is not None})
     engine_flags = {"model": args.model, "page_size": args.page_size,

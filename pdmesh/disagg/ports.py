@@ -24,6 +24,7 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
     DATA_LOSS = "DATA_LOSS"  # the KV arrived corrupted (checksum mismatch)
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # the worker sheds load (shedding.py)
 
 
 class RoomError(Exception):

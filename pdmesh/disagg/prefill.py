@@ -37,6 +37,7 @@ from pdmesh.disagg.ports import (Code, KVChecksum, KVWriter, RoomError, Transfer
                                  TransferTarget)
 from pdmesh.disagg.integrity import write_verified
 from pdmesh.disagg.rooms import Tombstones, wait_until
+from pdmesh.disagg.shedding import check_load
 
 log = logging.getLogger(__name__)
 PREFILL_ONLY = "prefill_only"  # the engine mode the protocol asks for (Mode.PREFILL_ONLY)
@@ -99,8 +100,10 @@ class PrefillProtocol:
                  check_target: Callable[[TransferTarget], None], mode: Any = PREFILL_ONLY,
                  on_bootstrap_timeout: Callable[[], None] = lambda: None,
                  page_size: int = 16, ahead_pages: int | None = None,
-                 on_integrity: Callable[[str], None] = lambda kind: None) -> None:
+                 on_integrity: Callable[[str], None] = lambda kind: None,
+                 shed_queued: int = 0) -> None:
         self.engine, self.writer, self.mode = engine, writer, mode
+        self.shed_queued = shed_queued  # shedding.py: 0 = never refuse
         self.bootstrap_timeout = bootstrap_timeout
         self.check_target = check_target
         self.on_bootstrap_timeout = on_bootstrap_timeout
@@ -118,6 +121,7 @@ class PrefillProtocol:
                       params: Any) -> PrefillRoom:
         """Queue the prompt at once; return the room when its KV is in the decode worker.
         Raises RoomError; cancelling the call fails the room and frees its KV."""
+        check_load(self.shed_queued, self.waiting, "prefill")
         room = self._room(room_id, Code.CANCELLED, "was aborted")
         if room.has_prefill:
             raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} is already prefilling")
@@ -140,6 +144,12 @@ class PrefillProtocol:
         except asyncio.CancelledError:
             self.fail(room, Code.CANCELLED, "Prefill was cancelled")
             raise
+
+    def waiting(self) -> int:
+        """Prompts not computing yet: queued in the engine, or rooms still being made
+        or deferred here (shedding.py)."""
+        making = sum(1 for r in self.rooms.values() if r.has_prefill and not r.queued)
+        return self.engine.stats.waiting + making
 
     async def _admit(self, room: PrefillRoom, prompt_len: int) -> None:
         """Return when the room may be computed: its Transfer is here, or it fits the

@@ -45,7 +45,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             host.engine, self.peers, kv, self._target, host.config.waiting_timeout,
             liveness=host, modes=(Mode.ADOPTED, Mode.GENERATE),
             stream_interval=host.config.stream_interval,
-            on_integrity_failure=host.metrics.integrity_failures.labels("decode").inc)
+            on_integrity_failure=host.metrics.integrity_failures.labels("decode").inc,
+            shed_queued=host.config.shed_queued)
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Generate(self, request: pb.DecodeRequest, context):

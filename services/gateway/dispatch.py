@@ -103,10 +103,12 @@ class LegFailed(GatewayError):
     (`worker_code`; `code` is what the client gets)."""
 
     def __init__(self, leg: str, worker, worker_code: grpc.StatusCode, message: str) -> None:
-        code = worker_code
-        if code != grpc.StatusCode.INVALID_ARGUMENT:
+        code, trailers = worker_code, ()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the worker sheds load: 429
+            trailers = (("retry-after", "1"), ("retry-after-ms", "1000"))
+        elif code != grpc.StatusCode.INVALID_ARGUMENT:
             code = grpc.StatusCode.UNAVAILABLE  # the mesh failed, not the request
-        super().__init__(code, message)
+        super().__init__(code, message, trailers)
         self.leg, self.worker, self.worker_code = leg, worker, worker_code
 
 
@@ -222,7 +224,8 @@ class Dispatcher:
                     from None
             if not self.retry.retryable(f.worker_code):
                 raise  # the request's own fault: the same on any worker
-            self.pool.breakers.failure(f.worker)
+            if f.worker_code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy is not broken
+                self.pool.breakers.failure(f.worker)
             if sent or not may_retry:
                 raise
             failed.add(f.worker.worker_id)

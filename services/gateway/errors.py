@@ -38,8 +38,8 @@ def public(code: grpc.StatusCode, message: str) -> str:
         return message
     rid = new_request_id()
     log.warning("request %s failed: %s: %s", rid, code.name, message)
-    what = ("a worker refused the request as invalid"
-            if code == grpc.StatusCode.INVALID_ARGUMENT
-            else "no worker could complete the request")
+    what = {grpc.StatusCode.INVALID_ARGUMENT: "a worker refused the request as invalid",
+            grpc.StatusCode.RESOURCE_EXHAUSTED: "every worker tried is shedding load, "
+            "retry later"}.get(code, "no worker could complete the request")
     return (f"The request failed: {what} ({code.name}). Request id {rid}: the gateway's "
             "log has the details.")

@@ -45,7 +45,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                                      on_bootstrap_timeout=host.metrics.bootstrap_timeouts.inc,
                                      page_size=host.layout.page_size,
                                      ahead_pages=int(host.layout.num_pages * AHEAD_FRACTION),
-                                     on_integrity=self._integrity)
+                                     on_integrity=self._integrity,
+                                     shed_queued=cfg.shed_queued)
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
