@@ -113,6 +113,9 @@ def test_pd_greedy_equals_offline(mesh, expected):
     assert last.finish_reason == cpb.FINISH_REASON_LENGTH
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 16)
     assert pre.timings.prefill_s > 0 and pre.timings.transfer_s > 0
+    # the pair is on one host: the KV went by shared memory, so this module's kill -9
+    # and timeout tests run on that path (Mooncake's: tests/test_serve.py, --kv-path)
+    assert metric(mesh.prefill.metrics_url, "pdmesh_kv_transfer_bytes_total", path="shm") > 0
     assert wait_until(lambda: all_free(mesh.d), 5)
     assert wait_until(lambda: prefill_all_free(mesh), 5)
 
