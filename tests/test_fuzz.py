@@ -146,8 +146,9 @@ def test_fuzz_rest_and_grpc(mesh):
     with urllib.request.urlopen(f"http://{mesh.rest}/openapi.json", timeout=10) as r:
         doc = json.load(r)
     t0 = time.monotonic()
-    rest = fuzz.rest_cases(doc, REST_CASES, seed=7, key=fuzz.API_KEY, derandomize=True)
-    grpc_cases = fuzz.grpc_cases(GRPC_CASES, seed=7, garbage=0.1, derandomize=True)
+    rest = fuzz.rest_cases(doc, REST_CASES, seed=7, key=fuzz.API_KEY, derandomize=True,
+                           near=0.1)
+    grpc_cases = fuzz.grpc_cases(GRPC_CASES, seed=7, garbage=0.1, derandomize=True, near=0.1)
     counts = {"REST": fuzz.Counts(), "gRPC": fuzz.Counts()}
     for kind, cases in (("REST", rest), ("gRPC", grpc_cases)):
         asyncio.run(fuzz.fire(mesh, cases, 16, 30.0, counts[kind], fuzz.API_KEY, 7))
