@@ -61,8 +61,9 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
         request's status (CANCELLED when the consumer stopped early)."""
         status, last = "CANCELLED", None
         try:
-            # a gRPC client's deadline goes on to both legs (REST has none: a client that
-            # gives up closes the connection, which cancels both legs as well)
+            # the client's deadline goes on to both legs: gRPC's own, or REST's from its
+            # headers (transcoder.request_timeout); a client that gives up early closes
+            # the connection, which cancels both legs as well
             timeout = context.time_remaining() if hasattr(context, "time_remaining") else None
             async with contextlib.aclosing(self.dispatcher.generate(
                     prompt_ids, sp, detokenize, obs, timeout=timeout)) as deltas:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,11 +102,16 @@ class RestContext:
 
     sse = True
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, timeout: float | None = None) -> None:
         self._md = tuple((k.lower(), v) for k, v in request.headers.items())
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
     def invocation_metadata(self):
         return self._md
+
+    def time_remaining(self) -> float | None:
+        """Seconds left of the request's deadline (request_timeout), None without one."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=(),
                     ) -> None:
@@ -162,6 +168,30 @@ def parse_body(body: bytes, msg) -> None:
     json_format.ParseDict(payload, msg, ignore_unknown_fields=True)
 
 
+def request_timeout(headers: Any, streaming: bool) -> float | None:
+    """The request's deadline in seconds from now, from its headers: `x-pdmesh-timeout`
+    (any client), else for a non-streamed request the openai clients' own
+    `x-stainless-read-timeout` (they give up after it, so work past it is wasted; for a
+    stream it bounds the gap between chunks, not the request). None: no deadline.
+    ValueError for an `x-pdmesh-timeout` that is not a positive number of seconds."""
+    raw = headers.get("x-pdmesh-timeout")
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"x-pdmesh-timeout must be a positive number of seconds, "
+                             f"got {raw[:40]!r}")
+        return value
+    raw = None if streaming else headers.get("x-stainless-read-timeout")
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None  # not ours to refuse
+    return value if value is not None and 0 < value < float("inf") else None
+
+
 def _handler(route: HttpRoute, servicer: Any):
     request_cls = message_factory.GetMessageClass(route.method.input_type)
     rpc = getattr(servicer, route.method.name)
@@ -188,7 +218,11 @@ def _handler(route: HttpRoute, servicer: Any):
             return error_response(400, str(e), param=e.param)
         except (ValueError, json_format.ParseError) as e:  # JSONDecodeError is a ValueError
             return error_response(400, f"Invalid request body: {e}")
-        ctx = RestContext(http)
+        try:
+            timeout = request_timeout(http.headers, bool(getattr(msg, "stream", False)))
+        except ValueError as e:
+            return error_response(400, str(e))
+        ctx = RestContext(http, timeout)
         try:
             if not route.method.server_streaming:
                 return web.json_response(to_json(await rpc(msg, ctx)))

@@ -1,12 +1,15 @@
-"""Worker-side load shedding (issue 11 item 4): `--shed-queued N` refuses new requests
+"""Overload and deadlines (issue 11 item 4). Worker-side load shedding: `--shed-queued N` refuses new requests
 with RESOURCE_EXHAUSTED while N already wait on the worker; the gateway retries another
 worker (the busy one's circuit stays closed) and, out of attempts, answers 429 with
 Retry-After. Unit: the check, both protocols, the gateway's mapping. End to end: a real
 `pdmesh serve` whose one worker sheds, at 4x what it takes, then the openai client's
-own retries."""
+own retries. REST deadlines: `x-pdmesh-timeout` (or the openai client's
+x-stainless-read-timeout on a non-streamed request) ends the request at its deadline
+with 504, both legs freed."""
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -23,6 +26,7 @@ from pdmesh.disagg.ports import Code, RoomError
 from pdmesh.disagg.prefill import PrefillProtocol
 from pdmesh.disagg.shedding import check_load
 from pdmesh.services.gateway.dispatch import LegFailed
+from pdmesh.services.gateway.transcoder import request_timeout
 
 
 def test_check_load_counts_only_when_on_and_refuses_at_the_limit():
@@ -144,3 +148,39 @@ def test_the_openai_clients_retries_get_through(shedding_mesh):
             messages=[{"role": "user", "content": "Say hi."}]).choices[0].message.content,
             range(12)))
     assert len(set(outs)) == 1 and outs[0]
+
+
+# ---- REST deadlines -------------------------------------------------------------------
+def test_request_timeout_from_headers():
+    assert request_timeout({}, False) is None
+    assert request_timeout({"x-pdmesh-timeout": "2.5"}, True) == 2.5
+    assert request_timeout({"x-stainless-read-timeout": "600"}, False) == 600.0
+    assert request_timeout({"x-stainless-read-timeout": "600"}, True) is None  # per chunk
+    assert request_timeout({"x-stainless-read-timeout": "soon"}, False) is None
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        with pytest.raises(ValueError, match="x-pdmesh-timeout"):
+            request_timeout({"x-pdmesh-timeout": bad}, False)
+
+
+def test_a_rest_deadline_ends_the_request_and_frees_everything(shedding_mesh):
+    url, lines = shedding_mesh
+    body = {"model": "default", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Count to one hundred."}]}
+    for stream in (False, True):
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/chat/completions", json={**body, "stream": stream},
+                       headers={"x-pdmesh-timeout": "0.5"}, timeout=60)
+        took = time.monotonic() - t0
+        if stream and r.status_code == 200:  # the deadline passed mid-stream: an error event
+            assert "DEADLINE_EXCEEDED" in r.text or "deadline" in r.text, r.text[-300:]
+        else:
+            assert r.status_code == 504, r.text
+            assert "deadline" in r.json()["error"]["message"]
+        assert took < 0.5 + 2.0, took
+    r = httpx.post(f"{url}/chat/completions", json=body, headers={"x-pdmesh-timeout": "x"})
+    assert r.status_code == 400 and "x-pdmesh-timeout" in r.json()["error"]["message"]
+    worker = next(u for n, u in metrics_urls(lines).items() if n.startswith("colocated"))
+    deadline = time.monotonic() + 10
+    while metric(worker, "pdmesh_worker_kv_pages_used") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(worker, "pdmesh_worker_kv_pages_used") == 0
