@@ -465,7 +465,8 @@ class WorkerConfig:
     # write (one rewrite on a mismatch) and the decode its pages before adopt; "decode":
     # the decode's check only (a mismatch fails the request); "off". Default "decode":
     # "on" cost 3.7% of TTFT at 256 prompt tokens on CPU, "decode" 2.2%
-    # (benchmarks/results/2026-11-29-kv-checksum-cpu.md)
+    # (benchmarks/results/2026-11-29-kv-checksum-cpu.md); on an H200 at 4k tokens
+    # "decode" is not measurable (2026-11-29-kv-paths.md)
     kv_checksum: str = "decode"
     # Load shedding (pdmesh/disagg/shedding.py): refuse a new request with
     # RESOURCE_EXHAUSTED while this many already wait on this worker; 0 = never
