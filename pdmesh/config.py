@@ -142,6 +142,8 @@ class EngineConfig:
     # op order (separate q/k/v and gate/up GEMMs, 4-D torch SDPA, eager) to validate
     # against it; see CausalLM.set_reference_numerics
     numerics: str = "fast"
+    # reuse the KV of full pages whose prompt prefix was seen before (runtime/prefix_cache.py)
+    prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",
@@ -193,6 +195,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
     "PDMESH_NUMERICS": ("numerics", str),
+    "PDMESH_PREFIX_CACHE": ("prefix_cache", _env_bool),
 }
 
 

@@ -321,7 +321,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             for q in seqs:
                 r = q.req
                 assert 1 <= q.length <= self.chunk, "chunk too large"
-                assert q.start == computed_before.get(r, 0) == r.num_computed
+                first = self.admitted_start(r) if r in waiting_before else computed_before[r]
+                assert q.start == first == r.num_computed
                 assert q.start + q.length <= r.prefill_target
                 last = q.start + q.length == r.prefill_target
                 assert q.sample == (last and not r.output_ids), "a recompute must not sample"
@@ -353,6 +354,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             if q.sample:
                 append_token(s, q.req)
         return batch
+
+    def admitted_start(self, r: Request) -> int:
+        """Where a just-admitted request's prefill starts (after its cached prefix)."""
+        return 0
 
     # -- rules --------------------------------------------------------------------------------
     @rule(prompt_len=prompt_lens, max_tokens=max_tokens_st, mode=st.sampled_from(list(Mode)))
@@ -428,14 +433,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         s, a = self.s, self.alloc
         a.check()
         live = self.live()
-        owned = [p for r in live for p in r.pages]
-        assert len(owned) == len(set(owned)), "page owned by two requests"
-        assert not (set(owned) & set(a._free)), "owned page is on the free list"
-        assert set(owned) | set(a._free) == set(range(self.num_pages)), "page leaked"
-        assert a.num_used == len(owned)
+        self.check_pool(live)
         assert s.reserved == sum(r.reserved for r in live)
         assert all(r.reserved >= 0 for r in live)
-        assert a.num_free >= s.reserved, "reservation not backed by free pages"
         assert s.num_running <= self.max_running
         # each request is where its status says, exactly once
         assert sorted(map(id, s.waiting)) == sorted(  # (retracted ones go to the head)
@@ -473,6 +473,16 @@ class SchedulerMachine(RuleBasedStateMachine):
             if r.status is Status.FINISHED:
                 assert r.pages == [] and r.reserved == 0
 
+    def check_pool(self, live: list[Request]) -> None:
+        """Every page is free or owned by exactly one live request; reservations backed."""
+        a = self.alloc
+        owned = [p for r in live for p in r.pages]
+        assert len(owned) == len(set(owned)), "page owned by two requests"
+        assert not (set(owned) & set(a._free)), "owned page is on the free list"
+        assert set(owned) | set(a._free) == set(range(self.num_pages)), "page leaked"
+        assert a.num_used == len(owned)
+        assert a.num_free >= self.s.reserved, "reservation not backed by free pages"
+
     # -- liveness -----------------------------------------------------------------------------
     def teardown(self):
         if not hasattr(self, "s"):
@@ -507,6 +517,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert not s.has_work() and not self.pending, "stuck with nothing held"
             break
         assert not s.held and not s.waiting and not s.prefilling and not s.decoding
+        s.flush_cache()  # (with a prefix cache) its unreferenced pages go back
         assert self.alloc.num_free == self.num_pages and self.alloc.num_used == 0
         assert s.reserved == 0 and s.num_running == 0
         for r in self.reqs:

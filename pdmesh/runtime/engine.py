@@ -25,6 +25,7 @@ from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.loader import LoadedModel, load_model
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.model_runner import KVAlloc, ModelRunner, num_pages_for, resolve_dtype
+from pdmesh.runtime.prefix_cache import PrefixCache
 from pdmesh.runtime.request import Mode, Request, Status
 from pdmesh.runtime.sampler import SamplingRow, make_generator, sample
 from pdmesh.runtime.sampling_params import SamplingParams
@@ -46,6 +47,7 @@ class RequestOutput:
     stop_reason: int | str | None = None
     logprobs: list[Any] | None = None  # per token: SampledToken (logprob, top_logprobs)
     pages: list[int] = field(default_factory=list)  # PREFILL_ONLY: pages holding the prompt KV
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class Engine:
@@ -81,8 +83,10 @@ class Engine:
             graph_max_context=cfg.cuda_graph_max_context or self.max_model_len,
             max_batch=cfg.max_running_requests, numerics=cfg.numerics, kv_alloc=kv_alloc)
         self.allocator = PageAllocator(num_pages)
+        self.cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
-                                   cfg.max_prefill_tokens, cfg.chunked_prefill_size)
+                                   cfg.max_prefill_tokens, cfg.chunked_prefill_size,
+                                   cache=self.cache)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -169,6 +173,10 @@ class Engine:
         self.scheduler.finish(req, "abort")
         return True
 
+    def flush_cache(self) -> int:
+        """Evict every cached page no request uses (the prefix cache); returns how many."""
+        return self.scheduler.flush_cache()
+
     # -- stepping ------------------------------------------------------------------------
     @property
     def stalled(self) -> bool:
@@ -238,7 +246,7 @@ class Engine:
         return RequestOutput(r.request_id, r.prompt_ids, list(r.output_ids), text,
                              new_ids, new_text, finished, r.finish_reason, r.stop_reason,
                              list(r.logprobs) if r.params.logprobs is not None else None,
-                             pages or [])
+                             pages or [], max(r.cached_tokens, 0))
 
     # -- offline -------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str] | None = None,
@@ -272,10 +280,17 @@ class Engine:
         queued_prefill_tokens: prompt tokens still to compute (waiting + prefilling);
         stalled: 1 when the last step ran nothing because decoding waits for pages HELD
         for a transfer (step again after an adopt, release or abort, not in a busy loop).
+        Prefix cache: free_pages counts cached pages no request uses (evicted on demand)
+        as free, used_pages the others; cached_pages: pages in the tree (used or not);
+        evictable_pages: those no request uses; cache_hit_pages, evicted_pages: cumulative.
         """
-        s = self.scheduler
-        return {"num_pages": self.allocator.num_pages, "free_pages": self.allocator.num_free,
-                "used_pages": self.allocator.num_used, "reserved_pages": s.reserved,
+        s, c = self.scheduler, self.cache
+        free = s.reclaimable_pages
+        return {"num_pages": self.allocator.num_pages, "free_pages": free,
+                "used_pages": self.allocator.num_pages - free, "reserved_pages": s.reserved,
+                "cached_pages": c.num_pages if c else 0,
+                "evictable_pages": c.num_evictable if c else 0,
+                "cache_hit_pages": c.hits if c else 0, "evicted_pages": c.evicted if c else 0,
                 "estimated_pages": s.estimated_pages(), "retracted": s.num_retracted,
                 "new_token_ratio": s.ratio.value, "stalled": int(s.stalled),
                 "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held),

@@ -36,6 +36,9 @@ class Request:
     num_computed: int = 0
     reserved: int = 0  # pages of its prefill (prefill_target) not yet allocated
     retractions: int = 0  # times its KV was freed under page pressure (then recomputed)
+    # prefix cache: tree nodes it holds a reference on; they are pages[:len(cache_nodes)]
+    cache_nodes: list[Any] = field(default_factory=list)
+    cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -58,6 +61,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def all_ids(self, n: int) -> list[int]:
+        """The first `n` tokens (prompt, then output)."""
+        p = self.prompt_ids
+        return p[:n] if n <= len(p) else p + self.output_ids[:n - len(p)]
 
     def token_at(self, i: int) -> int:
         n = len(self.prompt_ids)

@@ -36,6 +36,18 @@ by the engine after each sampled token, like max_model_len). So each decode step
 at least one token (or the step waits for HELD pages to be adopted or released), and
 retracted requests keep their tokens: total output grows every decode step until all
 finish. No starvation: a retracted request goes to the queue head, and admission is FIFO.
+
+Prefix cache (optional, prefix_cache.py). At admission a GENERATE or PREFILL_ONLY request
+takes the longest cached run of full pages that prefixes its tokens (never its last
+token's page: something must be computed to give logits) and starts its prefill after
+it, like a chunked prefill continuing; its reservation counts only its uncached pages,
+plus the cached pages it pins that nobody referenced (they stop being evictable).
+Unreferenced cached pages count as free everywhere (`available_pages`) and are evicted,
+least recently used first, when an allocation finds the free list short; so every
+argument above holds with "free" read as "free or evictable". A finished prefill's full
+pages enter the tree at once (later requests share them while it runs); a request's full
+computed pages stay cached when it finishes, is released or is retracted (not when
+aborted). ADOPTED requests never use the cache (their KV came from outside).
 """
 from __future__ import annotations
 
@@ -45,6 +57,7 @@ from dataclasses import dataclass
 
 from pdmesh.runtime.admission import NewTokenRatio, pages_for
 from pdmesh.runtime.allocator import PageAllocator
+from pdmesh.runtime.prefix_cache import Node, PrefixCache
 from pdmesh.runtime.request import Mode, Request, Status
 
 
@@ -71,8 +84,9 @@ class Batch:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_running_requests: int,
                  max_prefill_tokens: int, chunked_prefill_size: int,
-                 ratio: NewTokenRatio | None = None) -> None:
+                 ratio: NewTokenRatio | None = None, cache: PrefixCache | None = None) -> None:
         self.allocator, self.page_size = allocator, page_size
+        self.cache = cache
         self.max_running = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.chunk = chunked_prefill_size
@@ -88,8 +102,14 @@ class Scheduler:
     # -- queries -------------------------------------------------------------------------
     @property
     def available_pages(self) -> int:
-        """Free pages not reserved for a prefill (decode growth and admissions take these)."""
-        return self.allocator.num_free - self.reserved
+        """Free (or evictable cached) pages not reserved for a prefill (decode growth and
+        admissions take these)."""
+        return self.reclaimable_pages - self.reserved
+
+    @property
+    def reclaimable_pages(self) -> int:
+        """Free pages plus cached pages no request references (evicted on demand)."""
+        return self.allocator.num_free + (self.cache.num_evictable if self.cache else 0)
 
     @property
     def num_running(self) -> int:
@@ -113,11 +133,22 @@ class Scheduler:
             r for r in self.held.values() if r.mode is Mode.ADOPTED]
         return sum(self.ratio.future_pages(r, self.page_size) for r in running)
 
-    def fits(self, req: Request) -> bool:
-        """Admission test for a request holding no pages (see the module docstring)."""
+    def lookup(self, req: Request) -> list[Node]:
+        """The cached pages `req` would start from (none without a cache, or ADOPTED)."""
+        if self.cache is None or req.mode is Mode.ADOPTED:
+            return []
+        target = req.prefill_target
+        return self.cache.match(req.all_ids(target), (target - 1) // self.page_size)
+
+    def fits(self, req: Request, path: list[Node] | None = None) -> bool:
+        """Admission test for a request holding no pages (see the module docstring);
+        `path`: the cached pages it would start from."""
         if self.num_running >= self.max_running:
             return False
-        need = pages_for(req.prefill_target, self.page_size)
+        path = path or []
+        need = pages_for(req.prefill_target, self.page_size) - len(path)
+        if path:
+            need += PrefixCache.count_unreferenced(path)  # pinned: no longer evictable
         need = min(need + self.ratio.future_pages(req, self.page_size), self.allocator.num_pages)
         return need <= self.available_pages - self.estimated_pages()
 
@@ -126,13 +157,20 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
-    def _admit(self, req: Request, initial_tokens: int) -> bool:
-        """Reserve `req`'s prefill pages and allocate those for `initial_tokens`."""
-        if not self.fits(req):
+    def _admit(self, req: Request) -> bool:
+        """Take `req`'s cached prefix pages and reserve its other prefill pages."""
+        path = self.lookup(req)
+        if not self.fits(req, path):
             return False
-        req.reserved = pages_for(req.prefill_target, self.page_size)
+        if path:
+            self.cache.acquire(path)
+            req.cache_nodes = list(path)
+            req.pages = [n.page for n in path]
+            req.num_computed = len(path) * self.page_size
+        if req.cached_tokens < 0:  # counted once: a recompute after retraction doesn't
+            req.cached_tokens = req.num_computed
+        req.reserved = pages_for(req.prefill_target, self.page_size) - len(path)
         self.reserved += req.reserved
-        self._grow(req, initial_tokens)
         return True
 
     def hold_for_adopt(self, req: Request) -> list[int] | None:
@@ -141,8 +179,9 @@ class Scheduler:
         Returns its page ids, or None when it does not fit yet or requests are waiting
         (retracted ones go first); the caller retries later.
         """
-        if self.waiting or not self._admit(req, req.prompt_len):
+        if self.waiting or not self._admit(req):
             return None
+        self._grow(req, req.prompt_len)
         req.status = Status.HELD
         self.held[req.request_id] = req
         return list(req.pages)
@@ -187,14 +226,16 @@ class Scheduler:
             budget -= seqs[-1].length
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            n = min(req.prefill_target, self.chunk, budget)
-            if not self._admit(req, n):
+            if not self._admit(req):
                 break  # FIFO: the head waits for pages or a running slot
             self.waiting.popleft()
+            start = req.num_computed  # after its cached prefix
+            n = min(req.prefill_target - start, self.chunk, budget)
+            self._grow(req, start + n)
             req.status = Status.PREFILLING
             req.scheduled_time = req.scheduled_time or time.monotonic()
             self.prefilling.append(req)
-            seqs.append(self._seq(req, 0, n))
+            seqs.append(self._seq(req, start, n))
             budget -= n
         return seqs
 
@@ -217,7 +258,8 @@ class Scheduler:
             return
         from_reserved = min(extra, req.reserved)
         assert extra - from_reserved <= self.available_pages, "decode outgrew the free pages"
-        req.pages.extend(self.allocator.alloc(extra))
+        alloc = self.cache.alloc if self.cache is not None else self.allocator.alloc
+        req.pages.extend(alloc(extra))
         req.reserved -= from_reserved
         self.reserved -= from_reserved
 
@@ -241,8 +283,8 @@ class Scheduler:
     def retract(self, req: Request) -> None:
         """Free a decoding request's KV and queue it first, to be recomputed when it fits."""
         self.decoding.remove(req)
-        self.allocator.free(req.pages)
-        req.pages, req.num_computed = [], 0
+        self._free_pages(req, keep=req.mode is not Mode.ADOPTED)
+        req.num_computed = 0
         req.status, req.retractions = Status.WAITING, req.retractions + 1
         if req.mode is Mode.ADOPTED:
             req.mode = Mode.GENERATE  # its prompt is recomputed here from now on
@@ -257,6 +299,9 @@ class Scheduler:
             s.req.num_computed = s.start + s.length
             if batch.kind == "prefill" and s.req.num_computed == s.req.prefill_target:
                 self.prefilling.remove(s.req)
+                if self.cache is not None and s.req.mode is not Mode.ADOPTED:
+                    self.cache.insert(s.req.all_ids(s.req.num_computed), s.req.pages,
+                                      s.req.cache_nodes)
                 if s.req.mode is Mode.PREFILL_ONLY:
                     s.req.status = Status.HELD
                     self.held[s.req.request_id] = s.req
@@ -274,8 +319,23 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         self.held.pop(req.request_id, None)
-        self.allocator.free(req.pages)
-        req.pages = []
+        self._free_pages(req, keep=reason != "abort" and req.mode is not Mode.ADOPTED)
         self.reserved -= req.reserved
         req.reserved = 0
         req.status, req.finish_reason = Status.FINISHED, reason
+
+    def _free_pages(self, req: Request, keep: bool) -> None:
+        """Give back `req`'s pages: with a cache and `keep`, its full computed pages enter
+        the tree (unreferenced: evictable); its references are dropped, the rest freed."""
+        private = req.pages
+        if self.cache is not None:
+            if keep:
+                self.cache.insert(req.all_ids(req.num_computed), req.pages, req.cache_nodes)
+            private = req.pages[len(req.cache_nodes):]
+            self.cache.release(req.cache_nodes)
+        self.allocator.free(private)
+        req.pages, req.cache_nodes = [], []
+
+    def flush_cache(self) -> int:
+        """Evict every unreferenced cached page; returns how many."""
+        return self.cache.flush() if self.cache is not None else 0
