@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="KV pool size in bytes, all layers (default 1 GiB)")
     p.add_argument("--max-running-requests", type=int, default=None,
                    help="requests prefilling or decoding at once (default 64)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of prompt prefixes seen before (full pages, LRU "
+                        "eviction; default off; env PDMESH_PREFIX_CACHE)")
     p.add_argument("--transfer-protocol", choices=("tcp", "rdma"), default=None,
                    help="Mooncake transport for KV pages (default tcp; env PDMESH_TRANSFER_PROTOCOL)")
     p.add_argument("--kv-transfer-mode", choices=("auto", "direct", "staged"), default=None,
@@ -105,7 +108,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
         **{k: v for k, v in flags.items() if v is not None})
     engine_flags = {"model": args.model, "page_size": args.page_size,
                     "kv_cache_bytes": args.kv_cache_bytes,
-                    "max_running_requests": args.max_running_requests}
+                    "max_running_requests": args.max_running_requests,
+                    "prefix_cache": args.prefix_cache}
     engine = engine_config_from_env(EngineConfig()).replace(
         **{k: v for k, v in engine_flags.items() if v is not None})
     return worker, engine

@@ -342,6 +342,7 @@ def _forget(tasks: set) -> Callable[[asyncio.Task], None]:
 def _reply(first: Any, stats: Any, checksum: KVChecksum | None) -> TransferReply:
     lp = first.logprobs[0] if first.logprobs else None
     return TransferReply(first_token=first.token_ids[0], first_logprob=lp,
+                         cached_tokens=getattr(first, "cached_tokens", 0),
                          bytes_moved=stats.bytes, descriptors=stats.descriptors,
                          seconds=stats.seconds, path=getattr(stats, "path", ""),
                          checksum=checksum)

@@ -63,7 +63,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         steps = self.proto.generate(request.room, request.prefill_address, ids, params)
         try:
             async for outs, room in steps:
-                chunk = make_chunk(outs, len(ids), 0, self.host.tokenizer)
+                # prompt tokens from a prefix cache: the prefill's (PD), or this engine's
+                cached = room.reply.cached_tokens if room.reply else \
+                    getattr(outs[-1], "cached_tokens", 0)
+                chunk = make_chunk(outs, len(ids), cached, self.host.tokenizer)
                 if first and room.stamps:
                     first_chunk_timings(chunk, room.request_id, room.stamps)
                     self._admitted(room)

@@ -61,7 +61,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         except RoomError as e:
             await _abort(context, e)
         record_spans(room)
-        return pb.PrefillResponse(room=request.room, timings=timings(room), cached_tokens=0)
+        return pb.PrefillResponse(room=request.room, timings=timings(room),
+                                  cached_tokens=getattr(room.first, "cached_tokens", 0))
 
     async def Transfer(self, request: pb.TransferRequest, context) -> pb.TransferResponse:
         """Write the room's prompt KV into the decode worker's pages; answer with token 1."""
@@ -73,7 +74,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         lp = reply.first_logprob
         return pb.TransferResponse(
             first_token_id=reply.first_token,
-            first_logprob=logprob_to_proto(lp) if lp is not None else None, cached_tokens=0,
+            first_logprob=logprob_to_proto(lp) if lp is not None else None,
+            cached_tokens=reply.cached_tokens,
             bytes_moved=reply.bytes_moved, descriptor_count=reply.descriptors,
             transfer_s=reply.seconds, transfer_path=reply.path,
             kv_checksum=reply.checksum.value if reply.checksum else 0,
