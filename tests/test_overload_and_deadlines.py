@@ -127,6 +127,8 @@ def test_overload_sheds_with_429_and_serves_the_rest_correctly(shedding_mesh):
     worker = next(u for name, u in urls.items() if name.startswith("colocated"))
     gateway = urls["gateway"]
     assert metric(worker, "pdmesh_worker_kv_pages_used") == 0  # every page back
+    assert metric(worker, "pdmesh_worker_rpcs_total", method="Generate",
+                  code="RESOURCE_EXHAUSTED") >= n - len(ok)  # each shed counted
     states = _circuit_states(gateway)
     assert states and set(states) == {0.0}, states  # busy is not broken: circuits closed
 
