@@ -379,9 +379,12 @@ class Run:
             raise SystemExit("too few batch-stable prompts")
 
     def pick(self) -> tuple[str, str]:
-        phase = self.rng.choice(PHASES)
-        kinds = KINDS[phase]
+        phases = [p for p in PHASES if _wanted(KINDS[p], self.args.kinds)]
+        phase = self.rng.choice(phases)
+        kinds = _wanted(KINDS[phase], self.args.kinds)
         proc = [k for k in kinds if k.startswith("proc:")]
+        if not [k for k in kinds if not k.startswith("proc:")]:
+            return phase, self.rng.choice(proc)  # --kinds left process faults only
         if proc and self.rng.random() < self.args.process_share:
             return phase, self.rng.choice(proc)
         return phase, self.rng.choice([k for k in kinds if not k.startswith("proc:")])
@@ -676,6 +679,12 @@ def _line(kind: str, phase: str, r: Row) -> str:
             f"{notice} | {_q(r.rejoin, 0.5)} |")
 
 
+def _wanted(kinds: list[str], words: str) -> list[str]:
+    """The kinds that contain one of the comma-separated `words` (all when empty)."""
+    want = [w for w in words.split(",") if w]
+    return [k for k in kinds if not want or any(w in k for w in want)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -694,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=60.0, help="per request, seconds")
     p.add_argument("--process-share", type=float, default=0.08,
                    help="share of faults that are process faults (kill -9, SIGSTOP)")
+    p.add_argument("--kinds", default="",
+                   help="only fault kinds containing one of these comma-separated words, "
+                        "e.g. 'hb_,sigstop' (default: every kind)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--heartbeat-max-failure", type=int, default=2)
     p.add_argument("--kv-cache-bytes", type=int, default=64 << 20)

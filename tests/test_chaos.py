@@ -38,3 +38,18 @@ def test_chaos_ci_subset(tmp_path):
     total_ok = sum(r.ok for r in run.rows.values())
     assert total_ok > 50  # most requests survive their fault (retries, other pair)
     print((tmp_path / "chaos.md").read_text())
+
+
+def test_kinds_narrow_the_faults_picked():
+    """--kinds 'hb_,sigstop': only heartbeat faults and SIGSTOPs, in every phase that
+    has one; a phase with process faults only picks those."""
+    import random
+    from types import SimpleNamespace
+
+    chaos = _chaos_module()
+    args = chaos.build_parser().parse_args(["--kinds", "hb_,sigstop", "--process-share", "0"])
+    run = SimpleNamespace(rng=random.Random(0), args=args)
+    picked = {chaos.Run.pick(run) for _ in range(400)}
+    assert picked and all("hb_" in k or "sigstop" in k for _, k in picked)
+    assert ("queued", "proc:sigstop:P") in picked  # its only wanted kind is a process
+    assert {p for p, _ in picked} == set(chaos.PHASES)
