@@ -175,3 +175,18 @@ def test_stream_interval_coalesces_after_the_first_token():
         await task
         return msgs
     assert run(main()) == [[1], [2, 3, 4], [5, 6]]
+
+
+def test_engine_failure_ends_the_stream_unavailable():
+    """The engine fails under a decoding room (its stream closes with the engine's
+    error): the caller gets UNAVAILABLE (the gateway may retry elsewhere), not UNKNOWN."""
+    async def main():
+        proto, eng, peers, live = make()
+        task = asyncio.ensure_future(consume(proto, address=""))
+        await settle()
+        eng.decode(RID, 5)
+        await settle()
+        eng.streams[RID].close(RuntimeError("the engine failed (Boom: gone)"))
+        return await task
+    toks, code = run(main())
+    assert (toks, code) == ([5], Code.UNAVAILABLE)

@@ -190,3 +190,18 @@ def test_compute_ahead_budget_defers_rooms_until_their_transfer():
         return [await outcome(x) for x in (a, b, c, ta, tb, tc)], proto
     results, proto = run(main())
     assert results == ["ok"] * 6 and proto.ahead_pages == 0 and proto.counters.deferred == 2
+
+
+def test_engine_failure_fails_the_room_at_once():
+    """The engine fails while the room computes: Prefill fails UNAVAILABLE now, not
+    after the bootstrap timeout, and a Transfer for the room is refused."""
+    async def main():
+        proto, eng, writer = make(bootstrap=30.0)
+        task = await start_prefill(proto)
+        eng.streams[str(ROOM)].close(RuntimeError("the engine failed (Boom: gone)"))
+        with pytest.raises(RoomError) as e:
+            await asyncio.wait_for(task, 2)
+        return proto, e.value
+    proto, err = run(main())
+    assert err.code is Code.UNAVAILABLE and "engine failed" in err.message
+    assert ROOM not in proto.rooms

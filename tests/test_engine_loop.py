@@ -206,3 +206,42 @@ def test_stopped_loop_refuses_work(default_model):
     lp.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         lp.submit(Abort("x")).result(timeout=10)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_a_failed_step_stops_the_loop_and_fails_everything(engine):
+    """A step that raises (an engine bug, a device error) leaves the engine in an unknown
+    state: the loop stops, says why once (on_failure), every later command fails with
+    that reason, and AsyncEngine ends every stream and pending hold with EngineFailed."""
+    from pdmesh.worker.streams import EngineFailed
+
+    async def main():
+        eng = AsyncEngine(engine)
+        failures = []
+        eng.on_failure = failures.append
+        real_step = engine.step
+
+        def step():
+            raise _Boom("device fell off the bus")
+        try:
+            req = await eng.make_request([1, 2, 3], GREEDY, "boom", Mode.GENERATE)
+            engine.step = step
+            stream = eng.add(req)
+            with pytest.raises(EngineFailed, match="device fell off the bus"):
+                await drain(stream)
+            for _ in range(100):
+                if failures:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(failures) == 1 and isinstance(failures[0], _Boom)
+            with pytest.raises(RuntimeError, match="the engine failed"):
+                await eng.make_request([4, 5], GREEDY, "late", Mode.GENERATE)
+        finally:
+            engine.step = real_step
+            eng.stop()
+    run(main())
+    engine.abort("boom")  # the request the failed step left behind (the fixture is shared)
+    assert engine.stats()["used_pages"] == 0

@@ -149,6 +149,16 @@ async def _serve(host, telemetry, create_server) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await host.start()
+    failed: list[BaseException] = []
+
+    def engine_failed(error: BaseException) -> None:
+        # the engine's state is unknown: every request on it has failed already; stop
+        # (deregister, exit 1) so that `pdmesh serve` or the orchestrator replaces us
+        failed.append(error)
+        print(f"error: the {worker.role} engine failed ({type(error).__name__}: {error}); "
+              f"this worker stops (exit 1) to be replaced", file=sys.stderr, flush=True)
+        stop.set()
+    host.engine.on_failure = engine_failed
     obs = WorkerObservability(host.metrics.registry, telemetry, worker.role)
     interceptors = [obs.aio_rpc_interceptor]
     if worker.chaos:  # fault injection (services/common/chaos.py), armed by RPC
@@ -191,4 +201,4 @@ async def _serve(host, telemetry, create_server) -> int:
         print(f"{worker.role} stopped", flush=True)
     except BrokenPipeError:  # `pdmesh serve` (our stdout) is gone already
         pass
-    return 0
+    return 1 if failed else 0

@@ -112,6 +112,10 @@ class DecodeProtocol:
                 room.finished, first = bool(outs[-1].finished), False
                 yield outs, room
             self.counters.finished += 1
+        except RoomError:
+            raise
+        except Exception as e:  # the engine failed under the room (or stopped)
+            raise room.error or RoomError(Code.UNAVAILABLE, f"room {room_id}: {e}") from None
         finally:
             self.cleanup(room)
 

@@ -131,6 +131,9 @@ class PrefillProtocol:
         except ValueError as e:
             self.fail(room, Code.INVALID_ARGUMENT, str(e))
             raise RoomError(Code.INVALID_ARGUMENT, str(e)) from None
+        except RuntimeError as e:  # the engine stopped (failed, or shutting down)
+            self.fail(room, Code.UNAVAILABLE, str(e))
+            raise RoomError(Code.UNAVAILABLE, str(e)) from None
         try:
             if room.failed:  # aborted while the request was being made
                 raise room.error
@@ -189,7 +192,8 @@ class PrefillProtocol:
     async def _compute(self, room: PrefillRoom, stream: Any) -> None:
         try:
             outs = await stream.next_batch()
-        except Exception:  # aborted: the room failed already
+        except Exception as e:  # aborted (the room failed already), or the engine failed
+            self.fail(room, Code.UNAVAILABLE, f"room {room.room}: {e}")
             return
         room.first, room.prefill_done_at = outs[-1], time.monotonic()
         room.notify()

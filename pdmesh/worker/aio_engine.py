@@ -18,20 +18,22 @@ from typing import Any, Sequence
 from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, Held, Hold, MakeRequest,
                                     Release, SlowDown)
 from pdmesh.worker.engine_loop import EngineLoop
-from pdmesh.worker.streams import OutputStream, StreamClosed
+from pdmesh.worker.streams import EngineFailed, OutputStream, StreamClosed
 
 
 class AsyncEngine:
     """Owns the EngineLoop thread; every method runs on the event loop it was built in."""
 
     def __init__(self, engine: Any) -> None:
+        self.on_failure: Any = None  # on_failure(error) on this event loop, if the engine fails
         self.engine_config = engine.config
         self.model_config = engine.model_config
         self.tokenizer = engine.tokenizer
         self._aio = asyncio.get_running_loop()
         self._streams: dict[str, OutputStream] = {}
         self._holds: dict[str, asyncio.Future] = {}
-        self.core = EngineLoop(engine, self._from_thread).start()
+        self.core = EngineLoop(engine, self._from_thread,
+                               on_failure=self._failed_from_thread).start()
 
     # -- commands ------------------------------------------------------------------------
     async def make_request(self, prompt_token_ids: Sequence[int], params: Any,
@@ -99,6 +101,23 @@ class AsyncEngine:
     def _from_thread(self, events: list[Any]) -> None:
         if not self._aio.is_closed():
             self._aio.call_soon_threadsafe(self._route, events)
+
+    def _failed_from_thread(self, error: BaseException) -> None:
+        if not self._aio.is_closed():
+            self._aio.call_soon_threadsafe(self._failed, error)
+
+    def _failed(self, error: BaseException) -> None:
+        """The engine stopped: every stream and pending hold ends with EngineFailed."""
+        err = EngineFailed(f"the engine failed ({type(error).__name__}: {error})")
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.close(err)
+        holds, self._holds = self._holds, {}
+        for fut in holds.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if self.on_failure is not None:
+            self.on_failure(error)
 
     def _route(self, events: list[Any]) -> None:
         for ev in events:

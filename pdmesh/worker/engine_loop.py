@@ -31,9 +31,15 @@ OnEvents = Callable[[list[Any]], None]
 class EngineLoop:
     """One engine, one thread. `submit` and `stats` may be called from any thread."""
 
-    def __init__(self, engine: Engine, on_events: OnEvents, idle_wait: float = 0.05) -> None:
+    def __init__(self, engine: Engine, on_events: OnEvents, idle_wait: float = 0.05,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """`on_failure(error)`: called once, on the loop thread, if a step (or anything
+        else outside one command) raised: the engine's state is unknown then, so the
+        loop stops and every queued command fails."""
         self.engine = engine
         self._on_events = on_events
+        self._on_failure = on_failure
+        self.error: BaseException | None = None  # what stopped the loop, if it failed
         self._idle_wait = idle_wait
         self._commands: queue.SimpleQueue[tuple[Command | None, Future]] = queue.SimpleQueue()
         self._prealloc: collections.OrderedDict[str, Request] = collections.OrderedDict()
@@ -62,7 +68,7 @@ class EngineLoop:
         """Run `cmd` on the loop thread between steps; its result or error in a Future."""
         fut: Future = Future()
         if self._stop.is_set():
-            fut.set_exception(RuntimeError("engine loop is stopped"))
+            fut.set_exception(RuntimeError(self._why_stopped()))
         else:
             self._commands.put((cmd, fut))
         return fut
@@ -96,18 +102,33 @@ class EngineLoop:
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
-            # stalled: decoding waits for pages held for a transfer; only a command
-            # (adopt, release, abort) can change that, so wait for one
-            if self._run_commands(block=not self.engine.has_unfinished() or self._stalled):
-                self._stalled = False  # a command may have freed or filled pages: try
-                if self._events:  # an adopt's first token goes out now, not after a step
-                    self._flush()
-            self._drain_prealloc()  # an abort or release may have freed pages
-            if self.engine.has_unfinished() and not self._stalled:
-                self._step()
-            self._flush()
+        try:
+            while not self._stop.is_set():
+                self._turn()
+        except Exception as e:  # an engine bug or a device error: its state is unknown
+            log.exception("engine loop failed: this engine stops, its requests fail")
+            self.error = e
+            self._stop.set()
+            if self._on_failure is not None:
+                self._on_failure(e)
         self._fail_pending()
+
+    def _turn(self) -> None:
+        # stalled: decoding waits for pages held for a transfer; only a command
+        # (adopt, release, abort) can change that, so wait for one
+        if self._run_commands(block=not self.engine.has_unfinished() or self._stalled):
+            self._stalled = False  # a command may have freed or filled pages: try
+            if self._events:  # an adopt's first token goes out now, not after a step
+                self._flush()
+        self._drain_prealloc()  # an abort or release may have freed pages
+        if self.engine.has_unfinished() and not self._stalled:
+            self._step()
+        self._flush()
+
+    def _why_stopped(self) -> str:
+        if self.error is None:
+            return "engine loop is stopped"
+        return f"the engine failed ({type(self.error).__name__}: {self.error})"
 
     def _step(self) -> None:
         outs = self.engine.step()
@@ -202,4 +223,4 @@ class EngineLoop:
             except queue.Empty:
                 return
             if fut.set_running_or_notify_cancel():
-                fut.set_exception(RuntimeError("engine loop stopped"))
+                fut.set_exception(RuntimeError(self._why_stopped()))

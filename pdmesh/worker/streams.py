@@ -15,6 +15,10 @@ class StreamClosed(Exception):
     """The stream ended without a finished output (aborted or failed)."""
 
 
+class EngineFailed(StreamClosed):
+    """The engine under the stream failed (EngineLoop.error): nothing more will come."""
+
+
 class OutputStream:
     """Outputs of one request, in order; `close(error)` ends it early. Single consumer,
     all methods on the event loop's thread."""
