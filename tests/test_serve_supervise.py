@@ -11,8 +11,10 @@ import time
 
 import requests
 
-from mesh_procs import SERVE_TOKEN, start_serve, wait_until
+from mesh_procs import SERVE_TOKEN, start_serve, wait_until, worker_addresses
 from pdmesh import auth
+from pdmesh.v1 import chaos_pb2 as cpb
+from pdmesh.v1 import chaos_pb2_grpc as cgrpc
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.v1 import registry_pb2_grpc as rgrpc
 
@@ -37,6 +39,15 @@ def chat(base: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
+def _current(lines: list[str], name: str) -> str:
+    """The gRPC address `name` listens on now: its last restart's, else serve's ready line."""
+    for line in reversed(lines):
+        m = re.search(rf"{name} restarted, listening on (\S+)", line)
+        if m:
+            return m.group(1).rstrip(",")
+    return worker_addresses(lines, name.split("-")[0])[0]
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -51,7 +62,7 @@ def alive(pid: int) -> bool:
 
 def test_serve_restarts_dead_children_and_they_die_with_it():
     proc, base, lines = start_serve("--prefill", "1", "--decode", "1",
-                                    "--heartbeat-max-failure", "2")
+                                    "--heartbeat-max-failure", "2", "--chaos")
     try:
         ready = next(x for x in lines if "pdmesh serve: ready" in x)
         registry = re.search(r"registry (\S+?),", ready).group(1)
@@ -94,6 +105,29 @@ def test_serve_restarts_dead_children_and_they_die_with_it():
         else:
             raise AssertionError("the restarted decode never served")
         assert any("decode-1 exited (-9); restarting it" in x for x in lines)
+
+        # the decode's engine fails (pdmesh.v1.Chaos engine.fail_step, as a bug or a
+        # device error would): the request on it ends with a clear error (or is retried
+        # once the decode is back), the worker stops with exit 1 and is restarted
+        addr = _current(lines, "decode-1")
+        chaos = cgrpc.ChaosStub(auth.insecure_channel(addr, token=SERVE_TOKEN))
+        chaos.Inject(cpb.ChaosFault(engine=cpb.EngineFault(fail_step=True)), timeout=10)
+        r = requests.post(f"{base}/chat/completions", timeout=60, json={
+            "model": "default", "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200 or r.json()["error"]["message"], r.text
+        assert wait_until(lambda: any("decode-1 exited (1); restarting it" in x
+                                      for x in lines), 60), "".join(lines[-30:])
+        assert any("the decode engine failed" in x for x in lines)
+        assert wait_until(lambda: members() == 2, 60)
+        for _ in range(100):
+            try:
+                assert chat(base) == want
+                break
+            except AssertionError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the decode restarted after its engine failed never served")
 
         # SIGKILL of serve: no child survives it (PR_SET_PDEATHSIG), restarted ones included
         kids = children(proc.pid)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdmesh/v1/chaos.proto\x12\tpdmesh.v1\"\xc0\x01\n\nChaosFault\x12+\n\x08kv_write\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.KvWriteFaultH\x00\x12.\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.pdmesh.v1.HeartbeatFaultH\x00\x12\"\n\x03rpc\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.RpcFaultH\x00\x12(\n\x06\x65ngine\x18\x04 \x01(\x0b\x32\x16.pdmesh.v1.EngineFaultH\x00\x42\x07\n\x05\x66\x61ult\"X\n\x0cKvWriteFault\x12(\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x18.pdmesh.v1.KvWriteAction\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0f\n\x07\x64\x65lay_s\x18\x03 \x01(\x01\"P\n\x0eHeartbeatFault\x12*\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1a.pdmesh.v1.HeartbeatAction\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"n\n\x08RpcFault\x12\x0e\n\x06method\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.pdmesh.v1.RpcAction\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65lay_s\x18\x04 \x01(\x01\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\"7\n\x0b\x45ngineFault\x12\x14\n\x0cstep_sleep_s\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"\x13\n\x11\x43haosClearRequest\"\x13\n\x11\x43haosStateRequest\"\x91\x02\n\nChaosState\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x17\n\x0fkv_writes_armed\x18\x02 \x01(\r\x12\x17\n\x0fkv_write_action\x18\x03 \x01(\t\x12\x1e\n\x16heartbeat_fault_left_s\x18\x04 \x01(\x01\x12\x38\n\nrpcs_armed\x18\x05 \x03(\x0b\x32$.pdmesh.v1.ChaosState.RpcsArmedEntry\x12\x1b\n\x13\x65ngine_fault_left_s\x18\x06 \x01(\x01\x12\r\n\x05\x66ired\x18\x07 \x01(\x04\x12\x0b\n\x03pid\x18\x08 \x01(\r\x1a\x30\n\x0eRpcsArmedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\x82\x01\n\rKvWriteAction\x12\x1f\n\x1bKV_WRITE_ACTION_UNSPECIFIED\x10\x00\x12\x19\n\x15KV_WRITE_ACTION_DELAY\x10\x01\x12\x18\n\x14KV_WRITE_ACTION_FAIL\x10\x02\x12\x1b\n\x17KV_WRITE_ACTION_CORRUPT\x10\x03*j\n\x0fHeartbeatAction\x12 \n\x1cHEARTBEAT_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16HEARTBEAT_ACTION_STALL\x10\x01\x12\x19\n\x15HEARTBEAT_ACTION_DROP\x10\x02*R\n\tRpcAction\x12\x1a\n\x16RPC_ACTION_UNSPECIFIED\x10\x00\x12\x14\n\x10RPC_ACTION_DELAY\x10\x01\x12\x13\n\x0fRPC_ACTION_FAIL\x10\x02\x32\xbb\x01\n\x05\x43haos\x12\x36\n\x06Inject\x12\x15.pdmesh.v1.ChaosFault\x1a\x15.pdmesh.v1.ChaosState\x12<\n\x05\x43lear\x12\x1c.pdmesh.v1.ChaosClearRequest\x1a\x15.pdmesh.v1.ChaosState\x12<\n\x05State\x12\x1c.pdmesh.v1.ChaosStateRequest\x1a\x15.pdmesh.v1.ChaosStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdmesh/v1/chaos.proto\x12\tpdmesh.v1\"\xc0\x01\n\nChaosFault\x12+\n\x08kv_write\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.KvWriteFaultH\x00\x12.\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.pdmesh.v1.HeartbeatFaultH\x00\x12\"\n\x03rpc\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.RpcFaultH\x00\x12(\n\x06\x65ngine\x18\x04 \x01(\x0b\x32\x16.pdmesh.v1.EngineFaultH\x00\x42\x07\n\x05\x66\x61ult\"X\n\x0cKvWriteFault\x12(\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x18.pdmesh.v1.KvWriteAction\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0f\n\x07\x64\x65lay_s\x18\x03 \x01(\x01\"P\n\x0eHeartbeatFault\x12*\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1a.pdmesh.v1.HeartbeatAction\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"n\n\x08RpcFault\x12\x0e\n\x06method\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.pdmesh.v1.RpcAction\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65lay_s\x18\x04 \x01(\x01\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\"J\n\x0b\x45ngineFault\x12\x14\n\x0cstep_sleep_s\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12\x11\n\tfail_step\x18\x03 \x01(\x08\"\x13\n\x11\x43haosClearRequest\"\x13\n\x11\x43haosStateRequest\"\x91\x02\n\nChaosState\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x17\n\x0fkv_writes_armed\x18\x02 \x01(\r\x12\x17\n\x0fkv_write_action\x18\x03 \x01(\t\x12\x1e\n\x16heartbeat_fault_left_s\x18\x04 \x01(\x01\x12\x38\n\nrpcs_armed\x18\x05 \x03(\x0b\x32$.pdmesh.v1.ChaosState.RpcsArmedEntry\x12\x1b\n\x13\x65ngine_fault_left_s\x18\x06 \x01(\x01\x12\r\n\x05\x66ired\x18\x07 \x01(\x04\x12\x0b\n\x03pid\x18\x08 \x01(\r\x1a\x30\n\x0eRpcsArmedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\x82\x01\n\rKvWriteAction\x12\x1f\n\x1bKV_WRITE_ACTION_UNSPECIFIED\x10\x00\x12\x19\n\x15KV_WRITE_ACTION_DELAY\x10\x01\x12\x18\n\x14KV_WRITE_ACTION_FAIL\x10\x02\x12\x1b\n\x17KV_WRITE_ACTION_CORRUPT\x10\x03*j\n\x0fHeartbeatAction\x12 \n\x1cHEARTBEAT_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16HEARTBEAT_ACTION_STALL\x10\x01\x12\x19\n\x15HEARTBEAT_ACTION_DROP\x10\x02*R\n\tRpcAction\x12\x1a\n\x16RPC_ACTION_UNSPECIFIED\x10\x00\x12\x14\n\x10RPC_ACTION_DELAY\x10\x01\x12\x13\n\x0fRPC_ACTION_FAIL\x10\x02\x32\xbb\x01\n\x05\x43haos\x12\x36\n\x06Inject\x12\x15.pdmesh.v1.ChaosFault\x1a\x15.pdmesh.v1.ChaosState\x12<\n\x05\x43lear\x12\x1c.pdmesh.v1.ChaosClearRequest\x1a\x15.pdmesh.v1.ChaosState\x12<\n\x05State\x12\x1c.pdmesh.v1.ChaosStateRequest\x1a\x15.pdmesh.v1.ChaosStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHAOSSTATE_RPCSARMEDENTRY']._loaded_options = None
   _globals['_CHAOSSTATE_RPCSARMEDENTRY']._serialized_options = b'8\001'
-  _globals['_KVWRITEACTION']._serialized_start=891
-  _globals['_KVWRITEACTION']._serialized_end=1021
-  _globals['_HEARTBEATACTION']._serialized_start=1023
-  _globals['_HEARTBEATACTION']._serialized_end=1129
-  _globals['_RPCACTION']._serialized_start=1131
-  _globals['_RPCACTION']._serialized_end=1213
+  _globals['_KVWRITEACTION']._serialized_start=910
+  _globals['_KVWRITEACTION']._serialized_end=1040
+  _globals['_HEARTBEATACTION']._serialized_start=1042
+  _globals['_HEARTBEATACTION']._serialized_end=1148
+  _globals['_RPCACTION']._serialized_start=1150
+  _globals['_RPCACTION']._serialized_end=1232
   _globals['_CHAOSFAULT']._serialized_start=37
   _globals['_CHAOSFAULT']._serialized_end=229
   _globals['_KVWRITEFAULT']._serialized_start=231
@@ -48,15 +48,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RPCFAULT']._serialized_start=403
   _globals['_RPCFAULT']._serialized_end=513
   _globals['_ENGINEFAULT']._serialized_start=515
-  _globals['_ENGINEFAULT']._serialized_end=570
-  _globals['_CHAOSCLEARREQUEST']._serialized_start=572
-  _globals['_CHAOSCLEARREQUEST']._serialized_end=591
-  _globals['_CHAOSSTATEREQUEST']._serialized_start=593
-  _globals['_CHAOSSTATEREQUEST']._serialized_end=612
-  _globals['_CHAOSSTATE']._serialized_start=615
-  _globals['_CHAOSSTATE']._serialized_end=888
-  _globals['_CHAOSSTATE_RPCSARMEDENTRY']._serialized_start=840
-  _globals['_CHAOSSTATE_RPCSARMEDENTRY']._serialized_end=888
-  _globals['_CHAOS']._serialized_start=1216
-  _globals['_CHAOS']._serialized_end=1403
+  _globals['_ENGINEFAULT']._serialized_end=589
+  _globals['_CHAOSCLEARREQUEST']._serialized_start=591
+  _globals['_CHAOSCLEARREQUEST']._serialized_end=610
+  _globals['_CHAOSSTATEREQUEST']._serialized_start=612
+  _globals['_CHAOSSTATEREQUEST']._serialized_end=631
+  _globals['_CHAOSSTATE']._serialized_start=634
+  _globals['_CHAOSSTATE']._serialized_end=907
+  _globals['_CHAOSSTATE_RPCSARMEDENTRY']._serialized_start=859
+  _globals['_CHAOSSTATE_RPCSARMEDENTRY']._serialized_end=907
+  _globals['_CHAOS']._serialized_start=1235
+  _globals['_CHAOS']._serialized_end=1422
 # @@protoc_insertion_point(module_scope)

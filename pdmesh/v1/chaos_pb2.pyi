@@ -81,12 +81,14 @@ class RpcFault(_message.Message):
     def __init__(self, method: _Optional[str] = ..., action: _Optional[_Union[RpcAction, str]] = ..., count: _Optional[int] = ..., delay_s: _Optional[float] = ..., code: _Optional[str] = ...) -> None: ...
 
 class EngineFault(_message.Message):
-    __slots__ = ("step_sleep_s", "duration_s")
+    __slots__ = ("step_sleep_s", "duration_s", "fail_step")
     STEP_SLEEP_S_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FAIL_STEP_FIELD_NUMBER: _ClassVar[int]
     step_sleep_s: float
     duration_s: float
-    def __init__(self, step_sleep_s: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    fail_step: bool
+    def __init__(self, step_sleep_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., fail_step: _Optional[bool] = ...) -> None: ...
 
 class ChaosClearRequest(_message.Message):
     __slots__ = ()

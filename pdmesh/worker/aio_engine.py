@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, Held, Hold, MakeRequest,
-                                    Release, SlowDown)
+from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, FailStep, Held, Hold,
+                                    MakeRequest, Release, SlowDown)
 from pdmesh.worker.engine_loop import EngineLoop
 from pdmesh.worker.streams import EngineFailed, OutputStream, StreamClosed
 
@@ -85,6 +85,10 @@ class AsyncEngine:
 
     async def slow_down(self, seconds: float) -> None:
         await self._call(SlowDown(seconds))
+
+    async def fail_next_step(self) -> None:
+        """Fault injection: the engine's next forward step raises (see EngineLoop)."""
+        await self._call(FailStep())
 
     @property
     def stats(self) -> EngineStats:

@@ -68,7 +68,12 @@ class SlowDown:
     seconds: float
 
 
-Command = Union[MakeRequest, Add, Hold, Adopt, Abort, Release, SlowDown]
+@dataclass(frozen=True)
+class FailStep:
+    """Fault injection (pdmesh.v1.Chaos, --chaos only): the next forward step raises."""
+
+
+Command = Union[MakeRequest, Add, Hold, Adopt, Abort, Release, SlowDown, FailStep]
 
 
 @dataclass(frozen=True)

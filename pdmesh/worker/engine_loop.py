@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 from pdmesh.runtime.engine import Engine
 from pdmesh.runtime.request import Request
-from pdmesh.worker.commands import (Abort, Add, Adopt, Command, EngineStats, Held, Hold,
-                                    MakeRequest, Release, SlowDown)
+from pdmesh.worker.commands import (Abort, Add, Adopt, Command, EngineStats, FailStep, Held,
+                                    Hold, MakeRequest, Release, SlowDown)
 
 log = logging.getLogger(__name__)
 OnEvents = Callable[[list[Any]], None]
@@ -47,6 +47,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sleep = 0.0  # SlowDown
+        self._fail_next_step = False  # FailStep (fault injection)
         self._waiting_pages = False  # holds are waiting (logged once per episode)
         self._stalled = False  # the last step ran nothing: decode waits on held pages
         self._counts = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
@@ -96,6 +97,8 @@ class EngineLoop:
                 eng.release(rid)
             case SlowDown(seconds=s):
                 self._sleep = s
+            case FailStep():
+                self._fail_next_step = True
             case _:
                 raise TypeError(f"not an engine command: {cmd!r}")
         return None
@@ -131,6 +134,8 @@ class EngineLoop:
         return f"the engine failed ({type(self.error).__name__}: {self.error})"
 
     def _step(self) -> None:
+        if self._fail_next_step:
+            raise RuntimeError("this step failed on purpose (pdmesh.v1.Chaos engine.fail_step)")
         outs = self.engine.step()
         self._stalled = self.engine.stalled
         for out in outs:

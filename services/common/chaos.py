@@ -87,6 +87,10 @@ class Chaos:
             e = f.engine
             if self.engine is None:
                 raise LookupError(f"a {self.role} process has no engine")
+            if e.fail_step:  # the engine stops; the worker exits 1 to be replaced
+                await self.engine.fail_next_step()
+                log.warning("chaos: armed engine.fail_step: the next step raises")
+                return
             _check_range("engine.step_sleep_s", e.step_sleep_s, MAX_STEP_SLEEP_S)
             _check_range("engine.duration_s", e.duration_s, MAX_DURATION_S)
             await self._slow_engine(e.step_sleep_s, e.duration_s)
