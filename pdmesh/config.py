@@ -143,7 +143,7 @@ class EngineConfig:
     # against it; see CausalLM.set_reference_numerics
     numerics: str = "fast"
     # reuse the KV of full pages whose prompt prefix was seen before (runtime/prefix_cache.py)
-    prefix_cache: bool = False
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",

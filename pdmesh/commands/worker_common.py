@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="requests prefilling or decoding at once (default 64)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes seen before (full pages, LRU "
-                        "eviction; default off; env PDMESH_PREFIX_CACHE)")
+                        "eviction; default on; env PDMESH_PREFIX_CACHE)")
     p.add_argument("--transfer-protocol", choices=("tcp", "rdma"), default=None,
                    help="Mooncake transport for KV pages (default tcp; env PDMESH_TRANSFER_PROTOCOL)")
     p.add_argument("--kv-transfer-mode", choices=("auto", "direct", "staged"), default=None,
