@@ -223,3 +223,12 @@ def test_earliest_of_several_stops_wins(tok):
 def test_empty_stop_string_rejected(tok):
     with pytest.raises(ValueError, match="stop"):
         IncrementalDetokenizer(tok, [], stop=[""])
+
+
+def test_stop_complete_before_an_incomplete_character(tok):
+    """Found by hypothesis: "a ü" is tokens "a", " \\xc3", "\\xbc"; with stops " " and
+    "a ü" the first token whose text completes a stop is the second (its space), although
+    its character after the space is not complete yet: stop there, at " "."""
+    ids = enc(tok, "a ü")
+    deltas, tail, d, at = stream(tok, [], ids, stop=[" ", "a ü"])
+    assert "".join(deltas) + tail == "a" == d.text and d.stop_str == " " and at == 1

@@ -100,7 +100,14 @@ class IncrementalDetokenizer:
             return "", True
         self._ids.append(token_id)
         self._output_ids.append(token_id)
-        return self._advance(self._next_text(final=False), final=False)
+        text = self._next_text(final=False)
+        if not text and self._stop:
+            # a character is incomplete, but the complete text before it may already
+            # complete a stop string (e.g. stop " " in "a" + " \xc3"): stop at this token
+            peek = self._peek_complete()
+            if peek and self._find_stop(self._pending + peek) is not None:
+                return self._advance(peek, final=False)
+        return self._advance(text, final=False)
 
     def flush(self) -> str:
         """Release everything still held back (request ended without a stop string):
@@ -133,6 +140,13 @@ class IncrementalDetokenizer:
             return ""  # incomplete UTF-8 character; wait for the next token
         self._prefix, self._read = self._read, len(self._ids)
         return new_text[len(prefix_text):]
+
+    def _peek_complete(self) -> str:
+        """The complete text after the window's read offset while its last character is
+        incomplete (not emitted: it comes again with the character's last byte)."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:]).rstrip(REPLACEMENT_CHAR)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
     def _advance(self, new_text: str, final: bool) -> tuple[str, bool]:
         """Append new text to pending, apply stop strings, emit what is decided."""
