@@ -24,7 +24,7 @@ def prompts(engine: Engine) -> list[list[int]]:
 def reference(default_model):
     """Without a cache, one request at a time: (prompt ids, greedy tokens) per question,
     then a repeat of the first and a second turn that extends the first conversation."""
-    e = Engine(loaded=default_model, page_size=8, num_pages=256, prefix_cache=False)
+    e = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=256, prefix_cache=False)
     ps = prompts(e)
     turn2 = ps[0] + e.generate(prompt_token_ids=ps[0], params=GREEDY)[0].token_ids + \
         e.tokenizer.encode("Thanks! And on Sundays?")
@@ -40,7 +40,7 @@ def run_sequential(e: Engine, ps: list[list[int]]):
 def test_cached_greedy_tokens_equal_uncached_whole_and_chunked(default_model, reference):
     ps, want = reference
     n = len(QUESTIONS)
-    e = Engine(loaded=default_model, page_size=8, num_pages=256, prefix_cache=True)
+    e = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=256, prefix_cache=True)
     for chunk in (2048, 8):  # whole-prompt prefill, then 8-token chunks
         e.scheduler.chunk, e.scheduler.max_prefill_tokens = chunk, max(chunk, 16)
         got, cached = run_sequential(e, ps)
@@ -65,7 +65,7 @@ def test_under_eviction_pressure(default_model, reference):
     ps, want = reference
     # a pool just large enough for one request at a time: every admission evicts
     need = max(-(-(len(p) + GREEDY.max_tokens) // 4) for p in ps)
-    e = Engine(loaded=default_model, page_size=4, num_pages=need + 2, prefix_cache=True,
+    e = Engine(loaded=default_model, num_threads=1, page_size=4, num_pages=need + 2, prefix_cache=True,
                chunked_prefill_size=16, max_prefill_tokens=32)
     got, _ = run_sequential(e, ps)
     assert got == want
@@ -87,8 +87,8 @@ def test_1p1d_prefill_cache_equals_uncached(default_model, reference):
     """The prefill engine caches; its (partly cached) pages are copied into a decode
     engine that adopts them: same tokens, and the prefill reports cached_tokens."""
     ps, want = reference
-    pre = Engine(loaded=default_model, page_size=8, num_pages=128, prefix_cache=True)
-    dec = Engine(loaded=default_model, page_size=8, num_pages=128, prefix_cache=True)
+    pre = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=128, prefix_cache=True)
+    dec = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=128, prefix_cache=True)
     for i, (ids, w) in enumerate(zip(ps, want)):
         rid = f"pd{i}"
         first = _prefill_only(pre, ids, rid)
