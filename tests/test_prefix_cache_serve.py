@@ -26,7 +26,7 @@ def messages(q: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def expected(default_model):
-    e = Engine(loaded=default_model, num_pages=64, prefix_cache=False)
+    e = Engine(loaded=default_model, num_pages=64, prefix_cache=False, num_threads=1)
     return [e.generate(messages=messages(q), params=SamplingParams(
         max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))[0] for q in QUESTIONS]
 
