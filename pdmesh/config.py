@@ -142,7 +142,8 @@ class EngineConfig:
     # op order (separate q/k/v and gate/up GEMMs, 4-D torch SDPA, eager) to validate
     # against it; see CausalLM.set_reference_numerics
     numerics: str = "fast"
-    # reuse the KV of full pages whose prompt prefix was seen before (runtime/prefix_cache.py)
+    # reuse the KV of full pages whose prompt prefix was seen before (runtime/prefix_cache.py);
+    # never with numerics="reference" (transformers computes every prompt whole)
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:
