@@ -191,6 +191,7 @@ def test_metrics_move_by_the_right_amounts(traced_mesh):
     urls = metrics_urls(lines)
     assert set(urls) == {"registry", "prefill-0", "decode-1", "gateway"}
     client = openai.OpenAI(base_url=url, api_key="none")
+    chat(client, max_tokens=2)  # first-use costs (channels, the pair's KV path) before counting
     before = {k: scrape(u) for k, u in urls.items()}
     n, out_len = 4, 8
     usages = [chat(client, max_tokens=out_len).usage for _ in range(n)]
@@ -215,7 +216,10 @@ def test_metrics_move_by_the_right_amounts(traced_mesh):
     parts = {p: g("pdmesh_gateway_ttft_part_seconds_sum", part=p)
              for p in ("queue", "prefill", "transfer", "first_decode")}
     assert all(g("pdmesh_gateway_ttft_part_seconds_count", part=p) == n for p in parts)
-    assert abs(sum(parts.values()) - ttft) <= 0.10 * ttft, (parts, ttft)
+    # the parts are the workers' stages; the rest of TTFT is the gateway's own work and
+    # the hops (tokenize, route, the decode's Transfer call, verify and adopt), ~25 ms
+    # here: with repeated prompts served from the prefix cache that is ~20% of TTFT
+    assert 0.7 * ttft <= sum(parts.values()) <= 1.02 * ttft, (parts, ttft)
     assert parts["prefill"] > parts["transfer"] > 0
 
     p = lambda name, **kw: delta(before["prefill-0"], after["prefill-0"], name, **kw)  # noqa: E731

@@ -68,6 +68,7 @@ class PrefillRoom:
     arrival: float = field(default_factory=time.monotonic)
     prefill_done_at: float | None = None
     transfer_at: float | None = None
+    write_s: float | None = None  # the write step as a whole: path bind, write, integrity
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     write_done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -248,6 +249,7 @@ class PrefillProtocol:
             err = RoomError(Code.INVALID_ARGUMENT, f"room {room.room} has {len(first.pages)} "
                             f"prompt pages, got {len(target.page_ids)} destination pages")
         else:
+            t0 = time.monotonic()
             try:
                 room.stats, room.checksum = await write_verified(
                     self.writer, room.room, first.pages, target, lambda: room.failed,
@@ -258,6 +260,7 @@ class PrefillProtocol:
             except Exception as e:  # TransferError, or a bad destination
                 err = RoomError(Code.INTERNAL, f"KV transfer of room {room.room} to "
                                 f"{target.session_id} failed: {e}")
+            room.write_s = time.monotonic() - t0
         room.error = room.error or err
         room.state = State.FAILED if room.error else State.DONE
         rid = str(room.room)

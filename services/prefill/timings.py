@@ -31,4 +31,7 @@ def timings(room: PrefillRoom) -> pb.PrefillTimings:
     return pb.PrefillTimings(queue_s=max(0.0, start - req.arrival_time),
                              prefill_s=max(0.0, done - start),
                              wait_transfer_s=max(0.0, (room.transfer_at or done) - done),
-                             transfer_s=stats.seconds if stats else 0.0)
+                             # the whole write step (the pair's path is bound on its
+                             # first write, then the integrity check), not the bytes alone
+                             transfer_s=room.write_s if room.write_s is not None else
+                             stats.seconds if stats else 0.0)
