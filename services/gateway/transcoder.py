@@ -176,20 +176,21 @@ def request_timeout(headers: Any, streaming: bool) -> float | None:
     ValueError for an `x-pdmesh-timeout` that is not a positive number of seconds."""
     raw = headers.get("x-pdmesh-timeout")
     if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
-        if not 0 < value < float("inf"):
+        seconds = _positive_seconds(raw)
+        if seconds is None:
             raise ValueError(f"x-pdmesh-timeout must be a positive number of seconds, "
                              f"got {raw[:40]!r}")
-        return value
+        return seconds
     raw = None if streaming else headers.get("x-stainless-read-timeout")
+    return None if raw is None else _positive_seconds(raw)  # not ours to refuse
+
+
+def _positive_seconds(raw: str) -> float | None:
     try:
-        value = float(raw) if raw is not None else None
+        value = float(raw)
     except ValueError:
-        return None  # not ours to refuse
-    return value if value is not None and 0 < value < float("inf") else None
+        return None
+    return value if 0 < value < float("inf") else None
 
 
 def _handler(route: HttpRoute, servicer: Any):
