@@ -76,7 +76,8 @@ def build_payload(cfg: ClientConfig, req: BenchRequest) -> dict[str, Any]:
                             "temperature": cfg.temperature, "stream": True,
                             "stream_options": {"include_usage": True}}
     if cfg.backend == "chat":
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = list(req.messages) if req.messages is not None else \
+            [{"role": "user", "content": req.prompt}]
     else:
         body["prompt"] = req.prompt
     if cfg.ignore_eos:
@@ -139,6 +140,13 @@ async def _read_stream(resp: aiohttp.ClientResponse, cfg: ClientConfig, t: _Timi
 async def send_request(session: aiohttp.ClientSession, cfg: ClientConfig, req: BenchRequest,
                        workload: Optional[Workload] = None) -> RequestRecord:
     """Stream one request and time it; never raises (failures become ok=False records)."""
+    return (await send_request_text(session, cfg, req, workload))[0]
+
+
+async def send_request_text(session: aiohttp.ClientSession, cfg: ClientConfig,
+                            req: BenchRequest, workload: Optional[Workload] = None
+                            ) -> tuple[RequestRecord, str]:
+    """send_request, also returning the streamed text (multi-turn replies)."""
     t = _Timing(st=time.perf_counter())
     path = "chat/completions" if cfg.backend == "chat" else "completions"
     error = ""
@@ -158,11 +166,15 @@ async def send_request(session: aiohttp.ClientSession, cfg: ClientConfig, req: B
     if not error and not t.pieces:
         error = "stream ended without content"
     if error:
-        return RequestRecord(False, error, req.prompt_tokens, 0, 0.0, 0.0, [], t.st)
+        return RequestRecord(False, error, req.prompt_tokens, 0, 0.0, 0.0, [], t.st,
+                             turn=req.turn), ""
+    text = "".join(t.pieces)
     out = t.usage.get("completion_tokens") or (
-        workload.count_tokens("".join(t.pieces)) if workload else len(t.pieces))
+        workload.count_tokens(text) if workload else len(t.pieces))
     prompt = t.usage.get("prompt_tokens") or req.prompt_tokens
-    return RequestRecord(True, "", int(prompt), int(out), t.ttft, t.latency, t.itl, t.st)
+    cached = (t.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return RequestRecord(True, "", int(prompt), int(out), t.ttft, t.latency, t.itl, t.st,
+                         cached_tokens=int(cached), turn=req.turn), text
 
 
 async def _run(cfg: ClientConfig, workload: Workload, reqs: Sequence[BenchRequest],

@@ -9,6 +9,11 @@ Definitions (all times in seconds, measured with time.perf_counter on the client
 - throughputs: totals over completed requests / run duration (first send -> last finish).
 - goodput: completed requests meeting every given SLO (TTFT <= slo_ttft, TPOT <= slo_tpot)
   per second of run duration; slo_attainment: that count / all requests of the run.
+- cached_tokens: usage.prompt_tokens_details.cached_tokens (prompt tokens the server took
+  from its prefix cache); cache hit rate = sum(cached_tokens) / sum(prompt_tokens) over
+  completed requests (0 when there are none).
+- per turn (multi-turn runs, records with turn >= 1): the same TTFT Dist, tokens and hit
+  rate over the requests of each turn index (TurnStats).
 - Dist percentiles: numpy.percentile (linear interpolation), like bench_serving; an empty
   sample gives all-zero Dist (bench_serving's `np.mean(x or 0)` behaviour).
 """
@@ -54,6 +59,8 @@ class RequestRecord:
     e2e: float
     itl: list[float] = field(default_factory=list)
     start: float = 0.0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
+    turn: int = 0  # multi-turn: 1-based turn index in its conversation; 0 otherwise
 
     @property
     def end(self) -> float:
@@ -66,6 +73,31 @@ class RequestRecord:
         if not self.ok or self.output_tokens <= 1:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """One turn index of a multi-turn run: its requests' TTFT and prefix-cache hits."""
+    turn: int
+    completed: int
+    failed: int
+    ttft: Dist
+    prompt_tokens: int
+    cached_tokens: int
+    hit_rate: float  # cached_tokens / prompt_tokens (0 when no prompt tokens)
+
+
+def per_turn(records: Sequence[RequestRecord]) -> tuple[TurnStats, ...]:
+    """TurnStats for each turn index >= 1 present in `records`, in turn order."""
+    out = []
+    for k in sorted({r.turn for r in records if r.turn >= 1}):
+        rs = [r for r in records if r.turn == k]
+        done = [r for r in rs if r.ok]
+        tin = sum(r.prompt_tokens for r in done)
+        cached = sum(r.cached_tokens for r in done)
+        out.append(TurnStats(k, len(done), len(rs) - len(done), Dist.of(r.ttft for r in done),
+                             tin, cached, cached / tin if tin else 0.0))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,9 @@ class RunSummary:
     slo_tpot: Optional[float] = None
     avg_concurrency: float = 0.0  # sum(e2e) / duration, bench_serving's "Concurrency"
     errors: tuple[str, ...] = ()  # up to 5 distinct error messages of failed requests
+    total_cached_tokens: int = 0  # sum of usage cached_tokens (prefix cache hits)
+    cache_hit_rate: float = 0.0  # total_cached_tokens / total_input_tokens
+    per_turn: tuple[TurnStats, ...] = ()  # multi-turn runs only
 
 
 def meets_slo(rec: RequestRecord, slo_ttft: Optional[float], slo_tpot: Optional[float]) -> bool:
@@ -131,6 +166,7 @@ def summarize(records: Sequence[RequestRecord], duration: Optional[float] = None
     dur = max(dur, 1e-9)
     tin = sum(r.prompt_tokens for r in done)
     tout = sum(r.output_tokens for r in done)
+    cached = sum(r.cached_tokens for r in done)
     tpots = [t for t in (r.tpot for r in done) if t is not None]
     itls = [g for r in done for g in r.itl]
     has_slo = slo_ttft is not None or slo_tpot is not None
@@ -146,4 +182,6 @@ def summarize(records: Sequence[RequestRecord], duration: Optional[float] = None
         goodput_req_s=good / dur if has_slo else None,
         slo_attainment=(good / len(records) if records else 0.0) if has_slo else None,
         total_input_tokens=tin, total_output_tokens=tout, slo_ttft=slo_ttft,
-        slo_tpot=slo_tpot, avg_concurrency=sum(r.e2e for r in done) / dur, errors=errors)
+        slo_tpot=slo_tpot, avg_concurrency=sum(r.e2e for r in done) / dur, errors=errors,
+        total_cached_tokens=cached, cache_hit_rate=cached / tin if tin else 0.0,
+        per_turn=per_turn(records))

@@ -2,7 +2,9 @@
 
 The table has the columns of ../shared/reference/deepseek-v3-1p1d-b200.md:
 concurrency | output tok/s | avg TTFT s | P99 TTFT s | avg TPOT s | avg latency s | req/s | failed
-(a "label" column is prepended when any run has a label).
+(a "label" column is prepended when any run has a label). Multi-turn runs add a per-turn
+table (format_turn_table): turn | requests | avg TTFT s | P99 TTFT s | prompt tokens |
+cached tokens | cache hit rate.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import dataclasses
 import json
 from typing import Any, Optional, Sequence
 
-from pdmesh.bench.metrics import Dist, RunSummary
+from pdmesh.bench.metrics import Dist, RunSummary, TurnStats
 
 JSON_VERSION = 1
 HEADERS = ["concurrency", "output tok/s", "avg TTFT s", "P99 TTFT s", "avg TPOT s",
@@ -46,6 +48,29 @@ def format_table(summaries: Sequence[RunSummary], markdown: bool = False) -> str
     return "\n".join(lines)
 
 
+TURN_HEADERS = ["turn", "requests", "avg TTFT s", "P99 TTFT s", "prompt tokens",
+                "cached tokens", "cache hit rate"]
+
+
+def format_turn_table(s: RunSummary, markdown: bool = False) -> str:
+    """The per-turn rows of a multi-turn run, then an "all" row ("" for other runs)."""
+    if not s.per_turn:
+        return ""
+    rows = [[str(t.turn), f"{t.completed}" + (f" ({t.failed} failed)" if t.failed else ""),
+             f"{t.ttft.mean:.3f}", f"{t.ttft.p99:.3f}", str(t.prompt_tokens),
+             str(t.cached_tokens), f"{t.hit_rate:.1%}"] for t in s.per_turn]
+    rows.append(["all", str(s.completed), f"{s.ttft.mean:.3f}", f"{s.ttft.p99:.3f}",
+                 str(s.total_input_tokens), str(s.total_cached_tokens),
+                 f"{s.cache_hit_rate:.1%}"])
+    if markdown:
+        lines = ["| " + " | ".join(TURN_HEADERS) + " |", "|" + "---|" * len(TURN_HEADERS)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(TURN_HEADERS)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(TURN_HEADERS), "  ".join("-" * w for w in widths)]
+                     + [fmt(r) for r in rows])
+
+
 def summary_to_dict(s: RunSummary) -> dict[str, Any]:
     """A JSON-ready dict (Dist fields become {mean, median, p90, p99})."""
     d = dataclasses.asdict(s)
@@ -60,6 +85,8 @@ def summary_from_dict(d: dict[str, Any]) -> RunSummary:
     for k in ("ttft", "tpot", "itl", "e2e"):
         kw[k] = Dist(**kw[k])
     kw["errors"] = tuple(kw.get("errors", ()))
+    kw["per_turn"] = tuple(TurnStats(**{**t, "ttft": Dist(**t["ttft"])})
+                           for t in kw.get("per_turn", ()))
     return RunSummary(**kw)
 
 

@@ -40,10 +40,16 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request: prompt text, its token count (re-encoded), requested output tokens."""
+    """One request: prompt text, its token count (re-encoded), requested output tokens.
+
+    Multi-turn requests (pdmesh/bench/multiturn.py) also carry the chat history as
+    `messages` (sent instead of one user message by the chat backend; `prompt` is the
+    same history concatenated, for the completions backend) and their 1-based `turn`."""
     prompt: str
     prompt_tokens: int
     output_tokens: int
+    messages: Optional[tuple[dict[str, str], ...]] = None
+    turn: int = 0
 
 
 def load_tokenizer(spec: str) -> Any:

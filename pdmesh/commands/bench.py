@@ -3,6 +3,8 @@
     pdmesh bench --base-url http://127.0.0.1:8000/v1 --input-len 128 --output-len 32 \
         --parallel 2 8 --number 8 32 --label 1P1D --output 1p1d.json --plot-dir plots
     pdmesh bench --compare 1p1d.json 2p1d.json --plot-dir plots   # no load: chart + table
+    pdmesh bench --backend chat --workload multi-turn --turns 8 --system-prompt-len 1024 \
+        --input-len 64 --output-len 32 --think-time 1 --parallel 4 --conversations 8
 """
 from __future__ import annotations
 
@@ -34,6 +36,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--prompt-ids", choices=["sequential", "uniform"], default="sequential",
                    help="sequential = bench_serving random-ids; uniform = iid random ids")
     w.add_argument("--seed", type=int, default=1)
+    w.add_argument("--workload", choices=["random", "multi-turn"], default="random",
+                   help="random: independent prompts of --input-len; multi-turn: "
+                        "conversations with a shared system prompt and growing history "
+                        "(--input-len = each user message, --output-len = each reply; "
+                        "--parallel C = C conversations at once)")
+    w.add_argument("--turns", type=int, default=None,
+                   help="multi-turn: turns per conversation (default 8)")
+    w.add_argument("--system-prompt-len", type=int, default=None, metavar="T",
+                   help="multi-turn: tokens of the system prompt all conversations share "
+                        "(default 1024; 0 = none)")
+    w.add_argument("--think-time", type=float, default=None, metavar="S",
+                   help="multi-turn: seconds between a reply and the next turn (default 0)")
+    w.add_argument("--conversations", type=int, nargs="+", default=None, metavar="N",
+                   help="multi-turn: conversations per run, one value or one per --parallel "
+                        "value (default: the concurrency)")
     w.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos")
     w.add_argument("--min-tokens", action="store_true", help="also send min_tokens = max_tokens")
     l = p.add_argument_group("load")
@@ -66,15 +83,17 @@ def _points(args: argparse.Namespace, err) -> list[tuple[str, float, int]]:
         err("give --parallel C... and/or --request-rate R... (or --compare FILE...)")
     if any(v <= 0 for _, v in pts):
         err("--parallel and --request-rate values must be positive")
-    nums = args.number
+    multi = args.workload == "multi-turn"
+    flag = "--conversations" if multi else "--number"
+    nums = args.conversations if multi else args.number
     if nums is None:
-        nums = [4 * int(v) if k == "parallel" else 32 for k, v in pts]
+        nums = [(1 if multi else 4) * int(v) if k == "parallel" else 32 for k, v in pts]
     elif len(nums) == 1:
         nums = nums * len(pts)
     elif len(nums) != len(pts):
-        err(f"--number takes one value or one per run ({len(pts)}), got {len(nums)}")
+        err(f"{flag} takes one value or one per run ({len(pts)}), got {len(nums)}")
     if any(n < 1 for n in nums):
-        err("--number values must be >= 1")
+        err(f"{flag} values must be >= 1")
     return [(k, v, n) for (k, v), n in zip(pts, nums)]
 
 
@@ -88,6 +107,32 @@ def _check(args: argparse.Namespace, err) -> None:
     for name in ("slo_ttft", "slo_tpot"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             err(f"--{name.replace('_', '-')} must be positive")
+    mt_flags = [f"--{n.replace('_', '-')}" for n in _MT_DEFAULTS
+                if getattr(args, n) is not None]
+    if args.workload != "multi-turn":
+        if mt_flags:
+            err(f"{', '.join(mt_flags)} need --workload multi-turn")
+        return
+    if args.request_rate:
+        err("--workload multi-turn runs fixed concurrency (--parallel C: C conversations at "
+            "once); --request-rate is not supported")
+    if args.number is not None:
+        err("--workload multi-turn counts --conversations, not --number")
+    if args.max_concurrency is not None:
+        err("--max-concurrency is for --request-rate runs; multi-turn uses --parallel")
+    for name, default in _MT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.turns < 1:
+        err(f"--turns must be >= 1, got {args.turns}")
+    if args.system_prompt_len < 0:
+        err(f"--system-prompt-len must be >= 0, got {args.system_prompt_len}")
+    if not args.think_time >= 0:
+        err(f"--think-time must be >= 0, got {args.think_time}")
+
+
+_MT_DEFAULTS = {"turns": 8, "system_prompt_len": 1024, "think_time": 0.0,
+                "conversations": None}
 
 
 async def _sweep(args: argparse.Namespace, points) -> tuple[list, dict[str, Any]]:
@@ -100,24 +145,41 @@ async def _sweep(args: argparse.Namespace, points) -> tuple[list, dict[str, Any]
     cfg = await resolve_model(ClientConfig(
         args.base_url, args.model, args.api_key, args.backend, args.timeout,
         ignore_eos=not args.no_ignore_eos, min_tokens=args.min_tokens))
-    workload = Workload.load(spec)
     common = dict(label=args.label, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,
                   warmup_requests=args.warmup, progress=not args.no_progress)
+    mt = None
+    if args.workload == "multi-turn":
+        from pdmesh.bench.multiturn import MultiTurnSpec, MultiTurnWorkload
+        mt = MultiTurnWorkload.load(MultiTurnSpec(
+            args.turns, args.system_prompt_len, spec.input_len, spec.output_len,
+            args.think_time, args.tokenizer, args.seed))
+    else:
+        workload = Workload.load(spec)
     summaries = []
     for kind, value, number in points:
-        if kind == "parallel":
+        if mt is not None:
+            from pdmesh.bench.multiturn import run_multi_turn
+            s, _ = await run_multi_turn(cfg, mt, int(value), number, **common)
+        elif kind == "parallel":
             s, _ = await run_fixed(cfg, workload, int(value), number, **common)
         else:
             s, _ = await run_rate(cfg, workload, value, number,
                                   max_concurrency=args.max_concurrency, **common)
-        print(f"[bench] {kind}={value:g} number={number}: {s.completed} ok, {s.failed} failed, "
+        count = f"conversations={number}" if mt is not None else f"number={number}"
+        print(f"[bench] {kind}={value:g} {count}: {s.completed} ok, {s.failed} failed, "
               f"{s.output_tok_s:.1f} out tok/s, TTFT {s.ttft.mean:.3f} s, "
               f"TPOT {s.tpot.mean:.4f} s" + (f" ({s.errors[0]})" if s.errors else ""),
               flush=True)
+        if s.per_turn:
+            print(f"[bench] {number} conversations x {mt.spec.turns} turns, system prompt "
+                  f"{mt.system_prompt_tokens} tokens; prefix cache hit rate "
+                  f"{s.cache_hit_rate:.1%}", flush=True)
         summaries.append(s)
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "api_key"}
     config.update(model=cfg.model, started=datetime.datetime.now(datetime.timezone.utc)
                   .isoformat(timespec="seconds"), points=[list(p) for p in points])
+    if mt is not None:
+        config["system_prompt_tokens"] = mt.system_prompt_tokens
     return summaries, config
 
 
@@ -145,7 +207,7 @@ def _relabel(s, label: str):
 
 def run(args: argparse.Namespace) -> int:
     from pdmesh.bench.plots import group_by_label, plot_runs
-    from pdmesh.bench.report import format_table, to_json
+    from pdmesh.bench.report import format_table, format_turn_table, to_json
 
     def err(msg: str) -> None:
         print(f"pdmesh bench: error: {msg}", file=sys.stderr)
@@ -161,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"pdmesh bench: {e}", file=sys.stderr)
             return 1
     print(format_table(summaries, markdown=args.markdown))
+    for s in summaries:
+        if s.per_turn:
+            head = f"{s.label} " if s.label else ""
+            print(f"\n{head}c={s.concurrency}: per turn (cache hit rate = cached / prompt "
+                  f"tokens, from usage.prompt_tokens_details.cached_tokens)")
+            print(format_turn_table(s, markdown=args.markdown))
     if args.output and not args.compare:
         Path(args.output).write_text(to_json(summaries, config))
         print(f"[bench] results written to {args.output}")

@@ -1,0 +1,166 @@
+"""Multi-turn conversations through `pdmesh serve`: prefix cache off vs on, 1P1D and 2P1D.
+
+For each deployment and setting it starts `pdmesh serve --prefill N --decode 1`, runs
+`pdmesh bench --backend chat --workload multi-turn` against it (a shared system prompt,
+growing history, the assistant's real replies) and stops the mesh. Settings:
+
+  off          workers with --no-prefix-cache
+  on           the prefix cache (the default), round-robin prefill routing (the default)
+  on+cache_aware   the cache plus `--prefill-policy cache_aware` at the gateway, only when
+               the gateway knows that policy (added by another change; skipped otherwise)
+
+Prints, per deployment, mean / P99 TTFT per turn side by side, output tok/s, the prefix
+cache hit rate, and the ratio of mean TTFT over turns >= 2 (off / on). Each bench run's
+JSON goes to --out-dir.
+
+    .venv/bin/python benchmarks/multi_turn.py                 # 4 conversations x 6 turns
+    .venv/bin/python benchmarks/multi_turn.py --turns 8 --conversations 8 --parallel 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+def cache_aware_available() -> bool:
+    """Does this checkout's gateway know `--prefill-policy cache_aware`?"""
+    from pdmesh import config
+    return "cache_aware" in getattr(config, "ROUTING_POLICIES", ())
+
+
+def start_serve(args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
+                             "--grpc-port", "0", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"ready — .*gateway (\S+)", line)
+        if m:
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return proc, f"http://{m.group(1).rstrip(',')}/v1", lines
+    raise RuntimeError("pdmesh serve did not start:\n" + "".join(lines[-30:]))
+
+
+def wait_routable(base: str, timeout: float = 60.0) -> None:
+    """One tiny chat request until it is not a 503 (the gateway learns workers by Watch)."""
+    body = json.dumps({"model": "default", "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(base + "/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Path) -> dict:
+    proc, base, lines = start_serve(serve_args)
+    try:
+        wait_routable(base)
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "pdmesh.cli", "bench", "--base-url", base,
+                              "--backend", "chat", "--workload", "multi-turn", "--label", name,
+                              "--no-progress", "--output", str(out), *bench_args],
+                             text=True, capture_output=True)
+        print(f"  {name}: bench took {time.monotonic() - t0:.0f} s, exit {res.returncode}",
+              flush=True)
+        if res.returncode != 0:
+            print(res.stdout[-3000:] + res.stderr[-3000:])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+    doc = json.loads(out.read_text())
+    return doc["runs"][0] | {"system_prompt_tokens": doc["config"].get("system_prompt_tokens")}
+
+
+def table(runs: dict[str, dict]) -> str:
+    names = list(runs)
+    turns = [t["turn"] for t in next(iter(runs.values()))["per_turn"]]
+    head = ["turn"] + [f"{n} mean / P99 TTFT s" for n in names] + [f"{n} hit" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, k in enumerate(turns):
+        cells = [str(k)]
+        cells += [f"{r['per_turn'][i]['ttft']['mean']:.3f} / {r['per_turn'][i]['ttft']['p99']:.3f}"
+                  for r in runs.values()]
+        cells += [f"{r['per_turn'][i]['hit_rate']:.0%}" for r in runs.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    late = {n: mean_late(r) for n, r in runs.items()}
+    cells = ["≥ 2 (mean)"] + [f"{late[n]:.3f}" for n in names] + [""] * len(names)
+    lines.append("| " + " | ".join(cells) + " |")
+    cells = ["output tok/s"] + [f"{r['output_tok_s']:.1f}" for r in runs.values()] + \
+        [f"{r['cache_hit_rate']:.0%}" for r in runs.values()]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_late(run: dict) -> float:
+    """Mean TTFT over the requests of turns >= 2 (weighted by completed requests)."""
+    rows = [t for t in run["per_turn"] if t["turn"] >= 2]
+    n = sum(t["completed"] for t in rows)
+    return sum(t["ttft"]["mean"] * t["completed"] for t in rows) / max(n, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--deployments", nargs="+", type=int, default=[1, 2],
+                    help="prefill workers (one decode): 1 = 1P1D, 2 = 2P1D")
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--parallel", type=int, default=4, help="conversations at once")
+    ap.add_argument("--system-prompt-len", type=int, default=1024)
+    ap.add_argument("--user-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--think-time", type=float, default=0.5)
+    ap.add_argument("--out-dir", default="/tmp/pdmesh-multi-turn")
+    a = ap.parse_args()
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench_args = ["--turns", str(a.turns), "--system-prompt-len", str(a.system_prompt_len),
+                  "--input-len", str(a.user_len), "--output-len", str(a.output_len),
+                  "--think-time", str(a.think_time), "--parallel", str(a.parallel),
+                  "--conversations", str(a.conversations), "--warmup", "2"]
+    settings = [("off", ["--worker-arg=--no-prefix-cache"]), ("on", [])]
+    if cache_aware_available():
+        settings.append(("on+cache_aware", ["--gateway-arg=--prefill-policy=cache_aware"]))
+    else:
+        print("cache_aware prefill routing: not available in this checkout (skipped)")
+    print("bench args: " + " ".join(bench_args), flush=True)
+    t_all = time.monotonic()
+    for p in a.deployments:
+        dep = f"{p}P1D"
+        runs = {}
+        for name, extra in settings:
+            out = out_dir / f"{dep}-{name}.json"
+            runs[name] = run_setting(name, ["--prefill", str(p), "--decode", "1", *extra],
+                                     bench_args, out)
+        sp = next(iter(runs.values()))["system_prompt_tokens"]
+        print(f"\n{dep}: {a.conversations} conversations x {a.turns} turns, {a.parallel} at "
+              f"once, system prompt {sp} tokens, user {a.user_len}, reply {a.output_len}, "
+              f"think {a.think_time:g} s")
+        print(table(runs))
+        off = mean_late(runs["off"])
+        for name in list(runs)[1:]:
+            r = runs[name]
+            print(f"{dep} {name}: mean TTFT turns >= 2 {off / mean_late(r):.2f}x lower than off; "
+                  f"output tok/s {r['output_tok_s'] / runs['off']['output_tok_s']:.2f}x; "
+                  f"failed {r['failed']}", flush=True)
+    print(f"\ntotal {time.monotonic() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
