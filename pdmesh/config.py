@@ -265,7 +265,8 @@ def registry_config_from_env(base: RegistryConfig | None = None,
 # modes; services/gateway/routing.py maps each policy name to its class, and its
 # register_policy() adds plug-in names to this set.
 ROUTING_MODES = ("auto", "pd", "colocated")
-ROUTING_POLICIES: set[str] = {"random", "round_robin", "power_of_two", "least_load"}
+ROUTING_POLICIES: set[str] = {"random", "round_robin", "power_of_two", "least_load",
+                              "cache_aware", "prefix_hash"}
 
 
 def check_routing_policy(name: str) -> None:
@@ -288,6 +289,15 @@ class GatewayConfig:
     prefill_policy: str = "round_robin"
     decode_policy: str = "round_robin"
     mode: str = "auto"  # pd | colocated | auto (PD when a pair exists, else colocated)
+    # cache_aware and prefix_hash (services/gateway/routing.py); defaults: SGLang Model
+    # Gateway's --cache-threshold 0.3, --balance-abs-threshold 64, --balance-rel-threshold
+    # 1.5, --max-tree-size 2**26 (here token ids per worker tree, evicted LRU on insert)
+    # and --prefix-token-count 256
+    cache_threshold: float = 0.3  # prefix match rate above which the cache decides
+    balance_abs_threshold: int = 64  # imbalanced: max - min load above this ...
+    balance_rel_threshold: float = 1.5  # ... and max above min times this
+    max_tree_size: int = 1 << 26
+    prefix_token_count: int = 256
     # when set, requests need "Authorization: Bearer <key>"; repr=False: never in logs
     api_key: str | None = dataclasses.field(default=None, repr=False)
     max_model_len: int | None = None  # defaults to the model's context length
@@ -325,6 +335,7 @@ class GatewayConfig:
         self._check_retries()
         self._check_admission()
         self._check_limits()
+        self._check_cache_routing()
         check_routing_policy(self.prefill_policy), check_routing_policy(self.decode_policy)
         if self.mode not in ROUTING_MODES:
             raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
@@ -354,6 +365,16 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.max_top_logprobs <= 20:  # the sampler computes at most 20
             raise ValueError(f"max_top_logprobs must be in 0..20, got {self.max_top_logprobs}")
+
+    def _check_cache_routing(self) -> None:
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError(f"cache_threshold must be in 0..1, got {self.cache_threshold}")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold <= 0:
+            raise ValueError("balance_abs_threshold must be >= 0 and balance_rel_threshold "
+                             f"> 0, got {self.balance_abs_threshold}, {self.balance_rel_threshold}")
+        for name in ("max_tree_size", "prefix_token_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def queue_limit(self) -> int:
@@ -385,13 +406,18 @@ _GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_GATEWAY_MAX_STOP_STRINGS": ("max_stop_strings", int),
     "PDMESH_GATEWAY_MAX_STOP_CHARS": ("max_stop_chars", int),
     "PDMESH_GATEWAY_MAX_TOP_LOGPROBS": ("max_top_logprobs", int),
+    "PDMESH_GATEWAY_CACHE_THRESHOLD": ("cache_threshold", float),
+    "PDMESH_GATEWAY_BALANCE_ABS_THRESHOLD": ("balance_abs_threshold", int),
+    "PDMESH_GATEWAY_BALANCE_REL_THRESHOLD": ("balance_rel_threshold", float),
+    "PDMESH_GATEWAY_MAX_TREE_SIZE": ("max_tree_size", int),
+    "PDMESH_GATEWAY_PREFIX_TOKEN_COUNT": ("prefix_token_count", int),
 }
 
 
 def gateway_config_from_env(base: GatewayConfig | None = None,
                             env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Apply PDMESH_REGISTRY / _API_KEY / _PREFILL_POLICY / _DECODE_POLICY / _ROUTING_MODE
-    and PDMESH_GATEWAY_* (processes, admission and request limits)."""
+    and PDMESH_GATEWAY_* (processes, admission, request limits, cache-aware routing)."""
     return _apply_env(base or GatewayConfig(), _GATEWAY_ENV_OVERRIDES, env)
 
 

@@ -35,11 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="REST port (default 8000; 0 = free)")
     p.add_argument("--grpc-port", type=int, default=50051,
                    help="gRPC port (default 50051; 0 = free)")
-    p.add_argument("--prefill-policy", default=None,
-                   help="random | round_robin (default) | power_of_two | least_load "
-                        "(env PDMESH_PREFILL_POLICY)")
-    p.add_argument("--decode-policy", default=None,
-                   help="same choices, for decode and colocated workers (env PDMESH_DECODE_POLICY)")
+    add_routing_arguments(p)
     p.add_argument("--mode", default=None,
                    help="pd | colocated | auto (default: a prefill+decode pair when one "
                         "exists, else a colocated worker; env PDMESH_ROUTING_MODE)")
@@ -70,6 +66,29 @@ class _ToGateway(argparse.Action):
         namespace.gateway_arg = [*(namespace.gateway_arg or []), f"{option_string}={values}"]
 
 
+def add_routing_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) -> None:
+    """Routing policy flags (services/gateway/routing.py). `to_gateway` (pdmesh serve):
+    append them to the gateway child's argv instead."""
+    def add(flag: str, kind: type, text: str) -> None:
+        p.add_argument(flag, type=kind, default=None, help=text,
+                       action=_ToGateway if to_gateway else "store")
+    add("--prefill-policy", str, "random | round_robin (default) | power_of_two | "
+        "least_load | cache_aware | prefix_hash (env PDMESH_PREFILL_POLICY)")
+    add("--decode-policy", str, "same choices, for decode and colocated workers (env "
+        "PDMESH_DECODE_POLICY)")
+    add("--cache-threshold", float, "cache_aware: prefix match rate above which the "
+        "worker with the longest match wins (default 0.3; env PDMESH_GATEWAY_CACHE_THRESHOLD)")
+    add("--balance-abs-threshold", int, "cache_aware: load is imbalanced (least loaded "
+        "wins) when max - min load exceeds this (default 64; env "
+        "PDMESH_GATEWAY_BALANCE_ABS_THRESHOLD) ...")
+    add("--balance-rel-threshold", float, "... and max load exceeds min load times this "
+        "(default 1.5; env PDMESH_GATEWAY_BALANCE_REL_THRESHOLD)")
+    add("--max-tree-size", int, "cache_aware: token ids kept per worker's prefix tree, "
+        "least recently used evicted first (default 2**26; env PDMESH_GATEWAY_MAX_TREE_SIZE)")
+    add("--prefix-token-count", int, "prefix_hash: leading tokens hashed (default 256; env "
+        "PDMESH_GATEWAY_PREFIX_TOKEN_COUNT)")
+
+
 def add_admission_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) -> None:
     """Admission flags (services/gateway/admission.py); each limit is per gateway process.
     `to_gateway` (pdmesh serve): append them to the gateway child's argv instead."""
@@ -94,7 +113,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
              "decode_policy": args.decode_policy, "mode": args.mode, "api_key": args.api_key,
              "processes": args.processes, "max_inflight": args.max_inflight,
              "max_queued": args.max_queued, "queue_timeout_s": args.queue_timeout,
-             "retry_after_s": args.retry_after, "max_body_bytes": args.max_body_bytes}
+             "retry_after_s": args.retry_after, "max_body_bytes": args.max_body_bytes,
+             "cache_threshold": args.cache_threshold,
+             "balance_abs_threshold": args.balance_abs_threshold,
+             "balance_rel_threshold": args.balance_rel_threshold,
+             "max_tree_size": args.max_tree_size, "prefix_token_count": args.prefix_token_count}
     return config.replace(model=args.model, served_model_name=args.served_model_name,
                           host=args.host, port=args.port, grpc_port=args.grpc_port,
                           max_model_len=args.max_model_len, reuse_port=args.reuse_port,

@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface for every service")
     p.add_argument("--port", type=int, default=8000, help="gateway REST port (OpenAI API)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port")
-    from pdmesh.commands.gateway import add_admission_arguments
+    from pdmesh.commands.gateway import add_admission_arguments, add_routing_arguments
     add_admission_arguments(p, to_gateway=True)  # --max-inflight etc., as gateway flags
+    add_routing_arguments(p, to_gateway=True)  # --prefill-policy etc., as gateway flags
     p.add_argument("--registry-port", type=int, default=0, help="registry port (0 = free)")
     p.add_argument("--heartbeat-interval", type=float, default=None,
                    help="seconds between worker heartbeats (registry default 5)")

@@ -60,7 +60,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
                                       config.breaker_success_threshold, config.breaker_open_s),
                         resilience)
     pool = WorkerPool(config.registry, config.mode, config.prefill_policy,
-                      config.decode_policy, breakers=breakers)
+                      config.decode_policy, breakers=breakers, config=config)
     pool.start()
     admission = Admission(config.max_inflight, config.queue_limit, config.queue_timeout_s,
                           config.retry_after_s, metrics)

@@ -201,7 +201,7 @@ class Dispatcher:
         deadline, not the workers' fault (no breaker failure, no retry)."""
         _check_deadline(deadline)
         try:
-            route = self.pool.route(frozenset(failed))
+            route = self.pool.route(frozenset(failed), prompt_ids)
         except NoRoute as e:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         room, sent = secrets.randbits(63), False  # a new room per attempt

@@ -74,6 +74,8 @@ class RequestObserver:
         if route.prefill is not None:
             attrs.update({"pdmesh.route.prefill": route.prefill.address,
                           "pdmesh.route.prefill_id": route.prefill.worker_id})
+        # token-aware policies: e.g. pdmesh.route.prefill.match_rate, .balance_override
+        attrs.update({f"pdmesh.route.{k}": v for k, v in getattr(route, "detail", ())})
         now_ns = time.time_ns()
         tracing.start_span("route", attrs, context=self.context, start_ns=now_ns).end(now_ns)
 

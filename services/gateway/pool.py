@@ -8,7 +8,8 @@ reconnecting, the member list replaces the pool: members that vanished stay rout
 `stale_s` (one lease: a restarted registry starts empty and its workers re-register
 within a heartbeat interval, under new ids) unless one registers at the same address.
 
-`route()` picks what serves one request:
+`route(exclude, tokens)` picks what serves one request (the prompt's token ids go to
+policies that use them: cache_aware, prefix_hash):
   - mode "pd": a (prefill, decode) pair, each by its own policy;
   - mode "colocated": one colocated worker (decode policy);
   - mode "auto": a pair when at least one prefill and one decode worker exist,
@@ -21,8 +22,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
-from pdmesh.config import ROUTING_MODES, registry_config_from_env
+from pdmesh.config import GatewayConfig, ROUTING_MODES, registry_config_from_env
 from pdmesh.registry_watch import RegistryWatch
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.services.gateway.breaker import Breakers
@@ -45,6 +47,8 @@ class Route:
     prefill: Worker | None
     decode: Worker
     why: str = ""  # the policies and what they chose from (traces show it)
+    # what token-aware policies said of their pick, e.g. ("prefill.match_rate", 0.9)
+    detail: tuple[tuple[str, object], ...] = ()
 
 
 def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
@@ -62,18 +66,33 @@ def _load(w: Worker) -> str:
             f"free pages {w.load.free_kv_pages}")
 
 
+def _pick(policy: Policy, candidates: list[Worker], tokens: Sequence[int] | None,
+          leg: str) -> tuple[Worker, tuple[tuple[str, object], ...]]:
+    """The policy's pick (given the tokens if it wants them) and what it said of it."""
+    if not getattr(policy, "wants_tokens", False):
+        return policy(candidates), ()
+    w = policy(candidates, tokens=tokens)
+    return w, tuple((f"{leg}.{k}", v) for k, v in getattr(policy, "last_detail", {}).items())
+
+
+def _said(detail: tuple[tuple[str, object], ...]) -> str:
+    """A policy's detail for Route.why: ", match_rate 0.9, balance_override False"."""
+    return "".join(f", {k.split('.', 1)[1]} {v}" for k, v in detail)
+
+
 class WorkerPool:
     """Thread-safe set of routable workers, fed by `Registry.Watch` (or by hand in tests)."""
 
     def __init__(self, registry_addr: str | None = None, mode: str = "auto",
                  prefill_policy: str = "round_robin", decode_policy: str = "round_robin",
                  reconnect_s: float = 0.5, breakers: Breakers | None = None,
-                 stale_s: float | None = None) -> None:
+                 stale_s: float | None = None, config: GatewayConfig | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown routing mode {mode!r} (known: {', '.join(MODES)})")
         self.mode = mode
-        self.prefill_policy: Policy = make_policy(prefill_policy)
-        self.decode_policy: Policy = make_policy(decode_policy)
+        # config: the cache_aware / prefix_hash settings (GatewayConfig() by default)
+        self.prefill_policy: Policy = make_policy(prefill_policy, config)
+        self.decode_policy: Policy = make_policy(decode_policy, config)
         self.policy_names = (prefill_policy, decode_policy)
         self.breakers = breakers or Breakers()
         self._registry_addr = registry_addr
@@ -110,6 +129,9 @@ class WorkerPool:
         self._workers.pop(wid, None)
         self._stale.pop(wid, None)
         self.breakers.forget(wid)
+        for policy in (self.prefill_policy, self.decode_policy):
+            if hasattr(policy, "forget"):  # cache_aware drops the worker's tree
+                policy.forget(wid)
 
     def _expire_stale(self) -> None:  # under _lock
         if self._stale:
@@ -128,10 +150,12 @@ class WorkerPool:
             return sorted({w.model_id for w in self._workers.values()})
 
     # ---- routing ----------------------------------------------------------------
-    def route(self, exclude: frozenset[str] = frozenset()) -> Route:
+    def route(self, exclude: frozenset[str] = frozenset(),
+              tokens: Sequence[int] | None = None) -> Route:
         """Pick the workers for one request and count it in flight; NoRoute when none.
         `exclude`: worker ids to avoid (a retry's failed workers) unless nothing else is
-        left. Call `release(route)` when the request ends."""
+        left; `tokens`: the prompt's ids, for token-aware policies. Call
+        `release(route)` when the request ends."""
         with self._lock:
             self._expire_stale()
             by_role: dict[str, list[Worker]] = {"PREFILL": [], "DECODE": [], "COLOCATED": []}
@@ -145,15 +169,16 @@ class WorkerPool:
                     raise NoRoute("no prefill + decode worker pair is registered "
                                   f"({len(by_role['PREFILL'])} prefill, "
                                   f"{len(by_role['DECODE'])} decode)")
-                p, d = (self.prefill_policy(by_role["PREFILL"]),
-                        self.decode_policy(by_role["DECODE"]))
+                p, pdet = _pick(self.prefill_policy, by_role["PREFILL"], tokens, "prefill")
+                d, ddet = _pick(self.decode_policy, by_role["DECODE"], tokens, "decode")
                 route = Route(p, d, f"pd: prefill {self.policy_names[0]} of "
-                              f"{len(by_role['PREFILL'])} ({_load(p)}), decode "
-                              f"{self.policy_names[1]} of {len(by_role['DECODE'])} ({_load(d)})")
+                              f"{len(by_role['PREFILL'])} ({_load(p)}{_said(pdet)}), decode "
+                              f"{self.policy_names[1]} of {len(by_role['DECODE'])} "
+                              f"({_load(d)}{_said(ddet)})", pdet + ddet)
             elif by_role["COLOCATED"]:
-                d = self.decode_policy(by_role["COLOCATED"])
+                d, ddet = _pick(self.decode_policy, by_role["COLOCATED"], tokens, "decode")
                 route = Route(None, d, f"colocated: {self.policy_names[1]} of "
-                              f"{len(by_role['COLOCATED'])} ({_load(d)})")
+                              f"{len(by_role['COLOCATED'])} ({_load(d)}{_said(ddet)})", ddet)
             else:
                 raise NoRoute("no worker is registered that can serve this request "
                               f"(routing mode {self.mode})")
