@@ -29,6 +29,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+# this checkout's pdmesh (what `python -m pdmesh.cli` runs from the repository root), not
+# whichever one the venv has installed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 
 def cache_aware_available() -> bool:
     """Does this checkout's gateway know `--prefill-policy cache_aware`?"""
@@ -39,7 +44,7 @@ def cache_aware_available() -> bool:
 def start_serve(args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
                              "--grpc-port", "0", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     lines: list[str] = []
     for line in proc.stdout:
         lines.append(line)
@@ -76,7 +81,7 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
         res = subprocess.run([sys.executable, "-m", "pdmesh.cli", "bench", "--base-url", base,
                               "--backend", "chat", "--workload", "multi-turn", "--label", name,
                               "--no-progress", "--output", str(out), *bench_args],
-                             text=True, capture_output=True)
+                             text=True, capture_output=True, cwd=ROOT)
         print(f"  {name}: bench took {time.monotonic() - t0:.0f} s, exit {res.returncode}",
               flush=True)
         if res.returncode != 0:
