@@ -6,6 +6,9 @@ simulator (pdmesh/sim), calibrated by a profile file or fitted to a measured tab
         --input-len 3000 4000 --output-len 600 600 --number-per-client 4 \\
         --max-prefill-tokens 16384 --chunked-prefill-size 8192 --max-running-requests 512 \\
         --kv-capacity-tokens 985000 --first-token-after-step --deployments 1P1D 2P1D
+    pdmesh simulate --profile plan.json --workload multi-turn --turns 8 --system-prompt-len 1024 \
+        --input-len 64 --output-len 32 --think-time 1 --parallel 4 --conversations 8 \
+        --deployments 1P1D 2P1D [--no-prefix-cache]
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ _PROFILE_FLAGS = {
     "--transfer-latency": ("transfer_latency", float),
     "--cpu-cores": ("cpu_cores", float),
     "--client-overhead": ("client_overhead", float),
+    "--page-size": ("page_size", int),
 }
+_MT_DEFAULTS = {"turns": 8, "system_prompt_len": 1024, "think_time": 0.0,
+                "conversations": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +57,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     wl.add_argument("--output-len", type=int, nargs="+", metavar="N", default=[32],
                     help="output tokens: N or MIN MAX (uniform), default 32")
     wl.add_argument("--seed", type=int, default=0)
+    wl.add_argument("--workload", choices=["random", "multi-turn"], default="random",
+                    help="multi-turn: conversations sharing a system prompt, with growing "
+                         "history (--input-len = user message, --output-len = reply, "
+                         "--parallel = conversations at once); needs --profile")
+    wl.add_argument("--turns", type=int, default=None, help="multi-turn: turns (default 8)")
+    wl.add_argument("--system-prompt-len", type=int, default=None,
+                    help="multi-turn: shared system prompt tokens (default 1024)")
+    wl.add_argument("--think-time", type=float, default=None,
+                    help="multi-turn: seconds between a reply and the next turn (default 0)")
+    wl.add_argument("--conversations", type=int, nargs="+", default=None,
+                    help="multi-turn: conversations per --parallel value (one, or one per "
+                         "value; default: the concurrency)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="the prefill workers' prefix cache (profile field prefix_cache, "
+                        "default on; matters for multi-turn only)")
     wl.add_argument("--deployments", nargs="+", default=None,
                     help="deployments to simulate, e.g. 1P1D 2P1D 1P2D (default: --deployment)")
     wl.add_argument("--parallel", type=int, nargs="+", default=None,
@@ -81,6 +102,8 @@ def _base_profile(args):
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.first_token_after_step is not None:
         changes["first_token_after_step"] = args.first_token_after_step
+    if args.prefix_cache is not None:
+        changes["prefix_cache"] = args.prefix_cache
     return base.replace(**changes)
 
 
@@ -93,20 +116,46 @@ def _loads(args, table_rows):
         return [RateLoad(r, nums[min(i, len(nums) - 1)], args.seed)
                 for i, r in enumerate(args.rate)]
     par = args.parallel or ([r.concurrency for r in table_rows] if table_rows else [1, 4, 16])
+    if args.workload == "multi-turn":
+        convs = args.conversations or par
+        if len(convs) not in (1, len(par)):
+            raise ValueError("--conversations takes one value or one per --parallel value")
+        if min(convs) < 1 or min(par) < 1:
+            raise ValueError("--parallel and --conversations values must be >= 1")
+        return [FixedLoad(c, convs[min(i, len(convs) - 1)]) for i, c in enumerate(par)]
     if args.number and len(args.number) not in (1, len(par)):
         raise ValueError("--number takes one value or one per --parallel value")
     return [FixedLoad(c, args.number[min(i, len(args.number) - 1)] if args.number
                       else args.number_per_client * c) for i, c in enumerate(par)]
 
 
+def _multi_turn_check(args) -> str | None:
+    """The error message for multi-turn flags that do not fit, else None (sets defaults)."""
+    given = [f"--{n.replace('_', '-')}" for n in _MT_DEFAULTS if getattr(args, n) is not None]
+    if args.workload != "multi-turn":
+        return f"{', '.join(given)} need --workload multi-turn" if given else None
+    if args.calibrate_from_table or args.compare or args.rate:
+        return ("--workload multi-turn takes --profile and --parallel (fit a profile first: "
+                "--calibrate-from-table FILE --save-profile P.json); not "
+                "--calibrate-from-table, --compare or --rate")
+    if args.number:
+        return "--workload multi-turn counts --conversations, not --number"
+    for name, default in _MT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from pdmesh.bench.report import format_table, to_json
+    from pdmesh.bench.report import format_table, format_turn_table, to_json
     from pdmesh.sim import calibrate
     from pdmesh.sim.report import compare_table, simulate_run
-    from pdmesh.sim.simulator import Deployment, Workload
+    from pdmesh.sim.simulator import Deployment, MultiTurn, Workload
 
     if bool(args.profile) == bool(args.calibrate_from_table):
         return _fail("give exactly one of --profile FILE and --calibrate-from-table FILE")
+    if msg := _multi_turn_check(args):
+        return _fail(msg)
     try:
         base = _base_profile(args)
         for name in ("input_len", "output_len"):
@@ -115,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} takes N or MIN MAX")
         workload = Workload(args.input_len[0], args.input_len[-1], args.output_len[0],
                             args.output_len[-1], seed=args.seed)
+        if args.workload == "multi-turn":
+            workload = MultiTurn(args.turns, args.system_prompt_len, args.input_len[0],
+                                 args.input_len[-1], args.output_len[0], args.output_len[-1],
+                                 args.think_time, seed=args.seed)
         measured_on = Deployment.parse(args.deployment)
         deployments = [Deployment.parse(d) for d in (args.deployments or [args.deployment])]
         rows = calibrate.rows_from_file(args.calibrate_from_table) \
@@ -145,9 +198,16 @@ def run(args: argparse.Namespace) -> int:
                                   slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot)
                      for ld in loads]
         runs += summaries
-        print(f"Simulated {dep} (input {args.input_len[0]}-{args.input_len[-1]}, output "
+        what = "user message" if args.workload == "multi-turn" else "input"
+        print(f"Simulated {dep} ({what} {args.input_len[0]}-{args.input_len[-1]}, output "
               f"{args.output_len[0]}-{args.output_len[-1]} tokens):")
         print(format_table(summaries, markdown=args.markdown) + "\n")
+        for s in summaries:
+            if s.per_turn:
+                print(f"{dep} c={s.concurrency}, {s.number // args.turns} conversations x "
+                      f"{args.turns} turns, system prompt {args.system_prompt_len} tokens, "
+                      f"prefix cache {'on' if profile.prefix_cache else 'off'}: per turn")
+                print(format_turn_table(s, markdown=args.markdown) + "\n")
     if args.json:
         Path(args.json).write_text(to_json(runs, {"profile": profile.to_dict(),
                                                   "simulated": True}))

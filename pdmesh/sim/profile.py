@@ -23,6 +23,9 @@ class Profile:
     decode step time  = decode_a + decode_b·B + decode_c·C       (B: running requests,
                                                                   C: their context tokens)
     transfer time     = transfer_latency + tokens·kv_bytes_per_token / transfer_bandwidth
+
+    With prefix_cache, a prefill step counts only a prompt's uncached tokens (see
+    pdmesh/sim/simulator.py, "Prefix cache"); the transfer still moves the whole prompt.
     """
 
     prefill_a: float = 0.01
@@ -45,6 +48,10 @@ class Profile:
     # workers are busy takes max(1, k / cpu_cores) times longer. 0: dedicated hardware.
     cpu_cores: float = 0.0
     client_overhead: float = 0.0  # s added to every request (gateway, HTTP, tokenizer)
+    # prefix cache of the prefill workers (only multi-turn workloads share prefixes): a
+    # prompt's full pages of page_size tokens already seen by that worker cost nothing
+    prefix_cache: bool = True
+    page_size: int = 16
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -54,7 +61,7 @@ class Profile:
                 if not math.isfinite(v) or v < 0:
                     raise ValueError(f"profile field {f.name} must be finite and >= 0, got {v}")
         for name in ("max_prefill_tokens", "chunked_prefill_size", "max_running_requests",
-                     "kv_capacity_tokens"):
+                     "kv_capacity_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"profile field {name} must be >= 1")
         if self.transfer_bandwidth <= 0:

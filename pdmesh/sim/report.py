@@ -12,8 +12,8 @@ from typing import Sequence
 from pdmesh.bench.metrics import RequestRecord, RunSummary, summarize
 from pdmesh.sim.calibrate import Row
 from pdmesh.sim.profile import Profile
-from pdmesh.sim.simulator import (Deployment, FixedLoad, RateLoad, SimRequest, Simulator,
-                                  Workload)
+from pdmesh.sim.simulator import (Deployment, FixedLoad, MultiTurn, RateLoad, SimRequest,
+                                  Simulator, Workload)
 
 
 def to_records(requests: Sequence[SimRequest]) -> list[RequestRecord]:
@@ -24,11 +24,12 @@ def to_records(requests: Sequence[SimRequest]) -> list[RequestRecord]:
         itl = [b - a for a, b in zip(chunks, chunks[1:])]
         out.append(RequestRecord(ok=True, error="", prompt_tokens=r.input_len,
                                  output_tokens=r.output_len, ttft=r.ttft, e2e=r.latency,
-                                 itl=itl, start=r.t_send))
+                                 itl=itl, start=r.t_send, cached_tokens=r.cached,
+                                 turn=r.turn))
     return out
 
 
-def simulate_run(profile: Profile, deployment: Deployment, workload: Workload,
+def simulate_run(profile: Profile, deployment: Deployment, workload: Workload | MultiTurn,
                  load: FixedLoad | RateLoad, label: str = "", slo_ttft: float | None = None,
                  slo_tpot: float | None = None) -> RunSummary:
     """Simulate one load point and summarize it as bench would."""

@@ -12,6 +12,21 @@ worker's admission (slots and KV reserved for input + output tokens, FIFO) -> th
 transfer once both are done -> the decode worker's continuous batching, which the request
 joins at the next step boundary and leaves after output - 1 steps.
 
+Multi-turn (workload MultiTurn, FixedLoad only): P clients each run a conversation turn
+by turn (the next turn `think_time` after the reply ends; turn k's prompt is the system
+prompt + the history + user message k), then start the next conversation. Requests are
+numbered in send order, so round robin scatters a conversation's turns over the prefills.
+
+Prefix cache (profile.prefix_cache): each prefill worker remembers the prompts it has
+prefilled, as "system prompt seen" and, per conversation, the longest prompt of it seen
+(a conversation's earlier prompt is a prefix of its later ones; replies are not, since
+the decode generated them). When the worker first schedules a prompt, its cached prefix
+is the longer of the two, in whole pages (page_size), leaving at least one token to
+compute; only the rest costs prefill time. Prompts the worker is still computing are not
+hits (as in the engine: pages are shared once written). Not modelled: eviction (the
+cache is unbounded), attention over the cached context, prefixes shared across
+conversations beyond the system prompt.
+
 Cost: O(steps + requests·log) — a decode step is one event whatever its batch size
 (per-request token times are read back from the worker's step end times).
 """
@@ -24,18 +39,37 @@ from collections import deque
 import numpy as np
 
 from pdmesh.sim.profile import Profile
-from pdmesh.sim.workload import Deployment, FixedLoad, RateLoad, SimRequest, Workload
+from pdmesh.sim.workload import (Deployment, FixedLoad, MultiTurn, RateLoad, SimRequest,
+                                 Workload)
 
-__all__ = ["Deployment", "FixedLoad", "RateLoad", "SimRequest", "Simulator", "Workload"]
+__all__ = ["Deployment", "FixedLoad", "MultiTurn", "RateLoad", "SimRequest", "Simulator",
+           "Workload"]
 
 
 class _Prefill:
     def __init__(self, sim: "Simulator") -> None:
-        self.sim, self.queue, self.busy = sim, deque(), False  # queue: [req, tokens left]
+        # queue: [req, tokens left, scheduled yet]
+        self.sim, self.queue, self.busy = sim, deque(), False
+        self.system_seen = False  # prefix cache: the shared system prompt
+        self.seen: dict[int, int] = {}  # conversation -> longest prompt of it prefilled here
 
     def arrive(self, req: SimRequest, now: float) -> None:
-        self.queue.append([req, req.input_len])
+        self.queue.append([req, req.input_len, False])
         self.sim.soon(self, now)
+
+    def cached_prefix(self, req: SimRequest) -> int:
+        """Prompt tokens of `req` found in this worker's prefix cache (whole pages)."""
+        p, mt = self.sim.profile, self.sim.multi_turn
+        if not p.prefix_cache or mt is None or req.conversation < 0:
+            return 0
+        hit = max(self.seen.get(req.conversation, 0), mt.system_len if self.system_seen else 0)
+        hit = min(hit, req.input_len - 1)  # the engine computes at least the last token
+        return hit // p.page_size * p.page_size
+
+    def remember(self, req: SimRequest) -> None:
+        if req.conversation >= 0:
+            self.system_seen = True
+            self.seen[req.conversation] = max(self.seen.get(req.conversation, 0), req.input_len)
 
     def kick(self, now: float) -> None:
         if self.busy or not self.queue:
@@ -44,6 +78,10 @@ class _Prefill:
         for item in self.queue:  # FIFO; a chunked prompt in progress is at the front
             if budget <= 0:
                 break
+            if not item[2]:  # first scheduled: look its prefix up in the cache
+                item[2] = True
+                item[0].cached = self.cached_prefix(item[0])
+                item[1] = item[0].input_len - item[0].cached
             n = min(item[1], p.chunked_prefill_size, budget)
             batch.append((item, n))
             budget -= n
@@ -57,6 +95,7 @@ class _Prefill:
             item[1] -= n
             if item[1] == 0:  # a short prompt may finish behind a long one still chunking
                 self.queue.remove(item)
+                self.remember(item[0])
                 item[0].t_prefill_done = now
                 self.sim.maybe_transfer(item[0], now)
         self.kick(now)
@@ -147,8 +186,10 @@ class _Decode:
 class Simulator:
     """One run of one deployment under one load. Deterministic for given seeds."""
 
-    def __init__(self, profile: Profile, deployment: Deployment, workload: Workload) -> None:
+    def __init__(self, profile: Profile, deployment: Deployment,
+                 workload: Workload | MultiTurn) -> None:
         self.profile, self.deployment, self.workload = profile, deployment, workload
+        self.multi_turn = workload if isinstance(workload, MultiTurn) else None
 
     # -- the event queue ---------------------------------------------------------------
     def at(self, t: float, fn, *args) -> None:
@@ -212,6 +253,8 @@ class Simulator:
         self._active, self._shared_t = {}, 0.0  # worker -> [work left, fn, args, version]
         self.prefills = [_Prefill(self) for _ in range(self.deployment.prefill)]
         self.decodes = [_Decode(self) for _ in range(self.deployment.decode)]
+        if self.multi_turn is not None:
+            return self._run_conversations(load)
         inp, out = self.workload.sample(load.number)
         self.requests = [SimRequest(i, int(a), int(b)) for i, (a, b) in enumerate(zip(inp, out))]
         self._next, self._on_finish = 0, None
@@ -227,10 +270,51 @@ class Simulator:
             gaps = np.random.default_rng(load.seed).exponential(1.0 / load.rate, load.number)
             for t in np.cumsum(gaps) - gaps[0]:
                 self.at(float(t), self.send)
+        self._drain()
+        return self.requests
+
+    def _drain(self) -> None:
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
             fn(t, *args)
+
+    # -- multi-turn --------------------------------------------------------------------
+    def _run_conversations(self, load: FixedLoad | RateLoad) -> list[SimRequest]:
+        """load.parallel clients, each running conversations until load.number are done."""
+        if not isinstance(load, FixedLoad):
+            raise ValueError("multi-turn simulations take a FixedLoad (conversations at once)")
+        if load.parallel < 1:
+            raise ValueError("parallel must be >= 1")
+        self.requests, self._next_conv, self._convs = [], 0, {}
+        for _ in range(min(load.parallel, load.number)):
+            self._start_conversation(0.0, load.number)
+        self._drain()
         return self.requests
+
+    def _start_conversation(self, now: float, total: int) -> None:
+        if self._next_conv >= total:
+            return
+        c = self._next_conv
+        self._next_conv += 1
+        self._convs[c] = (*self.multi_turn.conversation(c), total)
+        self._send_turn(now, c, 1)
+
+    def _send_turn(self, now: float, conv: int, turn: int) -> None:
+        users, outputs, _ = self._convs[conv]
+        req = SimRequest(len(self.requests), self.multi_turn.input_len(users, outputs, turn),
+                         outputs[turn - 1], conversation=conv, turn=turn)
+        self.requests.append(req)
+        req.t_send = now
+        self.at(now + self.profile.client_overhead, self._route, req)
+
+    def _turn_done(self, req: SimRequest, now: float) -> None:
+        users, outputs, total = self._convs[req.conversation]
+        if req.turn < len(users):
+            self.at(now + self.multi_turn.think_time, self._send_turn, req.conversation,
+                    req.turn + 1)
+        else:
+            del self._convs[req.conversation]
+            self._start_conversation(now, total)
 
     def send(self, now: float) -> None:
         if self._next >= len(self.requests):
@@ -254,5 +338,7 @@ class Simulator:
         self.at(now + self.profile.transfer_time(req.input_len), req.decode.on_ready, req)
 
     def finished(self, req: SimRequest, now: float) -> None:
-        if self._on_finish is not None:
+        if req.conversation >= 0:
+            self._turn_done(req, now)
+        elif self._on_finish is not None:
             self._on_finish(now)

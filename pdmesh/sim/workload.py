@@ -48,6 +48,41 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class MultiTurn:
+    """Conversations (bench's --workload multi-turn): every conversation starts with the
+    same `system_len`-token system prompt; turn k sends the system prompt, user messages
+    1..k and replies 1..k-1 (user and reply lengths drawn uniformly per turn), and the
+    next turn is sent `think_time` s after the reply ends. With FixedLoad(P, N): P
+    conversations at once, N in all (a client starts its next conversation when one ends).
+    Conversation i's lengths come from its own seed (seed, i)."""
+
+    turns: int
+    system_len: int
+    user_min: int
+    user_max: int
+    output_min: int
+    output_max: int
+    think_time: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.turns < 1 or self.system_len < 0 or not self.think_time >= 0:
+            raise ValueError(f"need turns >= 1, system_len >= 0, think_time >= 0 in {self}")
+        if not (1 <= self.user_min <= self.user_max and 1 <= self.output_min <= self.output_max):
+            raise ValueError(f"bad length ranges in {self}")
+
+    def conversation(self, i: int) -> tuple[list[int], list[int]]:
+        """(user lengths, reply lengths) of conversation i, one per turn."""
+        rng = np.random.default_rng([self.seed, i])
+        return ([int(x) for x in rng.integers(self.user_min, self.user_max + 1, self.turns)],
+                [int(x) for x in rng.integers(self.output_min, self.output_max + 1, self.turns)])
+
+    def input_len(self, users: list[int], outputs: list[int], turn: int) -> int:
+        """Prompt tokens of `turn` (1-based): system + users 1..turn + replies 1..turn-1."""
+        return self.system_len + sum(users[:turn]) + sum(outputs[:turn - 1])
+
+
+@dataclass(frozen=True)
 class FixedLoad:
     """`parallel` clients, `number` requests in all (evalscope --parallel/--number)."""
 
@@ -79,6 +114,9 @@ class SimRequest:
     t_first: float | None = None
     t_done: float | None = None
     token_times: list[float] = field(default_factory=list)  # one per output token
+    conversation: int = -1  # multi-turn: the conversation's index; -1 for single requests
+    turn: int = 0  # multi-turn: 1-based turn index
+    cached: int = 0  # prompt tokens the prefill found in its prefix cache
 
     @property
     def ttft(self) -> float:
