@@ -443,7 +443,15 @@ class Serve:
         kids.sort()
         if len(names) != len(kids):
             names = [f"child-{i}" for i in range(len(kids))]
-        return {name: pid for name, (_, pid) in zip(names, kids)}
+        found = {name: pid for name, (_, pid) in zip(names, kids)}
+        for name, pid in list(found.items()):  # engine cores (--engine-process)
+            try:
+                for ch in psutil.Process(pid).children(recursive=False):
+                    if "pdmesh.worker.core_process" in ch.cmdline():
+                        found[f"{name}-core"] = ch.pid
+            except psutil.Error:
+                continue
+        return found
 
     def stop(self) -> None:
         if self.proc.poll() is None:

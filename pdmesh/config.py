@@ -507,6 +507,9 @@ class WorkerConfig:
     chaos_corrupt_kv_rewrites: bool = False
     # serve pdmesh.v1.Chaos: faults armed by RPC (services/common/chaos.py); --chaos
     chaos: bool = False
+    # run the engine core (engine loop, KV pool and its transport) in a child process,
+    # so the RPC event loop never takes the engine loop's GIL (pdmesh/worker/engine_proxy.py)
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_checksum not in ("on", "decode", "off"):
@@ -566,6 +569,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CHAOS_CORRUPT_KV": ("chaos_corrupt_kv", float),
     "PDMESH_CHAOS_CORRUPT_KV_REWRITES": ("chaos_corrupt_kv_rewrites", _env_bool),
     "PDMESH_CHAOS": ("chaos", _env_bool),
+    "PDMESH_ENGINE_PROCESS": ("engine_process", _env_bool),
 }
 
 

@@ -6,6 +6,7 @@ every worker's KV pages are back to total afterwards.
 small (~135 pages of 16 tokens), so requests wait in every queue the mesh has: the
 decode's pre-allocation queue, the prefill's queue and its budget of rooms computed
 ahead of their decode. The old sync servers (32 threads each) stalled at 32 here.
+With `--engine-process` the same, the engine cores in child processes.
 """
 from __future__ import annotations
 
@@ -110,10 +111,17 @@ def pages_back(lines: list[str]) -> bool:
     return True
 
 
+ENGINE_PROCESS = "--worker-arg=--engine-process"
+
+
 @pytest.mark.parametrize("layout", [("--prefill", "1", "--decode", "1"),
                                     ("--prefill", "2", "--decode", "1"),
-                                    ("--prefill", "0", "--decode", "0", "--colocated", "1")],
-                         ids=["1P1D", "2P1D", "colocated"])
+                                    ("--prefill", "0", "--decode", "0", "--colocated", "1"),
+                                    ("--prefill", "1", "--decode", "1", ENGINE_PROCESS),
+                                    ("--prefill", "0", "--decode", "0", "--colocated", "1",
+                                     ENGINE_PROCESS)],
+                         ids=["1P1D", "2P1D", "colocated", "1P1D-engine-process",
+                              "colocated-engine-process"])
 def test_256_concurrent_streams_complete_and_free_every_page(layout):
     # a 4 s lease: 512 streams on 2 shared cores must not cost a worker its registration
     proc, base, lines = start_serve(*layout, pool_flag(), "--heartbeat-interval", "2")

@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="refuse new requests (gRPC RESOURCE_EXHAUSTED; the gateway retries "
                         "another worker, then answers 429) while N already wait here for a "
                         "batch slot or KV pages (default 0 = never; env PDMESH_SHED_QUEUED)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine core (engine loop, KV pool, KV transport) in a "
+                        "child process, apart from the RPC event loop's GIL (default off; "
+                        "env PDMESH_ENGINE_PROCESS=1)")
     p.add_argument("--chaos", action="store_true", default=None,
                    help="serve pdmesh.v1.Chaos: faults armed by RPC (delay/fail/corrupt KV "
                         "writes, stall/drop heartbeats, delay/fail RPCs, slow the engine); "
@@ -104,7 +108,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "role": getattr(args, "role", None) or role,
              "stream_interval": getattr(args, "stream_interval", None),
              "chaos": getattr(args, "chaos", None),
-             "shed_queued": getattr(args, "shed_queued", None)}
+             "shed_queued": getattr(args, "shed_queued", None),
+             "engine_process": getattr(args, "engine_process", None)}
     worker = worker_config_from_env(WorkerConfig()).replace(
         **{k: v for k, v in flags.items() if v is not None})
     engine_flags = {"model": args.model, "page_size": args.page_size,
@@ -134,7 +139,13 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     auth_flags.setup(auth)
     from pdmesh.services.common.worker import WorkerHost
 
-    host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
+    from pdmesh.worker.engine_proxy import EngineProcessError
+
+    try:
+        host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
+    except EngineProcessError as e:  # the child printed its traceback; one line here
+        print(f"error: pdmesh {role}: {e}", file=sys.stderr, flush=True)
+        return 1
     from pdmesh import aio
 
     sys.setswitchinterval(worker.gil_switch_interval_s)

@@ -196,6 +196,17 @@ class Router:
         finally:
             page.copy_(saved)
 
+    @property
+    def algo(self) -> str:
+        """The checksum algorithm of this pool (pdmesh.transfer.checksum.algo_for)."""
+        from pdmesh.transfer.checksum import algo_for
+        return algo_for(self.pool)
+
+    def source_checksum(self, pages: Sequence[int], algo: str) -> int:
+        """The checksum of this pool's own pages in order; blocks."""
+        from pdmesh.transfer.checksum import pages_checksum
+        return pages_checksum(self.pool, list(pages), algo)
+
     def route_name(self, dst: Destination) -> str | None:
         """The bound route's name, None before the pair binds."""
         r = self._routes.get((dst.session_id, dst.kv_base))

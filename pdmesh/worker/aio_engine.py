@@ -24,14 +24,22 @@ from pdmesh.worker.streams import EngineFailed, OutputStream, StreamClosed
 class AsyncEngine:
     """Owns the EngineLoop thread; every method runs on the event loop it was built in."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any = None, process: Any = None) -> None:
+        """Drive `engine` on an EngineLoop thread of this process, or the engine core in
+        `process` (pdmesh.worker.engine_proxy.EngineProcess, same interface)."""
         self.on_failure: Any = None  # on_failure(error) on this event loop, if the engine fails
-        self.engine_config = engine.config
-        self.model_config = engine.model_config
-        self.tokenizer = engine.tokenizer
         self._aio = asyncio.get_running_loop()
         self._streams: dict[str, OutputStream] = {}
         self._holds: dict[str, asyncio.Future] = {}
+        if process is not None:  # its replies are read on this loop: no thread hop
+            info = process.info
+            self.engine_config, self.model_config = info.engine_config, info.model_config
+            self.tokenizer = info.tokenizer
+            self.core = process.bind(self._route, self._failed)
+            return
+        self.engine_config = engine.config
+        self.model_config = engine.model_config
+        self.tokenizer = engine.tokenizer
         self.core = EngineLoop(engine, self._from_thread,
                                on_failure=self._failed_from_thread).start()
 

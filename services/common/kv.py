@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pdmesh.disagg.ports import KVChecksum, TransferTarget
 from pdmesh.telemetry import tracing
-from pdmesh.transfer.checksum import algo_for, pages_checksum
+from pdmesh.transfer.checksum import pages_checksum
 from pdmesh.transfer.route import Destination
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,8 @@ class TransportWriter:
         """The checksum of local src_pages in order (on a thread); None when off."""
         if not self.checks:
             return None
-        pool = self.router.pool
-        algo = algo_for(pool)
-        return KVChecksum(algo, await asyncio.to_thread(pages_checksum, pool,
+        algo = self.router.algo
+        return KVChecksum(algo, await asyncio.to_thread(self.router.source_checksum,
                                                         list(src_pages), algo))
 
     async def read_checksum(self, target: TransferTarget, algo: str | None
@@ -130,7 +129,7 @@ class TransportWriter:
         thread); None when read-back is off or that route cannot read pages back."""
         if not self.read_back:
             return None
-        algo = algo or algo_for(self.router.pool)
+        algo = algo or self.router.algo
         dst = _destination(target)
         try:
             value = await asyncio.to_thread(self.router.checksum_pages, dst,
@@ -157,14 +156,24 @@ class TransportReceiver:
 
     def __init__(self, transport: Any, pool: Any = None, checksum: bool = True) -> None:
         self._land = getattr(transport, "land", None)
-        self.pool, self.checks = pool, checksum and pool is not None
+        self.checks = checksum and pool is not None
+        self._digest = lambda pages, algo: pages_checksum(pool, pages, algo)
+
+    @classmethod
+    def remote(cls, proc: Any, checksum: bool = True) -> "TransportReceiver":
+        """The receiver of a pool in an engine process (pdmesh.worker.engine_proxy)."""
+        self = cls(None, None, checksum=False)
+        self.checks = checksum
+        self._digest = lambda pages, algo: proc.kv_call("checksum", pages, algo).result()
+        if proc.info.kv_transfer_mode == "staged":
+            self._land = lambda pages: proc.kv_call("land", pages).result()
+        return self
 
     async def checksum(self, pages: Sequence[int], algo: str) -> KVChecksum | None:
         """The checksum of this pool's pages by `algo`, on a thread; None when off."""
         if not self.checks:
             return None
-        return KVChecksum(algo, await asyncio.to_thread(pages_checksum, self.pool,
-                                                        list(pages), algo))
+        return KVChecksum(algo, await asyncio.to_thread(self._digest, list(pages), algo))
 
     async def land(self, pages: Sequence[int], path: str) -> None:
         # local paths (shm, ipc) write the pool itself, never the staged mirror

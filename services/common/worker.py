@@ -3,8 +3,8 @@ the Mooncake transport with the KV pool registered, the registry registration +
 heartbeat, and a Watch on the registry that reports peers that expire or leave.
 
 Built in two steps: `WorkerHost(...)` loads the model and the transport (blocking,
-before the event loop matters), `await host.start()` starts the engine loop thread
-and binds it to the running event loop.
+before the event loop matters; in a child process with `--engine-process`),
+`await host.start()` starts the engine loop and binds it to the running event loop.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from pdmesh.config import EngineConfig, WorkerConfig
 from pdmesh.registry_client import RegistryClient
 from pdmesh.registry_watch import GONE, RegistryWatch
 from pdmesh.telemetry.metrics import WorkerMetrics
-from pdmesh.transfer import KVLayout, make_kv_transport
-from pdmesh.transfer.route import Router, host_id, local_endpoints
+from pdmesh.services.common.kv import TransportReceiver
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.worker.aio_engine import AsyncEngine
 
@@ -65,77 +64,76 @@ def _process_age_s() -> float | None:
         return None
 
 
-def _shared_kv_alloc() -> Any:
-    """shm.alloc_pool where shared memory works (Linux memfd), else None (torch.zeros)."""
-    try:
-        from pdmesh.transfer import shm
-        return shm.alloc_pool if hasattr(os, "memfd_create") else None
-    except ImportError:
-        return None
-
-
 class WorkerHost:
-    """Engine + transport + registry membership of one worker process."""
+    """Engine + transport + registry membership of one worker process. The engine core
+    (pdmesh.worker.core) runs in this process, or in a child process of its own when
+    `config.engine_process` (pdmesh.worker.engine_proxy): the layers above see the same
+    AsyncEngine, KV writer/receiver and fields either way."""
 
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig,
                  use_transport: bool = True) -> None:
-        from pdmesh.runtime.engine import Engine
-        from pdmesh.runtime.loader import load_model
-
         self.config = config
         self.startup = Startup()
-        with self.startup.phase("model load"):
-            loaded = load_model(engine_config.model)
-        with self.startup.phase("engine (weights to device, kernel tuning, CUDA graphs)"):
-            # a host pool in shared memory, so a prefill on this host can write into it
-            self._engine = Engine(config=engine_config, loaded=loaded,
-                                  kv_alloc=_shared_kv_alloc() if use_transport else None)
-        self.model_config = self._engine.model_config
-        self.tokenizer = self._engine.tokenizer
+        self._core = self._process = None
+        if config.engine_process:
+            from pdmesh.worker.engine_proxy import EngineProcess
+
+            with self.startup.phase("engine process"):
+                self._process = EngineProcess(config, engine_config, use_transport)
+            info = self._process.info
+            self.startup.phases[-1:-1] = list(info.phases)  # its parts, then the whole
+        else:
+            from pdmesh.worker.core import EngineCore
+
+            self._core = EngineCore(config, engine_config, use_transport)
+            info = self._core.info()
+            self.startup.phases.extend(info.phases)
+        self.info = info
+        self.model_config, self.tokenizer, self.layout = (info.model_config, info.tokenizer,
+                                                          info.layout)
+        self.has_kv = bool(info.session_id)  # a KV transport: prefill and decode roles
+        self.session_id, self.kv_base = info.session_id, info.kv_base
+        self.kv_transfer_mode = info.kv_transfer_mode  # direct | staged | host | none
+        self.host_id, self.local_endpoints = info.host_id, list(info.local_endpoints)
         self.metrics = WorkerMetrics()  # the servicer observes events into it
-        self.layout = KVLayout.from_engine(self._engine, config.model_id)
-        self.transport = None
-        self.kv_base = 0
-        self.kv_transfer_mode = "none"  # direct | staged | host (pdmesh.transfer.staged)
-        self.host_id, self.local_endpoints = host_id(), []  # same-host paths (transfer.route)
-        self._router: Router | None = None
-        if use_transport:
-            with self.startup.phase("KV transport"):
-                self._make_transport(config)
+        self._router: Any = None
         self.engine: AsyncEngine | None = None
         self.registry: RegistryClient | None = None
         self.watch: RegistryWatch | None = None
         self.chaos = None  # services/common/chaos.Chaos when started with --chaos
 
-    def _make_transport(self, config: WorkerConfig) -> None:
-        self.transport, self.kv_base, self.kv_transfer_mode = make_kv_transport(
-            "mooncake", self._engine.runner.kv, config.kv_transfer_mode,
-            hostname=config.advertise_host, protocol=config.transfer_protocol,
-            device_name=config.transfer_device)
-        self.local_endpoints = local_endpoints(self._engine.runner.kv)
-        local = ", ".join(u.partition(":")[0] for u in self.local_endpoints) or "none"
-        print(f"KV transfer: {config.transfer_protocol}, mode {self.kv_transfer_mode} "
-              f"(pool on {self._engine.runner.kv.device}); same-host paths: {local}", flush=True)
-
-    def router(self) -> Router:
+    def router(self) -> Any:
         """The prefill's choice of path into each decode pool (pdmesh.transfer.route);
         routes to a peer that leaves the registry are closed (its pool unmapped)."""
         if self._router is None:
-            self._router = Router(self.transport, self.kv_base, self._engine.runner.kv,
-                                  self.layout.bytes_per_page, self.config.kv_path, self.host_id)
+            if self._process is not None:
+                from pdmesh.worker.engine_proxy import RemoteRouter
+
+                self._router = RemoteRouter(self._process)
+            else:
+                self._router = self._core.router()
         return self._router
 
+    def kv_receiver(self, checksum: bool) -> TransportReceiver:
+        """The decode's side of the data plane over this worker's pool."""
+        if self._process is not None:
+            return TransportReceiver.remote(self._process, checksum)
+        return TransportReceiver(self._core.transport, self._core.pool, checksum)
+
     async def start(self) -> "WorkerHost":
-        """Start the engine loop on its thread, bound to the running event loop."""
-        self.engine = AsyncEngine(self._engine)
+        """Start the engine loop (thread or process), bound to the running event loop."""
+        if self._process is not None:
+            self.engine = AsyncEngine(process=self._process)
+        else:
+            self.engine = AsyncEngine(self._core.engine)
         return self
 
     def registration(self, address: str, load: rpb.LoadReport) -> rpb.RegisterRequest:
         """What this worker publishes: role, address, model, KV layout, transfer endpoint."""
         lay = self.layout
         transfer = None
-        if self.transport is not None:
-            transfer = rpb.TransferEndpoint(session_id=self.transport.session_id,
+        if self.has_kv:
+            transfer = rpb.TransferEndpoint(session_id=self.session_id,
                                             kv_base_address=self.kv_base,
                                             protocol=f"{self.config.transfer_protocol}/"
                                                      f"{self.kv_transfer_mode}",
@@ -148,7 +146,7 @@ class WorkerHost:
                                    dtype=lay.dtype, bytes_per_page=lay.bytes_per_page,
                                    num_pages=lay.num_pages, layout=POOL_AXES),
             transfer=transfer,
-            capacity=rpb.Capacity(max_running_requests=self._engine.config.max_running_requests,
+            capacity=rpb.Capacity(max_running_requests=self.info.engine_config.max_running_requests,
                                   num_pages=lay.num_pages),
             load=load)
 
@@ -178,5 +176,7 @@ class WorkerHost:
             await self.watch.close()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
-        if self.transport is not None:
-            self.transport.close()
+        elif self._process is not None:  # never started
+            await asyncio.to_thread(self._process.stop)
+        if self._core is not None:
+            self._core.close()

@@ -16,7 +16,6 @@ from pdmesh.disagg.decode import DecodeProtocol
 from pdmesh.disagg.ports import RoomError, TransferTarget
 from pdmesh.grpc_util import Servicer, create_aio_server, service_name
 from pdmesh.runtime.request import Mode
-from pdmesh.services.common.kv import TransportReceiver
 from pdmesh.services.common.worker import WorkerHost
 from pdmesh.services.decode.chunks import first_chunk_timings, make_chunk
 from pdmesh.services.decode.peers import GrpcPrefillPeers
@@ -36,11 +35,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
-        pd = host.transport is not None
+        pd = host.has_kv
         self.peers = GrpcPrefillPeers() if pd else None
         # the pool is read (off the event loop) for the KV checksum before adopt
-        kv = TransportReceiver(host.transport, host._engine.runner.kv,
-                               checksum=host.config.kv_checksum != "off") if pd else None
+        kv = host.kv_receiver(checksum=host.config.kv_checksum != "off") if pd else None
         self.proto = DecodeProtocol(
             host.engine, self.peers, kv, self._target, host.config.waiting_timeout,
             liveness=host, modes=(Mode.ADOPTED, Mode.GENERATE),
@@ -125,7 +123,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     def _target(self, pages: list[int]) -> TransferTarget:
         host = self.host
-        return TransferTarget(session_id=host.transport.session_id, kv_base=host.kv_base,
+        return TransferTarget(session_id=host.session_id, kv_base=host.kv_base,
                               page_ids=tuple(pages), layout=host.layout,
                               decode_worker_id=host.registry.worker_id if host.registry else "",
                               host_id=host.host_id, local_endpoints=tuple(host.local_endpoints))

@@ -37,7 +37,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
         cfg = host.config
-        self.writer = TransportWriter(host.router() if host.transport else None, host.metrics,
+        self.writer = TransportWriter(host.router() if host.has_kv else None, host.metrics,
                                       checksum=cfg.kv_checksum, chaos=_chaos(cfg),
                                       faults=host.chaos)
         self.proto = PrefillProtocol(host.engine, self.writer, cfg.bootstrap_timeout,

@@ -1,0 +1,150 @@
+"""A worker's engine core: the Engine, its KV pool's transport and the routes into peer
+pools, built from the worker's configs. No grpc.
+
+It lives either inside the RPC process (WorkerHost, the default) or alone in a process
+of its own (`--engine-process`: pdmesh/worker/core_process.py), so what the layers
+above need from it is a picklable `CoreInfo`, and its KV data-plane calls (`kv_op`) are
+blocking functions of plain arguments that run wherever the pool is.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from pdmesh.config import EngineConfig, WorkerConfig
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """What the RPC side knows of a core: its model, pool and transfer endpoint."""
+
+    engine_config: Any  # EngineConfig
+    model_config: Any  # ModelConfig
+    tokenizer: Any  # pdmesh.runtime.tokenizer.Tokenizer
+    layout: Any  # pdmesh.transfer.KVLayout
+    algo: str = ""  # the pool's checksum algorithm (pdmesh.transfer.checksum)
+    session_id: str = ""  # "" when the core has no KV transport (colocated)
+    kv_base: int = 0
+    kv_transfer_mode: str = "none"  # direct | staged | host
+    host_id: str = ""
+    local_endpoints: tuple[str, ...] = ()
+    phases: tuple[tuple[str, float], ...] = ()  # start-up phases and their seconds
+    pid: int = 0
+
+
+def _shared_kv_alloc() -> Any:
+    """shm.alloc_pool where shared memory works (Linux memfd), else None (torch.zeros)."""
+    try:
+        from pdmesh.transfer import shm
+        return shm.alloc_pool if hasattr(os, "memfd_create") else None
+    except ImportError:
+        return None
+
+
+class EngineCore:
+    """Engine + KV transport + router of one worker; `kv_op` runs one data-plane call."""
+
+    def __init__(self, config: WorkerConfig, engine_config: EngineConfig,
+                 use_transport: bool = True) -> None:
+        from pdmesh.runtime.engine import Engine
+        from pdmesh.runtime.loader import load_model
+        from pdmesh.transfer import KVLayout
+        from pdmesh.transfer.route import host_id
+
+        self.config = config
+        self.phases: list[tuple[str, float]] = []
+        with self._phase("model load"):
+            loaded = load_model(engine_config.model)
+        with self._phase("engine (weights to device, kernel tuning, CUDA graphs)"):
+            # a host pool in shared memory, so a prefill on this host can write into it
+            self.engine = Engine(config=engine_config, loaded=loaded,
+                                 kv_alloc=_shared_kv_alloc() if use_transport else None)
+        self.pool = self.engine.runner.kv
+        self.layout = KVLayout.from_engine(self.engine, config.model_id)
+        self.transport, self.kv_base, self.mode = None, 0, "none"
+        self.host_id, self.local_endpoints = host_id(), []
+        self._router = None
+        if use_transport:
+            with self._phase("KV transport"):
+                self._make_transport(config)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        t = time.monotonic()
+        yield
+        self.phases.append((name, time.monotonic() - t))
+
+    def _make_transport(self, config: WorkerConfig) -> None:
+        from pdmesh.transfer import make_kv_transport
+        from pdmesh.transfer.route import local_endpoints
+
+        self.transport, self.kv_base, self.mode = make_kv_transport(
+            "mooncake", self.pool, config.kv_transfer_mode,
+            hostname=config.advertise_host, protocol=config.transfer_protocol,
+            device_name=config.transfer_device)
+        self.local_endpoints = local_endpoints(self.pool)
+        local = ", ".join(u.partition(":")[0] for u in self.local_endpoints) or "none"
+        print(f"KV transfer: {config.transfer_protocol}, mode {self.mode} "
+              f"(pool on {self.pool.device}); same-host paths: {local}", flush=True)
+
+    def info(self) -> CoreInfo:
+        from pdmesh.transfer.checksum import algo_for
+
+        eng = self.engine
+        return CoreInfo(eng.config, eng.model_config, eng.tokenizer, self.layout,
+                        algo_for(self.pool),
+                        self.transport.session_id if self.transport is not None else "",
+                        self.kv_base, self.mode, self.host_id, tuple(self.local_endpoints),
+                        tuple(self.phases), os.getpid())
+
+    def router(self) -> Any:
+        """The prefill's choice of path into each decode pool (pdmesh.transfer.route)."""
+        if self._router is None:
+            from pdmesh.transfer.route import Router
+
+            self._router = Router(self.transport, self.kv_base, self.pool,
+                                  self.layout.bytes_per_page, self.config.kv_path,
+                                  self.host_id)
+        return self._router
+
+    # -- the KV data plane, by name (blocking; run off any event loop) --------------------
+    def kv_op(self, op: str, args: Sequence[Any]) -> Any:
+        """Run data-plane call `op` (a name in KV_OPS) with `args`; blocks."""
+        if op not in KV_OPS:
+            raise ValueError(f"not a KV operation: {op!r}")
+        return getattr(self, f"_kv_{op}")(*args)
+
+    def _kv_write(self, dst: Any, src: list[int], dst_pages: list[int]) -> Any:
+        return self.router().write_pages(dst, src, dst_pages)
+
+    def _kv_corrupt(self, dst: Any, src_page: int, dst_page: int) -> None:
+        self.router().corrupt_page(dst, src_page, dst_page)
+
+    def _kv_read_checksum(self, dst: Any, pages: list[int], algo: str) -> int:
+        return self.router().checksum_pages(dst, pages, algo)
+
+    def _kv_checksum(self, pages: list[int], algo: str) -> int:
+        from pdmesh.transfer.checksum import pages_checksum
+
+        return pages_checksum(self.pool, pages, algo)
+
+    def _kv_land(self, pages: list[int]) -> None:
+        land = getattr(self.transport, "land", None)
+        if land is not None:
+            land(pages)
+
+    def _kv_forget(self, session_id: str) -> None:
+        if self._router is not None:
+            self._router.forget(session_id)
+
+    def close(self) -> None:
+        if self._router is not None:
+            self._router.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+KV_OPS = frozenset({"write", "corrupt", "read_checksum", "checksum", "land", "forget"})
