@@ -508,8 +508,15 @@ class WorkerConfig:
     # serve pdmesh.v1.Chaos: faults armed by RPC (services/common/chaos.py); --chaos
     chaos: bool = False
     # run the engine core (engine loop, KV pool and its transport) in a child process,
-    # so the RPC event loop never takes the engine loop's GIL (pdmesh/worker/engine_proxy.py)
-    engine_process: bool = False
+    # so the RPC event loop never takes the engine loop's GIL (pdmesh/worker/engine_proxy.py);
+    # None = on when the engine runs on a GPU (measured there: benchmarks/results/), off on CPU
+    engine_process: bool | None = None
+
+    def uses_engine_process(self, engine: "EngineConfig") -> bool:
+        """Whether this worker runs its engine core in a child process."""
+        if self.engine_process is not None:
+            return self.engine_process
+        return engine.device.startswith("cuda")
 
     def __post_init__(self) -> None:
         if self.kv_checksum not in ("on", "decode", "off"):

@@ -147,3 +147,11 @@ def test_the_core_dies_with_its_worker_even_on_kill_9():
     finally:
         terminate(worker)
         terminate(reg)
+
+
+def test_on_by_default_on_a_gpu_only():
+    assert WorkerConfig().uses_engine_process(EngineConfig(device="cuda"))
+    assert not WorkerConfig().uses_engine_process(EngineConfig(device="cpu"))
+    assert WorkerConfig(engine_process=True).uses_engine_process(EngineConfig(device="cpu"))
+    assert not WorkerConfig(engine_process=False).uses_engine_process(
+        EngineConfig(device="cuda"))

@@ -84,8 +84,8 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                         "batch slot or KV pages (default 0 = never; env PDMESH_SHED_QUEUED)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine core (engine loop, KV pool, KV transport) in a "
-                        "child process, apart from the RPC event loop's GIL (default off; "
-                        "env PDMESH_ENGINE_PROCESS=1)")
+                        "child process, apart from the RPC event loop's GIL (default: on "
+                        "when the engine runs on a GPU, off on CPU; env PDMESH_ENGINE_PROCESS)")
     p.add_argument("--chaos", action="store_true", default=None,
                    help="serve pdmesh.v1.Chaos: faults armed by RPC (delay/fail/corrupt KV "
                         "writes, stall/drop heartbeats, delay/fail RPCs, slow the engine); "

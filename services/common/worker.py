@@ -66,8 +66,8 @@ def _process_age_s() -> float | None:
 
 class WorkerHost:
     """Engine + transport + registry membership of one worker process. The engine core
-    (pdmesh.worker.core) runs in this process, or in a child process of its own when
-    `config.engine_process` (pdmesh.worker.engine_proxy): the layers above see the same
+    (pdmesh.worker.core) runs in this process, or in a child process of its own
+    (`--engine-process`, the default on a GPU; pdmesh.worker.engine_proxy): the layers above see the same
     AsyncEngine, KV writer/receiver and fields either way."""
 
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig,
@@ -75,7 +75,7 @@ class WorkerHost:
         self.config = config
         self.startup = Startup()
         self._core = self._process = None
-        if config.engine_process:
+        if config.uses_engine_process(engine_config):
             from pdmesh.worker.engine_proxy import EngineProcess
 
             with self.startup.phase("engine process"):
