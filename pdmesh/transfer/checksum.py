@@ -83,8 +83,24 @@ def _wsum64(pool: Any, pages: Sequence[int]) -> int:
     w = _table(words, pool.device)
     m = _table(len(pages), pool.device, offset=1)  # per position: swapped pages differ
     # int64 wraps mod 2^64: exact and associative, so any grouping gives one value
-    total = (_chunked if pool.device.type == "cuda" else _per_page)(pool, pages, w, m)
-    return int(total.item()) & _MASK
+    if pool.device.type != "cuda":
+        return int(_per_page(pool, pages, w, m).item()) & _MASK
+    # a stream of its own: the digest neither queues behind the engine's forward steps
+    # nor makes them wait, and its one sync waits for its own kernels only. The pages'
+    # writers synchronized before anyone asks for a digest (a room's prefill has sampled
+    # its token; a transfer returns once its copy is done).
+    with torch.cuda.stream(_side_stream(pool.device)):
+        return int(_chunked(pool, pages, w, m).item()) & _MASK
+
+
+_streams: dict[str, Any] = {}
+
+
+def _side_stream(device: Any) -> Any:
+    key = str(device)
+    if key not in _streams:
+        _streams[key] = torch.cuda.Stream(device=device)
+    return _streams[key]
 
 
 def _per_page(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor) -> Any:
@@ -100,7 +116,9 @@ def _chunked(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor) 
     """Pages in chunks of _CHUNK_WORDS int64 temporaries: a handful of device ops per
     chunk, not per page (benchmarks/checksum_speed.py times both on a GPU)."""
     dev = pool.device
-    ids = torch.tensor(list(pages), dtype=torch.int64, device=dev)
+    ids = torch.tensor(list(pages), dtype=torch.int64)
+    if dev.type == "cuda":  # no pageable copy: that would wait for the whole device
+        ids = ids.pin_memory().to(dev, non_blocking=True)
     flat = pool.reshape(pool.shape[0], -1)  # [num_pages, page elements]: a view
     total = torch.zeros((), dtype=torch.int64, device=dev)
     step = max(1, _CHUNK_WORDS // w.numel())
