@@ -3,14 +3,26 @@
 Each stream posts request after request until the deadline and records, per SSE event,
 its receive time and how many tokens it carried (the fakes stream one ' word' a token,
 so a delta's token count is its count of spaces).
+
+As a process of its own (gateway_ceiling.py --client-procs K starts K of these):
+
+    python benchmarks/ceiling_client.py --url URL --streams S --seconds D --seed P \
+        --out FILE.json [--index0 J --stride K --total N] [--events]
+
+prints `ready`, waits for a line on stdin (so K clients start together), runs `load`,
+and writes {tokens, errors, t0, t1, wall, cpu, streams} to --out (t0/t1: the load's
+monotonic start and end; cpu: this process's utime + stime during the load; streams:
+each request's [id, [[receive time, tokens]...]] with --events, else []).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +52,8 @@ class Result:
     tokens: int = 0
     errors: int = 0
     wall: float = 0.0
+    t0: float = 0.0  # monotonic start and end of the load
+    t1: float = 0.0
     streams: list[tuple[str, list[tuple[float, int]]]] = field(default_factory=list)
 
 
@@ -76,17 +90,20 @@ async def one_stream(session: aiohttp.ClientSession, url: str, payload: dict
     return rid, events
 
 
-async def load(url: str, streams: int, max_tokens: int, seconds: float, seed: int) -> Result:
+async def load(url: str, streams: int, max_tokens: int, seconds: float, seed: int,
+               index0: int = 0, stride: int = 1, total: int | None = None) -> Result:
     """`streams` concurrent clients, each sending requests until `seconds` have passed.
-    Paced (seed > 0: microseconds a token), client i starts i / streams of one request's
-    duration late, so request starts are spread out as in steady traffic rather than
-    arriving all at once every request."""
+    Paced (seed > 0: microseconds a token), client i starts (index0 + i * stride) / total
+    of one request's duration late, so request starts are spread out as in steady traffic
+    rather than arriving all at once every request (one process: 0, 1, ... / streams; K
+    processes interleave their streams: process j has index0 = j, stride = K)."""
     res, payload = Result(), body(max_tokens, seed)
     deadline = time.monotonic() + seconds
     spread = max_tokens * seed / 1e6
+    total = total or streams
 
     async def client(session, i):
-        await asyncio.sleep(spread * i / streams)
+        await asyncio.sleep(spread * (index0 + i * stride) / total)
         while time.monotonic() < deadline:
             try:
                 rid, events = await one_stream(session, url, payload)
@@ -99,22 +116,41 @@ async def load(url: str, streams: int, max_tokens: int, seconds: float, seed: in
 
     gc.collect()
     gc.disable()  # a full collection of this process would read as the gateway's latency
-    t0 = time.monotonic()
+    t0 = res.t0 = time.monotonic()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn,
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
         await asyncio.gather(*(client(session, i) for i in range(streams)))
-    res.wall = time.monotonic() - t0
+    res.t1 = time.monotonic()
+    res.wall = res.t1 - t0
     gc.enable()
     return res
 
 
-def latencies(res: Result, send_log: str) -> tuple[list[float], list[float]]:
-    """(fake send -> client receive per token, client inter-token gaps), in seconds."""
+def merge(results: list[Result]) -> Result:
+    """One Result of several clients' (run at once): tokens, errors and streams summed,
+    wall from the first start to the last end."""
+    out = Result(t0=min(r.t0 for r in results), t1=max(r.t1 for r in results))
+    out.wall = out.t1 - out.t0
+    for r in results:
+        out.tokens += r.tokens
+        out.errors += r.errors
+        out.streams += r.streams
+    return out
+
+
+def latencies(res: Result, send_logs: str | list[str]) -> tuple[list[float], list[float]]:
+    """(fake send -> client receive per token, client inter-token gaps), in seconds.
+    `send_logs`: the fakes' logs (one per fake), matched to the client's requests by the
+    response id, which each fake makes unique across fakes."""
     sends = {}
-    for line in Path(send_log).read_text().splitlines():
-        rid, times = json.loads(line)
-        sends[rid] = times
+    for log in [send_logs] if isinstance(send_logs, str) else send_logs:
+        for line in Path(log).read_text().splitlines():
+            try:
+                rid, times = json.loads(line)
+            except ValueError:  # a line cut by a flush in progress
+                continue
+            sends[rid] = times
     added, gaps = [], []
     for rid, events in res.streams:
         recv = [t for t, k in events for _ in range(k)]
@@ -158,3 +194,34 @@ def link_mapped_packages(checkout: str) -> None:
         link = Path(checkout) / "pdmesh" / name
         if not link.exists():
             os.symlink(f"../{name}", link)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="one client process of gateway_ceiling.py")
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--streams", type=int, required=True)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--seconds", type=float, required=True)
+    ap.add_argument("--seed", type=int, default=0, help="pace: microseconds a token (0: none)")
+    ap.add_argument("--prompt-bytes", type=int, default=0)
+    ap.add_argument("--index0", type=int, default=0)
+    ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--total", type=int, default=0, help="streams of all processes")
+    ap.add_argument("--events", action="store_true", help="write each request's events")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    set_prompt_bytes(args.prompt_bytes)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    c0 = os.times()
+    res = asyncio.run(load(args.url, args.streams, args.max_tokens, args.seconds, args.seed,
+                           args.index0, args.stride, args.total or None))
+    c1 = os.times()
+    Path(args.out).write_text(json.dumps({
+        "tokens": res.tokens, "errors": res.errors, "t0": res.t0, "t1": res.t1,
+        "wall": res.wall, "cpu": c1.user + c1.system - c0.user - c0.system,
+        "streams": res.streams if args.events else []}))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,11 @@ openai: a tiny aiohttp OpenAI server (the worker behind SMG): POST /v1/chat/comp
 Both pace tokens by the request's `seed` (microseconds between tokens; 0 = as fast as
 the process can) on an absolute schedule, so a late token does not push the later
 ones back. Each finished stream appends one JSON line [id, send times...] (monotonic
-clock, shared by every process of the machine) to --log, so the benchmark can tell how
-long each token took from the fake's send to the client's receive. Prints
+clock, shared by every process of the machine) to --log (flushed every 0.2 s), so the
+benchmark can tell how long each token took from the fake's send to the client's
+receive. Several fakes can run side by side (gateway_ceiling.py --fakes M), each with
+its own log: the grpc fake's ids come from the gateway's random room ids, the openai
+fake's carry its process id, so ids are unique across fakes. Prints
 `fake listening on HOST:PORT` when ready.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import time
 
 
@@ -48,6 +52,12 @@ class SendLog:
     def write(self, rid: str, times: list[float]) -> None:
         self.f.write(json.dumps([rid, times]) + "\n")
 
+    async def flusher(self, every: float = 0.2) -> None:
+        """Flush now and then, so the benchmark reads every finished stream soon after."""
+        while True:
+            await asyncio.sleep(every)
+            self.f.flush()
+
 
 async def run_grpc(args) -> None:
     import grpc
@@ -57,6 +67,7 @@ async def run_grpc(args) -> None:
     from pdmesh.v1 import registry_pb2 as rpb
 
     ids, log = [int(x) for x in args.ids.split(",")], SendLog(args.log)
+    _TASKS.append(asyncio.ensure_future(log.flusher()))
 
     class Decode(decode_pb2_grpc.DecodeServicer):
         async def Generate(self, request, context):
@@ -134,12 +145,13 @@ async def run_openai(args) -> None:
     from aiohttp import web
 
     words, log = args.words.split(","), SendLog(args.log)
-    counter = iter(range(1 << 62))
+    _TASKS.append(asyncio.ensure_future(log.flusher()))
+    counter, prefix = iter(range(1 << 62)), f"chatcmpl-{os.getpid():x}-"  # unique per fake
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         n, interval = int(body.get("max_tokens", 16)), pace(int(body.get("seed", 0)))
-        rid, created, times = f"chatcmpl-{next(counter):x}", int(time.time()), []
+        rid, created, times = f"{prefix}{next(counter):x}", int(time.time()), []
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         async for i in paced(n, interval):
