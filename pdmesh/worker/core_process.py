@@ -160,6 +160,10 @@ def _die_with_parent() -> None:
 def main(argv: list[str]) -> int:
     """`python -m pdmesh.worker.core_process FD`: FD is this end of the socketpair."""
     _die_with_parent()
+    # a Ctrl-C or SIGTERM to the whole process group is for the worker, which drains its
+    # requests and then says stop: the core must outlive that drain
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(argv[0]))
     worker_cfg, engine_cfg, use_transport, log_level, switch = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: "

@@ -65,6 +65,7 @@ class EngineProcess:
         self._on_events: Callable[[list[Any]], None] | None = None
         self._on_failure: Callable[[BaseException], None] | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
+        self._stopping = False  # stop() was called: the EOF that follows is no failure
 
     def _recv_or_none(self) -> tuple | None:
         try:
@@ -77,7 +78,8 @@ class EngineProcess:
         """Deliver events and a failure to these, on the running event loop's thread."""
         self._on_events, self._on_failure = on_events, on_failure
         self._aio = asyncio.get_running_loop()
-        self._aio.add_reader(self.conn.fileno(), self._readable)
+        self._fd = self.conn.fileno()
+        self._aio.add_reader(self._fd, self._readable)
         return self
 
     # -- the EngineLoop interface ---------------------------------------------------------
@@ -96,12 +98,9 @@ class EngineProcess:
         return self._send("kv", op, args)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the core (its engine loop, its transport) and wait for it to exit."""
-        if self._aio is not None and not self._aio.is_closed():
-            try:
-                self._aio.remove_reader(self.conn.fileno())
-            except (ValueError, OSError):
-                pass
+        """Stop the core (its engine loop, its transport) and wait for it to exit; any
+        thread. The event loop closes the socket when it reads the EOF."""
+        self._stopping = True
         try:
             with self._send_lock:
                 self.conn.send(("stop",))
@@ -112,8 +111,9 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.conn.close()
         self._fail_pending(EngineProcessError("the engine process was stopped"))
+        if self._aio is None or self._aio.is_closed():
+            self.conn.close()
 
     # -- internals -------------------------------------------------------------------------
     def _send(self, kind: str, *body: Any) -> Future:
@@ -129,6 +129,8 @@ class EngineProcess:
         except OSError as e:
             self._pending.pop(mid, None)
             fut.set_exception(EngineProcessError(f"the engine process is gone ({e})"))
+        if self.error is not None and self._pending.pop(mid, None) is not None:
+            fut.set_exception(self.error)  # it died while we sent: nobody would answer
         return fut
 
     def _readable(self) -> None:
@@ -136,6 +138,10 @@ class EngineProcess:
             while self.conn.poll():
                 self._handle(self.conn.recv())
         except (EOFError, OSError):
+            self._aio.remove_reader(self._fd)
+            self.conn.close()
+            if self._stopping:
+                return
             try:
                 code = self.proc.wait(1)
             except subprocess.TimeoutExpired:
@@ -183,7 +189,7 @@ class EngineProcess:
             return
         self.error = error
         if self._aio is not None:
-            self._aio.remove_reader(self.conn.fileno())
+            self._aio.remove_reader(self._fd)
         self._fail_pending(error)
         if self._on_failure is not None:
             self._on_failure(error)
