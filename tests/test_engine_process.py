@@ -13,12 +13,15 @@ import os
 import signal
 import subprocess
 
+import grpc
 import pytest
 
 from mesh_procs import start_registry, start_decode, terminate, wait_until
 from pdmesh import Engine, SamplingParams
 from pdmesh.config import EngineConfig, WorkerConfig
 from pdmesh.runtime.request import Mode
+from pdmesh.v1 import registry_pb2 as rpb
+from pdmesh.v1 import registry_pb2_grpc as rgrpc
 from pdmesh.worker.aio_engine import AsyncEngine
 from pdmesh.worker.engine_proxy import EngineProcess, EngineProcessError
 from pdmesh.worker.streams import EngineFailed, StreamClosed
@@ -50,6 +53,8 @@ def test_same_tokens_and_logprobs_as_the_engine_in_process(default_model):
 
     async def main():
         eng = AsyncEngine(process=EngineProcess(colocated(), ENGINE, use_transport=False))
+        # before any command: the pool as it is (a worker registers with these)
+        assert eng.stats.num_pages == eng.stats.free_pages == 300
         try:
             reqs = [await eng.make_request(p, GREEDY, f"r{i}", Mode.GENERATE, detokenize=True)
                     for i, p in enumerate(prompts)]
@@ -134,9 +139,15 @@ def _children(pid: int) -> list[int]:
 
 
 def test_the_core_dies_with_its_worker_even_on_kill_9():
+    """...and an idle worker reports its whole pool free from registration on (found on
+    the GPU, where the engine process is the default: an idle one reported 0 free)."""
     reg, reg_addr = start_registry()
-    worker, _ = start_decode(reg_addr, "--role", "colocated", "--engine-process")
+    worker, addr = start_decode(reg_addr, "--role", "colocated", "--engine-process")
     try:
+        ch = grpc.insecure_channel(reg_addr)
+        listed = rgrpc.RegistryStub(ch).ListWorkers(rpb.ListWorkersRequest(), timeout=10)
+        w = next(w for w in listed.workers if w.address == addr)
+        assert w.load.free_kv_pages == w.capacity.num_pages > 0
         assert wait_until(lambda: _children(worker.pid), 60)
         core = _children(worker.pid)[0]
         assert "core_process" in open(f"/proc/{core}/cmdline").read()

@@ -10,7 +10,7 @@ Wire (multiprocessing.connection over a socketpair, pickled tuples):
   front -> core: ("cmd", id, Command)     an engine command; Add/Hold carry the request id
                  ("kv", id, op, args)     a KV data-plane call (EngineCore.kv_op)
                  ("stop",)
-  core -> front: ("hello", CoreInfo) | ("start_failed", text)      once, first
+  core -> front: ("hello", CoreInfo, EngineStats) | ("start_failed", text)   once, first
                  ("res", id, ok, value, EngineStats)   a command's result, stats as of then
                  ("ev", [event], EngineStats)          one loop turn: Held or a packed output
                  ("kvres", id, ok, value)
@@ -72,7 +72,7 @@ class CoreServer:
             self.conn.send_bytes(data)
 
     def serve(self) -> None:
-        self.loop.start()
+        """Handle messages until stop or EOF (the loop has been started)."""
         try:
             while True:
                 try:
@@ -178,7 +178,8 @@ def main(argv: list[str]) -> int:
         conn.send(("start_failed", f"{type(e).__name__}: {e}"))
         return 1
     server = CoreServer(conn, core)
-    server.send(("hello", core.info()))
+    server.loop.start()  # publishes the first stats: the worker registers with them
+    server.send(("hello", core.info(), server.loop.stats))
     server.serve()
     return 0
 

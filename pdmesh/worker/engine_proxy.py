@@ -55,7 +55,7 @@ class EngineProcess:
             why = hello[1] if hello else f"exited with code {self.proc.returncode}"
             raise EngineProcessError(f"the engine process did not start: {why}")
         self.info = hello[1]
-        self.stats = EngineStats()
+        self.stats: EngineStats = hello[2]  # as of its start: what registration reports
         self.error: BaseException | None = None
         self._ids = itertools.count()
         self._pending: dict[int, Future] = {}
