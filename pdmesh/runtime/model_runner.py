@@ -127,6 +127,11 @@ class ModelRunner:
             max_ctx = min(graph_max_context or c.max_position_embeddings, num_pages * page_size)
             self.graphs = DecodeGraphs(self._forward_logits, sizes, max_ctx, page_size,
                                        c.vocab_size, self.device)
+        self.warmup_s = 0.0  # prefill shapes compiled at start (GPU): pdmesh/runtime/warmup.py
+        if self.fused is not None and self.device.type == "cuda":
+            from pdmesh.runtime.warmup import warm_prefill
+
+            self.warmup_s = warm_prefill(self)
 
     def _forward_logits(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
         return self.fused.logits(self.fused(ids, pos, self.kv, meta))
