@@ -439,7 +439,8 @@ class Serve:
                     kids.append((ch.create_time(), ch.pid))
             except psutil.Error:
                 continue
-        names = [name for _, name in self.listening]
+        # a gateway of N processes prints N listening lines; serve has one gateway child
+        names = list(dict.fromkeys(name for _, name in self.listening))
         kids.sort()
         if len(names) != len(kids):
             names = [f"child-{i}" for i in range(len(kids))]
