@@ -445,11 +445,13 @@ class Serve:
         if len(names) != len(kids):
             names = [f"child-{i}" for i in range(len(kids))]
         found = {name: pid for name, (_, pid) in zip(names, kids)}
-        for name, pid in list(found.items()):  # engine cores (--engine-process)
+        for name, pid in list(found.items()):  # engine cores, gateway processes
             try:
-                for ch in psutil.Process(pid).children(recursive=False):
+                for i, ch in enumerate(psutil.Process(pid).children(recursive=False)):
                     if "pdmesh.worker.core_process" in ch.cmdline():
                         found[f"{name}-core"] = ch.pid
+                    elif "pdmesh.cli" in ch.cmdline():  # pdmesh gateway --processes N
+                        found[f"{name}-{i}"] = ch.pid
             except psutil.Error:
                 continue
         return found
