@@ -33,6 +33,7 @@ LOCAL_PATHS = {"ipc": "pdmesh.transfer.cuda_ipc", "shm": "pdmesh.transfer.shm"}
 PATHS = ("auto", "mooncake", *LOCAL_PATHS)
 PROBE_PAGES = 4  # destination pages each candidate reads at bind
 PROBE_REPEATS = 3  # best of
+LOCAL_MARGIN = 2.0  # a local path wins unless the transfer engine is this much faster
 
 
 def host_id() -> str:
@@ -288,7 +289,8 @@ class Router:
 
     def _measure(self, candidates: list[Route], probe: list[int]) -> tuple[Route, dict]:
         """Time each candidate reading the probe pages; drop local ones that read other
-        bytes than the transfer engine; the fastest wins (the first if none can read)."""
+        bytes than the transfer engine; the fastest wins, a local path unless the engine
+        is more than LOCAL_MARGIN times faster (the first if none can read)."""
         times: dict[str, float] = {}
         seen: dict[str, bytes] = {}
         for r in candidates:
@@ -310,7 +312,15 @@ class Router:
                             r.name)
         if not ok:
             return candidates[0], times  # none could be probed: local paths come first
-        return min(ok, key=lambda r: times[r.name]), times
+        best = min(ok, key=lambda r: times[r.name])
+        local = [r for r in ok if r.name != "mooncake"]
+        if best.name == "mooncake" and local:
+            # a same-host path spends no NIC or transfer-engine threads: it keeps the pair
+            # unless the engine is clearly faster (a busy host's probe timings are noisy)
+            fastest_local = min(local, key=lambda r: times[r.name])
+            if times[fastest_local.name] <= LOCAL_MARGIN * times["mooncake"]:
+                return fastest_local, times
+        return best, times
 
 
 def _bytes_of(pool: Any, page: int) -> Any:
