@@ -12,6 +12,7 @@ from pdmesh.config import WorkerConfig, worker_config_from_env
 from pdmesh.disagg.ports import TransferTarget
 from pdmesh.services.common.kv import CorruptKV, TransportReceiver, TransportWriter
 from pdmesh.transfer import shm
+from pdmesh.transfer.checksum import pages_checksum
 from pdmesh.transfer.route import Router
 
 SHAPE = (8, 2, 4, 2, 1, 8)  # [page, layer, offset, kv, head, dim], like pdmesh's pool
@@ -41,7 +42,8 @@ def test_modes(mode):
         await writer.write([1, 3], tgt)
         want = await writer.checksum([1, 3])
         got = await writer.read_checksum(tgt, None)
-        mine = await TransportReceiver(None, dst, checksum=mode != "off").checksum(
+        mine = await TransportReceiver(lambda op, args: pages_checksum(dst, *args),
+                                       checksum=mode != "off").checksum(
             [5, 2], want.algo if want else "crc32")
         writer.close()
         return want, got, mine

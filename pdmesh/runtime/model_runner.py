@@ -167,7 +167,12 @@ class ModelRunner:
                 and self.graphs.fits(len(seqs), max(s.start + 1 for s in seqs)):
             return self.graphs.run([s.req.token_at(s.start) for s in seqs],
                                    [s.req.pages for s in seqs], [s.start + 1 for s in seqs])
-        ids, pos, spans, last = self._flatten(batch)
+        return self.forward_flat(*self._flatten(batch))
+
+    def forward_flat(self, ids: list[int], pos: torch.Tensor, spans: list[SeqSpan],
+                     last: list[int]) -> torch.Tensor:
+        """The fast path's forward of a flat batch (`_flatten`'s form): writes its KV into
+        `spans`' pages; float32 logits of the rows `last` [len(last), V]."""
         meta = self.attn_cls.build_metadata(spans, self.page_size, self.device)
         hidden = self._fast(to_device(torch.tensor(ids), self.device),
                             to_device(pos, self.device), self.kv, meta)  # [T, D]

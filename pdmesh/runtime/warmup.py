@@ -48,7 +48,6 @@ def warm_prefill(runner: Any, shapes=SHAPES) -> float:
 
 def _forward(runner: Any, seqs: tuple[tuple[int, int], ...], P: int, V: int) -> None:
     from pdmesh.runtime.attention import SeqSpan
-    from pdmesh.runtime.triton_backend import to_device
 
     ids: list[int] = []
     pos: list[int] = []
@@ -62,9 +61,4 @@ def _forward(runner: Any, seqs: tuple[tuple[int, int], ...], P: int, V: int) -> 
         pos.extend(range(c, c + q))
         q_start += q
         last.append(q_start - 1)
-    meta = runner.attn_cls.build_metadata(spans, P, runner.device)
-    dev = runner.device
-    hidden = runner._fast(to_device(torch.tensor(ids), dev), to_device(torch.tensor(pos), dev),
-                          runner.kv, meta)  # [T, D]
-    rows = hidden[to_device(torch.tensor(last), dev)] if len(last) < hidden.shape[0] else hidden
-    runner._fast.logits(rows)
+    runner.forward_flat(ids, torch.tensor(pos), spans, last)

@@ -26,6 +26,7 @@ Pages whose size is not a multiple of 4 bytes use crc32.
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Sequence
 
@@ -93,14 +94,9 @@ def _wsum64(pool: Any, pages: Sequence[int]) -> int:
         return int(_chunked(pool, pages, w, m).item()) & _MASK
 
 
-_streams: dict[str, Any] = {}
-
-
+@functools.cache
 def _side_stream(device: Any) -> Any:
-    key = str(device)
-    if key not in _streams:
-        _streams[key] = torch.cuda.Stream(device=device)
-    return _streams[key]
+    return torch.cuda.Stream(device=device)
 
 
 def _per_page(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor) -> Any:

@@ -97,6 +97,11 @@ class EngineProcess:
         """A KV data-plane call in the core (EngineCore.kv_op); any thread."""
         return self._send("kv", op, args)
 
+    def kv_op(self, op: str, args: tuple) -> Any:
+        """EngineCore.kv_op across the socket: blocks, so never on the event loop (whose
+        thread resolves the reply)."""
+        return self.kv_call(op, *args).result()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the core (its engine loop, its transport) and wait for it to exit; any
         thread. The event loop closes the socket when it reads the EOF."""
@@ -211,18 +216,18 @@ class RemoteRouter:
         self._paths: dict[tuple[str, int], str] = {}  # the bound route's name per pool
 
     def write_pages(self, dst: Any, src_pages: list[int], dst_pages: list[int]) -> Any:
-        stats = self.proc.kv_call("write", dst, list(src_pages), list(dst_pages)).result()
+        stats = self.proc.kv_op("write", (dst, list(src_pages), list(dst_pages)))
         self._paths[(dst.session_id, dst.kv_base)] = stats.path
         return stats
 
     def corrupt_page(self, dst: Any, src_page: int, dst_page: int) -> None:
-        self.proc.kv_call("corrupt", dst, src_page, dst_page).result()
+        self.proc.kv_op("corrupt", (dst, src_page, dst_page))
 
     def checksum_pages(self, dst: Any, dst_pages: list[int], algo: str) -> int:
-        return self.proc.kv_call("read_checksum", dst, list(dst_pages), algo).result()
+        return self.proc.kv_op("read_checksum", (dst, list(dst_pages), algo))
 
     def source_checksum(self, pages: list[int], algo: str) -> int:
-        return self.proc.kv_call("checksum", list(pages), algo).result()
+        return self.proc.kv_op("checksum", (list(pages), algo))
 
     def route_name(self, dst: Any) -> str | None:
         """The route's name as of the last write to dst (no round trip: the event loop

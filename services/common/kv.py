@@ -18,11 +18,10 @@ import logging
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pdmesh.disagg.ports import KVChecksum, TransferTarget
 from pdmesh.telemetry import tracing
-from pdmesh.transfer.checksum import pages_checksum
 from pdmesh.transfer.route import Destination
 
 log = logging.getLogger(__name__)
@@ -150,35 +149,26 @@ class TransportWriter:
 
 
 class TransportReceiver:
-    """KVReceiver over `transport`: lands staged pages (host mirror -> device) off the
-    event loop (a no-op for transports that write straight into the pool), and digests
-    `pool`'s pages for the integrity check when `checksum` is on."""
+    """KVReceiver over the engine core's KV operations (`kv_op(name, args)`, blocking:
+    pdmesh.worker.core.EngineCore.kv_op in this process, EngineProcess.kv_op across):
+    lands staged pages (host mirror -> device) and digests the pool's pages for the
+    integrity check when `checksum` is on, both off the event loop."""
 
-    def __init__(self, transport: Any, pool: Any = None, checksum: bool = True) -> None:
-        self._land = getattr(transport, "land", None)
-        self.checks = checksum and pool is not None
-        self._digest = lambda pages, algo: pages_checksum(pool, pages, algo)
-
-    @classmethod
-    def remote(cls, proc: Any, checksum: bool = True) -> "TransportReceiver":
-        """The receiver of a pool in an engine process (pdmesh.worker.engine_proxy)."""
-        self = cls(None, None, checksum=False)
-        self.checks = checksum
-        self._digest = lambda pages, algo: proc.kv_call("checksum", pages, algo).result()
-        if proc.info.kv_transfer_mode == "staged":
-            self._land = lambda pages: proc.kv_call("land", pages).result()
-        return self
+    def __init__(self, kv_op: Callable[[str, tuple], Any], checksum: bool = True,
+                 staged: bool = False) -> None:
+        self._kv_op, self.checks, self.staged = kv_op, checksum, staged
 
     async def checksum(self, pages: Sequence[int], algo: str) -> KVChecksum | None:
         """The checksum of this pool's pages by `algo`, on a thread; None when off."""
         if not self.checks:
             return None
-        return KVChecksum(algo, await asyncio.to_thread(self._digest, list(pages), algo))
+        return KVChecksum(algo, await asyncio.to_thread(self._kv_op, "checksum",
+                                                        (list(pages), algo)))
 
     async def land(self, pages: Sequence[int], path: str) -> None:
         # local paths (shm, ipc) write the pool itself, never the staged mirror
-        if self._land is not None and path in ("mooncake", ""):
-            await asyncio.to_thread(self._land, list(pages))
+        if self.staged and path in ("mooncake", ""):
+            await asyncio.to_thread(self._kv_op, "land", (list(pages),))
 
 
 def _destination(target: TransferTarget) -> Destination:

@@ -116,9 +116,8 @@ class WorkerHost:
 
     def kv_receiver(self, checksum: bool) -> TransportReceiver:
         """The decode's side of the data plane over this worker's pool."""
-        if self._process is not None:
-            return TransportReceiver.remote(self._process, checksum)
-        return TransportReceiver(self._core.transport, self._core.pool, checksum)
+        core = self._process if self._process is not None else self._core
+        return TransportReceiver(core.kv_op, checksum, staged=self.kv_transfer_mode == "staged")
 
     async def start(self) -> "WorkerHost":
         """Start the engine loop (thread or process), bound to the running event loop."""
