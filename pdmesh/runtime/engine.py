@@ -12,6 +12,7 @@ whose KV would outgrow the whole pool finishes with "length" when it gets there.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from pdmesh.config import EngineConfig, engine_config_from_env
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
+from pdmesh.runtime.fork import child_id, fork_seed
 from pdmesh.runtime.loader import LoadedModel, load_model
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.model_runner import KVAlloc, ModelRunner, num_pages_for, resolve_dtype
@@ -48,6 +50,7 @@ class RequestOutput:
     logprobs: list[Any] | None = None  # per token: SampledToken (logprob, top_logprobs)
     pages: list[int] = field(default_factory=list)  # PREFILL_ONLY: pages holding the prompt KV
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    index: int = 0  # n > 1: which sequence of its request (request_id: fork.child_id)
 
 
 class Engine:
@@ -161,6 +164,7 @@ class Engine:
         if req.status is not Status.HELD or req.mode is not Mode.ADOPTED:
             raise ValueError(f"request {request_id!r} is not held for adoption")
         self.scheduler.adopt(req)
+        self._fork(req)  # before its first token, which may finish it
         return self._append(req, first_token, first_logprob)
 
     def release(self, request_id: str) -> None:
@@ -198,8 +202,33 @@ class Engine:
         logits = self.runner.run(batch)  # [n_sampled, V]
         self.scheduler.computed(batch)
         sampled = [s.req for s in batch.seqs if s.sample]
+        for r in sampled:  # a fresh prompt's prefill ended: fork before its first token
+            self._fork(r)
         rows = [self._row(r) for r in sampled]
         return [self._append(r, t.token_id, t) for r, t in zip(sampled, sample(logits, rows))]
+
+    def _fork(self, parent: Request) -> None:
+        """n > 1: its other sequences, sharing its prompt's KV (fork.py). Only a parent
+        whose whole prompt's KV is here now and that has no token yet (a retracted one
+        recomputing samples nothing: it forked already); never a PREFILL_ONLY request
+        (its KV goes to a decode worker, which forks)."""
+        n = parent.params.n
+        if n == 1 or parent.index or parent.output_ids or parent.mode is Mode.PREFILL_ONLY:
+            return
+        children = [self._child(parent, i) for i in range(1, n)]
+        for c in children:
+            self.requests[c.request_id] = c
+        self.scheduler.fork(parent, children)
+
+    def _child(self, parent: Request, i: int) -> Request:
+        p = dataclasses.replace(parent.params, n=1, seed=fork_seed(parent.params.seed, i))
+        req = Request(child_id(parent.request_id, i), parent.prompt_ids, p, mode=Mode.GENERATE,
+                      stop_ids=parent.stop_ids, index=i,
+                      generator=make_generator(p.seed, self.config.device))
+        if parent.detok is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
+                                               p.skip_special_tokens, p.stop)
+        return req
 
     def _row(self, r: Request) -> SamplingRow:
         p = r.params
@@ -249,7 +278,7 @@ class Engine:
         return RequestOutput(r.request_id, r.prompt_ids, list(r.output_ids), text,
                              new_ids, new_text, finished, r.finish_reason, r.stop_reason,
                              list(r.logprobs) if r.params.logprobs is not None else None,
-                             pages or [], max(r.cached_tokens, 0))
+                             pages or [], max(r.cached_tokens, 0), r.index)
 
     # -- offline -------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str] | None = None,
@@ -262,6 +291,9 @@ class Engine:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(items)
         if len(plist) != len(items):
             raise ValueError(f"{len(plist)} sampling params for {len(items)} prompts")
+        if any(p is not None and p.n > 1 for p in plist):
+            raise ValueError("generate() returns one output per prompt: for n > 1 use "
+                             "add_request and step (each sequence's outputs carry its index)")
         reqs = [self.make_request(**item, params=p) for item, p in zip(items, plist)]
         for r in reqs:  # all validated before any is queued
             self.requests[r.request_id] = r

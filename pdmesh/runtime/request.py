@@ -39,6 +39,12 @@ class Request:
     # prefix cache: tree nodes it holds a reference on; they are pages[:len(cache_nodes)]
     cache_nodes: list[Any] = field(default_factory=list)
     cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
+    # n > 1 (fork.py): which sequence of its request this is (0: the parent); the fork
+    # group it may share prompt pages with, and how many of its first pages are the
+    # group's (0: it holds no reference)
+    index: int = 0
+    group: Any = None
+    group_pages: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -22,6 +22,9 @@ MAX_TEMPERATURE = 1e6
 # A top_p below float32's range (1e-308) becomes 0 there and masks every token (NaN
 # again); any top_p this small keeps only the most likely token, as this one does.
 MIN_TOP_P = 1e-6
+# Sequences one request may fork into (n > 1: the prompt computed once, runtime/fork.py);
+# the gateway's own limit (GatewayConfig.max_n, default 16) is usually lower.
+MAX_N = 128
 
 
 def _as_tuple(value: str | Sequence | None, field: str) -> tuple:
@@ -51,6 +54,8 @@ class SamplingParams:
     - stop_token_ids: extra token ids that end generation (the token is kept in output_ids).
     - min_tokens: eos and stop_token_ids are masked until this many tokens were generated.
     - logprobs: None = none; N = chosen token's logprob plus the top-N alternatives.
+    - n: sequences to generate from the prompt (OpenAI's choices), 1..MAX_N; the prompt's
+      KV is computed once and shared (runtime/fork.py); sequence i samples with seed + i.
     """
 
     max_tokens: int = 16
@@ -68,6 +73,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
 
     def __post_init__(self) -> None:
         # frozen: normalise through object.__setattr__
@@ -83,6 +89,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
+        if not (isinstance(self.n, int) and 1 <= self.n <= MAX_N):
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n!r}")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be at most max_tokens={self.max_tokens}, "
                              f"got {self.min_tokens}")

@@ -48,6 +48,11 @@ argument above holds with "free" read as "free or evictable". A finished prefill
 pages enter the tree at once (later requests share them while it runs); a request's full
 computed pages stay cached when it finishes, is released or is retracted (not when
 aborted). ADOPTED requests never use the cache (their KV came from outside).
+
+Fork (n > 1, fork.py). `fork(parent, children)` shares the parent's full prompt pages
+with its other sequences, through the cache or a reference-counted `ForkGroup`, and
+admits the children at once when they fit; a request holding group pages never uses
+the cache. "Free" is unchanged: group pages are used pages until their last release.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ from dataclasses import dataclass
 
 from pdmesh.runtime.admission import NewTokenRatio, pages_for
 from pdmesh.runtime.allocator import PageAllocator
+from pdmesh.runtime.fork import ForkGroup
 from pdmesh.runtime.prefix_cache import Node, PrefixCache
 from pdmesh.runtime.request import Mode, Request, Status
 
@@ -133,20 +139,26 @@ class Scheduler:
             r for r in self.held.values() if r.mode is Mode.ADOPTED]
         return sum(self.ratio.future_pages(r, self.page_size) for r in running)
 
+    def _caches(self, req: Request) -> bool:
+        """`req` uses the prefix cache: there is one, its KV is computed here (not
+        ADOPTED) and it is no member of a fork group (whose pages the group owns)."""
+        return self.cache is not None and req.mode is not Mode.ADOPTED and req.group is None
+
     def lookup(self, req: Request) -> list[Node]:
         """The cached pages `req` would start from (none without a cache, or ADOPTED)."""
-        if self.cache is None or req.mode is Mode.ADOPTED:
+        if not self._caches(req):
             return []
         target = req.prefill_target
         return self.cache.match(req.all_ids(target), (target - 1) // self.page_size)
 
-    def fits(self, req: Request, path: list[Node] | None = None) -> bool:
+    def fits(self, req: Request, path: list[Node] | None = None, shared: int = 0) -> bool:
         """Admission test for a request holding no pages (see the module docstring);
-        `path`: the cached pages it would start from."""
+        `path`: the cached pages it would start from; `shared`: fork-group pages it
+        would take (allocated already)."""
         if self.num_running >= self.max_running:
             return False
         path = path or []
-        need = pages_for(req.prefill_target, self.page_size) - len(path)
+        need = pages_for(req.prefill_target, self.page_size) - len(path) - shared
         if path:
             need += PrefixCache.count_unreferenced(path)  # pinned: no longer evictable
         need = min(need + self.ratio.future_pages(req, self.page_size), self.allocator.num_pages)
@@ -158,18 +170,25 @@ class Scheduler:
         self.waiting.append(req)
 
     def _admit(self, req: Request) -> bool:
-        """Take `req`'s cached prefix pages and reserve its other prefill pages."""
-        path = self.lookup(req)
-        if not self.fits(req, path):
+        """Take `req`'s cached prefix (or fork-group) pages and reserve its other
+        prefill pages."""
+        group = req.group if req.group is not None and req.group.alive else None
+        shared = list(group.pages) if group is not None else []
+        path = [] if group is not None else self.lookup(req)
+        if not self.fits(req, path, len(shared)):
             return False
         if path:
             self.cache.acquire(path)
             req.cache_nodes = list(path)
-            req.pages = [n.page for n in path]
-            req.num_computed = len(path) * self.page_size
+        if group is not None:
+            group.acquire()
+            req.group_pages = len(shared)
+        if path or shared:
+            req.pages = shared or [n.page for n in path]
+            req.num_computed = len(req.pages) * self.page_size
         if req.cached_tokens < 0:  # counted once: a recompute after retraction doesn't
             req.cached_tokens = req.num_computed
-        req.reserved = pages_for(req.prefill_target, self.page_size) - len(path)
+        req.reserved = pages_for(req.prefill_target, self.page_size) - len(req.pages)
         self.reserved += req.reserved
         return True
 
@@ -195,6 +214,27 @@ class Scheduler:
         req.num_computed = req.prompt_len
         req.status = Status.DECODING
         self.decoding.append(req)
+
+    def fork(self, parent: Request, children: list[Request]) -> None:
+        """Share `parent`'s full prompt pages (all but its last prompt token's page) with
+        `children`, its other sequences (fork.py), and admit those that fit now, ahead of
+        every waiting request; the rest wait at the queue's head. `parent` has its whole
+        prompt's KV (just adopted, or its prefill just ended) and holds no group yet."""
+        k = (parent.prompt_len - 1) // self.page_size
+        if k and not self._caches(parent):  # with the cache: the tree holds them already
+            parent.group = ForkGroup(parent.pages[:k], refs=1)
+            parent.group_pages = k
+            for c in children:
+                c.group = parent.group
+        for c in reversed(children):
+            c.status = Status.WAITING
+            self.waiting.appendleft(c)
+        for c in children:
+            if not self._admit(c):
+                break  # FIFO: it and the ones after it wait (holding nothing)
+            self.waiting.popleft()
+            c.status, c.scheduled_time = Status.PREFILLING, time.monotonic()
+            self.prefilling.append(c)
 
     # -- scheduling ----------------------------------------------------------------------
     def schedule(self) -> Batch | None:
@@ -299,7 +339,7 @@ class Scheduler:
             s.req.num_computed = s.start + s.length
             if batch.kind == "prefill" and s.req.num_computed == s.req.prefill_target:
                 self.prefilling.remove(s.req)
-                if self.cache is not None and s.req.mode is not Mode.ADOPTED:
+                if self._caches(s.req):
                     self.cache.insert(s.req.all_ids(s.req.num_computed), s.req.pages,
                                       s.req.cache_nodes)
                 if s.req.mode is Mode.PREFILL_ONLY:
@@ -326,15 +366,18 @@ class Scheduler:
 
     def _free_pages(self, req: Request, keep: bool) -> None:
         """Give back `req`'s pages: with a cache and `keep`, its full computed pages enter
-        the tree (unreferenced: evictable); its references are dropped, the rest freed."""
-        private = req.pages
+        the tree (unreferenced: evictable); its references (cache nodes, fork group) are
+        dropped, the rest freed. Group pages are freed by the group's last release."""
+        shared = req.group_pages  # a group member never holds cache nodes (_caches)
+        if shared:
+            self.allocator.free(req.group.release())
         if self.cache is not None:
-            if keep:
+            if keep and self._caches(req):
                 self.cache.insert(req.all_ids(req.num_computed), req.pages, req.cache_nodes)
-            private = req.pages[len(req.cache_nodes):]
+            shared = shared or len(req.cache_nodes)
             self.cache.release(req.cache_nodes)
-        self.allocator.free(private)
-        req.pages, req.cache_nodes = [], []
+        self.allocator.free(req.pages[shared:])
+        req.pages, req.cache_nodes, req.group_pages = [], [], 0
 
     def flush_cache(self) -> int:
         """Evict every unreferenced cached page; returns how many."""
