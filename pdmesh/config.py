@@ -267,6 +267,10 @@ def registry_config_from_env(base: RegistryConfig | None = None,
 ROUTING_MODES = ("auto", "pd", "colocated")
 ROUTING_POLICIES: set[str] = {"random", "round_robin", "power_of_two", "least_load",
                               "cache_aware", "prefix_hash"}
+# per-request disaggregation (services/gateway/pd_mode.py): when a prefill + decode pair
+# exists, prefill on the prefill worker (always), on the decode worker itself (never), or
+# whichever the cost model predicts is cheaper (auto)
+PD_MODES = ("always", "never", "auto")
 
 
 def check_routing_policy(name: str) -> None:
@@ -298,6 +302,15 @@ class GatewayConfig:
     balance_rel_threshold: float = 1.5  # ... and max above min times this
     max_tree_size: int = 1 << 26
     prefix_token_count: int = 256
+    # per-request disaggregation (services/gateway/pd_mode.py, pd_cost.py): the policy, the
+    # cost model's starting profile (a `pdmesh plan` / `pdmesh simulate` Profile JSON; None:
+    # built-in defaults, refitted online either way), the seconds of this request's TTFT one
+    # second of stall of one running decode stream is worth, and the longest stall a local
+    # prefill may put on a decode's streams (auto never prefills locally beyond it)
+    pd_mode: str = "always"
+    pd_mode_profile: str | None = None
+    pd_mode_stall_weight: float = 0.1
+    pd_mode_max_stall_s: float = 0.25
     # when set, requests need "Authorization: Bearer <key>"; repr=False: never in logs
     api_key: str | None = dataclasses.field(default=None, repr=False)
     max_model_len: int | None = None  # defaults to the model's context length
@@ -328,6 +341,7 @@ class GatewayConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256  # per stop string
     max_top_logprobs: int = 20
+    max_n: int = 16  # choices per request (n); the workers take up to 128 (runtime MAX_N)
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -339,6 +353,7 @@ class GatewayConfig:
         check_routing_policy(self.prefill_policy), check_routing_policy(self.decode_policy)
         if self.mode not in ROUTING_MODES:
             raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {self.mode!r}")
+        self._check_pd_mode()
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
@@ -365,6 +380,8 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.max_top_logprobs <= 20:  # the sampler computes at most 20
             raise ValueError(f"max_top_logprobs must be in 0..20, got {self.max_top_logprobs}")
+        if not 1 <= self.max_n <= 128:  # pdmesh.runtime.sampling_params.MAX_N
+            raise ValueError(f"max_n must be in 1..128, got {self.max_n}")
 
     def _check_cache_routing(self) -> None:
         if not 0 <= self.cache_threshold <= 1:
@@ -375,6 +392,15 @@ class GatewayConfig:
         for name in ("max_tree_size", "prefix_token_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _check_pd_mode(self) -> None:
+        if self.pd_mode not in PD_MODES:
+            raise ValueError(f"pd_mode must be one of {', '.join(PD_MODES)}, "
+                             f"got {self.pd_mode!r}")
+        for name in ("pd_mode_stall_weight", "pd_mode_max_stall_s"):
+            v = getattr(self, name)
+            if not (v >= 0 and v != float("inf")):
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
 
     @property
     def queue_limit(self) -> int:
@@ -406,11 +432,16 @@ _GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_GATEWAY_MAX_STOP_STRINGS": ("max_stop_strings", int),
     "PDMESH_GATEWAY_MAX_STOP_CHARS": ("max_stop_chars", int),
     "PDMESH_GATEWAY_MAX_TOP_LOGPROBS": ("max_top_logprobs", int),
+    "PDMESH_GATEWAY_MAX_N": ("max_n", int),
     "PDMESH_GATEWAY_CACHE_THRESHOLD": ("cache_threshold", float),
     "PDMESH_GATEWAY_BALANCE_ABS_THRESHOLD": ("balance_abs_threshold", int),
     "PDMESH_GATEWAY_BALANCE_REL_THRESHOLD": ("balance_rel_threshold", float),
     "PDMESH_GATEWAY_MAX_TREE_SIZE": ("max_tree_size", int),
     "PDMESH_GATEWAY_PREFIX_TOKEN_COUNT": ("prefix_token_count", int),
+    "PDMESH_GATEWAY_PD_MODE": ("pd_mode", str),
+    "PDMESH_GATEWAY_PD_MODE_PROFILE": ("pd_mode_profile", str),
+    "PDMESH_GATEWAY_PD_MODE_STALL_WEIGHT": ("pd_mode_stall_weight", float),
+    "PDMESH_GATEWAY_PD_MODE_MAX_STALL": ("pd_mode_max_stall_s", float),
 }
 
 

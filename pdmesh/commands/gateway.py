@@ -87,6 +87,20 @@ def add_routing_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) 
         "least recently used evicted first (default 2**26; env PDMESH_GATEWAY_MAX_TREE_SIZE)")
     add("--prefix-token-count", int, "prefix_hash: leading tokens hashed (default 256; env "
         "PDMESH_GATEWAY_PREFIX_TOKEN_COUNT)")
+    add("--pd-mode", str, "per-request disaggregation, when a prefill + decode pair "
+        "exists: always (default: prefill on the prefill worker) | never (prefill on the "
+        "decode worker itself) | auto (per request, from predicted TTFT and decode stall; "
+        "env PDMESH_GATEWAY_PD_MODE)")
+    add("--pd-mode-profile", str, "auto: the cost model's starting coefficients, a "
+        "Profile JSON as `pdmesh plan --output` writes (default: built-in 2-core CPU "
+        "figures); refitted online from PD requests' timings either way (env "
+        "PDMESH_GATEWAY_PD_MODE_PROFILE)")
+    add("--pd-mode-stall-weight", float, "auto: seconds of a request's TTFT that one second "
+        "of stall of one running decode stream is worth (default 0.1; env "
+        "PDMESH_GATEWAY_PD_MODE_STALL_WEIGHT)")
+    add("--pd-mode-max-stall", float, "auto: never prefill locally when that would stall "
+        "the decode's streams longer than this many seconds (default 0.25; env "
+        "PDMESH_GATEWAY_PD_MODE_MAX_STALL)")
 
 
 def add_admission_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) -> None:
@@ -117,7 +131,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
              "cache_threshold": args.cache_threshold,
              "balance_abs_threshold": args.balance_abs_threshold,
              "balance_rel_threshold": args.balance_rel_threshold,
-             "max_tree_size": args.max_tree_size, "prefix_token_count": args.prefix_token_count}
+             "max_tree_size": args.max_tree_size, "prefix_token_count": args.prefix_token_count,
+             "pd_mode": args.pd_mode, "pd_mode_profile": args.pd_mode_profile,
+             "pd_mode_stall_weight": args.pd_mode_stall_weight,
+             "pd_mode_max_stall_s": args.pd_mode_max_stall}
     return config.replace(model=args.model, served_model_name=args.served_model_name,
                           host=args.host, port=args.port, grpc_port=args.grpc_port,
                           max_model_len=args.max_model_len, reuse_port=args.reuse_port,

@@ -29,7 +29,9 @@ class DecodeStub:
     """Admits rooms into a pre-allocation queue, allocates KV pages, calls the
     prefill worker's Transfer (deadline = waiting timeout) and then decodes
     with continuous batching, streaming tokens. Colocated workers serve this
-    service too (they prefill locally, no Transfer).
+    service too (they prefill locally, no Transfer), and so does a decode worker
+    asked to prefill one request itself (per-request disaggregation, the
+    gateway's --pd-mode): the same Generate with an empty prefill_address.
     """
 
     def __init__(self, channel):
@@ -64,7 +66,9 @@ class DecodeServicer:
     """Admits rooms into a pre-allocation queue, allocates KV pages, calls the
     prefill worker's Transfer (deadline = waiting timeout) and then decodes
     with continuous batching, streaming tokens. Colocated workers serve this
-    service too (they prefill locally, no Transfer).
+    service too (they prefill locally, no Transfer), and so does a decode worker
+    asked to prefill one request itself (per-request disaggregation, the
+    gateway's --pd-mode): the same Generate with an empty prefill_address.
     """
 
     def Generate(self, request, context):
@@ -137,7 +141,9 @@ class Decode:
     """Admits rooms into a pre-allocation queue, allocates KV pages, calls the
     prefill worker's Transfer (deadline = waiting timeout) and then decodes
     with continuous batching, streaming tokens. Colocated workers serve this
-    service too (they prefill locally, no Transfer).
+    service too (they prefill locally, no Transfer), and so does a decode worker
+    asked to prefill one request itself (per-request disaggregation, the
+    gateway's --pd-mode): the same Generate with an empty prefill_address.
     """
 
     @staticmethod

@@ -19,6 +19,7 @@ from pdmesh.services.gateway.breaker import (BreakerConfig, Breakers, Resilience
                                              RetryPolicy)
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.openapi import openapi_document
+from pdmesh.services.gateway.pd_mode import PdModeDecider, PdModeMetrics
 from pdmesh.services.gateway.pool import WorkerPool
 from pdmesh.services.gateway.server import GatewayServicer, create_server
 from pdmesh.services.gateway.transcoder import build_app
@@ -59,8 +60,10 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     breakers = Breakers(BreakerConfig(config.breaker_failure_threshold,
                                       config.breaker_success_threshold, config.breaker_open_s),
                         resilience)
+    # per-request disaggregation (--pd-mode); reads --pd-mode-profile (ValueError if bad)
+    pd_mode = PdModeDecider.from_config(config, PdModeMetrics(metrics.registry))
     pool = WorkerPool(config.registry, config.mode, config.prefill_policy,
-                      config.decode_policy, breakers=breakers, config=config)
+                      config.decode_policy, breakers=breakers, config=config, pd_mode=pd_mode)
     pool.start()
     admission = Admission(config.max_inflight, config.queue_limit, config.queue_timeout_s,
                           config.retry_after_s, metrics)

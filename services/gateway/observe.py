@@ -76,6 +76,9 @@ class RequestObserver:
                           "pdmesh.route.prefill_id": route.prefill.worker_id})
         # token-aware policies: e.g. pdmesh.route.prefill.match_rate, .balance_override
         attrs.update({f"pdmesh.route.{k}": v for k, v in getattr(route, "detail", ())})
+        ticket = getattr(route, "ticket", None)  # --pd-mode: pd_mode, predicted TTFT, ...
+        if ticket is not None:
+            attrs.update({f"pdmesh.route.{k}": v for k, v in ticket.attributes().items()})
         now_ns = time.time_ns()
         tracing.start_span("route", attrs, context=self.context, start_ns=now_ns).end(now_ns)
 

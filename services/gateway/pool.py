@@ -15,6 +15,9 @@ policies that use them: cache_aware, prefix_hash):
   - mode "auto": a pair when at least one prefill and one decode worker exist,
     otherwise a colocated worker. Colocated workers are the small-deployment path
     and the baseline; when both kinds exist, "auto" prefers PD.
+A pair's request may then be prefilled on its decode worker instead (per-request
+disaggregation, --pd-mode: services/gateway/pd_mode.py): the route has no prefill and
+carries the decider's Ticket.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pdmesh.config import GatewayConfig, ROUTING_MODES, registry_config_from_env
 from pdmesh.registry_watch import RegistryWatch
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.services.gateway.breaker import Breakers
+from pdmesh.services.gateway.pd_mode import LOCAL, PdModeDecider, Ticket
 from pdmesh.services.gateway.routing import Load, Policy, Worker, make_policy
 
 log = logging.getLogger(__name__)
@@ -49,15 +53,18 @@ class Route:
     why: str = ""  # the policies and what they chose from (traces show it)
     # what token-aware policies said of their pick, e.g. ("prefill.match_rate", 0.9)
     detail: tuple[tuple[str, object], ...] = ()
+    # per-request disaggregation's choice for a pair (None: no decider, or no pair)
+    ticket: Ticket | None = None
 
 
 def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
     role = _ROLES.get(info.role)
     if role is None:
         return None
-    ld = info.load
+    ld, kv = info.load, info.kv_layout
     return Worker(info.worker_id, role, info.address, info.model_id,
-                  Load(ld.running, ld.queued, ld.free_kv_pages, ld.queued_prefill_tokens))
+                  Load(ld.running, ld.queued, ld.free_kv_pages, ld.queued_prefill_tokens),
+                  kv_bytes_per_token=kv.bytes_per_page / kv.page_size if kv.page_size else 0.0)
 
 
 def _load(w: Worker) -> str:
@@ -86,7 +93,8 @@ class WorkerPool:
     def __init__(self, registry_addr: str | None = None, mode: str = "auto",
                  prefill_policy: str = "round_robin", decode_policy: str = "round_robin",
                  reconnect_s: float = 0.5, breakers: Breakers | None = None,
-                 stale_s: float | None = None, config: GatewayConfig | None = None) -> None:
+                 stale_s: float | None = None, config: GatewayConfig | None = None,
+                 pd_mode: PdModeDecider | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown routing mode {mode!r} (known: {', '.join(MODES)})")
         self.mode = mode
@@ -95,6 +103,7 @@ class WorkerPool:
         self.decode_policy: Policy = make_policy(decode_policy, config)
         self.policy_names = (prefill_policy, decode_policy)
         self.breakers = breakers or Breakers()
+        self.pd_mode = pd_mode  # remote or local prefill, per request (None: remote)
         self._registry_addr = registry_addr
         self._reconnect_s = reconnect_s
         self._workers: dict[str, Worker] = {}
@@ -129,7 +138,7 @@ class WorkerPool:
         self._workers.pop(wid, None)
         self._stale.pop(wid, None)
         self.breakers.forget(wid)
-        for policy in (self.prefill_policy, self.decode_policy):
+        for policy in (self.prefill_policy, self.decode_policy, self.pd_mode):
             if hasattr(policy, "forget"):  # cache_aware drops the worker's tree
                 policy.forget(wid)
 
@@ -169,12 +178,7 @@ class WorkerPool:
                     raise NoRoute("no prefill + decode worker pair is registered "
                                   f"({len(by_role['PREFILL'])} prefill, "
                                   f"{len(by_role['DECODE'])} decode)")
-                p, pdet = _pick(self.prefill_policy, by_role["PREFILL"], tokens, "prefill")
-                d, ddet = _pick(self.decode_policy, by_role["DECODE"], tokens, "decode")
-                route = Route(p, d, f"pd: prefill {self.policy_names[0]} of "
-                              f"{len(by_role['PREFILL'])} ({_load(p)}{_said(pdet)}), decode "
-                              f"{self.policy_names[1]} of {len(by_role['DECODE'])} "
-                              f"({_load(d)}{_said(ddet)})", pdet + ddet)
+                route = self._pair(by_role, tokens)
             elif by_role["COLOCATED"]:
                 d, ddet = _pick(self.decode_policy, by_role["COLOCATED"], tokens, "decode")
                 route = Route(None, d, f"colocated: {self.policy_names[1]} of "
@@ -188,7 +192,24 @@ class WorkerPool:
                     self.breakers.taken(w)
             return route
 
+    def _pair(self, by_role: dict[str, list[Worker]], tokens: Sequence[int] | None) -> Route:
+        """A (prefill, decode) pair by the two policies; then, with a decider and the
+        prompt, remote or local prefill (local: the route has no prefill)."""
+        p, pdet = _pick(self.prefill_policy, by_role["PREFILL"], tokens, "prefill")
+        d, ddet = _pick(self.decode_policy, by_role["DECODE"], tokens, "decode")
+        decode_why = (f"decode {self.policy_names[1]} of {len(by_role['DECODE'])} "
+                      f"({_load(d)}{_said(ddet)})")
+        ticket = None if self.pd_mode is None or tokens is None else \
+            self.pd_mode.choose(p, d, tokens, pdet + ddet)
+        if ticket is not None and ticket.mode == LOCAL:
+            return Route(None, d, f"{ticket.why()}: {decode_why}", ddet, ticket)
+        why = (f"pd: prefill {self.policy_names[0]} of {len(by_role['PREFILL'])} "
+               f"({_load(p)}{_said(pdet)}), {decode_why}")
+        return Route(p, d, why + (f"; {ticket.why()}" if ticket else ""), pdet + ddet, ticket)
+
     def release(self, route: Route) -> None:
+        if route.ticket is not None:
+            route.ticket.ended()
         with self._lock:
             for w in (route.prefill, route.decode):
                 if w is not None:

@@ -50,6 +50,8 @@ class Worker:
     # requests this gateway sent and has not seen finish: fresher than heartbeats,
     # so a burst between two heartbeats does not all land on one worker
     inflight: int = 0
+    # KV bytes of one token in its pool (registry layout; 0: unknown), for pd_mode.py
+    kv_bytes_per_token: float = 0.0
 
 
 def load_score(w: Worker) -> tuple:
