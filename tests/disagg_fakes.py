@@ -48,7 +48,7 @@ class FakeEngine:
         fut = self.holds[req.request_id] = asyncio.get_running_loop().create_future()
         return await fut
 
-    async def adopt(self, rid, first_token, first_logprob) -> OutputStream:
+    async def adopt(self, rid, first_token, first_logprob, n=1) -> OutputStream:
         self.adopted.append(rid)
         s = self.streams[rid] = OutputStream()
         s.put(Out(rid, [first_token], False, new_token_ids=[first_token]))

@@ -2,7 +2,9 @@
 
 A room goes: pre-allocation queue -> pages held -> Transfer sent -> KV arrived
 (adopted, decoding) -> finished. Colocated rooms skip the middle: the prompt is
-computed here.
+computed here. A room of n sequences (SamplingParams.n > 1) holds, transfers and adopts
+its prompt once; the engine forks it at adoption (runtime/fork.py), one stream carries
+every sequence's outputs (each with its `index`) and the room finishes when all have.
 
 Invariants:
 - a room is cleaned up exactly once (`closed`), by whoever ends it first;
@@ -46,6 +48,8 @@ class DecodeRoom:
     closed: bool = False
     stamps: dict[str, float] = field(default_factory=dict)  # arrival, pages, kv (monotonic)
     reply: TransferReply | None = None
+    n: int = 1  # sequences (SamplingParams.n)
+    done: int = 0  # sequences finished
 
     @property
     def request_id(self) -> str:
@@ -95,7 +99,8 @@ class DecodeProtocol:
         if room_id in self.rooms:
             raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} is already live")
         check_load(self.shed_queued, self.waiting, "decode")
-        room = self.rooms[room_id] = DecodeRoom(room_id, prefill_address)
+        room = self.rooms[room_id] = DecodeRoom(room_id, prefill_address,
+                                                n=getattr(params, "n", 1))
         try:
             mode = self.adopted_mode if prefill_address else self.generate_mode
             try:
@@ -109,7 +114,8 @@ class DecodeProtocol:
             first = True
             while not room.finished:
                 outs = await self._next(room.stream, 1 if first else self.stream_interval)
-                room.finished, first = bool(outs[-1].finished), False
+                room.done += sum(1 for o in outs if o.finished)
+                room.finished, first = room.done >= room.n, False
                 yield outs, room
             self.counters.finished += 1
         except RoomError:
@@ -130,7 +136,7 @@ class DecodeProtocol:
         """Outputs ready now, waiting for more until they hold `tokens` tokens or the
         request finished."""
         outs = await stream.next_batch()
-        while (not outs[-1].finished and
+        while (not any(o.finished for o in outs) and
                sum(len(o.new_token_ids) for o in outs) < tokens):
             outs += await stream.next_batch()
         return outs
@@ -149,7 +155,7 @@ class DecodeProtocol:
             await self._verify(room)
         room.stamps["kv"] = time.monotonic()
         room.stream = await self.engine.adopt(room.request_id, room.reply.first_token,
-                                              room.reply.first_logprob)
+                                              room.reply.first_logprob, n=room.n)
 
     async def _verify(self, room: DecodeRoom) -> None:
         """Compare the room's landed pages with the prefill's checksum (off the event

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x98\x01\n\rDecodeRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x17\n\x0fprefill_address\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x32\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\"\xdc\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12)\n\x07timings\x18\x06 \x01(\x0b\x32\x18.pdmesh.v1.DecodeTimings\"M\n\rDecodeTimings\x12\x13\n\x0b\x61\x64mission_s\x18\x01 \x01(\x01\x12\x11\n\tkv_wait_s\x18\x02 \x01(\x01\x12\x14\n\x0c\x66irst_step_s\x18\x03 \x01(\x01\"\"\n\x12\x44\x65\x63odeAbortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\"&\n\x13\x44\x65\x63odeAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"-\n\x0fSlowDownRequest\x12\x1a\n\x12\x66orward_sleep_time\x18\x01 \x01(\x01\".\n\x10SlowDownResponse\x12\x1a\n\x12\x66orward_sleep_time\x18\x01 \x01(\x01\"\x0e\n\x0cStatsRequest\"\xbf\x01\n\rStatsResponse\x12\x13\n\x0btotal_pages\x18\x01 \x01(\r\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\x12\n\nused_pages\x18\x03 \x01(\r\x12\x19\n\x11quarantined_pages\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0e\n\x06queued\x18\x06 \x01(\r\x12\x1a\n\x12\x66orward_sleep_time\x18\x07 \x01(\x01\x12\x19\n\x11\x66inished_requests\x18\x08 \x01(\x04\x32\x91\x02\n\x06\x44\x65\x63ode\x12>\n\x08Generate\x12\x18.pdmesh.v1.DecodeRequest\x1a\x16.pdmesh.v1.DecodeChunk0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.DecodeAbortRequest\x1a\x1e.pdmesh.v1.DecodeAbortResponse\x12\x43\n\x08SlowDown\x12\x1a.pdmesh.v1.SlowDownRequest\x1a\x1b.pdmesh.v1.SlowDownResponse\x12:\n\x05Stats\x12\x17.pdmesh.v1.StatsRequest\x1a\x18.pdmesh.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x98\x01\n\rDecodeRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x17\n\x0fprefill_address\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x32\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\"\xeb\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12)\n\x07timings\x18\x06 \x01(\x0b\x32\x18.pdmesh.v1.DecodeTimings\x12\r\n\x05index\x18\x07 \x01(\r\"M\n\rDecodeTimings\x12\x13\n\x0b\x61\x64mission_s\x18\x01 \x01(\x01\x12\x11\n\tkv_wait_s\x18\x02 \x01(\x01\x12\x14\n\x0c\x66irst_step_s\x18\x03 \x01(\x01\"\"\n\x12\x44\x65\x63odeAbortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\"&\n\x13\x44\x65\x63odeAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"-\n\x0fSlowDownRequest\x12\x1a\n\x12\x66orward_sleep_time\x18\x01 \x01(\x01\".\n\x10SlowDownResponse\x12\x1a\n\x12\x66orward_sleep_time\x18\x01 \x01(\x01\"\x0e\n\x0cStatsRequest\"\xbf\x01\n\rStatsResponse\x12\x13\n\x0btotal_pages\x18\x01 \x01(\r\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\x12\n\nused_pages\x18\x03 \x01(\r\x12\x19\n\x11quarantined_pages\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0e\n\x06queued\x18\x06 \x01(\r\x12\x1a\n\x12\x66orward_sleep_time\x18\x07 \x01(\x01\x12\x19\n\x11\x66inished_requests\x18\x08 \x01(\x04\x32\x91\x02\n\x06\x44\x65\x63ode\x12>\n\x08Generate\x12\x18.pdmesh.v1.DecodeRequest\x1a\x16.pdmesh.v1.DecodeChunk0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.pdmesh.v1.DecodeAbortRequest\x1a\x1e.pdmesh.v1.DecodeAbortResponse\x12\x43\n\x08SlowDown\x12\x1a.pdmesh.v1.SlowDownRequest\x1a\x1b.pdmesh.v1.SlowDownResponse\x12:\n\x05Stats\x12\x17.pdmesh.v1.StatsRequest\x1a\x18.pdmesh.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=62
   _globals['_DECODEREQUEST']._serialized_end=214
   _globals['_DECODECHUNK']._serialized_start=217
-  _globals['_DECODECHUNK']._serialized_end=437
-  _globals['_DECODETIMINGS']._serialized_start=439
-  _globals['_DECODETIMINGS']._serialized_end=516
-  _globals['_DECODEABORTREQUEST']._serialized_start=518
-  _globals['_DECODEABORTREQUEST']._serialized_end=552
-  _globals['_DECODEABORTRESPONSE']._serialized_start=554
-  _globals['_DECODEABORTRESPONSE']._serialized_end=592
-  _globals['_SLOWDOWNREQUEST']._serialized_start=594
-  _globals['_SLOWDOWNREQUEST']._serialized_end=639
-  _globals['_SLOWDOWNRESPONSE']._serialized_start=641
-  _globals['_SLOWDOWNRESPONSE']._serialized_end=687
-  _globals['_STATSREQUEST']._serialized_start=689
-  _globals['_STATSREQUEST']._serialized_end=703
-  _globals['_STATSRESPONSE']._serialized_start=706
-  _globals['_STATSRESPONSE']._serialized_end=897
-  _globals['_DECODE']._serialized_start=900
-  _globals['_DECODE']._serialized_end=1173
+  _globals['_DECODECHUNK']._serialized_end=452
+  _globals['_DECODETIMINGS']._serialized_start=454
+  _globals['_DECODETIMINGS']._serialized_end=531
+  _globals['_DECODEABORTREQUEST']._serialized_start=533
+  _globals['_DECODEABORTREQUEST']._serialized_end=567
+  _globals['_DECODEABORTRESPONSE']._serialized_start=569
+  _globals['_DECODEABORTRESPONSE']._serialized_end=607
+  _globals['_SLOWDOWNREQUEST']._serialized_start=609
+  _globals['_SLOWDOWNREQUEST']._serialized_end=654
+  _globals['_SLOWDOWNRESPONSE']._serialized_start=656
+  _globals['_SLOWDOWNRESPONSE']._serialized_end=702
+  _globals['_STATSREQUEST']._serialized_start=704
+  _globals['_STATSREQUEST']._serialized_end=718
+  _globals['_STATSRESPONSE']._serialized_start=721
+  _globals['_STATSRESPONSE']._serialized_end=912
+  _globals['_DECODE']._serialized_start=915
+  _globals['_DECODE']._serialized_end=1188
 # @@protoc_insertion_point(module_scope)

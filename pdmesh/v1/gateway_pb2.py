@@ -27,7 +27,7 @@ from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 from pdmesh.v1 import openai_pb2 as pdmesh_dot_v1_dot_openai__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/gateway.proto\x12\tpdmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x16pdmesh/v1/common.proto\x1a\x16pdmesh/v1/openai.proto\"\x8a\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x32\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\"z\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\"\xbd\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x0c\n\x04room\x18\x06 \x01(\x04\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xa3\x04\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.pdmesh.v1.ChatRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12y\n\x0f\x43hatCompletions\x12 .pdmesh.v1.ChatCompletionRequest\x1a!.pdmesh.v1.ChatCompletionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*0\x01\x12h\n\x0b\x43ompletions\x12\x1c.pdmesh.v1.CompletionRequest\x1a\x1d.pdmesh.v1.CompletionResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*0\x01\x12]\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12N\n\x06Health\x12\x18.pdmesh.v1.HealthRequest\x1a\x19.pdmesh.v1.HealthResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/gateway.proto\x12\tpdmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x16pdmesh/v1/common.proto\x1a\x16pdmesh/v1/openai.proto\"\x8a\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x32\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\"z\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\"\xcc\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x0c\n\x04room\x18\x06 \x01(\x04\x12\r\n\x05index\x18\x07 \x01(\r\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xa3\x04\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.pdmesh.v1.ChatRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12y\n\x0f\x43hatCompletions\x12 .pdmesh.v1.ChatCompletionRequest\x1a!.pdmesh.v1.ChatCompletionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*0\x01\x12h\n\x0b\x43ompletions\x12\x1c.pdmesh.v1.CompletionRequest\x1a\x1d.pdmesh.v1.CompletionResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*0\x01\x12]\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12N\n\x06Health\x12\x18.pdmesh.v1.HealthRequest\x1a\x19.pdmesh.v1.HealthResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATREQUEST']._serialized_start=257
   _globals['_CHATREQUEST']._serialized_end=379
   _globals['_GENERATERESPONSE']._serialized_start=382
-  _globals['_GENERATERESPONSE']._serialized_end=571
-  _globals['_HEALTHREQUEST']._serialized_start=573
-  _globals['_HEALTHREQUEST']._serialized_end=588
-  _globals['_HEALTHRESPONSE']._serialized_start=590
-  _globals['_HEALTHRESPONSE']._serialized_end=622
-  _globals['_GATEWAY']._serialized_start=625
-  _globals['_GATEWAY']._serialized_end=1172
+  _globals['_GENERATERESPONSE']._serialized_end=586
+  _globals['_HEALTHREQUEST']._serialized_start=588
+  _globals['_HEALTHREQUEST']._serialized_end=603
+  _globals['_HEALTHRESPONSE']._serialized_start=605
+  _globals['_HEALTHRESPONSE']._serialized_end=637
+  _globals['_GATEWAY']._serialized_start=640
+  _globals['_GATEWAY']._serialized_end=1187
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
+from pdmesh.runtime.fork import member_ids
 from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, FailStep, Held, Hold,
                                     MakeRequest, Release, SlowDown)
 from pdmesh.worker.engine_loop import EngineLoop
@@ -31,6 +32,7 @@ class AsyncEngine:
         self._aio = asyncio.get_running_loop()
         self._streams: dict[str, OutputStream] = {}
         self._holds: dict[str, asyncio.Future] = {}
+        self._families: dict[str, tuple[str, ...]] = {}  # n > 1: parent id -> every id
         if process is not None:  # its replies are read on this loop: no thread hop
             info = process.info
             self.engine_config, self.model_config = info.engine_config, info.model_config
@@ -52,9 +54,20 @@ class AsyncEngine:
                                             detokenize))
 
     def add(self, req: Any) -> OutputStream:
-        """Queue `req`; its outputs arrive in the returned stream."""
-        stream = self._streams[req.request_id] = OutputStream()
+        """Queue `req`; its outputs arrive in the returned stream (with n > 1, every
+        sequence's: each output's `index` says which)."""
+        stream = self._open(req.request_id, getattr(req.params, "n", 1))
         self.core.submit(Add(req))
+        return stream
+
+    def _open(self, request_id: str, n: int) -> OutputStream:
+        """One stream for the request's n sequences (runtime/fork.py's request ids)."""
+        ids = tuple(member_ids(request_id, n))
+        stream = OutputStream(ids)
+        for rid in ids:
+            self._streams[rid] = stream
+        if n > 1:
+            self._families[request_id] = ids
         return stream
 
     async def hold(self, req: Any) -> list[int]:
@@ -69,22 +82,33 @@ class AsyncEngine:
             self.abort(req.request_id)
             raise
 
-    async def adopt(self, request_id: str, first_token: int, first_logprob: Any) -> OutputStream:
-        """Start decoding a held request; the first token's output is the stream's first."""
-        stream = self._streams[request_id] = OutputStream()
+    async def adopt(self, request_id: str, first_token: int, first_logprob: Any,
+                    n: int = 1) -> OutputStream:
+        """Start decoding a held request; the first token's output is the stream's first.
+        `n`: its SamplingParams.n (the engine forks its other sequences now)."""
+        stream = self._open(request_id, n)
         try:
             await self._call(Adopt(request_id, first_token, first_logprob))
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._forget(request_id)
             raise
         return stream
 
     def abort(self, request_id: str) -> asyncio.Future:
-        """End the request wherever it is; its stream (if any) is closed."""
-        stream = self._streams.pop(request_id, None)
+        """End the request wherever it is, every sequence of it; its stream (if any) is
+        closed. The Future: whether the engine knew the request (its first sequence)."""
+        ids, stream = self._forget(request_id)
         if stream is not None:
             stream.close(StreamClosed(f"request {request_id} was aborted"))
-        return asyncio.wrap_future(self.core.submit(Abort(request_id)), loop=self._aio)
+        # the parent first: once it is gone it can fork no more sequences
+        futs = [self.core.submit(Abort(rid)) for rid in ids]
+        return asyncio.wrap_future(futs[0], loop=self._aio)
+
+    def _forget(self, request_id: str) -> tuple[list[str], OutputStream | None]:
+        """Drop the request's streams (every sequence's, n > 1): its ids and its stream."""
+        ids = self._families.pop(request_id, (request_id,))
+        streams = [s for s in (self._streams.pop(rid, None) for rid in ids) if s is not None]
+        return list(ids), (streams[0] if streams else None)
 
     def release(self, request_id: str) -> asyncio.Future:
         """Free a finished PREFILL_ONLY request's pages."""
@@ -141,6 +165,8 @@ class AsyncEngine:
                 stream.put(ev)
                 if ev.finished:
                     del self._streams[ev.request_id]
+                    if stream.finished and len(stream.ids) > 1:
+                        self._families.pop(stream.ids[0], None)
 
     def _held(self, ev: Held) -> None:
         fut = self._holds.pop(ev.request_id, None)

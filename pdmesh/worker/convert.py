@@ -13,7 +13,7 @@ from pdmesh.v1 import common_pb2 as cpb
 
 # proto3 `optional` fields: unset takes the runtime default (the dataclass default)
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "seed", "repetition_penalty", "logprobs",
-             "skip_special_tokens")
+             "skip_special_tokens", "n")
 _PLAIN = ("min_tokens", "top_k", "min_p", "frequency_penalty", "presence_penalty",
           "ignore_eos")
 
@@ -49,6 +49,8 @@ def sampling_to_proto(params: SamplingParams) -> cpb.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.n != 1:
+        msg.n = params.n
     return msg
 
 

@@ -46,7 +46,7 @@ def pack_output(out: Any, req: Any) -> tuple:
     lps = out.logprobs[len(out.token_ids) - len(new):] if out.logprobs else None
     sched = req.scheduled_time if req is not None else None
     return (out.request_id, new, out.new_text, out.finished, out.finish_reason,
-            out.stop_reason, lps, out.pages, out.cached_tokens, sched)
+            out.stop_reason, lps, out.pages, out.cached_tokens, sched, out.index)
 
 
 class CoreServer:

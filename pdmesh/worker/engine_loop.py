@@ -181,7 +181,9 @@ class EngineLoop:
         return True
 
     def _account(self, out: Any) -> None:
-        if len(out.token_ids) == 1:  # sampled right after the prompt's last chunk
+        # sampled right after the prompt's last chunk; a forked sequence's prompt (n > 1)
+        # is its parent's, counted once
+        if len(out.token_ids) == 1 and not out.index:
             self._counts["prompt_tokens"] += len(out.prompt_token_ids)
         if not out.pages:  # a PREFILL_ONLY output's token is the decode worker's to count
             self._counts["generation_tokens"] += len(out.new_token_ids)

@@ -172,7 +172,7 @@ class EngineProcess:
             return ev  # Held
         from pdmesh.runtime.engine import RequestOutput
 
-        rid, new, new_text, finished, reason, stop_reason, lps, pages, cached, sched = ev
+        rid, new, new_text, finished, reason, stop_reason, lps, pages, cached, sched, i = ev
         acc = self._acc.setdefault(rid, [[], [], ""])
         ids, logprobs = acc[0], acc[1]
         ids.extend(new)
@@ -187,7 +187,7 @@ class EngineProcess:
             self._acc.pop(rid, None)
             self._reqs.pop(rid, None)
         return RequestOutput(rid, [], ids, acc[2], new, new_text, finished, reason,
-                             stop_reason, logprobs or None, pages, cached)
+                             stop_reason, logprobs or None, pages, cached, i)
 
     def _die(self, error: BaseException) -> None:
         if self.error is not None:

@@ -21,18 +21,24 @@ class EngineFailed(StreamClosed):
 
 class OutputStream:
     """Outputs of one request, in order; `close(error)` ends it early. Single consumer,
-    all methods on the event loop's thread."""
+    all methods on the event loop's thread. A request of n sequences (n > 1,
+    runtime/fork.py) has one stream for all of them: `ids` are their request ids, and it
+    is finished once each has delivered its finished output."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: tuple[str, ...] = ()) -> None:
         self._items: collections.deque[Any] = collections.deque()
         self._ready = asyncio.Event()
         self._error: BaseException | None = None
-        self.finished = False  # a finished output was delivered
+        self.ids = ids
+        self._left = max(len(ids), 1)  # sequences still to finish
+        self.finished = False  # every sequence's finished output was delivered
 
     def put(self, out: Any) -> None:
         if self._error is None and not self.finished:
             self._items.append(out)
-            self.finished = bool(getattr(out, "finished", False))
+            if getattr(out, "finished", False):
+                self._left -= 1
+                self.finished = self._left == 0
             self._ready.set()
 
     def close(self, error: BaseException) -> None:

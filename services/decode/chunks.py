@@ -10,9 +10,22 @@ from pdmesh.v1 import decode_pb2 as pb
 from pdmesh.worker.convert import finish_reason_to_proto, logprob_to_proto
 
 
-def make_chunk(outs, prompt_len: int, cached: int, tokenizer) -> pb.DecodeChunk:
-    """One stream message from the engine outputs ready now (the last may finish it)."""
-    chunk = pb.DecodeChunk()
+def make_chunks(outs, prompt_len: int, cached: int | None, tokenizer) -> list[pb.DecodeChunk]:
+    """The stream messages of the engine outputs ready now: one per sequence that has
+    outputs among them (n > 1: each output's `index`), in the order they came.
+    `cached`: the room's cached prompt tokens (PD: the prefill's count), or None for
+    each sequence's own (colocated: this engine's prefix cache)."""
+    by_index: dict[int, list] = {}
+    for o in outs:
+        by_index.setdefault(getattr(o, "index", 0), []).append(o)
+    return [make_chunk(group, prompt_len, getattr(group[-1], "cached_tokens", 0)
+                       if cached is None else cached, tokenizer, i)
+            for i, group in by_index.items()]
+
+
+def make_chunk(outs, prompt_len: int, cached: int, tokenizer, index: int = 0) -> pb.DecodeChunk:
+    """One stream message from one sequence's outputs ready now (the last may finish it)."""
+    chunk = pb.DecodeChunk(index=index)
     for o in outs:
         chunk.token_ids.extend(o.new_token_ids)
         if o.logprobs:

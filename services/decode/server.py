@@ -17,7 +17,7 @@ from pdmesh.disagg.ports import RoomError, TransferTarget
 from pdmesh.grpc_util import Servicer, create_aio_server, service_name
 from pdmesh.runtime.request import Mode
 from pdmesh.services.common.worker import WorkerHost
-from pdmesh.services.decode.chunks import first_chunk_timings, make_chunk
+from pdmesh.services.decode.chunks import first_chunk_timings, make_chunks
 from pdmesh.services.decode.peers import GrpcPrefillPeers
 from pdmesh.telemetry import tracing
 from pdmesh.v1 import decode_pb2 as pb
@@ -62,14 +62,13 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             async for outs, room in steps:
                 # prompt tokens from a prefix cache: the prefill's (PD), or this engine's
-                cached = room.reply.cached_tokens if room.reply else \
-                    getattr(outs[-1], "cached_tokens", 0)
-                chunk = make_chunk(outs, len(ids), cached, self.host.tokenizer)
-                if first and room.stamps:
-                    first_chunk_timings(chunk, room.request_id, room.stamps)
-                    self._admitted(room)
-                first = False
-                yield chunk
+                cached = room.reply.cached_tokens if room.reply else None
+                for chunk in make_chunks(outs, len(ids), cached, self.host.tokenizer):
+                    if first and room.stamps:
+                        first_chunk_timings(chunk, room.request_id, room.stamps)
+                        self._admitted(room)
+                    first = False
+                    yield chunk
         except RoomError as e:
             if self.proto.counters.waiting_timeouts > waits:
                 self.host.metrics.waiting_timeouts.inc()
