@@ -341,6 +341,7 @@ class GatewayConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256  # per stop string
     max_top_logprobs: int = 20
+    max_n: int = 16  # choices per request (n); the workers take up to 128 (runtime MAX_N)
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -379,6 +380,8 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.max_top_logprobs <= 20:  # the sampler computes at most 20
             raise ValueError(f"max_top_logprobs must be in 0..20, got {self.max_top_logprobs}")
+        if not 1 <= self.max_n <= 128:  # pdmesh.runtime.sampling_params.MAX_N
+            raise ValueError(f"max_n must be in 1..128, got {self.max_n}")
 
     def _check_cache_routing(self) -> None:
         if not 0 <= self.cache_threshold <= 1:
@@ -429,6 +432,7 @@ _GATEWAY_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_GATEWAY_MAX_STOP_STRINGS": ("max_stop_strings", int),
     "PDMESH_GATEWAY_MAX_STOP_CHARS": ("max_stop_chars", int),
     "PDMESH_GATEWAY_MAX_TOP_LOGPROBS": ("max_top_logprobs", int),
+    "PDMESH_GATEWAY_MAX_N": ("max_n", int),
     "PDMESH_GATEWAY_CACHE_THRESHOLD": ("cache_threshold", float),
     "PDMESH_GATEWAY_BALANCE_ABS_THRESHOLD": ("balance_abs_threshold", int),
     "PDMESH_GATEWAY_BALANCE_REL_THRESHOLD": ("balance_rel_threshold", float),

@@ -9,6 +9,11 @@ same JSON as `transcoder.to_json` of the proto chunk `ProtoChunks` builds for gR
 
 `kind` is "chat" (chat.completion.chunk: delta.role on the first chunk, delta.content)
 or "completion" (text_completion: text, legacy logprobs with text offsets).
+
+n > 1: the choices' chunks interleave, each with its `index`; every choice has its own
+first chunk (role, echo), text offsets and finish_reason chunk, and the usage chunk
+(include_usage) comes once, after the last choice ended, with the request's usage
+(choices.RequestUsage: prompt once, completion tokens summed).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from google.protobuf.internal.type_checkers import ToShortestFloat
 
 from pdmesh.v1 import openai_pb2 as opb
 from pdmesh.services.gateway import openai_api as oa
+from pdmesh.services.gateway.choices import RequestUsage
 from pdmesh.services.gateway.dispatch import Delta, ModelInfo
 
 _KINDS = {"chat": (opb.ChatCompletionResponse, "chatcmpl-", "chat.completion.chunk"),
@@ -27,17 +33,28 @@ class _Stream:
     """What both encodings share: the request's constants and the stream's position."""
 
     def __init__(self, kind: str, info: ModelInfo, created: int, logprobs: bool,
-                 include_usage: bool, text_prefix: str = "") -> None:
+                 include_usage: bool, text_prefix: str = "", n: int = 1) -> None:
         self.kind, self.info, self.created = kind, info, created
-        self.logprobs, self.include_usage = logprobs, include_usage
-        self.first = True
-        self.prefix = text_prefix  # completions' echo: sent in front of the first text
-        # completions: character offset (in echo + completion) of the next delta's text
-        self.offset = len(text_prefix)
+        self.logprobs, self.include_usage, self.n = logprobs, include_usage, n
+        self.started: set[int] = set()  # choices whose first chunk went out
+        self.prefix = text_prefix  # completions' echo: sent in front of each first text
+        # completions: per choice, character offset (in echo + completion) of the next text
+        self.offsets = [len(text_prefix)] * n
+        self.usage = RequestUsage()
 
-    def _text(self, d: Delta) -> str:
-        text, self.prefix = self.prefix + d.text, ""
-        return text
+    def _begin(self, d: Delta) -> bool:
+        """True when `d` is its choice's first chunk."""
+        first = d.index not in self.started
+        self.started.add(d.index)
+        return first
+
+    def _text(self, d: Delta, first: bool) -> str:
+        return self.prefix + d.text if first else d.text
+
+    def _ends_stream(self, d: Delta) -> bool:
+        """`d` ends the last choice still running: the usage chunk follows it."""
+        self.usage.add(d)
+        return bool(d.finish_reason) and len(self.usage.ended) >= self.n
 
 
 class ProtoChunks(_Stream):
@@ -47,10 +64,11 @@ class ProtoChunks(_Stream):
         """The chunk of `d`, then the usage chunk when `d` ends the stream."""
         cls, prefix, obj = _KINDS[self.kind]
         chunk = oa.header(cls, prefix, d.room, self.info, obj, self.created)
-        choice = chunk.choices.add(index=0)
-        text = self._text(d)
+        choice = chunk.choices.add(index=d.index)
+        first = self._begin(d)
+        text = self._text(d, first)
         if self.kind == "chat":
-            if self.first:
+            if first:
                 choice.delta.role = "assistant"
             choice.delta.content.string_value = text
             if self.logprobs:
@@ -58,15 +76,15 @@ class ProtoChunks(_Stream):
         else:
             choice.text = text
             if self.logprobs:
-                choice.logprobs.CopyFrom(oa.completion_logprobs(d, self.info, self.offset))
-            self.offset += len(d.text)
-        self.first = False
+                choice.logprobs.CopyFrom(oa.completion_logprobs(d, self.info,
+                                                                self.offsets[d.index]))
+            self.offsets[d.index] += len(d.text)
         if d.finish_reason:
             choice.finish_reason = oa.FINISH.get(d.finish_reason, "stop")
         out = [chunk]
-        if d.finish_reason and self.include_usage:
+        if self._ends_stream(d) and self.include_usage:
             usage = oa.header(cls, prefix, d.room, self.info, obj, self.created)
-            usage.usage.CopyFrom(oa.usage_proto(d.usage))
+            usage.usage.CopyFrom(oa.usage_proto(self.usage.total()))
             out.append(usage)
         return out
 
@@ -94,25 +112,26 @@ class SseChunks(_Stream):
         if d.finish_reason:
             choice["finish_reason"] = oa.FINISH.get(d.finish_reason, "stop")
         out = self._head + orjson.dumps(choice) + b"]}\n\n"
-        if d.finish_reason and self.include_usage:
-            out += self._head + b'],"usage":' + orjson.dumps(usage_json(d.usage)) + b"}\n\n"
+        if self._ends_stream(d) and self.include_usage:
+            out += (self._head + b'],"usage":' + orjson.dumps(usage_json(self.usage.total()))
+                    + b"}\n\n")
         return out
 
     def _chat(self, d: Delta) -> dict:
-        delta = {"role": "assistant", "content": self._text(d)} if self.first \
-            else {"content": self._text(d)}
-        self.first = False
-        choice = {"index": 0, "delta": delta}
+        first = self._begin(d)
+        delta = {"role": "assistant", "content": self._text(d, first)} if first \
+            else {"content": self._text(d, first)}
+        choice = {"index": d.index, "delta": delta}
         if self.logprobs:
             choice["logprobs"] = {"content": chat_logprobs(d, self.info)}
         return choice
 
     def _completion(self, d: Delta) -> dict:
-        text = self._text(d)
-        choice = {"index": 0, "text": text}
+        text = self._text(d, self._begin(d))
+        choice = {"index": d.index, "text": text}
         if self.logprobs:
-            choice["logprobs"] = completion_logprobs(d, self.info, self.offset)
-        self.offset += len(d.text)
+            choice["logprobs"] = completion_logprobs(d, self.info, self.offsets[d.index])
+        self.offsets[d.index] += len(d.text)
         return choice
 
 

@@ -29,13 +29,13 @@ from typing import AsyncIterator
 import grpc
 
 from pdmesh import auth
-from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 from pdmesh.runtime.tokenizer import Tokenizer
 from pdmesh.telemetry import tracing
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.services.gateway.admission import Admission, Rejected
 from pdmesh.services.gateway.breaker import ResilienceMetrics, RetryPolicy
+from pdmesh.services.gateway.choices import Choices
 from pdmesh.services.gateway.observe import RequestObserver
 from pdmesh.services.gateway.pool import NoRoute, Route, WorkerPool
 
@@ -95,7 +95,8 @@ class Delta:
     text: str = ""
     logprobs: list[cpb.TokenLogprob] = field(default_factory=list)
     finish_reason: int = cpb.FINISH_REASON_UNSPECIFIED
-    usage: cpb.Usage | None = None
+    usage: cpb.Usage | None = None  # on a choice's last Delta: that choice's
+    index: int = 0  # which choice (n > 1: choices.py)
 
 
 class LegFailed(GatewayError):
@@ -164,11 +165,8 @@ class Dispatcher:
         legs as their gRPC deadline: the workers free the room when it passes, whatever
         happens to the gateway."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        detok = IncrementalDetokenizer(
-            self.model.tokenizer, prompt_ids,
-            skip_special_tokens=sampling.skip_special_tokens
-            if sampling.HasField("skip_special_tokens") else True,
-            stop=list(sampling.stop)) if detokenize else None
+        # per choice (n > 1): detokenizer, stop strings, token count (choices.py)
+        detok = Choices(self.model.tokenizer, prompt_ids, sampling, detokenize)
         try:
             await self.admission.acquire()
         except Rejected as e:
@@ -192,7 +190,7 @@ class Dispatcher:
             self.admission.release()
 
     async def _attempt(self, prompt_ids: list[int], sampling: cpb.SamplingParams,
-                       detok: IncrementalDetokenizer | None, obs: RequestObserver | None,
+                       detok: Choices, obs: RequestObserver | None,
                        failed: set[str], may_retry: bool, deadline: float | None = None,
                        ) -> AsyncIterator[Delta | None]:
         """One try on one pair: yields its Deltas, or a single None when it failed before
@@ -237,28 +235,25 @@ class Dispatcher:
             self.pool.release(route)
 
     async def _deltas(self, route: Route, room: int, prompt_ids: list[int],
-                      sampling: cpb.SamplingParams, detok: IncrementalDetokenizer | None,
+                      sampling: cpb.SamplingParams, detok: Choices,
                       obs: RequestObserver | None, deadline: float | None = None,
                       ) -> AsyncIterator[Delta]:
-        """The pair's token stream as Deltas (text, stop strings, usage)."""
-        completion = 0
+        """The pair's token stream as Deltas (text, stop strings, usage), every choice's
+        (each Delta's index says which)."""
         # aclosing: returning early (stop string) cancels both calls now, not when collected
         async with contextlib.aclosing(self._legs(route, room, prompt_ids, sampling,
                                                   obs, deadline)) as chunks:
             async for chunk in chunks:
-                if obs is not None:
-                    obs.tokens(len(chunk.token_ids))
                 delta = Delta(room, list(chunk.token_ids), logprobs=list(chunk.logprobs),
-                              finish_reason=chunk.finish_reason)
-                completion += len(delta.token_ids)
-                if detok is not None and self._detokenize(detok, delta):
-                    completion = len(detok.output_ids)
-                    delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
-                    yield delta
-                    return  # a stop string matched here: closing cancels both legs
-                if delta.finish_reason:
-                    delta.usage = _usage(len(prompt_ids), completion, chunk.usage)
+                              finish_reason=chunk.finish_reason, index=chunk.index)
+                stopped = detok.take(delta, chunk.usage)
+                if stopped is None:
+                    continue  # its choice ended here (stop string): the worker's tail of it
+                if obs is not None:
+                    obs.tokens(len(delta.token_ids))
                 yield delta
+                if stopped and detok.done:
+                    return  # stop strings ended every choice here: closing cancels both legs
 
     def _succeeded(self, route: Route) -> None:
         """The pair delivered its first token."""
@@ -267,25 +262,6 @@ class Dispatcher:
         for w in (route.prefill, route.decode):
             if w is not None:
                 self.pool.breakers.success(w)
-
-    @staticmethod
-    def _detokenize(detok: IncrementalDetokenizer, delta: Delta) -> bool:
-        """Fill delta.text; True when a stop string ended the request (tokens after
-        the one that completed it are dropped)."""
-        texts = []
-        for i, tok in enumerate(delta.token_ids):
-            text, stopped = detok.add(tok)
-            texts.append(text)
-            if stopped:
-                delta.token_ids = delta.token_ids[:i + 1]
-                delta.logprobs = delta.logprobs[:i + 1]
-                delta.finish_reason = cpb.FINISH_REASON_STOP
-                delta.text = "".join(texts)
-                return True
-        if delta.finish_reason:
-            texts.append(detok.flush())
-        delta.text = "".join(texts)
-        return False
 
     def _calls(self, route: Route, room: int, prompt_ids: list[int],
                sampling: cpb.SamplingParams, deadline: float | None = None):
@@ -362,11 +338,3 @@ def _check_deadline(deadline: float | None) -> None:
         raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "The request's deadline passed before it completed.")
 
-
-def _usage(prompt: int, completion: int, reported: cpb.Usage) -> cpb.Usage:
-    """The worker's usage when it reported one, else counted here."""
-    if reported.completion_tokens:
-        completion = reported.completion_tokens
-        prompt = reported.prompt_tokens or prompt
-    return cpb.Usage(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion, cached_tokens=reported.cached_tokens)

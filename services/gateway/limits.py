@@ -4,7 +4,7 @@ A request the gateway cannot honour exactly is refused with a 400 (gRPC
 INVALID_ARGUMENT) naming the parameter, never silently served differently: a client
 that asks for `tools` or `response_format: json_object` and gets free text back would
 not notice until it fails to parse the answer. The limits themselves live in
-GatewayConfig (max_stop_strings, max_stop_chars, max_top_logprobs, max_body_bytes).
+GatewayConfig (max_stop_strings, max_stop_chars, max_top_logprobs, max_body_bytes, max_n).
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def _text_only(v: Any) -> bool:
 
 
 # OpenAI fields the protos do not carry (REST's JSON parser would drop them), by request
-# message, with the values that mean "not used". n > 1 is refused by the servicer (the
-# field exists), as is anything the workers' SamplingParams cannot express.
+# message, with the values that mean "not used". Values the workers' SamplingParams
+# cannot express are refused by the servicer (the field exists).
 _COMMON: dict[str, Callable[[Any], bool]] = {"logit_bias": _no_bias}
 UNSUPPORTED: dict[str, dict[str, Callable[[Any], bool]]] = {
     "pdmesh.v1.ChatCompletionRequest": {
@@ -91,6 +91,19 @@ def check_sampling(sp: cpb.SamplingParams, config: Any, logprobs_param: str) -> 
     if sp.HasField("logprobs") and sp.logprobs > config.max_top_logprobs:
         raise _invalid(f"'{logprobs_param}' must be at most {config.max_top_logprobs}, "
                        f"got {sp.logprobs}")
+    check_n(sp, config)
+
+
+def check_n(sp: cpb.SamplingParams, config: Any) -> None:
+    """n (choices) in [1, config.max_n]: each choice decodes a sequence of its own, so n
+    multiplies what one request costs the decode worker."""
+    if not sp.HasField("n"):
+        return
+    if sp.n < 1:
+        raise _invalid(f"'n' must be at least 1, got {sp.n}")
+    if sp.n > config.max_n:
+        raise _invalid(f"'n' must be at most {config.max_n} (this gateway's limit, "
+                       f"PDMESH_GATEWAY_MAX_N), got {sp.n}")
 
 
 def body_too_large(limit: int, size: int | None) -> str:

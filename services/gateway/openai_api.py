@@ -15,11 +15,12 @@ from google.protobuf import struct_pb2
 from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import openai_pb2 as opb
 from pdmesh.services.gateway import limits
+from pdmesh.services.gateway.choices import RequestUsage, choice_count
 from pdmesh.services.gateway.dispatch import Delta, GatewayError, ModelInfo
 
 FINISH = {cpb.FINISH_REASON_STOP: "stop", cpb.FINISH_REASON_LENGTH: "length",
           cpb.FINISH_REASON_ABORT: "abort"}
-_SHARED = ("temperature", "top_p", "seed", "repetition_penalty", "skip_special_tokens")
+_SHARED = ("temperature", "top_p", "seed", "repetition_penalty", "skip_special_tokens", "n")
 _PLAIN = ("presence_penalty", "frequency_penalty", "ignore_eos", "min_tokens", "top_k",
           "min_p")
 
@@ -171,7 +172,33 @@ def validate(sp: cpb.SamplingParams) -> None:
         raise invalid(str(e)) from None
 
 
-def usage_proto(u: cpb.Usage) -> opb.CompletionUsage:
+class Collected:
+    """A non-streaming response's n choices, gathered from the request's Deltas."""
+
+    def __init__(self, sampling: cpb.SamplingParams, text_prefix: str = "") -> None:
+        n = choice_count(sampling)
+        self.texts = [[text_prefix] for _ in range(n)]  # completions' echo first
+        self.logprobs: list[list[cpb.TokenLogprob]] = [[] for _ in range(n)]
+        self.finish = [cpb.FINISH_REASON_UNSPECIFIED] * n
+        self.usage, self.room = RequestUsage(), 0
+
+    def add(self, d: Delta) -> None:
+        self.room = d.room
+        self.texts[d.index].append(d.text)
+        self.logprobs[d.index].extend(d.logprobs)
+        if d.finish_reason:
+            self.finish[d.index] = d.finish_reason
+        self.usage.add(d)
+
+    def choices(self):
+        """(index, text, logprobs as a Delta, OpenAI finish_reason) per choice, in order."""
+        for i, (text, lps, fr) in enumerate(zip(self.texts, self.logprobs, self.finish)):
+            yield i, "".join(text), Delta(self.room, logprobs=lps), FINISH.get(fr, "stop")
+
+
+def usage_proto(u: cpb.Usage | None) -> opb.CompletionUsage:
+    if u is None:  # no choice ended (never on an OK stream)
+        u = cpb.Usage()
     return opb.CompletionUsage(
         prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
         total_tokens=u.total_tokens,

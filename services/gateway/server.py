@@ -23,6 +23,7 @@ from pdmesh.v1 import gateway_pb2_grpc as gpb_grpc
 from pdmesh.v1 import openai_pb2 as opb
 from pdmesh.services.gateway import errors, limits
 from pdmesh.services.gateway import openai_api as oa
+from pdmesh.services.gateway.choices import RequestUsage, choice_count
 from pdmesh.services.gateway.chunks import ProtoChunks, SseChunks
 from pdmesh.services.gateway.dispatch import Dispatcher, GatewayError
 from pdmesh.services.gateway.observe import RequestObserver
@@ -57,9 +58,9 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
 
     async def _run(self, context, obs: RequestObserver, prompt_ids, sp,
                    detokenize=True) -> AsyncIterator:
-        """Deltas of one request; GatewayError -> context.abort. Ends `obs` with the
-        request's status (CANCELLED when the consumer stopped early)."""
-        status, last = "CANCELLED", None
+        """Deltas of one request (every choice's); GatewayError -> context.abort. Ends
+        `obs` with the request's status (CANCELLED when the consumer stopped early)."""
+        status, last, usage = "CANCELLED", None, RequestUsage()
         try:
             # the client's deadline goes on to both legs: gRPC's own, or REST's from its
             # headers (transcoder.request_timeout); a client that gives up early closes
@@ -69,6 +70,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
                     prompt_ids, sp, detokenize, obs, timeout=timeout)) as deltas:
                 async for delta in deltas:
                     last = delta
+                    usage.add(delta)
                     yield delta
             status = "OK"
         except GatewayError as e:
@@ -77,7 +79,7 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
             await context.abort(e.code, errors.public(e.code, e.message),
                                 e.trailers)  # retry-after on 429s
         finally:
-            obs.finish(status, last.finish_reason if last else 0, last.usage if last else None)
+            obs.finish(status, last.finish_reason if last else 0, usage.total())
 
     async def _prepare(self, context, obs: RequestObserver, fn, request):
         """Authorize, then tokenize + validate with `fn` -> (prompt ids, sampling); a
@@ -142,14 +144,13 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
     @staticmethod
     def _generate_response(d) -> gpb.GenerateResponse:
         return gpb.GenerateResponse(token_ids=d.token_ids, text=d.text, logprobs=d.logprobs,
-                                    finish_reason=d.finish_reason, usage=d.usage, room=d.room)
+                                    finish_reason=d.finish_reason, usage=d.usage, room=d.room,
+                                    index=d.index)
 
     async def ChatCompletions(self, request: opb.ChatCompletionRequest, context):
         """OpenAI chat completions: one response, or chunks when stream is true."""
         def prepare():
             oa.check_model(request.model, self.model)
-            if request.HasField("n") and request.n != 1:
-                raise oa.invalid("only n=1 is supported")
             ids = oa.chat_prompt(request.messages, self.model)
             mt = (request.max_completion_tokens if request.HasField("max_completion_tokens")
                   else request.max_tokens if request.HasField("max_tokens") else None)
@@ -161,39 +162,37 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
         ids, sp = await self._prepare(context, obs, prepare, request)
         created, want_lp = oa.now(), request.logprobs
         if not request.stream:
-            text, last, room, lps = [], None, 0, []
+            got = oa.Collected(sp)
             async for d in self._run(context, obs, ids, sp):
-                text.append(d.text), lps.extend(d.logprobs)
-                last, room = d, d.room
-            resp = oa.header(opb.ChatCompletionResponse, "chatcmpl-", room, self.model,
+                got.add(d)
+            resp = oa.header(opb.ChatCompletionResponse, "chatcmpl-", got.room, self.model,
                              "chat.completion", created)
-            choice = resp.choices.add(index=0, finish_reason=oa.FINISH.get(last.finish_reason, "stop"))
-            choice.message.role = "assistant"
-            choice.message.content.string_value = "".join(text)
-            if want_lp:
-                choice.logprobs.CopyFrom(oa.chat_logprobs(oa.Delta(room, logprobs=lps), self.model))
-            resp.usage.CopyFrom(oa.usage_proto(last.usage))
+            for i, text, lps, finish in got.choices():
+                choice = resp.choices.add(index=i, finish_reason=finish)
+                choice.message.role = "assistant"
+                choice.message.content.string_value = text
+                if want_lp:
+                    choice.logprobs.CopyFrom(oa.chat_logprobs(lps, self.model))
+            resp.usage.CopyFrom(oa.usage_proto(got.usage.total()))
             yield resp
             return
         chunks = self._chunks(context, "chat", created, want_lp,
-                              request.stream_options.include_usage)
+                              request.stream_options.include_usage, n=choice_count(sp))
         async for d in self._run(context, obs, ids, sp):
             for m in chunks.out(d):
                 yield m
 
     def _chunks(self, context, kind: str, created: int, logprobs: bool, include_usage: bool,
-                text_prefix: str = ""):
+                text_prefix: str = "", n: int = 1):
         """The stream's chunk builder: SSE bytes for the REST transcoder (its context
-        says `sse`), proto messages for gRPC."""
+        says `sse`), proto messages for gRPC; `n` choices."""
         cls = SseChunks if getattr(context, "sse", False) else ProtoChunks
-        return cls(kind, self.model, created, logprobs, include_usage, text_prefix)
+        return cls(kind, self.model, created, logprobs, include_usage, text_prefix, n)
 
     async def Completions(self, request: opb.CompletionRequest, context):
         """OpenAI (legacy) completions: one response, or chunks when stream is true."""
         def prepare():
             oa.check_model(request.model, self.model)
-            if request.HasField("n") and request.n != 1:
-                raise oa.invalid("only n=1 is supported")
             ids = oa.completion_prompt(request.prompt, self.model)
             mt = request.max_tokens if request.HasField("max_tokens") else 16
             lp = request.logprobs if request.HasField("logprobs") else None
@@ -204,23 +203,21 @@ class GatewayServicer(gpb_grpc.GatewayServicer):
         echo = self.model.tokenizer.decode(ids) if request.echo else ""
         if request.stream:
             chunks = self._chunks(context, "completion", created, want_lp,
-                                  request.stream_options.include_usage, echo)
+                                  request.stream_options.include_usage, echo, choice_count(sp))
             async for d in self._run(context, obs, ids, sp):
                 for m in chunks.out(d):
                     yield m
             return
-        text, last, lps = [echo], None, []
+        got = oa.Collected(sp, echo)
         async for d in self._run(context, obs, ids, sp):
-            last = d
-            text.append(d.text), lps.extend(d.logprobs)
-        resp = oa.header(opb.CompletionResponse, "cmpl-", last.room, self.model,
+            got.add(d)
+        resp = oa.header(opb.CompletionResponse, "cmpl-", got.room, self.model,
                          "text_completion", created)
-        choice = resp.choices.add(index=0, text="".join(text),
-                                  finish_reason=oa.FINISH.get(last.finish_reason, "stop"))
-        if want_lp:
-            choice.logprobs.CopyFrom(oa.completion_logprobs(
-                oa.Delta(last.room, logprobs=lps), self.model, len(echo)))
-        resp.usage.CopyFrom(oa.usage_proto(last.usage))
+        for i, text, lps, finish in got.choices():
+            choice = resp.choices.add(index=i, text=text, finish_reason=finish)
+            if want_lp:
+                choice.logprobs.CopyFrom(oa.completion_logprobs(lps, self.model, len(echo)))
+        resp.usage.CopyFrom(oa.usage_proto(got.usage.total()))
         yield resp
 
     async def ListModels(self, request, context) -> opb.ListModelsResponse:
