@@ -89,6 +89,15 @@ def test_chat_completions(oai, tok, mesh):
     assert list(sent.token_ids) == tok.apply_chat_template(HELLO) and sent.prefill_address
 
 
+def test_decode_that_ignores_n_fails_the_request(oai, mesh):
+    """n=2 reaches both legs as SamplingParams.n; a decode worker that answers one choice
+    only (these fakes know no n) fails the request (503) instead of an empty choice."""
+    with pytest.raises(openai.InternalServerError) as e:
+        oai.chat.completions.create(model="default", messages=HELLO, n=2, max_tokens=3)
+    assert e.value.status_code == 503
+    assert mesh.requests[-1].sampling_params.n == 2
+
+
 def test_chat_streaming_with_usage_and_logprobs(oai, tok, mesh):
     chunks = list(oai.chat.completions.create(
         model="default", messages=HELLO, max_tokens=8, stream=True, logprobs=True,
