@@ -210,8 +210,8 @@ def test_first_token_and_prefill_timings_feed_metrics_and_model():
     assert sample("pdmesh_gateway_pd_mode_ttft_error_seconds_count", pd_mode="local") == 1
     remote = decider("always", clock=clock)
     t = remote.choose(p, dw, list(range(400)))
-    t.prefill_done(SimpleNamespace(queue_s=0.0, prefill_s=0.2, transfer_s=0.05,
-                                   wait_transfer_s=0.0))
+    t.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
+        queue_s=0.0, prefill_s=0.2, transfer_s=0.05, wait_transfer_s=0.0)))
     assert remote.model.prefill_b < 1e-3  # 0.2 s for 400 tokens: faster than the profile
     assert remote.model.bandwidth == pytest.approx(400 * 1e6 / 0.05)
     clock.t += 0.3
@@ -220,6 +220,44 @@ def test_first_token_and_prefill_timings_feed_metrics_and_model():
     attrs = t.attributes()
     assert attrs["pd_mode"] == "remote" and attrs["pd_mode.policy"] == "always"
     assert attrs["pd_mode.predicted_ttft_s"] == pytest.approx(t.predicted_s, abs=1e-6)
+
+
+def test_corrections_are_not_applied_twice():
+    """Three prompts queued on the prefill, each really taking half its predicted time:
+    once two have their first token, the third's queue end is right, not over-shifted."""
+    clock = Clock()
+    d = decider("always", clock=clock)
+    p, dw = pair()
+    ts = [d.choose(p, dw, list(range(190))) for _ in range(3)]  # 0.2 s predicted each
+    for i, t in enumerate(ts[:2]):
+        clock.t = 100.0 + 0.1 * (i + 1) + (ts[0].predicted_s - 0.2)  # ends after 0.1 s
+        t.first_token()
+    late = d.choose(p, dw, [1])
+    # the third prefill started at 100.2 s and takes 0.2 s: free at 100.4 s
+    assert late.situation.prefill_wait_s == pytest.approx(100.4 - clock.t)
+
+
+def test_prefill_response_cached_tokens_calibrate_what_was_computed():
+    d = decider("always")
+    p, dw = pair()
+    t = d.choose(p, dw, list(range(1000)))  # not cache-aware: the whole prompt predicted
+    t.prefill_done(SimpleNamespace(cached_tokens=900, timings=SimpleNamespace(
+        queue_s=0.0, prefill_s=0.11, transfer_s=0.0, wait_transfer_s=0.0)))
+    # 100 tokens computed in 0.11 s: the profile's 1 ms/token stands (not 0.1 ms)
+    assert d.model.prefill_b == pytest.approx(1e-3)
+
+
+def test_only_prefills_that_ran_alone_calibrate_the_prefill_time():
+    d = decider("always")
+    p, dw = pair()
+    first, second = (d.choose(p, dw, list(range(50))) for _ in range(2))
+    # the second joined a busy queue: its prefill step may have held the first's tokens
+    second.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
+        queue_s=0.0, prefill_s=0.5, transfer_s=0.01, wait_transfer_s=0.0)))
+    assert d.model.prefill_b == 1e-3
+    first.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
+        queue_s=0.0, prefill_s=0.11, transfer_s=0.01, wait_transfer_s=0.0)))
+    assert d.model.prefill_b == pytest.approx(2e-3)  # (0.11 - 0.01) / 50
 
 
 def test_cache_aware_detail_counts_cached_prefixes_on_both_sides():

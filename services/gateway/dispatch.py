@@ -303,7 +303,7 @@ class Dispatcher:
             ptask.add_done_callback(
                 lambda t: dcall.cancel() if not t.cancelled() and t.exception() else None)
             if route.ticket is not None:  # the prefill's timings calibrate pd_mode's model
-                ptask.add_done_callback(lambda t: route.ticket.prefill_done(t.result().timings)
+                ptask.add_done_callback(lambda t: route.ticket.prefill_done(t.result())
                                         if not t.cancelled() and not t.exception() else None)
         try:
             async for chunk in dcall:

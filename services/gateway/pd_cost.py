@@ -27,12 +27,14 @@ from dataclasses import dataclass
 
 from pdmesh.sim.profile import Profile
 
-# Built-in starting point when no profile file is given: the 2-core development CPU with
-# the default model, one thread per worker (see docs/configuration.md). A GPU's prefill
-# is ~100x faster; the first PD requests' timings replace these figures.
-# transfer_latency: the PD path's extra hops (Prefill and Transfer RPCs, the adoption).
-DEFAULT_PROFILE = Profile(prefill_a=0.01, prefill_b=1.5e-3, decode_a=0.03, decode_b=2e-3,
-                          transfer_bandwidth=2e9, transfer_latency=0.015,
+# Built-in starting point when no profile file is given: the 2-core development CPU, the
+# default model in bfloat16 on one thread per worker (Engine alone, 2026-11-30: prefill of
+# 16/64/256/512/1024 tokens 23/50/177/408/1172 ms, decode steps 15/18/23/32 ms at batch
+# 1/4/8/16); transfer_latency: the PD path's extra hops (Prefill and Transfer RPCs, the
+# adoption); the bandwidth is Mooncake TCP's order (same-host shm is ~10x faster). A
+# GPU's prefill is ~100x faster: the first PD requests' timings replace these figures.
+DEFAULT_PROFILE = Profile(prefill_a=0.02, prefill_b=4.1e-4, prefill_c=7e-7, decode_a=0.0135,
+                          decode_b=1.15e-3, transfer_bandwidth=2e9, transfer_latency=0.015,
                           client_overhead=0.01, note="pdmesh gateway --pd-mode default: 2-core CPU")
 _WINDOW = 64  # samples kept per online fit
 _EWMA = 0.2  # weight of a new overhead residual

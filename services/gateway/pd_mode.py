@@ -25,8 +25,8 @@ What the decider knows, with no RPC of its own:
   - KV bytes per token: the decode worker's layout in the registry.
 
 The dispatcher tells the ticket what happened: `first_token()` (measured TTFT: metrics,
-overhead calibration, queue correction), `prefill_done(timings)` (PD: the prefill
-worker's compute and write times calibrate the model) and the pool's release calls
+overhead calibration, queue correction), `prefill_done(response)` (PD: the prefill
+worker's compute and write times and its cached tokens calibrate the model) and the pool's release calls
 `ended()`. Thread-safe: one lock around the model and the queues.
 """
 from __future__ import annotations
@@ -78,6 +78,8 @@ class Ticket:
     estimate: Estimate
     queue: str  # the queue it joined: a prefill worker id, or "local:" + decode id
     t_route: float
+    shift0: float = 0.0  # its queue's correction so far when it joined
+    alone: bool = False  # its queue was empty when it joined: its prefill ran by itself
     measured_s: float | None = None  # routing -> first token
     timings: Any = None  # PD: the prefill's PrefillTimings
     open: bool = True  # still counted in its queue
@@ -109,8 +111,9 @@ class Ticket:
     def first_token(self) -> None:
         self.decider._first_token(self)
 
-    def prefill_done(self, timings: Any) -> None:
-        self.decider._prefill_done(self, timings)
+    def prefill_done(self, response: Any) -> None:
+        """PD: the prefill's PrefillResponse (timings, cached_tokens) came back."""
+        self.decider._prefill_done(self, response)
 
     def ended(self) -> None:
         self.decider._close(self)
@@ -119,6 +122,9 @@ class Ticket:
 @dataclass
 class _Queue:
     busy_until: float = 0.0  # virtual finish time of the last prefill in it
+    # corrections applied so far (measured minus predicted first tokens): a ticket's
+    # prediction, made when it joined, is off by what was corrected since
+    shift: float = 0.0
     open: int = 0  # tickets still in it
 
 
@@ -164,6 +170,7 @@ class PdModeDecider:
             q = self._queues.setdefault(queue, _Queue())
             n = situation.uncached_remote if mode == REMOTE else situation.uncached_local
             q.busy_until = max(q.busy_until, now) + self.model.prefill_time(n)
+            ticket.shift0, ticket.alone = q.shift, q.open == 0
             q.open += 1
             if mode == LOCAL and self._cache_aware(said):  # now in the decode's cache
                 self._tree(decode.worker_id).insert(chunks)
@@ -227,7 +234,10 @@ class PdModeDecider:
             q = self._queues.get(t.queue)
             if q is not None and t.open and q.open > 1:
                 # the queue's later prefills end as much later (or sooner) as this one did
-                q.busy_until = max(q.busy_until + t.measured_s - t.predicted_s, now)
+                # than predicted, counting what earlier first tokens corrected already
+                error = t.measured_s - t.predicted_s - (q.shift - t.shift0)
+                q.shift += error
+                q.busy_until = max(q.busy_until + error, now)
             self._release(t, now)
             if t.mode == LOCAL:
                 s = t.situation
@@ -242,12 +252,16 @@ class PdModeDecider:
             m.ttft.labels(t.mode, "measured").observe(t.measured_s)
             m.error.labels(t.mode).observe(abs(t.measured_s - t.predicted_s))
 
-    def _prefill_done(self, t: Ticket, timings: Any) -> None:
-        """PD: the prefill's timings calibrate the prefill and transfer models."""
+    def _prefill_done(self, t: Ticket, response: Any) -> None:
+        """PD: the prefill's timings calibrate the prefill and transfer models (against
+        the tokens it really computed: its prefix cache may have held more than the
+        gateway knew)."""
         with self._lock:
-            t.timings = timings
+            t.timings = timings = response.timings
             s = t.situation
-            self.model.observe_prefill(s.uncached_remote, timings.prefill_s)
+            if t.alone:  # else its prefill step(s) may have computed other prompts too
+                self.model.observe_prefill(s.prompt_tokens - response.cached_tokens,
+                                           timings.prefill_s)
             self.model.observe_transfer(
                 s.prompt_tokens * (s.kv_bytes_per_token or self.model.profile.kv_bytes_per_token),
                 timings.transfer_s)
@@ -272,4 +286,4 @@ class PdModeDecider:
         if q is not None:
             q.open -= 1
             if q.open <= 0:  # nothing of ours left in it: not busy any longer
-                q.open, q.busy_until = 0, now
+                q.open, q.busy_until, q.shift = 0, now, 0.0
