@@ -135,11 +135,6 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     except ValueError as e:
         print(f"pdmesh {role}: {e}", file=sys.stderr)
         return 2
-    launched = None
-    if worker.uses_engine_process(engine):  # first: it imports while we do
-        from pdmesh.worker.engine_proxy import launch
-
-        launched = launch(engine.device)
     telemetry_flags.setup(telemetry, f"pdmesh-{worker.role}")
     auth_flags.setup(auth)
     from pdmesh.services.common.worker import WorkerHost
@@ -147,8 +142,7 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     from pdmesh.worker.engine_proxy import EngineProcessError
 
     try:
-        host = WorkerHost(worker, engine, use_transport=worker.role != "colocated",
-                          launched=launched)
+        host = WorkerHost(worker, engine, use_transport=worker.role != "colocated")
     except EngineProcessError as e:  # the child printed its traceback; one line here
         print(f"error: pdmesh {role}: {e}", file=sys.stderr, flush=True)
         return 1

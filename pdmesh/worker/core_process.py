@@ -157,35 +157,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _preload(device: str) -> None:
-    """Import what EngineCore will use (and start CUDA) before the config arrives: the
-    worker launches this process first thing, so these seconds overlap its own imports.
-    Best effort: a failure here is met again, and reported, by EngineCore."""
-    try:
-        import pdmesh.runtime.engine  # noqa: F401  (torch, the model, the kernels)
-        import pdmesh.runtime.loader  # noqa: F401
-        import pdmesh.runtime.tokenizer  # noqa: F401
-        import pdmesh.transfer  # noqa: F401
-        import transformers  # noqa: F401  (the tokenizer's)
-
-        if device.startswith("cuda"):
-            import torch
-
-            torch.cuda.init()
-    except Exception:  # noqa: BLE001
-        log.debug("preload failed; EngineCore will say why", exc_info=True)
-
-
 def main(argv: list[str]) -> int:
-    """`python -m pdmesh.worker.core_process FD [DEVICE]`: FD is this end of the
-    socketpair; DEVICE (default cpu) what to preload for."""
+    """`python -m pdmesh.worker.core_process FD`: FD is this end of the socketpair."""
     _die_with_parent()
     # a Ctrl-C or SIGTERM to the whole process group is for the worker, which drains its
     # requests and then says stop: the core must outlive that drain
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(argv[0]))
-    _preload(argv[1] if len(argv) > 1 else "cpu")  # while the front imports its own
     worker_cfg, engine_cfg, use_transport, log_level, switch = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")

@@ -14,7 +14,6 @@ thread; only its Future's result is set on the loop's thread.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -35,34 +34,18 @@ class EngineProcessError(RuntimeError):
     """The engine process failed to start, failed, or exited."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Launched:
-    """A core process started and importing, not yet told its config."""
-    proc: subprocess.Popen
-    conn: Connection
-
-
-def launch(device: str) -> Launched:
-    """Start a core process now; it imports torch, the runtime and the transport (and
-    initialises CUDA when `device` is one) while this process goes on with its own
-    imports, which is ~4 s of a GPU worker's start (pdmesh/worker/core_process.py)."""
-    mine, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdmesh.worker.core_process", str(theirs.fileno()), device],
-        pass_fds=(theirs.fileno(),), env=os.environ.copy())
-    theirs.close()
-    return Launched(proc, Connection(mine.detach()))
-
-
 class EngineProcess:
     """An engine core in a child process; the EngineLoop interface over one socket."""
 
-    def __init__(self, worker_cfg: Any, engine_cfg: Any, use_transport: bool,
-                 launched: "Launched | None" = None) -> None:
-        """Start the child (or take one `launch`ed earlier) and wait until its engine is
-        built (raises EngineProcessError with the child's reason if it could not start)."""
-        launched = launched or launch(engine_cfg.device)
-        self.proc, self.conn = launched.proc, launched.conn
+    def __init__(self, worker_cfg: Any, engine_cfg: Any, use_transport: bool) -> None:
+        """Start the child and wait until its engine is built (raises EngineProcessError
+        with the child's reason if it could not start)."""
+        mine, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdmesh.worker.core_process", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=os.environ.copy())
+        theirs.close()
+        self.conn = Connection(mine.detach())
         self.conn.send((worker_cfg, engine_cfg, use_transport,
                         logging.getLogger().getEffectiveLevel(),
                         worker_cfg.gil_switch_interval_s))

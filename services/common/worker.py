@@ -71,7 +71,7 @@ class WorkerHost:
     AsyncEngine, KV writer/receiver and fields either way."""
 
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig,
-                 use_transport: bool = True, launched: Any = None) -> None:
+                 use_transport: bool = True) -> None:
         self.config = config
         self.startup = Startup()
         self._core = self._process = None
@@ -79,8 +79,7 @@ class WorkerHost:
             from pdmesh.worker.engine_proxy import EngineProcess
 
             with self.startup.phase("engine process"):
-                self._process = EngineProcess(config, engine_config, use_transport,
-                                              launched)
+                self._process = EngineProcess(config, engine_config, use_transport)
             info = self._process.info
             self.startup.phases[-1:-1] = list(info.phases)  # its parts, then the whole
         else:
