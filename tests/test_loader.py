@@ -91,6 +91,33 @@ def test_default_tokenizer(default_model):
     assert not no_prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_cached_gguf_tokenizer_equals_a_fresh_conversion(tmp_path, monkeypatch):
+    """The tokenizer folder cached from a GGUF (loaded without AutoTokenizer) encodes,
+    decodes and renders chat exactly as transformers' own GGUF conversion does."""
+    from transformers import AutoTokenizer
+
+    from pdmesh.runtime.tokenizer import _from_gguf
+
+    monkeypatch.setenv("PDMESH_CACHE_DIR", str(tmp_path))
+    path = loader.resolve_model_path("default")
+    fresh = _from_gguf(path)  # converts and writes the cache
+    assert list((tmp_path / "tokenizers").glob("*/tokenizer.json"))
+    cached = _from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    for tok in (fresh, cached):
+        for text in ("Hello, world!", " spaces\tand\nnewlines ", "émoji 🤖 ünïcödé",
+                     "<|im_start|>user\nhi<|im_end|>"):
+            ids = ref.encode(text)
+            assert tok.encode(text) == ids
+            assert tok.decode(ids) == ref.decode(ids)
+            assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+            ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == \
+            (ref.bos_token, ref.eos_token, ref.pad_token)
+
+
 @pytest.mark.parametrize("messages", [[], "hi", [("user", "hi")], [{"content": "hi"}],
                                       [{"role": "user"}], [{"role": "user", "content": 3}]])
 def test_chat_template_rejects_malformed_messages(default_model, messages):

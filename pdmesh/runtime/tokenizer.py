@@ -80,7 +80,12 @@ def _from_gguf(path: Path) -> Any:
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     folder = cache_dir() / "tokenizers" / key[:16]
     if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder))
+        # our own folder holds a fast tokenizer: its class directly, not AutoTokenizer,
+        # whose import pulls torch and, on some hosts, torch.distributed and scikit-learn
+        # (seconds of every GPU worker's and gateway's start: 7.35 s on the H200 host)
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:  # write aside, then rename: concurrent starts never read half a folder
         folder.parent.mkdir(parents=True, exist_ok=True)
