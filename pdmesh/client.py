@@ -41,6 +41,13 @@ def _generate_request(prompt: str | Sequence[int], model: str,
                                        sampling_params=_sampling(params))
 
 
+def _one_choice(params: dict) -> None:
+    """chat()/generate() yield one text: n > 1 would interleave the choices' deltas."""
+    if params.get("n", 1) != 1:
+        raise ValueError("chat()/generate() yield one choice's text; for n > 1 use "
+                         "chat_stream()/generate_stream() and each message's `index`")
+
+
 def _credentials(tls: bool, tls_ca: str | None) -> grpc.ChannelCredentials | None:
     """TLS credentials verifying the gateway against `tls_ca` (a PEM file) or, with only
     `tls`, the system's roots; None: plaintext."""
@@ -75,12 +82,14 @@ class Client:
 
     def chat(self, messages, **params) -> Iterator[str]:
         """Text deltas of the assistant's reply to `messages` ([{"role", "content"}])."""
+        _one_choice(params)
         for r in self.chat_stream(messages, **params):
             if r.text:
                 yield r.text
 
     def generate(self, prompt: str | Sequence[int], **params) -> Iterator[str]:
         """Text deltas continuing `prompt` (text or token ids; no chat template)."""
+        _one_choice(params)
         for r in self.generate_stream(prompt, **params):
             if r.text:
                 yield r.text
@@ -115,12 +124,14 @@ class AsyncClient:
 
     async def chat(self, messages, **params) -> AsyncIterator[str]:
         """Text deltas of the assistant's reply to `messages`."""
+        _one_choice(params)
         async for r in self.chat_stream(messages, **params):
             if r.text:
                 yield r.text
 
     async def generate(self, prompt, **params) -> AsyncIterator[str]:
         """Text deltas continuing `prompt` (text or token ids)."""
+        _one_choice(params)
         async for r in self.generate_stream(prompt, **params):
             if r.text:
                 yield r.text

@@ -186,6 +186,8 @@ def test_grpc_generate_streams_indexed_choices(pd):
                 ends[msg.index] = msg.usage.completion_tokens
     assert sorted(tokens) == [0, 1, 2] and ends == {0: MAX_TOKENS, 1: MAX_TOKENS, 2: MAX_TOKENS}
     assert all(len(t) == MAX_TOKENS for t in tokens.values())
+    with Client(addr) as c, pytest.raises(ValueError, match="chat_stream"):
+        next(c.generate(PROMPT, n=2, max_tokens=MAX_TOKENS))  # texts would interleave
 
 
 # -- colocated --------------------------------------------------------------------------------
