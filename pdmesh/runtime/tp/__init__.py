@@ -1,0 +1,9 @@
+"""Tensor parallelism for the runtime (first step: CPU/gloo tested, NCCL path present).
+
+plan.py   which slice of each weight a rank holds (TPPlan)
+shard.py  cutting / reading a rank's shards without keeping the full model
+comm.py   the process group (TPGroup; gloo on CPU, NCCL on CUDA)
+model.py  one rank's decoder (TPCausalLM): the runtime's forward plus collectives
+driver.py rank 0 schedules steps, the others follow (Step, TPRunner, greedy_generate)
+launch.py spawn N ranks and generate (generate)
+"""

@@ -1,0 +1,73 @@
+"""The tensor-parallel process group: torch.distributed, gloo on CPU, NCCL on CUDA.
+
+A `TPGroup` of size 1 needs no torch.distributed at all (every collective is the
+identity), so TP=1 runs in-process through the same code. Larger groups rendezvous on a
+TCPStore that the launching process hosts on 127.0.0.1 (port 0: the OS picks a free one,
+no race), which ranks join as clients.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = timedelta(seconds=120)
+
+
+def host_store(size: int) -> dist.TCPStore:
+    """The rendezvous store, hosted by the launcher (keep it alive while ranks run);
+    its `.port` is what ranks join."""
+    return dist.TCPStore("127.0.0.1", 0, size + 1, is_master=True, timeout=TIMEOUT,
+                         wait_for_workers=False)
+
+
+class TPGroup:
+    """This rank's view of the group: collectives over `device` tensors."""
+
+    def __init__(self, rank: int, size: int, device: torch.device) -> None:
+        self.rank, self.size, self.device = rank, size, device
+
+    @classmethod
+    def join(cls, rank: int, size: int, port: int, device: str = "cpu") -> "TPGroup":
+        """Join the group whose store the launcher hosts on 127.0.0.1:`port`; backend
+        gloo on CPU, nccl on CUDA (rank r uses cuda:r)."""
+        dev = torch.device(device)
+        if size > 1:
+            if dev.type == "cuda":
+                dev = torch.device("cuda", rank)
+                torch.cuda.set_device(dev)
+            else:  # loopback rendezvous: keep gloo off the host's other interfaces
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            store = dist.TCPStore("127.0.0.1", port, size + 1, is_master=False, timeout=TIMEOUT)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store,
+                                    rank=rank, world_size=size, timeout=TIMEOUT)
+        return cls(rank, size, dev)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks, in place; returns it."""
+        if self.size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., n] on every rank -> [..., size * n], rank order along the last dim."""
+        if self.size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` into every rank's `t` (same shape and dtype everywhere), in place."""
+        if self.size > 1:
+            dist.broadcast(t, src=0)
+        return t
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["TPGroup", "host_store"]

@@ -1,0 +1,140 @@
+"""Rank 0 schedules, the other ranks follow: one `Step` per forward, broadcast from rank 0.
+
+KV: each rank has its own paged pool (the runtime's layout, kv[P, L, page, 2, hkv, Dh],
+with only that rank's KV heads), and every rank uses the same page ids, which rank 0
+picks (a PageAllocator, pages for prompt + max_tokens reserved up front) and sends in
+the step. A step on the wire: a header [n_seqs, payload_len] (n_seqs = 0: stop), then
+the int64 payload [q_len * n, ctx_len * n, n_pages * n, ids * T, positions * T, pages].
+Greedy decoding here is this first step's driver (prefill of every prompt in one
+forward, then one token per sequence per forward); the worker's scheduler is not
+wired to it yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmesh.runtime.allocator import PageAllocator
+from pdmesh.runtime.attention import AttnMetadata, SeqSpan
+from pdmesh.runtime.tp.comm import TPGroup
+from pdmesh.runtime.tp.model import TPCausalLM
+
+
+@dataclass
+class Step:
+    """One forward over a flat batch: sequence i has q_lens[i] new tokens, ctx_lens[i]
+    tokens of KV after the forward, in pages[i]; ids/positions: [T] flat."""
+
+    ids: list[int]
+    positions: list[int]
+    q_lens: list[int]
+    ctx_lens: list[int]
+    pages: list[list[int]]
+
+    def encode(self) -> torch.Tensor:
+        flat = [*self.q_lens, *self.ctx_lens, *map(len, self.pages), *self.ids,
+                *self.positions, *(p for ps in self.pages for p in ps)]
+        return torch.tensor(flat, dtype=torch.long)
+
+    @classmethod
+    def decode(cls, n: int, payload: torch.Tensor) -> "Step":
+        v = payload.tolist()
+        q_lens, ctx_lens, n_pages = v[:n], v[n:2 * n], v[2 * n:3 * n]
+        t = sum(q_lens)
+        ids, pos, rest = v[3 * n:3 * n + t], v[3 * n + t:3 * n + 2 * t], v[3 * n + 2 * t:]
+        pages, at = [], 0
+        for k in n_pages:
+            pages.append(rest[at:at + k])
+            at += k
+        return cls(ids, pos, q_lens, ctx_lens, pages)
+
+
+class TPRunner:
+    """One rank's model and KV pool; `run` is called by every rank with the same step."""
+
+    def __init__(self, model: TPCausalLM, num_pages: int, page_size: int) -> None:
+        self.model, self.page_size, self.group = model, page_size, model.group
+        w = model.embed_tokens.weight
+        self.kv = torch.zeros(model.kv_shape(num_pages, page_size), dtype=w.dtype, device=w.device)
+
+    def run(self, step: Step) -> torch.Tensor:
+        """Forward `step` (writing this rank's KV) -> float32 logits [n_seqs, V] of each
+        sequence's last token, the same on every rank."""
+        dev, spans, q0 = self.group.device, [], 0
+        for q_len, ctx, pages in zip(step.q_lens, step.ctx_lens, step.pages):
+            spans.append(SeqSpan(q0, q_len, ctx, torch.tensor(pages, dtype=torch.long)))
+            q0 += q_len
+        meta = AttnMetadata.build(spans, self.page_size, dev)
+        hidden = self.model(torch.tensor(step.ids, device=dev),
+                            torch.tensor(step.positions, device=dev), self.kv, meta)
+        last = torch.tensor([s.q_start + s.q_len - 1 for s in spans], device=dev)
+        return self.model.logits(hidden[last])
+
+    def send(self, step: Step | None) -> None:
+        """Rank 0: announce `step` (None: stop) to the followers."""
+        payload = step.encode() if step is not None else torch.zeros(0, dtype=torch.long)
+        n = len(step.q_lens) if step is not None else 0
+        self.group.broadcast(torch.tensor([n, payload.numel()], device=self.group.device))
+        if n:
+            self.group.broadcast(payload.to(self.group.device))
+
+    def receive(self) -> Step | None:
+        """Other ranks: the next step rank 0 sends, or None at stop."""
+        header = self.group.broadcast(torch.zeros(2, dtype=torch.long, device=self.group.device))
+        n, size = header.tolist()
+        if n == 0:
+            return None
+        payload = self.group.broadcast(torch.empty(size, dtype=torch.long, device=self.group.device))
+        return Step.decode(n, payload.cpu())
+
+    def follow(self) -> int:
+        """Other ranks: run rank 0's steps until it says stop; returns the step count."""
+        steps = 0
+        while (step := self.receive()) is not None:
+            self.run(step)
+            steps += 1
+        return steps
+
+
+def pages_needed(prompts: list[list[int]], max_tokens: int, page_size: int) -> int:
+    """Pages for every prompt plus max_tokens, reserved up front."""
+    return sum(-(-(len(p) + max_tokens) // page_size) for p in prompts)
+
+
+def greedy_generate(runner: TPRunner, prompts: list[list[int]], max_tokens: int,
+                    stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
+    """Rank 0: greedy tokens for each prompt (at most max_tokens; a stop id ends a
+    sequence and is kept), followers following; sends stop at the end."""
+    if any(not p for p in prompts) or max_tokens < 1:
+        raise ValueError("every prompt needs a token and max_tokens must be >= 1")
+    alloc = PageAllocator(runner.kv.shape[0])
+    size = runner.page_size
+    tokens = [list(p) for p in prompts]
+    pages = [alloc.alloc(-(-(len(p) + max_tokens) // size)) for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    def held(i: int) -> list[int]:  # the pages sequence i's KV occupies so far
+        return pages[i][: -(-len(tokens[i]) // size)]
+
+    step = Step([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
+                [len(p) for p in prompts], [len(p) for p in prompts],
+                [held(i) for i in range(len(prompts))])
+    try:
+        while active:
+            runner.send(step)
+            best = runner.run(step).argmax(dim=-1).tolist()
+            for i, tok in zip(active, best):
+                out[i].append(tok)
+                tokens[i].append(tok)
+            active = [i for i in active
+                      if len(out[i]) < max_tokens and out[i][-1] not in stop_token_ids]
+            step = Step([tokens[i][-1] for i in active], [len(tokens[i]) - 1 for i in active],
+                        [1] * len(active), [len(tokens[i]) for i in active],
+                        [held(i) for i in active])
+    finally:
+        runner.send(None)
+    return out
+
+
+__all__ = ["Step", "TPRunner", "greedy_generate", "pages_needed"]

@@ -1,0 +1,126 @@
+"""Start N tensor-parallel ranks as processes and run greedy generation on them.
+
+`generate(model, prompts, max_tokens, tp=N)` spawns N processes (torch.multiprocessing,
+spawn), hosts their rendezvous store, and returns rank 0's token ids. Each rank loads
+only its own shards (shard.load_shard). TP=1 runs in this process through the same code
+(a group of one needs no torch.distributed). Any rank's exception ends the run: the
+others are stopped and a RuntimeError carries the failing rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from pdmesh.runtime.tp.comm import TPGroup, host_store
+from pdmesh.runtime.tp.driver import TPRunner, greedy_generate, pages_needed
+from pdmesh.runtime.tp.model import TPCausalLM
+from pdmesh.runtime.tp.shard import load_shard
+
+RESULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class TPSpec:
+    """What every rank needs to build its shard of the model (picklable)."""
+
+    model: str
+    tp: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    page_size: int = 16
+    num_pages: int = 64
+    threads: int | None = None  # torch intra-op threads per rank; default cores / tp
+
+
+def build_runner(spec: TPSpec, group: TPGroup) -> TPRunner:
+    """Load this rank's shards and allocate its KV pool."""
+    from pdmesh.runtime.model_runner import resolve_dtype
+
+    plan, shards = load_shard(spec.model, spec.tp, group.rank)
+    model = TPCausalLM(plan, group)
+    model.load_shard(shards)
+    del shards
+    model = model.to(device=group.device, dtype=resolve_dtype(spec.dtype, spec.device)).eval()
+    return TPRunner(model, spec.num_pages, spec.page_size)
+
+
+def run_rank(rank: int, spec: TPSpec, port: int, prompts: list[list[int]], max_tokens: int,
+             stop_token_ids: tuple[int, ...]) -> list[list[int]] | None:
+    """One rank's whole life: join, load, generate (rank 0) or follow; rank 0's tokens."""
+    if spec.device == "cpu":
+        torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
+    group = TPGroup.join(rank, spec.tp, port, spec.device)
+    try:
+        runner = build_runner(spec, group)
+        if rank == 0:
+            return greedy_generate(runner, prompts, max_tokens, stop_token_ids)
+        runner.follow()
+        return None
+    finally:
+        group.close()
+
+
+def _entry(rank: int, spec: TPSpec, port: int, prompts, max_tokens, stop_ids, results) -> None:
+    try:
+        out = run_rank(rank, spec, port, prompts, max_tokens, stop_ids)
+        if rank == 0:
+            results.put(("ok", rank, out))
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1, *,
+             dtype: str = "float32", device: str = "cpu", page_size: int = 16,
+             stop_token_ids: tuple[int, ...] = (), threads: int | None = None) -> list[list[int]]:
+    """Greedy token ids for each prompt from `model` ("default", a HF folder or a .gguf)
+    sharded over `tp` ranks (processes, gloo on CPU / NCCL on CUDA)."""
+    spec = TPSpec(str(model), tp, dtype, device, page_size,
+                  pages_needed(prompts, max_tokens, page_size), threads)
+    if tp == 1:
+        return run_rank(0, spec, 0, prompts, max_tokens, stop_token_ids)
+    store = host_store(tp)
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_entry, daemon=True, name=f"pdmesh-tp{r}",
+                         args=(r, spec, store.port, prompts, max_tokens, stop_token_ids, results))
+             for r in range(tp)]
+    for p in procs:
+        p.start()
+    status, rank, value = "error", 0, "interrupted"
+    try:
+        status, rank, value = _wait(results, procs)
+    finally:  # after an error the others may block in a collective: stop them
+        for p in procs:
+            p.join(timeout=30 if status == "ok" else 0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    if status != "ok":
+        raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{value}")
+    return value
+
+
+def _wait(results, procs) -> tuple[str, int, object]:
+    """The first result: rank 0's tokens or any rank's error; a rank that died without
+    reporting counts as an error."""
+    waited = 0.0
+    while waited < RESULT_TIMEOUT_S:
+        try:
+            return results.get(timeout=1.0)
+        except queue_mod.Empty:
+            waited += 1.0
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            try:  # its traceback may be in flight
+                return results.get(timeout=2.0)
+            except queue_mod.Empty:
+                return "error", procs.index(dead[0]), f"exit code {dead[0].exitcode}"
+    return "error", 0, f"no result within {RESULT_TIMEOUT_S:.0f} s"
+
+
+__all__ = ["TPSpec", "build_runner", "run_rank", "generate"]
