@@ -145,6 +145,9 @@ class EngineConfig:
     # reuse the KV of full pages whose prompt prefix was seen before (runtime/prefix_cache.py);
     # never with numerics="reference" (transformers computes every prompt whole)
     prefix_cache: bool = True
+    # with prefix_cache: adopted KV (a decode worker's PD requests) uses and fills the cache
+    # too, so a prompt whose prefix is here already has only the rest transferred
+    decode_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",
@@ -197,6 +200,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
     "PDMESH_NUMERICS": ("numerics", str),
     "PDMESH_PREFIX_CACHE": ("prefix_cache", _env_bool),
+    "PDMESH_DECODE_PREFIX_CACHE": ("decode_prefix_cache", _env_bool),
 }
 
 

@@ -88,7 +88,8 @@ def test_1p1d_prefill_cache_equals_uncached(default_model, reference):
     engine that adopts them: same tokens, and the prefill reports cached_tokens."""
     ps, want = reference
     pre = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=128, prefix_cache=True)
-    dec = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=128, prefix_cache=True)
+    dec = Engine(loaded=default_model, num_threads=1, page_size=8, num_pages=128, prefix_cache=True,
+                 decode_prefix_cache=False)  # the decode side's reuse: test_decode_reuse*.py
     for i, (ids, w) in enumerate(zip(ps, want)):
         rid = f"pd{i}"
         first = _prefill_only(pre, ids, rid)

@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes seen before (full pages, LRU "
                         "eviction; default on; env PDMESH_PREFIX_CACHE)")
+    p.add_argument("--decode-prefix-cache", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="decode: keep finished PD requests' KV in the prefix cache and ask "
+                        "the prefill for only the pages after a cached prefix (needs "
+                        "--prefix-cache; default on; env PDMESH_DECODE_PREFIX_CACHE)")
     p.add_argument("--transfer-protocol", choices=("tcp", "rdma"), default=None,
                    help="Mooncake transport for KV pages (default tcp; env PDMESH_TRANSFER_PROTOCOL)")
     p.add_argument("--kv-transfer-mode", choices=("auto", "direct", "staged"), default=None,
@@ -115,7 +120,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
     engine_flags = {"model": args.model, "page_size": args.page_size,
                     "kv_cache_bytes": args.kv_cache_bytes,
                     "max_running_requests": args.max_running_requests,
-                    "prefix_cache": args.prefix_cache}
+                    "prefix_cache": args.prefix_cache,
+                    "decode_prefix_cache": getattr(args, "decode_prefix_cache", None)}
     engine = engine_config_from_env(EngineConfig()).replace(
         **{k: v for k, v in engine_flags.items() if v is not None})
     if role == "prefill" and (worker.chaos or worker.chaos_corrupt_kv) and \

@@ -14,13 +14,17 @@ Invariants:
 - KV integrity: when the prefill sent a checksum and this worker checks, the room's
   pages are digested after `land` and before `adopt`; a mismatch fails the room
   (DATA_LOSS): never adopted, its pages freed.
+- decode-side reuse: the hold may start with pages of this worker's prefix cache
+  (`cached_pages`, pinned by the engine); the Transfer names only the pages after them,
+  so the prefill writes, this worker lands and checks, only those. The engine unpins
+  the cached ones on every ending (abort, quarantine's abort, finish) with the rest.
 Everything runs on one event loop: no locks.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from pdmesh.disagg.ports import (Code, KVReceiver, Liveness, PrefillPeers, RoomError,
@@ -50,6 +54,12 @@ class DecodeRoom:
     reply: TransferReply | None = None
     n: int = 1  # sequences (SamplingParams.n)
     done: int = 0  # sequences finished
+    cached_pages: int = 0  # leading pages held with KV already (this worker's prefix cache)
+
+    @property
+    def sent_pages(self) -> list[int]:
+        """The pages the prefill writes: those after the cached prefix."""
+        return (self.pages or [])[self.cached_pages:]
 
     @property
     def request_id(self) -> str:
@@ -148,10 +158,11 @@ class DecodeProtocol:
         room.pages = await self._wait(
             room, self.engine.hold(req), deadline,
             f"no KV pages became free for room {room.room} within the waiting timeout")
+        room.cached_pages = getattr(room.pages, "cached_pages", 0)
         room.stamps["pages"] = time.monotonic()
         room.reply = await self._transfer(room, deadline)
-        if self.kv is not None:
-            await self.kv.land(room.pages, room.reply.path)
+        if self.kv is not None:  # never the cached pages: this pool's copy is the newest
+            await self.kv.land(room.sent_pages, room.reply.path)
             await self._verify(room)
         room.stamps["kv"] = time.monotonic()
         room.stream = await self.engine.adopt(room.request_id, room.reply.first_token,
@@ -163,7 +174,7 @@ class DecodeProtocol:
         want = room.reply.checksum
         if want is None:  # the prefill has checksums off
             return
-        got = await self._wait(room, self.kv.checksum(room.pages, want.algo), None, "")
+        got = await self._wait(room, self.kv.checksum(room.sent_pages, want.algo), None, "")
         if got is None or got == want:  # None: this worker's checks are off
             return
         self.counters.integrity_failures += 1
@@ -174,8 +185,10 @@ class DecodeProtocol:
 
     async def _transfer(self, room: DecodeRoom, deadline: float) -> TransferReply:
         room.transfer_sent = True  # from here a cleanup must assume a write in flight
-        call = self.peers.transfer(room.prefill_address, room.room,
-                                   self.target_for(room.pages),
+        target = self.target_for(room.sent_pages)
+        if room.cached_pages:
+            target = replace(target, cached_pages=room.cached_pages)
+        call = self.peers.transfer(room.prefill_address, room.room, target,
                                    timeout=max(0.0, deadline - time.monotonic()))
         try:
             reply = await self._wait(room, call, None, "")

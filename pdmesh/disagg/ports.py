@@ -51,6 +51,9 @@ class TransferTarget:
     room: int = 0
     host_id: str = ""  # the decode's host (pdmesh.transfer.route.host_id)
     local_endpoints: tuple[str, ...] = ()  # same-host ways into its pool (shm:, ipc:)
+    # the prompt's leading pages whose KV the decode has already (its prefix cache):
+    # page_ids are the destinations of the prompt's pages after them, in order
+    cached_pages: int = 0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ Invariants:
   once its destination pages, read back, match the checksum of its source pages; a
   mismatch is rewritten once, a second one fails the room (DATA_LOSS) and frees its
   pages. The source checksum goes to the decode in the reply unless checksums are off.
+- decode-side reuse: a Transfer may say the decode has the prompt's first
+  `cached_pages` pages already (its prefix cache); this prefill still computes the
+  whole prompt (the prefix from its own cache when there, else recomputed: it never
+  reads KV back from a decode) and writes, and checksums, only the pages after them.
 Everything runs on one event loop: no locks.
 """
 from __future__ import annotations
@@ -244,15 +248,13 @@ class PrefillProtocol:
         """WRITING -> DONE (pages released) or FAILED (pages aborted); runs to the end
         even when the Transfer call is cancelled (the write can't be taken back)."""
         room.state = State.WRITING
-        first, target, err = room.first, room.target, None
-        if len(target.page_ids) != len(first.pages):
-            err = RoomError(Code.INVALID_ARGUMENT, f"room {room.room} has {len(first.pages)} "
-                            f"prompt pages, got {len(target.page_ids)} destination pages")
-        else:
+        first, target = room.first, room.target
+        src, err = first.pages[target.cached_pages:], _check_pages(room.room, first, target)
+        if err is None:
             t0 = time.monotonic()
             try:
                 room.stats, room.checksum = await write_verified(
-                    self.writer, room.room, first.pages, target, lambda: room.failed,
+                    self.writer, room.room, src, target, lambda: room.failed,
                     lambda: self._integrity("retry"))
             except RoomError as e:  # DATA_LOSS: the rewrite mismatched too
                 self._integrity("failure")
@@ -344,6 +346,21 @@ def _forget(tasks: set) -> Callable[[asyncio.Task], None]:
         if not task.cancelled():
             task.exception()  # retrieved: its caller may have gone (cancelled Transfer)
     return done
+
+
+def _check_pages(room: int, first: Any, target: TransferTarget) -> RoomError | None:
+    """The decode's destination pages must be exactly the prompt's pages after the
+    `cached_pages` it has already (at least one page is always sent: the decode never
+    caches the last prompt token's page)."""
+    have, skip = len(first.pages), target.cached_pages
+    if not 0 <= skip < have:
+        return RoomError(Code.INVALID_ARGUMENT, f"room {room} has {have} prompt pages; the "
+                         f"decode's {skip} cached pages must be fewer")
+    if len(target.page_ids) != have - skip:
+        return RoomError(Code.INVALID_ARGUMENT, f"room {room} has {have} prompt pages, "
+                         f"{skip} cached on the decode: got {len(target.page_ids)} "
+                         f"destination pages, want {have - skip}")
+    return None
 
 
 def _reply(first: Any, stats: Any, checksum: KVChecksum | None) -> TransferReply:

@@ -92,7 +92,7 @@ class Engine:
         self.cache = PrefixCache(self.allocator, cfg.page_size) if reuse else None
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
                                    cfg.max_prefill_tokens, cfg.chunked_prefill_size,
-                                   cache=self.cache)
+                                   cache=self.cache, cache_adopted=cfg.decode_prefix_cache)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -149,9 +149,11 @@ class Engine:
     def hold(self, req: Request) -> list[int] | None:
         """Pre-allocate pages for a request whose prompt KV will come from a prefill worker.
 
-        `req` comes from `make_request(..., mode=Mode.ADOPTED)`. Returns page ids to write
-        (the prompt's), or None if the pool can't take it yet or retracted requests wait
-        (retry later).
+        `req` comes from `make_request(..., mode=Mode.ADOPTED)`. Returns the prompt's page
+        ids, or None if the pool can't take it yet or retracted requests wait (retry
+        later). With the prefix cache and `decode_prefix_cache`, the first
+        `req.cached_tokens // page_size` of them hold cached KV of the prompt's prefix
+        already: only the rest are to be written.
         """
         pages = self.scheduler.hold_for_adopt(req)
         if pages is not None:

@@ -47,7 +47,10 @@ least recently used first, when an allocation finds the free list short; so ever
 argument above holds with "free" read as "free or evictable". A finished prefill's full
 pages enter the tree at once (later requests share them while it runs); a request's full
 computed pages stay cached when it finishes, is released or is retracted (not when
-aborted). ADOPTED requests never use the cache (their KV came from outside).
+aborted). ADOPTED requests use the cache only with `cache_adopted` (a decode worker's
+prefix cache, issue 12 item 2): `hold_for_adopt` takes the cached prefix like an
+admission (pinned; only the rest is allocated and written from outside), `adopt` puts the
+prompt's full pages in the tree, and finishing keeps its computed pages cached.
 
 Fork (n > 1, fork.py). `fork(parent, children)` shares the parent's full prompt pages
 with its other sequences, through the cache or a reference-counted `ForkGroup`, and
@@ -90,9 +93,10 @@ class Batch:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_running_requests: int,
                  max_prefill_tokens: int, chunked_prefill_size: int,
-                 ratio: NewTokenRatio | None = None, cache: PrefixCache | None = None) -> None:
+                 ratio: NewTokenRatio | None = None, cache: PrefixCache | None = None,
+                 cache_adopted: bool = False) -> None:
         self.allocator, self.page_size = allocator, page_size
-        self.cache = cache
+        self.cache, self.cache_adopted = cache, cache_adopted
         self.max_running = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.chunk = chunked_prefill_size
@@ -140,9 +144,11 @@ class Scheduler:
         return sum(self.ratio.future_pages(r, self.page_size) for r in running)
 
     def _caches(self, req: Request) -> bool:
-        """`req` uses the prefix cache: there is one, its KV is computed here (not
-        ADOPTED) and it is no member of a fork group (whose pages the group owns)."""
-        return self.cache is not None and req.mode is not Mode.ADOPTED and req.group is None
+        """`req` uses the prefix cache: there is one, its KV is computed here (or it is
+        ADOPTED and adopted KV is cached: `cache_adopted`) and it is no member of a fork
+        group (whose pages the group owns)."""
+        adopted_ok = req.mode is not Mode.ADOPTED or self.cache_adopted
+        return self.cache is not None and adopted_ok and req.group is None
 
     def lookup(self, req: Request) -> list[Node]:
         """The cached pages `req` would start from (none without a cache, or ADOPTED)."""
@@ -196,7 +202,9 @@ class Scheduler:
         """Pre-allocate pages for a request whose prompt KV will be written from outside.
 
         Returns its page ids, or None when it does not fit yet or requests are waiting
-        (retracted ones go first); the caller retries later.
+        (retracted ones go first); the caller retries later. With `cache_adopted` the
+        first `req.cached_tokens // page_size` pages are cached ones (their KV is here
+        already, pinned until the request ends): only the rest are to be written.
         """
         if self.waiting or not self._admit(req):
             return None
@@ -212,6 +220,8 @@ class Scheduler:
         """
         del self.held[req.request_id]
         req.num_computed = req.prompt_len
+        if self._caches(req):  # its full prompt pages are shared from now on
+            self.cache.insert(req.prompt_ids, req.pages, req.cache_nodes)
         req.status = Status.DECODING
         self.decoding.append(req)
 
@@ -323,7 +333,7 @@ class Scheduler:
     def retract(self, req: Request) -> None:
         """Free a decoding request's KV and queue it first, to be recomputed when it fits."""
         self.decoding.remove(req)
-        self._free_pages(req, keep=req.mode is not Mode.ADOPTED)
+        self._free_pages(req, keep=True)  # kept only if it uses the cache (_caches)
         req.num_computed = 0
         req.status, req.retractions = Status.WAITING, req.retractions + 1
         if req.mode is Mode.ADOPTED:
@@ -359,7 +369,8 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         self.held.pop(req.request_id, None)
-        self._free_pages(req, keep=reason != "abort" and req.mode is not Mode.ADOPTED)
+        # an aborted request's KV may be partial (a held one's is unwritten): never cached
+        self._free_pages(req, keep=reason != "abort")
         self.reserved -= req.reserved
         req.reserved = 0
         req.status, req.finish_reason = Status.FINISHED, reason

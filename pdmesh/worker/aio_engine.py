@@ -70,9 +70,10 @@ class AsyncEngine:
             self._families[request_id] = ids
         return stream
 
-    async def hold(self, req: Any) -> list[int]:
-        """Pages for an ADOPTED request, once the pool has them (FIFO). Cancelling the
-        wait takes the request out of the queue (or frees the pages if they came)."""
+    async def hold(self, req: Any) -> "HeldPages":
+        """Pages for an ADOPTED request, once the pool has them (FIFO); their
+        `cached_pages` first ones hold cached KV already. Cancelling the wait takes the
+        request out of the queue (or frees the pages if they came)."""
         fut = self._holds[req.request_id] = self._aio.create_future()
         self.core.submit(Hold(req))
         try:
@@ -173,4 +174,13 @@ class AsyncEngine:
         if fut is None or fut.done():  # nobody waits any more: give the pages back
             self.core.submit(Abort(ev.request_id))
         else:
-            fut.set_result(ev.pages)
+            fut.set_result(HeldPages(ev.pages, ev.cached_pages))
+
+
+class HeldPages(list):
+    """A held request's page ids (a list) and `cached_pages`: how many leading ones hold
+    the prompt's KV already (the decode's prefix cache), so only the rest are written."""
+
+    def __init__(self, pages: list[int], cached_pages: int = 0) -> None:
+        super().__init__(pages)
+        self.cached_pages = cached_pages

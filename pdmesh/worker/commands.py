@@ -82,6 +82,7 @@ class Held:
 
     request_id: str
     pages: list[int]
+    cached_pages: int = 0  # leading pages whose KV is here already (decode prefix cache)
 
 
 @dataclass(frozen=True)

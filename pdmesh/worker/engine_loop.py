@@ -197,7 +197,8 @@ class EngineLoop:
                 self._note_wait(len(self._prealloc))
                 return
             del self._prealloc[rid]
-            self._events.append(Held(rid, pages))
+            cached = max(req.cached_tokens, 0) // self.engine.config.page_size
+            self._events.append(Held(rid, pages, cached))
         self._note_wait(0)
 
     def _note_wait(self, waiting: int) -> None:

@@ -77,7 +77,9 @@ class TransportWriter:
             raise RuntimeError("this worker has no KV transport")
         dst = _destination(target)
         attrs = {"pdmesh.room": str(target.room), "pdmesh.kv.pages": len(src_pages),
-                 "pdmesh.kv.destination": target.session_id}
+                 "pdmesh.kv.destination": target.session_id,
+                 # prompt pages the decode had already (its prefix cache): not sent
+                 "pdmesh.kv.cached_pages": target.cached_pages}
         with tracing.span("kv.transfer", **attrs) as sp:
             self.in_flight += 1
             if self.in_flight > self.threads:

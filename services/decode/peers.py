@@ -38,7 +38,8 @@ class GrpcPrefillPeers:
             dst_page_ids=list(target.page_ids), model_id=lay.model, dtype=lay.dtype,
             page_size=lay.page_size, num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads,
             head_dim=lay.head_dim, bytes_per_page=lay.bytes_per_page,
-            dst_host_id=target.host_id, dst_local_endpoints=list(target.local_endpoints))
+            dst_host_id=target.host_id, dst_local_endpoints=list(target.local_endpoints),
+            dst_cached_pages=target.cached_pages)
         try:
             resp = await self._stub(address).Transfer(msg, timeout=timeout)
         except grpc.aio.AioRpcError as e:

@@ -61,8 +61,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         steps = self.proto.generate(request.room, request.prefill_address, ids, params)
         try:
             async for outs, room in steps:
-                # prompt tokens from a prefix cache: the prefill's (PD), or this engine's
-                cached = room.reply.cached_tokens if room.reply else None
+                # prompt tokens from a prefix cache: PD, the longer of the prefill's prefix
+                # (not computed) and this worker's (not sent): both prefixes of the prompt,
+                # so each token counts once; colocated, this engine's
+                cached = (max(room.reply.cached_tokens,
+                              room.cached_pages * self.host.layout.page_size)
+                          if room.reply else None)
                 for chunk in make_chunks(outs, len(ids), cached, self.host.tokenizer):
                     if first and room.stamps:
                         first_chunk_timings(chunk, room.request_id, room.stamps)
@@ -103,7 +107,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         t0, t_pages = room.stamps["arrival"], room.stamps["pages"]
         tracing.record_span("decode.admission", t0, t_pages,
                             {"pdmesh.room": room.request_id,
-                             "pdmesh.kv.pages": len(room.pages or [])})
+                             "pdmesh.kv.pages": len(room.pages or []),
+                             "pdmesh.kv.cached_pages": room.cached_pages})
         self.host.metrics.admission_wait.observe(t_pages - t0)
 
     def snapshot(self) -> dict[str, float]:

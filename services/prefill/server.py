@@ -153,7 +153,8 @@ def _target(request: pb.TransferRequest) -> TransferTarget:
                           kv_base=request.dst_kv_base_address, page_ids=pages, layout=layout,
                           decode_worker_id=request.decode_worker_id, room=request.room,
                           host_id=request.dst_host_id,
-                          local_endpoints=tuple(request.dst_local_endpoints))
+                          local_endpoints=tuple(request.dst_local_endpoints),
+                          cached_pages=request.dst_cached_pages)
 
 
 async def _abort(context, e: RoomError) -> None:
