@@ -18,7 +18,8 @@ import torch
 from pdmesh.runtime.tp.comm import TPGroup, host_store
 from pdmesh.runtime.tp.driver import TPRunner, greedy_generate, pages_needed
 from pdmesh.runtime.tp.model import TPCausalLM
-from pdmesh.runtime.tp.shard import load_shard
+from pdmesh.runtime.tp.plan import check_tp
+from pdmesh.runtime.tp.shard import load_shard, model_config
 
 RESULT_TIMEOUT_S = 600.0
 
@@ -78,7 +79,9 @@ def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1,
              dtype: str = "float32", device: str = "cpu", page_size: int = 16,
              stop_token_ids: tuple[int, ...] = (), threads: int | None = None) -> list[list[int]]:
     """Greedy token ids for each prompt from `model` ("default", a HF folder or a .gguf)
-    sharded over `tp` ranks (processes, gloo on CPU / NCCL on CUDA)."""
+    sharded over `tp` ranks (processes, gloo on CPU / NCCL on CUDA). Raises ValueError
+    before starting any rank when `tp` cannot shard the model."""
+    check_tp(model_config(model), tp)
     spec = TPSpec(str(model), tp, dtype, device, page_size,
                   pages_needed(prompts, max_tokens, page_size), threads)
     if tp == 1:

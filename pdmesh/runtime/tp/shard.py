@@ -62,6 +62,15 @@ def read_safetensors_shard(folder: Path, plan: TPPlan) -> dict[str, torch.Tensor
     return out
 
 
+def model_config(model: str | Path) -> ModelConfig:
+    """`model`'s config alone (a GGUF's comes with its weights: the cache's memory map,
+    or a parse)."""
+    path = resolve_model_path(model)
+    if model_format(path) == "hf":
+        return read_hf_config(path)
+    return load_weights_and_config(path)[0]
+
+
 def load_shard(model: str | Path, size: int, rank: int) -> tuple[TPPlan, dict[str, torch.Tensor]]:
     """Config and this rank's HF-named weight shards for `model` ("default", a HF folder
     or a .gguf file). Raises ValueError when `size` cannot shard the model."""
@@ -74,4 +83,4 @@ def load_shard(model: str | Path, size: int, rank: int) -> tuple[TPPlan, dict[st
     return plan, shard_weights(weights, plan)
 
 
-__all__ = ["shard_weights", "read_safetensors_shard", "load_shard"]
+__all__ = ["shard_weights", "read_safetensors_shard", "model_config", "load_shard"]
