@@ -9,12 +9,22 @@ growing history, the assistant's real replies) and stops the mesh. Settings:
   on+cache_aware   the cache plus `--prefill-policy cache_aware` at the gateway, only when
                the gateway knows that policy (added by another change; skipped otherwise)
 
+`--compare decode-reuse` compares instead (prefix cache on in both):
+
+  decode-reuse off   workers with --no-decode-prefix-cache: every turn moves its whole
+                     prompt's KV to the decode
+  decode-reuse on    the default: the decode keeps finished requests' KV and the prefill
+                     sends only the pages after the decode's cached prefix
+
 Prints, per deployment, mean / P99 TTFT per turn side by side, output tok/s, the prefix
-cache hit rate, and the ratio of mean TTFT over turns >= 2 (off / on). Each bench run's
-JSON goes to --out-dir.
+cache hit rate, and the ratio of mean TTFT over turns >= 2 (off / on); and the KV bytes
+the prefill(s) wrote (`pdmesh_kv_transfer_bytes_total`): over the bench run, and per turn
+of one extra conversation run turn by turn after it (its own system prompt, so its turn 1
+shares nothing). Each bench run's JSON goes to --out-dir.
 
     .venv/bin/python benchmarks/multi_turn.py                 # 4 conversations x 6 turns
     .venv/bin/python benchmarks/multi_turn.py --turns 8 --conversations 8 --parallel 4
+    .venv/bin/python benchmarks/multi_turn.py --compare decode-reuse --deployments 1
 """
 from __future__ import annotations
 
@@ -73,10 +83,47 @@ def wait_routable(base: str, timeout: float = 60.0) -> None:
             time.sleep(0.5)
 
 
-def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Path) -> dict:
+def kv_bytes(lines: list[str]) -> float:
+    """KV bytes written so far by every prefill worker of the mesh (all paths)."""
+    line = next(x for x in lines if "pdmesh serve: metrics" in x)
+    total = 0.0
+    for url in re.findall(r"prefill-\d+ (http://\S+?/metrics)", line):
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        total += sum(float(v) for v in re.findall(
+            r"^pdmesh_kv_transfer_bytes_total\{[^}]*\} (\S+)$", text, re.M))
+    return total
+
+
+def chat(base: str, messages: list[dict], max_tokens: int) -> str:
+    body = json.dumps({"model": "default", "messages": messages, "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    req = urllib.request.Request(base + "/chat/completions", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())["choices"][0]["message"]["content"]
+
+
+def bytes_per_turn(base: str, lines: list[str], turns: int, output_len: int) -> list[float]:
+    """One conversation, turn by turn (nothing else running): the KV bytes each turn's
+    request made the prefill write."""
+    system = " ".join(f"Rule {i}: answer the traveller about harbour {i} politely."
+                      for i in range(60))  # ~900 tokens, shared with no bench prompt
+    messages, out = [{"role": "system", "content": system}], []
+    for k in range(turns):
+        messages.append({"role": "user", "content": f"Question {k}: which harbour is "
+                         f"quietest in month {k + 1}, and why?"})
+        before = kv_bytes(lines)
+        messages.append({"role": "assistant", "content": chat(base, messages, output_len)})
+        out.append(kv_bytes(lines) - before)
+    return out
+
+
+def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Path,
+                probe: tuple[int, int]) -> dict:
     proc, base, lines = start_serve(serve_args)
     try:
         wait_routable(base)
+        b0 = kv_bytes(lines)
         t0 = time.monotonic()
         res = subprocess.run([sys.executable, "-m", "pdmesh.cli", "bench", "--base-url", base,
                               "--backend", "chat", "--workload", "multi-turn", "--label", name,
@@ -86,11 +133,27 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
               flush=True)
         if res.returncode != 0:
             print(res.stdout[-3000:] + res.stderr[-3000:])
+        bench_bytes = kv_bytes(lines) - b0
+        turn_bytes = bytes_per_turn(base, lines, *probe)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(90)
     doc = json.loads(out.read_text())
-    return doc["runs"][0] | {"system_prompt_tokens": doc["config"].get("system_prompt_tokens")}
+    return doc["runs"][0] | {"system_prompt_tokens": doc["config"].get("system_prompt_tokens"),
+                             "kv_bytes": bench_bytes, "kv_bytes_per_turn": turn_bytes}
+
+
+def bytes_table(runs: dict[str, dict]) -> str:
+    names = list(runs)
+    head = ["KV bytes written (MiB)"] + names
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    lines.append("| bench run (warm-up included) | " +
+                 " | ".join(mib(r["kv_bytes"]) for r in runs.values()) + " |")
+    for k in range(len(next(iter(runs.values()))["kv_bytes_per_turn"])):
+        lines.append(f"| probe conversation, turn {k + 1} | " +
+                     " | ".join(mib(r["kv_bytes_per_turn"][k]) for r in runs.values()) + " |")
+    return "\n".join(lines)
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -132,6 +195,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--think-time", type=float, default=0.5)
     ap.add_argument("--out-dir", default="/tmp/pdmesh-multi-turn")
+    ap.add_argument("--compare", choices=("prefix-cache", "decode-reuse"),
+                    default="prefix-cache", help="what the settings switch (see above)")
     a = ap.parse_args()
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +204,14 @@ def main() -> None:
                   "--input-len", str(a.user_len), "--output-len", str(a.output_len),
                   "--think-time", str(a.think_time), "--parallel", str(a.parallel),
                   "--conversations", str(a.conversations), "--warmup", "2"]
-    settings = [("off", ["--worker-arg=--no-prefix-cache"]), ("on", [])]
-    if cache_aware_available():
+    if a.compare == "decode-reuse":
+        settings = [("off", ["--worker-arg=--no-decode-prefix-cache"]), ("on", [])]
+        print("settings: decode-side reuse off vs on (prefix cache on in both)")
+    else:
+        settings = [("off", ["--worker-arg=--no-prefix-cache"]), ("on", [])]
+    if a.compare == "decode-reuse":
+        pass  # cache_aware is the same with one prefill
+    elif cache_aware_available():
         settings.append(("on+cache_aware", ["--gateway-arg=--prefill-policy=cache_aware"]))
     else:
         print("cache_aware prefill routing: not available in this checkout (skipped)")
@@ -152,12 +223,13 @@ def main() -> None:
         for name, extra in settings:
             out = out_dir / f"{dep}-{name}.json"
             runs[name] = run_setting(name, ["--prefill", str(p), "--decode", "1", *extra],
-                                     bench_args, out)
+                                     bench_args, out, (a.turns, a.output_len))
         sp = next(iter(runs.values()))["system_prompt_tokens"]
         print(f"\n{dep}: {a.conversations} conversations x {a.turns} turns, {a.parallel} at "
               f"once, system prompt {sp} tokens, user {a.user_len}, reply {a.output_len}, "
               f"think {a.think_time:g} s")
         print(table(runs))
+        print(bytes_table(runs))
         off = mean_late(runs["off"])
         for name in list(runs)[1:]:
             r = runs[name]
