@@ -12,11 +12,12 @@ prefill worker, with seed + 0 = seed: so sequence 0 of n is the n = 1 output).
 
 Sharing goes through one of two owners, never both for one request:
 - the prefix cache, when the engine has one and the parent uses it (a colocated
-  GENERATE request): its full pages are in the tree already, and the children's
-  ordinary cache lookup at admission finds them;
-- else a `ForkGroup` (an ADOPTED parent, whose KV came from outside and never enters the
-  cache, or an engine without a cache): the pages, reference-counted by the members that
-  hold them as their first pages; the last release frees them, once.
+  GENERATE request, or an ADOPTED one with decode-side reuse: `adopt` inserted them):
+  its full pages are in the tree already, and the children's ordinary cache lookup at
+  admission finds them;
+- else a `ForkGroup` (an ADOPTED parent on a decode without `decode_prefix_cache`, or an
+  engine without a cache): the pages, reference-counted by the members that hold them as
+  their first pages; the last release frees them, once.
 
 Children are admitted at fork time when they fit (while the parent still holds the
 pages: a parent with max_tokens=1 finishes on its first token). One that does not fit
