@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pdmesh import Engine, SamplingParams
-from pdmesh.runtime.loader import load_model
+from pdmesh.runtime.loader import LoadedModel, read_hf_config, read_safetensors
 from pdmesh.runtime.tp.driver import Step
 from pdmesh.runtime.tp.launch import generate
 from pdmesh.runtime.tp.plan import TPPlan, check_tp
@@ -36,6 +36,11 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def tiny_loaded(folder, tokenizer) -> LoadedModel:
+    """A tiny folder (written without a tokenizer) as a LoadedModel with `tokenizer`."""
+    return LoadedModel(read_hf_config(folder), read_safetensors(folder), tokenizer, folder, "hf")
+
+
 def engine_greedy(loaded, prompts: list[list[int]], n: int = N_TOKENS) -> list[list[int]]:
     """The runtime's own greedy tokens (Engine, float32, no TP)."""
     engine = Engine(loaded=loaded, dtype="float32", page_size=16, num_pages=64)
@@ -44,10 +49,17 @@ def engine_greedy(loaded, prompts: list[list[int]], n: int = N_TOKENS) -> list[l
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def tiny_llama(tmp_path_factory, default_model):
     """A tiny random Llama: 4 heads, 2 KV heads (folder, transformers model)."""
     folder = tmp_path_factory.mktemp("tiny_llama_tp")
-    return folder, write_tiny_hf_model(folder, "llama", seed=3)
+    return folder, tiny_model(folder, "llama", default_model, seed=3)
+
+
+def tiny_model(folder, arch: str, default_model, **overrides):
+    """A tiny random model with SmolLM2's vocab, written without a tokenizer (building
+    transformers' tokenizer from the GGUF costs seconds; tiny_loaded borrows ours)."""
+    vocab = default_model.config.vocab_size
+    return write_tiny_hf_model(folder, arch, vocab_size=vocab, with_tokenizer=False, **overrides)
 
 
 def smollm2_cfg():
@@ -90,9 +102,11 @@ def test_plan_rejects_uneven_sizes():
 def test_smollm2_tp3_shards(default_model):
     """Every rank holds a third of every sharded weight; the ranks' shards put back
     together are the full weights (q, o in head order; vocab rows; MLP features)."""
-    full, cfg = default_model.weights, default_model.config
+    p, cfg = "model.layers.7.", default_model.config
+    # one layer, the embedding and the final norm (cutting all 30 layers thrice costs seconds)
+    full = {n: t for n, t in default_model.weights.items()
+            if n.startswith((p, "model.embed", "model.norm"))}
     shards = [shard_weights(full, TPPlan(cfg, 3, r)) for r in range(3)]
-    p = "model.layers.7."
     want = {"self_attn.q_proj.weight": (192, 576), "self_attn.k_proj.weight": (64, 576),
             "self_attn.v_proj.weight": (64, 576), "self_attn.o_proj.weight": (576, 192),
             "mlp.gate_proj.weight": (512, 576), "mlp.up_proj.weight": (512, 576),
@@ -113,7 +127,7 @@ def test_safetensors_shard_reads_slices_equal_to_cut(tiny_llama):
     """A HF folder read rank by rank (slices only) equals cutting the full weights;
     at TP 4 over 2 KV heads ranks 0,1 and 2,3 hold the same KV head."""
     folder, _ = tiny_llama
-    loaded = load_model(folder)
+    loaded = tiny_loaded(folder, None)
     k = "model.layers.1.self_attn.k_proj.weight"
     per_rank = []
     for r in range(4):
@@ -133,21 +147,21 @@ def test_step_roundtrip():
     assert Step.decode(2, step.encode()) == step
 
 
-def test_tiny_llama_tp2_equals_tp1_engine_and_transformers(tiny_llama):
+def test_tiny_llama_tp2_equals_tp1_engine_and_transformers(tiny_llama, default_model):
     folder, hf = tiny_llama
     tp2 = generate(str(folder), TINY_PROMPTS, N_TOKENS, tp=2)
     assert tp2 == generate(str(folder), TINY_PROMPTS, N_TOKENS, tp=1)
-    assert tp2 == engine_greedy(load_model(folder), TINY_PROMPTS)
+    assert tp2 == engine_greedy(tiny_loaded(folder, default_model.tokenizer), TINY_PROMPTS)
     assert tp2 == [hf_greedy(hf, p, N_TOKENS) for p in TINY_PROMPTS]
     assert len({tuple(t) for t in tp2}) == len(TINY_PROMPTS)  # not one constant output
 
 
-def test_gqa_tp_exceeds_kv_heads(tmp_path):
+def test_gqa_tp_exceeds_kv_heads(tmp_path, default_model):
     """Qwen2 (q/k/v biases, sharded with their rows), 4 heads and 1 KV head at TP 2:
     the KV head and its biases are replicated on both ranks."""
-    hf = write_tiny_hf_model(tmp_path, "qwen2", seed=5, num_key_value_heads=1)
+    hf = tiny_model(tmp_path, "qwen2", default_model, seed=5, num_key_value_heads=1)
     tp2 = generate(str(tmp_path), TINY_PROMPTS, N_TOKENS, tp=2)
-    assert tp2 == engine_greedy(load_model(tmp_path), TINY_PROMPTS)
+    assert tp2 == engine_greedy(tiny_loaded(tmp_path, default_model.tokenizer), TINY_PROMPTS)
     assert tp2 == [hf_greedy(hf, p, N_TOKENS) for p in TINY_PROMPTS]
 
 

@@ -1,7 +1,7 @@
 """Start N tensor-parallel ranks as processes and run greedy generation on them.
 
-`generate(model, prompts, max_tokens, tp=N)` spawns N processes (torch.multiprocessing,
-spawn), hosts their rendezvous store, and returns rank 0's token ids. Each rank loads
+`generate(model, prompts, max_tokens, tp=N)` starts N processes (torch.multiprocessing,
+forkserver on Linux, else spawn), hosts their rendezvous store, and returns rank 0's token ids. Each rank loads
 only its own shards (shard.load_shard). TP=1 runs in this process through the same code
 (a group of one needs no torch.distributed). Any rank's exception ends the run: the
 others are stopped and a RuntimeError carries the failing rank's traceback.
@@ -42,8 +42,7 @@ def build_runner(spec: TPSpec, group: TPGroup) -> TPRunner:
     from pdmesh.runtime.model_runner import resolve_dtype
 
     plan, shards = load_shard(spec.model, spec.tp, group.rank)
-    model = TPCausalLM(plan, group)
-    model.load_shard(shards)
+    model = TPCausalLM.from_shards(plan, group, shards)
     del shards
     model = model.to(device=group.device, dtype=resolve_dtype(spec.dtype, spec.device)).eval()
     return TPRunner(model, spec.num_pages, spec.page_size)
@@ -87,7 +86,7 @@ def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1,
     if tp == 1:
         return run_rank(0, spec, 0, prompts, max_tokens, stop_token_ids)
     store = host_store(tp)
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, daemon=True, name=f"pdmesh-tp{r}",
                          args=(r, spec, store.port, prompts, max_tokens, stop_token_ids, results))
@@ -106,6 +105,19 @@ def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1,
     if status != "ok":
         raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{value}")
     return value
+
+
+def _context():
+    """forkserver where there is one (Linux): its server imports torch and this module
+    once, then each rank is a fork of it (no per-rank multi-second torch import, and no
+    fork of a caller whose OpenMP pool or gRPC threads are running); else spawn."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return torch.multiprocessing.get_context("spawn")
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", __name__])
+    return ctx
 
 
 def _wait(results, procs) -> tuple[str, int, object]:

@@ -128,12 +128,27 @@ class TPCausalLM(nn.Module):
         local = self.lm_head(hidden).float()  # [B, V / tp rounded up]
         return self.group.all_gather_last(local)[:, : self.cfg.vocab_size]
 
-    def load_shard(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Load this rank's HF-named shards (shard.py), fusing q/k/v and gate/up as the
-        runtime does; strict on names and shapes."""
-        own = dict(self.named_parameters())
+    @classmethod
+    def from_shards(cls, plan: TPPlan, group: TPGroup,
+                    weights: Mapping[str, torch.Tensor]) -> "TPCausalLM":
+        """Build the rank's model around its shards (shard.py) without allocating or
+        initialising parameters first: modules are made on the meta device, then take
+        the shard tensors as their parameters (fused q/k/v and gate/up are new tensors)."""
+        with torch.device("meta"):
+            model = cls(plan, group)
+        c = plan.cfg
+        model._inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        model.load_state_dict(model._state_from(weights), strict=True, assign=True)
+        if c.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    def _state_from(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our parameter names -> tensors from HF-named shards, fusing q/k/v and gate/up as
+        the runtime does; strict on names and shapes."""
+        state: dict[str, torch.Tensor] = {}
         done: set[str] = set()
-        for name, p in own.items():
+        for name, p in self.named_parameters():
             src = _sources(name, self.cfg.tie_word_embeddings)
             missing = [s for s in src if s not in weights]
             if missing:
@@ -142,14 +157,12 @@ class TPCausalLM(nn.Module):
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{'+'.join(src)}: shard shape {tuple(t.shape)}, "
                                  f"expected {tuple(p.shape)}")
-            with torch.no_grad():
-                p.copy_(t)
+            state[name] = t
             done.update(src)
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
         extra = sorted(set(weights) - done)
         if extra:
             raise ValueError(f"unexpected weights: {', '.join(extra[:5])}")
+        return state
 
 
 def _sources(name: str, tied: bool) -> list[str]:
