@@ -156,13 +156,15 @@ def test_tiny_llama_tp2_equals_tp1_engine_and_transformers(tiny_llama, default_m
     assert len({tuple(t) for t in tp2}) == len(TINY_PROMPTS)  # not one constant output
 
 
-def test_gqa_tp_exceeds_kv_heads(tmp_path, default_model):
-    """Qwen2 (q/k/v biases, sharded with their rows), 4 heads and 1 KV head at TP 2:
-    the KV head and its biases are replicated on both ranks."""
-    hf = tiny_model(tmp_path, "qwen2", default_model, seed=5, num_key_value_heads=1)
-    tp2 = generate(str(tmp_path), TINY_PROMPTS, N_TOKENS, tp=2)
-    assert tp2 == engine_greedy(tiny_loaded(tmp_path, default_model.tokenizer), TINY_PROMPTS)
-    assert tp2 == [hf_greedy(hf, p, N_TOKENS) for p in TINY_PROMPTS]
+@pytest.mark.parametrize("arch,hkv,tp", [("qwen2", 1, 2), ("qwen3", 2, 4)])
+def test_gqa_tp_exceeds_kv_heads(tmp_path, default_model, arch, hkv, tp):
+    """4 heads over fewer KV heads than ranks, so KV heads are replicated (vLLM's rule):
+    Qwen2 (q/k/v biases, sharded with their rows) with 1 KV head at TP 2; Qwen3
+    (per-head q/k RMSNorm, replicated) with 2 KV heads at TP 4."""
+    hf = tiny_model(tmp_path, arch, default_model, seed=5, num_key_value_heads=hkv)
+    out = generate(str(tmp_path), TINY_PROMPTS, N_TOKENS, tp=tp)
+    assert out == engine_greedy(tiny_loaded(tmp_path, default_model.tokenizer), TINY_PROMPTS)
+    assert out == [hf_greedy(hf, p, N_TOKENS) for p in TINY_PROMPTS]
 
 
 def test_smollm2_tp3_equals_engine(default_model):
@@ -187,3 +189,17 @@ def test_generate_refuses_uneven_tp_before_starting_ranks(tiny_llama):
     folder, _ = tiny_llama
     with pytest.raises(ValueError, match="4 attention heads"):
         generate(str(folder), TINY_PROMPTS, N_TOKENS, tp=3)
+
+
+def test_a_failing_rank_fails_generate(tmp_path, default_model):
+    """Weights missing a tensor: the ranks raise while loading, and generate raises
+    with their traceback instead of hanging."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model(tmp_path, "llama", default_model)
+    f = tmp_path / "model.safetensors"
+    weights = load_file(f)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, f)
+    with pytest.raises(RuntimeError, match="shard lacks model.layers.1.mlp.up_proj.weight"):
+        generate(str(tmp_path), TINY_PROMPTS, N_TOKENS, tp=2)
