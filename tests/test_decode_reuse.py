@@ -267,3 +267,35 @@ def test_a_prefill_transfer_target_from_the_proto():
                                     bytes_per_page=1024))
     assert t.page_ids == (12,) and t.cached_pages == 2
     assert target().cached_pages == 0
+
+
+def test_cancelled_mid_transfer_quarantines_only_the_pages_being_written():
+    """The client leaves while the prefill may be writing: the pages sent are quarantined
+    (the cached prefix is never written); the prefill's confirmed abort then frees the
+    request, pinned prefix included, once."""
+    from disagg_fakes import FakeEngine, FakePeers
+    from pdmesh.disagg.decode import DecodeProtocol
+
+    async def main():
+        eng, peers = FakeEngine(), FakePeers()
+        proto = DecodeProtocol(eng, peers, None, lambda pages: target(pages), 5.0)
+        proto.quarantine._retry_s = 0.01
+
+        async def consume():
+            async for _ in proto.generate(ROOM, "prefill:1", [1, 2, 3, 4, 5], None):
+                pass
+        task = asyncio.ensure_future(consume())
+        await settle()
+        eng.holds[RID].set_result(HeldPages([10, 11, 12], cached_pages=2))
+        await settle()
+        assert ROOM in peers.calls
+        peers.abort_ok = False  # the prefill can't confirm yet
+        task.cancel()
+        await settle()
+        quarantined, freed = proto.quarantine.pages, eng.freed(RID)
+        peers.abort_ok = True
+        await asyncio.sleep(0.1)  # the quarantine's retry: confirmed
+        return eng, peers, quarantined, freed, proto.quarantine.pages
+    eng, peers, quarantined, freed, after = asyncio.run(asyncio.wait_for(main(), 30))
+    assert (quarantined, freed) == (1, 0) and after == 0
+    assert ROOM in peers.aborts and eng.freed(RID) == 1

@@ -255,7 +255,8 @@ class DecodeProtocol:
         if room.finished:
             return
         if room.transfer_sent and not room.kv_done:
-            self.quarantine.add(room.request_id, room.prefill_address, len(room.pages or []))
+            # the pages a write may still reach: not the cached prefix (never written)
+            self.quarantine.add(room.request_id, room.prefill_address, len(room.sent_pages))
         else:
             self.engine.abort(room.request_id)
 
