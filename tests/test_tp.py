@@ -203,3 +203,34 @@ def test_a_failing_rank_fails_generate(tmp_path, default_model):
     save_file(weights, f)
     with pytest.raises(RuntimeError, match="shard lacks model.layers.1.mlp.up_proj.weight"):
         generate(str(tmp_path), TINY_PROMPTS, N_TOKENS, tp=2)
+
+
+def test_tp1_forward_is_the_runtimes_bit_for_bit(tiny_llama):
+    """TPCausalLM at TP 1 runs CausalLM.forward's ops in its order: equal hidden states
+    (prefill of two sequences, then a decode step) and logits to float rounding."""
+    from pdmesh.runtime.attention import AttnMetadata, SeqSpan
+    from pdmesh.runtime.model import CausalLM
+    from pdmesh.runtime.tp.comm import TPGroup
+    from pdmesh.runtime.tp.model import TPCausalLM
+
+    folder, _ = tiny_llama
+    loaded = tiny_loaded(folder, None)
+    ref = CausalLM(loaded.config)
+    ref.load_hf_weights(loaded.weights)
+    plan = TPPlan(loaded.config, 1, 0)
+    tp = TPCausalLM.from_shards(plan, TPGroup(0, 1, torch.device("cpu")),
+                                shard_weights(loaded.weights, plan))
+    kv_ref, kv_tp = (torch.zeros(tp.kv_shape(8, 16)) for _ in range(2))
+    a, b = TINY_PROMPTS[1], TINY_PROMPTS[2]
+    pre = [SeqSpan(0, len(a), len(a), torch.tensor([0])),
+           SeqSpan(len(a), len(b), len(b), torch.tensor([1, 2, 3]))]
+    dec = [SeqSpan(0, 1, len(a) + 1, torch.tensor([0])),
+           SeqSpan(1, 1, len(b) + 1, torch.tensor([1, 2, 3]))]
+    for ids, pos, spans in [(a + b, [*range(len(a)), *range(len(b))], pre),
+                            ([7, 8], [len(a), len(b)], dec)]:
+        meta = AttnMetadata.build(spans, 16)
+        args = torch.tensor(ids), torch.tensor(pos)
+        h_ref, h_tp = ref(*args, kv_ref, meta), tp(*args, kv_tp, meta)
+        assert torch.equal(h_ref, h_tp)
+    assert torch.equal(kv_ref, kv_tp)
+    torch.testing.assert_close(tp.logits(h_tp), ref.logits(h_ref))

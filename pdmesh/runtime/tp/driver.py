@@ -105,36 +105,44 @@ def pages_needed(prompts: list[list[int]], max_tokens: int, page_size: int) -> i
 def greedy_generate(runner: TPRunner, prompts: list[list[int]], max_tokens: int,
                     stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
     """Rank 0: greedy tokens for each prompt (at most max_tokens; a stop id ends a
-    sequence and is kept), followers following; sends stop at the end."""
+    sequence and is kept), followers following; sends them stop when done."""
     if any(not p for p in prompts) or max_tokens < 1:
         raise ValueError("every prompt needs a token and max_tokens must be >= 1")
-    alloc = PageAllocator(runner.kv.shape[0])
-    size = runner.page_size
+    size, alloc = runner.page_size, PageAllocator(runner.kv.shape[0])
     tokens = [list(p) for p in prompts]
-    pages = [alloc.alloc(-(-(len(p) + max_tokens) // size)) for p in prompts]
+    pages = [alloc.alloc(pages_needed([p], max_tokens, size)) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))
-    def held(i: int) -> list[int]:  # the pages sequence i's KV occupies so far
-        return pages[i][: -(-len(tokens[i]) // size)]
-
-    step = Step([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
-                [len(p) for p in prompts], [len(p) for p in prompts],
-                [held(i) for i in range(len(prompts))])
-    try:
-        while active:
-            runner.send(step)
-            best = runner.run(step).argmax(dim=-1).tolist()
-            for i, tok in zip(active, best):
-                out[i].append(tok)
-                tokens[i].append(tok)
-            active = [i for i in active
-                      if len(out[i]) < max_tokens and out[i][-1] not in stop_token_ids]
-            step = Step([tokens[i][-1] for i in active], [len(tokens[i]) - 1 for i in active],
-                        [1] * len(active), [len(tokens[i]) for i in active],
-                        [held(i) for i in active])
-    finally:
-        runner.send(None)
+    step = _next_step(tokens, pages, active, size, prefill=True)
+    while active:
+        runner.send(step)
+        best = runner.run(step).argmax(dim=-1).tolist()
+        for i, tok in zip(active, best):
+            out[i].append(tok)
+            tokens[i].append(tok)
+        active = [i for i in active
+                  if len(out[i]) < max_tokens and out[i][-1] not in stop_token_ids]
+        step = _next_step(tokens, pages, active, size)
+    # not on an exception: the followers may be inside a collective of the failed step,
+    # where a stop broadcast would pair with the wrong op (the launcher stops them)
+    runner.send(None)
     return out
+
+
+def _next_step(tokens: list[list[int]], pages: list[list[int]], active: list[int],
+               page_size: int, prefill: bool = False) -> Step:
+    """The forward of sequences `active`: all their tokens (prefill) or each one's last;
+    each with the pages its KV occupies after the forward."""
+    ids, pos, q_lens, ctx_lens, tables = [], [], [], [], []
+    for i in active:
+        n = len(tokens[i])
+        q = n if prefill else 1
+        ids += tokens[i][n - q:]
+        pos += range(n - q, n)
+        q_lens.append(q)
+        ctx_lens.append(n)
+        tables.append(pages[i][: -(-n // page_size)])
+    return Step(ids, pos, q_lens, ctx_lens, tables)
 
 
 __all__ = ["Step", "TPRunner", "greedy_generate", "pages_needed"]

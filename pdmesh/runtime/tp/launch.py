@@ -51,7 +51,7 @@ def build_runner(spec: TPSpec, group: TPGroup) -> TPRunner:
 def run_rank(rank: int, spec: TPSpec, port: int, prompts: list[list[int]], max_tokens: int,
              stop_token_ids: tuple[int, ...]) -> list[list[int]] | None:
     """One rank's whole life: join, load, generate (rank 0) or follow; rank 0's tokens."""
-    if spec.device == "cpu":
+    if spec.device == "cpu" and (spec.threads or spec.tp > 1):  # TP 1 runs in the caller
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
     group = TPGroup.join(rank, spec.tp, port, spec.device)
     try:
