@@ -15,6 +15,7 @@ from pdmesh import Engine, SamplingParams
 from pdmesh.runtime.loader import LoadedModel, read_hf_config, read_safetensors
 from pdmesh.runtime.tp.driver import Step
 from pdmesh.runtime.tp.launch import generate
+from pdmesh.runtime.tp.lead import engine_generate
 from pdmesh.runtime.tp.plan import TPPlan, check_tp
 from pdmesh.runtime.tp.shard import read_safetensors_shard, shard_weights
 from tiny_models import write_tiny_hf_model
@@ -143,7 +144,7 @@ def test_safetensors_shard_reads_slices_equal_to_cut(tiny_llama):
 
 
 def test_step_roundtrip():
-    step = Step([5, 6, 7, 9], [0, 1, 2, 40], [3, 1], [3, 41], [[4], [0, 1, 2]])
+    step = Step([5, 6, 7, 9], [0, 1, 2, 40], [3, 1], [3, 41], [[4], [0, 1, 2]], [False, True])
     assert Step.decode(2, step.encode()) == step
 
 
@@ -234,3 +235,21 @@ def test_tp1_forward_is_the_runtimes_bit_for_bit(tiny_llama):
         assert torch.equal(h_ref, h_tp)
     assert torch.equal(kv_ref, kv_tp)
     torch.testing.assert_close(tp.logits(h_tp), ref.logits(h_ref))
+
+
+def test_engine_steps_on_tp_ranks(tiny_llama, default_model):
+    """An Engine on rank 0 whose forwards run on 2 ranks (lead.py): scheduler batches,
+    16-token prefill chunks that sample nothing, and a second round that reuses the
+    first round's cached prefix on both ranks; tokens equal the Engine alone."""
+    folder, _ = tiny_llama
+    if not (folder / "tokenizer.json").is_file():
+        default_model.tokenizer.hf.save_pretrained(folder)  # the Engine loads one
+    rounds = [[TINY_PROMPTS[2], TINY_PROMPTS[1]], [TINY_PROMPTS[2][:33] + [9, 10, 11]]]
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
+    kw = dict(page_size=16, num_pages=64, chunked_prefill_size=16)
+    outs = engine_generate(str(folder), rounds, params, tp=2, **kw)
+    alone = Engine(model=str(folder), dtype="float32", **kw)
+    for prompts, got in zip(rounds, outs):
+        want = alone.generate(prompt_token_ids=prompts, params=params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert outs[1][0].cached_tokens == 32  # two full pages of the first round's prompt

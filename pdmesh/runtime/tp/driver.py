@@ -4,10 +4,12 @@ KV: each rank has its own paged pool (the runtime's layout, kv[P, L, page, 2, hk
 with only that rank's KV heads), and every rank uses the same page ids, which rank 0
 picks (a PageAllocator, pages for prompt + max_tokens reserved up front) and sends in
 the step. A step on the wire: a header [n_seqs, payload_len] (n_seqs = 0: stop), then
-the int64 payload [q_len * n, ctx_len * n, n_pages * n, ids * T, positions * T, pages].
-Greedy decoding here is this first step's driver (prefill of every prompt in one
-forward, then one token per sequence per forward); the worker's scheduler is not
-wired to it yet.
+the int64 payload [q_len * n, ctx_len * n, n_pages * n, sample * n, ids * T,
+positions * T, pages].
+Two leads for rank 0: `greedy_generate` (this module: prefill of every prompt in one
+forward, then one token per sequence per forward), and an Engine whose runner is the
+TPRunner (`TPRunner.run` takes the scheduler's Batch, as ModelRunner.run does; see
+lead.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.attention import AttnMetadata, SeqSpan
+from pdmesh.runtime.scheduler import Batch
 from pdmesh.runtime.tp.comm import TPGroup
 from pdmesh.runtime.tp.model import TPCausalLM
 
@@ -24,30 +27,48 @@ from pdmesh.runtime.tp.model import TPCausalLM
 @dataclass
 class Step:
     """One forward over a flat batch: sequence i has q_lens[i] new tokens, ctx_lens[i]
-    tokens of KV after the forward, in pages[i]; ids/positions: [T] flat."""
+    tokens of KV after the forward, in pages[i], and its last token's logits are wanted
+    when sample[i]; ids/positions: [T] flat."""
 
     ids: list[int]
     positions: list[int]
     q_lens: list[int]
     ctx_lens: list[int]
     pages: list[list[int]]
+    sample: list[bool]
 
     def encode(self) -> torch.Tensor:
-        flat = [*self.q_lens, *self.ctx_lens, *map(len, self.pages), *self.ids,
-                *self.positions, *(p for ps in self.pages for p in ps)]
+        flat = [*self.q_lens, *self.ctx_lens, *map(len, self.pages), *map(int, self.sample),
+                *self.ids, *self.positions, *(p for ps in self.pages for p in ps)]
         return torch.tensor(flat, dtype=torch.long)
 
     @classmethod
     def decode(cls, n: int, payload: torch.Tensor) -> "Step":
         v = payload.tolist()
         q_lens, ctx_lens, n_pages = v[:n], v[n:2 * n], v[2 * n:3 * n]
+        sample, v = [bool(x) for x in v[3 * n:4 * n]], v[4 * n:]
         t = sum(q_lens)
-        ids, pos, rest = v[3 * n:3 * n + t], v[3 * n + t:3 * n + 2 * t], v[3 * n + 2 * t:]
+        ids, pos, rest = v[:t], v[t:2 * t], v[2 * t:]
         pages, at = [], 0
         for k in n_pages:
             pages.append(rest[at:at + k])
             at += k
-        return cls(ids, pos, q_lens, ctx_lens, pages)
+        return cls(ids, pos, q_lens, ctx_lens, pages, sample)
+
+
+def step_from_batch(batch: Batch, page_size: int) -> Step:
+    """The scheduler's batch as a Step (ModelRunner._flatten's order: each scheduled
+    sequence's tokens [start, start + length), with the pages its KV then occupies)."""
+    ids, pos, q_lens, ctx_lens, pages, sample = [], [], [], [], [], []
+    for s in batch.seqs:
+        end = s.start + s.length
+        ids += [s.req.token_at(i) for i in range(s.start, end)]
+        pos += range(s.start, end)
+        q_lens.append(s.length)
+        ctx_lens.append(end)
+        pages.append(list(s.req.pages[: -(-end // page_size)]))
+        sample.append(s.sample)
+    return Step(ids, pos, q_lens, ctx_lens, pages, sample)
 
 
 class TPRunner:
@@ -58,9 +79,16 @@ class TPRunner:
         w = model.embed_tokens.weight
         self.kv = torch.zeros(model.kv_shape(num_pages, page_size), dtype=w.dtype, device=w.device)
 
-    def run(self, step: Step) -> torch.Tensor:
-        """Forward `step` (writing this rank's KV) -> float32 logits [n_seqs, V] of each
-        sequence's last token, the same on every rank."""
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Rank 0, ModelRunner.run's contract (so an Engine can step on it): forward the
+        scheduler's `batch` on every rank -> float32 logits [n_sampled, V]."""
+        step = step_from_batch(batch, self.page_size)
+        self.send(step)
+        return self.forward(step)
+
+    def forward(self, step: Step) -> torch.Tensor:
+        """Forward `step` (writing this rank's KV) -> float32 logits [n_sampled, V] of the
+        sampled sequences' last tokens, the same on every rank."""
         dev, spans, q0 = self.group.device, [], 0
         for q_len, ctx, pages in zip(step.q_lens, step.ctx_lens, step.pages):
             spans.append(SeqSpan(q0, q_len, ctx, torch.tensor(pages, dtype=torch.long)))
@@ -68,8 +96,10 @@ class TPRunner:
         meta = AttnMetadata.build(spans, self.page_size, dev)
         hidden = self.model(torch.tensor(step.ids, device=dev),
                             torch.tensor(step.positions, device=dev), self.kv, meta)
-        last = torch.tensor([s.q_start + s.q_len - 1 for s in spans], device=dev)
-        return self.model.logits(hidden[last])
+        last = [s.q_start + s.q_len - 1 for s, keep in zip(spans, step.sample) if keep]
+        if not last:  # every rank knows: no logits collective this step
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        return self.model.logits(hidden[torch.tensor(last, device=dev)])
 
     def send(self, step: Step | None) -> None:
         """Rank 0: announce `step` (None: stop) to the followers."""
@@ -92,7 +122,7 @@ class TPRunner:
         """Other ranks: run rank 0's steps until it says stop; returns the step count."""
         steps = 0
         while (step := self.receive()) is not None:
-            self.run(step)
+            self.forward(step)
             steps += 1
         return steps
 
@@ -116,7 +146,7 @@ def greedy_generate(runner: TPRunner, prompts: list[list[int]], max_tokens: int,
     step = _next_step(tokens, pages, active, size, prefill=True)
     while active:
         runner.send(step)
-        best = runner.run(step).argmax(dim=-1).tolist()
+        best = runner.forward(step).argmax(dim=-1).tolist()
         for i, tok in zip(active, best):
             out[i].append(tok)
             tokens[i].append(tok)
@@ -142,7 +172,7 @@ def _next_step(tokens: list[list[int]], pages: list[list[int]], active: list[int
         q_lens.append(q)
         ctx_lens.append(n)
         tables.append(pages[i][: -(-n // page_size)])
-    return Step(ids, pos, q_lens, ctx_lens, tables)
+    return Step(ids, pos, q_lens, ctx_lens, tables, [True] * len(active))
 
 
-__all__ = ["Step", "TPRunner", "greedy_generate", "pages_needed"]
+__all__ = ["Step", "TPRunner", "greedy_generate", "pages_needed", "step_from_batch"]

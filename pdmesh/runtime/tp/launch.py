@@ -1,9 +1,11 @@
-"""Start N tensor-parallel ranks as processes and run greedy generation on them.
+"""Start N tensor-parallel ranks as processes and run a lead on rank 0.
 
-`generate(model, prompts, max_tokens, tp=N)` starts N processes (torch.multiprocessing,
-forkserver on Linux, else spawn), hosts their rendezvous store, and returns rank 0's token ids. Each rank loads
-only its own shards (shard.load_shard). TP=1 runs in this process through the same code
-(a group of one needs no torch.distributed). Any rank's exception ends the run: the
+`launch(spec, lead)` starts N processes (torch.multiprocessing, forkserver on Linux, else
+spawn), hosts their rendezvous store, runs `lead(runner)` on rank 0 while the others
+follow its steps, and returns the lead's result; `generate(model, prompts, max_tokens,
+tp=N)` is launch with the greedy lead. Each rank loads only its own shards
+(shard.load_shard). TP=1 runs in this process through the same code (a group of one
+needs no torch.distributed). Any rank's exception ends the run: the
 others are stopped and a RuntimeError carries the failing rank's traceback.
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import queue as queue_mod
 import traceback
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, TypeVar
 
 import torch
 
@@ -22,6 +26,7 @@ from pdmesh.runtime.tp.plan import check_tp
 from pdmesh.runtime.tp.shard import load_shard, model_config
 
 RESULT_TIMEOUT_S = 600.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,25 +53,25 @@ def build_runner(spec: TPSpec, group: TPGroup) -> TPRunner:
     return TPRunner(model, spec.num_pages, spec.page_size)
 
 
-def run_rank(rank: int, spec: TPSpec, port: int, prompts: list[list[int]], max_tokens: int,
-             stop_token_ids: tuple[int, ...]) -> list[list[int]] | None:
-    """One rank's whole life: join, load, generate (rank 0) or follow; rank 0's tokens."""
+def run_rank(rank: int, spec: TPSpec, port: int, lead: Callable[[TPRunner], T]) -> T | None:
+    """One rank's whole life: join, load, then `lead(runner)` on rank 0 (which must send
+    the followers stop) or follow rank 0's steps; returns rank 0's result."""
     if spec.device == "cpu" and (spec.threads or spec.tp > 1):  # TP 1 runs in the caller
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
     group = TPGroup.join(rank, spec.tp, port, spec.device)
     try:
         runner = build_runner(spec, group)
         if rank == 0:
-            return greedy_generate(runner, prompts, max_tokens, stop_token_ids)
+            return lead(runner)
         runner.follow()
         return None
     finally:
         group.close()
 
 
-def _entry(rank: int, spec: TPSpec, port: int, prompts, max_tokens, stop_ids, results) -> None:
+def _entry(rank: int, spec: TPSpec, port: int, lead, results) -> None:
     try:
-        out = run_rank(rank, spec, port, prompts, max_tokens, stop_ids)
+        out = run_rank(rank, spec, port, lead)
         if rank == 0:
             results.put(("ok", rank, out))
     except BaseException:
@@ -74,23 +79,19 @@ def _entry(rank: int, spec: TPSpec, port: int, prompts, max_tokens, stop_ids, re
         raise
 
 
-def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1, *,
-             dtype: str = "float32", device: str = "cpu", page_size: int = 16,
-             stop_token_ids: tuple[int, ...] = (), threads: int | None = None) -> list[list[int]]:
-    """Greedy token ids for each prompt from `model` ("default", a HF folder or a .gguf)
-    sharded over `tp` ranks (processes, gloo on CPU / NCCL on CUDA). Raises ValueError
-    before starting any rank when `tp` cannot shard the model."""
-    check_tp(model_config(model), tp)
-    spec = TPSpec(str(model), tp, dtype, device, page_size,
-                  pages_needed(prompts, max_tokens, page_size), threads)
-    if tp == 1:
-        return run_rank(0, spec, 0, prompts, max_tokens, stop_token_ids)
-    store = host_store(tp)
+def launch(spec: TPSpec, lead: Callable[[TPRunner], T]) -> T:
+    """Start spec.tp ranks (processes, gloo on CPU / NCCL on CUDA; TP 1 in this process),
+    run `lead` (picklable: a module-level function or a partial of one) on rank 0 while the
+    others follow, and return its result. Raises ValueError before starting any rank when
+    spec.tp cannot shard the model, RuntimeError with the traceback when a rank fails."""
+    check_tp(model_config(spec.model), spec.tp)  # also fills a GGUF's weights cache once
+    if spec.tp == 1:
+        return run_rank(0, spec, 0, lead)
+    store = host_store(spec.tp)
     ctx = _context()
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, daemon=True, name=f"pdmesh-tp{r}",
-                         args=(r, spec, store.port, prompts, max_tokens, stop_token_ids, results))
-             for r in range(tp)]
+                         args=(r, spec, store.port, lead, results)) for r in range(spec.tp)]
     for p in procs:
         p.start()
     status, rank, value = "error", 0, "interrupted"
@@ -105,6 +106,17 @@ def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1,
     if status != "ok":
         raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{value}")
     return value
+
+
+def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1, *,
+             dtype: str = "float32", device: str = "cpu", page_size: int = 16,
+             stop_token_ids: tuple[int, ...] = (), threads: int | None = None) -> list[list[int]]:
+    """Greedy token ids for each prompt from `model` ("default", a HF folder or a .gguf)
+    sharded over `tp` ranks (see `launch`; the lead is driver.greedy_generate)."""
+    spec = TPSpec(str(model), tp, dtype, device, page_size,
+                  pages_needed(prompts, max_tokens, page_size), threads)
+    return launch(spec, partial(greedy_generate, prompts=prompts, max_tokens=max_tokens,
+                                stop_token_ids=stop_token_ids))
 
 
 def _context():
@@ -138,4 +150,4 @@ def _wait(results, procs) -> tuple[str, int, object]:
     return "error", 0, f"no result within {RESULT_TIMEOUT_S:.0f} s"
 
 
-__all__ = ["TPSpec", "build_runner", "run_rank", "generate"]
+__all__ = ["TPSpec", "build_runner", "run_rank", "launch", "generate"]
