@@ -5,5 +5,6 @@ shard.py  cutting / reading a rank's shards without keeping the full model
 comm.py   the process group (TPGroup; gloo on CPU, NCCL on CUDA)
 model.py  one rank's decoder (TPCausalLM): the runtime's forward plus collectives
 driver.py rank 0 schedules steps, the others follow (Step, TPRunner, greedy_generate)
-launch.py spawn N ranks and generate (generate)
+launch.py start N ranks, run a lead on rank 0 (launch); greedy generation (generate)
+lead.py   the runtime's Engine stepping on the ranks (engine_generate)
 """

@@ -72,7 +72,8 @@ def step_from_batch(batch: Batch, page_size: int) -> Step:
 
 
 class TPRunner:
-    """One rank's model and KV pool; `run` is called by every rank with the same step."""
+    """One rank's model and KV pool. Rank 0 calls `run(batch)` (or `send` then `forward`)
+    for each step; the other ranks `follow`, forwarding the same steps in the same order."""
 
     def __init__(self, model: TPCausalLM, num_pages: int, page_size: int) -> None:
         self.model, self.page_size, self.group = model, page_size, model.group
