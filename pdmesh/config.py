@@ -103,6 +103,8 @@ def _rope_scaling(rope: Mapping[str, Any] | None) -> RopeScaling | None:
 
 
 NUMERICS = ("fast", "reference")  # EngineConfig.numerics
+# EngineConfig.max_prefill_tokens' default on CPU (benchmarks/results/2026-11-30-cpu-vs-vllm.md)
+CPU_MAX_PREFILL_TOKENS = 512
 
 
 def check_numerics(numerics: str, attention_backend: str) -> bool:
@@ -129,7 +131,9 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30  # KV pool budget (all layers, K and V)
     num_pages: int | None = None  # overrides kv_cache_bytes when set
     max_running_requests: int = 64
-    max_prefill_tokens: int = 4096  # tokens per prefill step, over all requests in it
+    # tokens per prefill step, over all requests in it; None = 4096 on CUDA,
+    # CPU_MAX_PREFILL_TOKENS on CPU (prefill_budget())
+    max_prefill_tokens: int | None = None
     chunked_prefill_size: int = 2048  # a longer prompt is split into chunks of this size
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads on CPU
@@ -152,7 +156,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",
                      "chunked_prefill_size", "kv_cache_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
@@ -165,6 +169,15 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+    def prefill_budget(self) -> int:
+        """Prompt tokens per prefill step: `max_prefill_tokens`, else the device's default.
+        CPU: a prefill step there runs ~1500 tokens/s per core, so a wave of prompts that
+        arrive together gets its first tokens in turn, a few prompts per step, instead
+        of all at the end of one step of seconds; the steps cost about the same in all."""
+        if self.max_prefill_tokens is not None:
+            return self.max_prefill_tokens
+        return CPU_MAX_PREFILL_TOKENS if self.device == "cpu" else 4096
 
 
 def _env_bool(v: str) -> bool:

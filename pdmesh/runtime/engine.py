@@ -91,7 +91,7 @@ class Engine:
         reuse = cfg.prefix_cache and cfg.numerics != "reference"
         self.cache = PrefixCache(self.allocator, cfg.page_size) if reuse else None
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
-                                   cfg.max_prefill_tokens, cfg.chunked_prefill_size,
+                                   cfg.prefill_budget(), cfg.chunked_prefill_size,
                                    cache=self.cache, cache_adopted=cfg.decode_prefix_cache)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
