@@ -105,7 +105,8 @@ def scrape(base: str) -> dict[tuple[str, ...], float]:
     text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     out = {}
     for line in text.splitlines():
-        m = re.match(r"(pdmesh_gateway_pd_mode_\w+?(?:_sum|_count|_total))\{(.*)\} (\S+)", line)
+        m = re.match(r"(pdmesh_gateway_(?:pd_mode_\w+?|ttft_part_seconds)(?:_sum|_count|_total))"
+                     r"\{(.*)\} (\S+)", line)
         if m:
             labels = tuple(v for _, v in re.findall(r'(\w+)="([^"]*)"', m.group(2)))
             out[(m.group(1), *labels)] = float(m.group(3))
@@ -214,6 +215,13 @@ def main() -> int:
           f"{args.long[0]}-{args.long[1]} ({args.long_fraction:.0%}), output "
           f"{args.output_len}; SLO TTFT <= {args.slo_ttft:g} s and TPOT <= {args.slo_tpot:g} s\n")
     print(report(args, records, scraped, durations))
+    print("\nTTFT parts of remote requests, mean s (queue / prefill / transfer / first "
+          "decode): " + "; ".join(f"{k} " + " / ".join(
+              "{:.3f}".format(scraped[k].get(("pdmesh_gateway_ttft_part_seconds_sum", part), 0)
+                              / max(1, scraped[k].get(("pdmesh_gateway_ttft_part_seconds_count",
+                                                        part), 0)))
+              for part in ("queue", "prefill", "transfer", "first_decode"))
+          for k in args.policies))
     print("\ngoodput req/s per round (other processes' CPU, cores): " + "; ".join(
         f"{k} " + ", ".join(f"{g:.3f} ({o:.2f})" for g, o in v) for k, v in rounds.items()))
     if args.json:

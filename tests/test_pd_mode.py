@@ -269,6 +269,14 @@ def test_cache_aware_detail_counts_cached_prefixes_on_both_sides():
     again = d.choose(p, dw, prompt, [("prefill.match_rate", 0.75)])
     # local: all 20 chunks were prefilled on this decode (at least 1 token is computed)
     assert again.situation.uncached_local == 1 and again.situation.uncached_remote == 80
+    # a remote prefill's prompt is in the decode's cache too (decode-side reuse), and
+    # only the KV the decode lacks is sent
+    d2 = decider("always")
+    d2.choose(p, dw, prompt, [("prefill.match_rate", 0.0)]).ended()
+    turn2 = d2.choose(p, dw, prompt + list(range(500, 532)), [("prefill.match_rate", 0.9)])
+    assert turn2.situation.uncached_local == 32
+    assert turn2.estimate.ttft_remote == pytest.approx(
+        0.005 + d2.model.prefill_time(turn2.situation.uncached_remote) + 0.032)
     plain = d.choose(p, dw, prompt)  # no cache-aware policy: the whole prompt
     assert plain.situation.uncached_local == plain.situation.uncached_remote == 320
     d.forget("d0")

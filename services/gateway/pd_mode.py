@@ -14,8 +14,10 @@ the pair is picked, and returns a `Ticket`: the choice, both predicted TTFTs
 
 What the decider knows, with no RPC of its own:
   - uncached tokens: with cache_aware routing, the prefill policy's match rate (remote)
-    and a prefix tree of the prompts this gateway prefilled on each decode (local: only
-    those are in the decode's prefix cache; adopted KV never is); else the whole prompt;
+    and a prefix tree of the prompts this gateway sent to each decode (local: the
+    decode's prefix cache keeps its local prefills and, with decode-side reuse, the KV
+    it adopted); else the whole prompt. The same tree says how much of the prompt's KV
+    the decode already has, which a remote prefill then does not send;
   - queues: a virtual finish time per prefill worker and per decode worker's local
     prefills (each chosen request adds its predicted prefill time; a measured first token
     corrects the rest by its error; an empty queue resets), floored by the prefill
@@ -140,7 +142,7 @@ class PdModeDecider:
         self.max_stall_s, self.metrics, self.clock = max_stall_s, metrics, clock
         self.max_tree_size = max_tree_size
         self._queues: dict[str, _Queue] = {}
-        self._trees: dict[str, PrefixTree] = {}  # decode id -> prompts prefilled there
+        self._trees: dict[str, PrefixTree] = {}  # decode id -> prompts sent there
         self._lock = threading.Lock()
 
     @classmethod
@@ -172,7 +174,7 @@ class PdModeDecider:
             q.busy_until = max(q.busy_until, now) + self.model.prefill_time(n)
             ticket.shift0, ticket.alone = q.shift, q.open == 0
             q.open += 1
-            if mode == LOCAL and self._cache_aware(said):  # now in the decode's cache
+            if chunks:  # either way the prompt is now in the decode's prefix cache
                 self._tree(decode.worker_id).insert(chunks)
         if self.metrics is not None:
             self.metrics.requests.labels(mode).inc()
@@ -262,8 +264,8 @@ class PdModeDecider:
             if t.alone:  # else its prefill step(s) may have computed other prompts too
                 self.model.observe_prefill(s.prompt_tokens - response.cached_tokens,
                                            timings.prefill_s)
-            self.model.observe_transfer(
-                s.prompt_tokens * (s.kv_bytes_per_token or self.model.profile.kv_bytes_per_token),
+            self.model.observe_transfer(  # the pages the decode lacked, as far as we know
+                s.uncached_local * (s.kv_bytes_per_token or self.model.profile.kv_bytes_per_token),
                 timings.transfer_s)
             self._remote_overhead(t)
 
