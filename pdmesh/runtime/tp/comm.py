@@ -8,6 +8,7 @@ no race), which ranks join as clients.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -38,8 +39,8 @@ class TPGroup:
             if dev.type == "cuda":
                 dev = torch.device("cuda", rank)
                 torch.cuda.set_device(dev)
-            else:  # loopback rendezvous: keep gloo off the host's other interfaces
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            elif sys.platform.startswith("linux"):  # ranks on one host: gloo on loopback,
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # whatever the hostname resolves to
             store = dist.TCPStore("127.0.0.1", port, size + 1, is_master=False, timeout=TIMEOUT)
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store,
                                     rank=rank, world_size=size, timeout=TIMEOUT)
