@@ -200,7 +200,11 @@ def test_metrics_move_by_the_right_amounts(traced_mesh):
     time.sleep(1.2)  # a heartbeat or two (0.5 s interval) reach the registry
     after = {k: scrape(u) for k, u in urls.items()}
     prompt = sum(u.prompt_tokens for u in usages)
-    pages = sum(math.ceil(u.prompt_tokens / 16) for u in usages)
+    # pages sent: those after the decode's cached prefix (decode-side reuse; the same prompt
+    # again, so cached_tokens is that prefix: all full pages but the last token's)
+    pages = sum(math.ceil(u.prompt_tokens / 16) - u.prompt_tokens_details.cached_tokens // 16
+                for u in usages)
+    assert pages == n  # one page each
 
     g = lambda name, **kw: delta(before["gateway"], after["gateway"], name, **kw)  # noqa: E731
     assert g("pdmesh_gateway_requests_total", endpoint="ChatCompletions", status="OK") == n
