@@ -39,8 +39,9 @@ class TPGroup:
             if dev.type == "cuda":
                 dev = torch.device("cuda", rank)
                 torch.cuda.set_device(dev)
-            elif sys.platform.startswith("linux"):  # ranks on one host: gloo on loopback,
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # whatever the hostname resolves to
+            elif sys.platform.startswith("linux"):
+                # ranks on one host: gloo on loopback, whatever the hostname resolves to
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             store = dist.TCPStore("127.0.0.1", port, size + 1, is_master=False, timeout=TIMEOUT)
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store,
                                     rank=rank, world_size=size, timeout=TIMEOUT)

@@ -112,11 +112,11 @@ class TPRunner:
 
     def receive(self) -> Step | None:
         """Other ranks: the next step rank 0 sends, or None at stop."""
-        header = self.group.broadcast(torch.zeros(2, dtype=torch.long, device=self.group.device))
-        n, size = header.tolist()
+        dev = self.group.device
+        n, size = self.group.broadcast(torch.zeros(2, dtype=torch.long, device=dev)).tolist()
         if n == 0:
             return None
-        payload = self.group.broadcast(torch.empty(size, dtype=torch.long, device=self.group.device))
+        payload = self.group.broadcast(torch.empty(size, dtype=torch.long, device=dev))
         return Step.decode(n, payload.cpu())
 
     def follow(self) -> int:

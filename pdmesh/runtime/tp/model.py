@@ -44,7 +44,8 @@ class TPAttention(nn.Module):
                 kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         t, nq, nkv = x.shape[0], self.h * self.dh, self.hkv * self.dh
         q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
-        q, k, v = q.view(t, self.h, self.dh), k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
+        q = q.view(t, self.h, self.dh)
+        k, v = k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
