@@ -169,6 +169,9 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tpot", type=float, default=0.1)
+    p.add_argument("--slo-grid", nargs="*", default=["2:0.1", "3:0.15", "5:0.1"],
+                   metavar="TTFT:TPOT", help="also print goodput under these SLO pairs "
+                   "(same records)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--lock", default="/tmp/pdmesh-cpu.lock",
                    help="held exclusively around each run (other benchmarks take it too)")
@@ -215,6 +218,11 @@ def main() -> int:
           f"{args.long[0]}-{args.long[1]} ({args.long_fraction:.0%}), output "
           f"{args.output_len}; SLO TTFT <= {args.slo_ttft:g} s and TPOT <= {args.slo_tpot:g} s\n")
     print(report(args, records, scraped, durations))
+    print("\ngoodput req/s under other SLOs (TTFT s / TPOT s), same records: " + "; ".join(
+        f"{t}/{tp}: " + ", ".join(
+            f"{k} {sum(meets_slo(x, float(t), float(tp)) for x in records[k]) / durations[k]:.3f}"
+            for k in args.policies)
+        for t, tp in (g.split(":") for g in args.slo_grid)))
     print("\nTTFT parts of remote requests, mean s (queue / prefill / transfer / first "
           "decode): " + "; ".join(f"{k} " + " / ".join(
               "{:.3f}".format(scraped[k].get(("pdmesh_gateway_ttft_part_seconds_sum", part), 0)

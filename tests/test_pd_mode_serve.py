@@ -10,14 +10,13 @@ path, and sends a long prompt to the prefill worker; `never` prefills everything
 predicted TTFT; afterwards every page is free again on both workers."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 
-import grpc
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,16 +34,21 @@ MAX_TOKENS = 10
 
 
 def start_gateway(registry: str, *args: str, env: dict[str, str] | None = None):
-    """`pdmesh gateway` on `registry` with free ports; (process, REST base URL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "gateway", "--registry",
+    """Start `pdmesh gateway` on `registry` with free ports (wait for it: `listening`)."""
+    return subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "gateway", "--registry",
                              registry, "--port", "0", "--grpc-port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env or worker_env(PDMESH_CLUSTER_TOKEN=SERVE_TOKEN))
+
+
+def listening(proc) -> str:
+    """The gateway's REST base URL once it says it listens (its output drained after)."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if m := re.search(r"listening on (\S+) \(REST\)", line):
-            return proc, f"http://{m.group(1)}/v1"
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return f"http://{m.group(1)}/v1"
     raise AssertionError("pdmesh gateway exited:\n" + "".join(lines))
 
 
@@ -54,17 +58,17 @@ def mesh(tmp_path_factory):
     proc, base, lines = start_serve("--pd-mode", "never")
     registry = re.search(r"registry (\S+?),", "".join(lines)).group(1)
     env = worker_env(PDMESH_CLUSTER_TOKEN=SERVE_TOKEN, OTEL_BSP_SCHEDULE_DELAY="100")
-    gateways = {"never": (proc, base)}
+    bases, gateways = {"never": base}, {}
     try:
+        # both start at once (each loads the tokenizer: seconds)
         gateways["auto"] = start_gateway(registry, "--pd-mode", "auto", "--trace-file",
                                          trace_file, env=env)
         gateways["always"] = start_gateway(registry, "--pd-mode", "always")
-        yield {"base": {k: b for k, (_, b) in gateways.items()}, "lines": lines,
-               "trace_file": trace_file}
+        bases.update({name: listening(g) for name, g in gateways.items()})
+        yield {"base": bases, "lines": lines, "trace_file": trace_file}
     finally:
-        for name in ("always", "auto"):
-            if name in gateways:
-                terminate(gateways[name][0], 30)
+        for g in gateways.values():
+            terminate(g, 30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)
 
