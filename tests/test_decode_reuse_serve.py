@@ -2,17 +2,20 @@
 the real `openai` client. Turn 2 of a conversation (turn 1's messages + the assistant's
 reply + a new user message) finds turn 1's prompt *and reply* in the decode's prefix
 cache: the prefill writes only the pages after them (its `pdmesh_kv_transfer_bytes_total`
-grows by exactly those pages' bytes), `cached_tokens` is the decode's cached prefix (the
+grows by exactly those pages' bytes, and its `kv.transfer` span says so), `cached_tokens`
+is the decode's cached prefix (the
 longer of the two sides' prefixes: each token once), the greedy text equals the runtime
 alone without any cache, and every page is back (free or evictable) afterwards."""
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
 
 from mesh_procs import chat_when_routable, metrics_urls, start_serve, wait_until
 from pdmesh import Engine, SamplingParams
+from pdmesh.telemetry.otlp_file import read_spans
 from test_n_choices_serve import pages_back, scrape
 
 PAGE = 16
@@ -41,12 +44,19 @@ def runtime(default_model):
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    proc, base, lines = start_serve("--prefill", "1", "--decode", "1",
-                                    f"--worker-arg=--kv-cache-bytes={64 * PAGE_BYTES}")
+def mesh(tmp_path_factory):
+    trace_file = str(tmp_path_factory.mktemp("traces") / "spans.jsonl")
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # children inherit: export within 0.1 s
+    try:
+        proc, base, lines = start_serve("--prefill", "1", "--decode", "1",
+                                        "--trace-file", trace_file,
+                                        f"--worker-arg=--kv-cache-bytes={64 * PAGE_BYTES}")
+    finally:
+        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
     import openai
 
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    client.trace_file = trace_file
     yield client, lines
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, "".join(lines[-40:])
@@ -56,6 +66,13 @@ def kv_bytes(lines) -> float:
     """The prefill's KV bytes written so far, over every path."""
     m = scrape(metrics_urls(lines)["prefill-0"])
     return sum(v for (name, _), v in m.items() if name == "pdmesh_kv_transfer_bytes_total")
+
+
+def transfer_span(trace_file: str, cached_pages: int):
+    """The prefill's `kv.transfer` span of the write that skipped `cached_pages` pages."""
+    spans = [s for s in read_spans(trace_file) if s.name == "kv.transfer" and
+             s.attributes.get("pdmesh.kv.cached_pages") == cached_pages]
+    return spans[0] if len(spans) == 1 else None
 
 
 def pages(tokens: int) -> int:
@@ -93,6 +110,11 @@ def test_second_turn_sends_only_the_new_pages(mesh, runtime):
     assert cached > len(one.prompt_token_ids) // PAGE * PAGE
     assert r2.usage.prompt_tokens_details.cached_tokens == cached
     assert sent2 == (pages(n2) - cached // PAGE) * PAGE_BYTES < pages(n2) * PAGE_BYTES
+    # the trace says the same: the write's span has the bytes and pages sent and skipped
+    assert wait_until(lambda: transfer_span(client.trace_file, cached // PAGE), 10)
+    attrs = transfer_span(client.trace_file, cached // PAGE).attributes
+    assert attrs["pdmesh.kv.bytes"] == sent2
+    assert attrs["pdmesh.kv.pages"] == pages(n2) - cached // PAGE
     assert wait_until(lambda: pages_back(lines), 10)
 
 
