@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import initialize
 
 from disagg_fakes import crc, settle, target
 from pdmesh import Engine, SamplingParams
@@ -24,6 +27,7 @@ from pdmesh.runtime.request import Mode, Request, Status
 from pdmesh.runtime.scheduler import Scheduler
 from pdmesh.worker.aio_engine import HeldPages
 from test_disagg_integrity import RID, ROOM, Pair, _outcome
+from test_prefix_cache import CachedSchedulerMachine
 
 PS = 4  # tokens per page
 
@@ -129,6 +133,26 @@ def test_retracted_adopted_request_keeps_its_kv_cached():
     assert req.mode is Mode.GENERATE and s.cache.num_evictable == 2
     assert s.lookup(req) and len(s.lookup(req)) == 2  # its recompute starts after them
     check(s)
+
+
+class AdoptedCachedMachine(CachedSchedulerMachine):
+    """test_prefix_cache's scheduler machine (GENERATE, PREFILL_ONLY and ADOPTED requests
+    over shared prefixes; holds, adopts, retractions, aborts in any state) with adopted KV
+    cached: no page leaks or is freed while referenced, shared pages hold the tokens of
+    every request using them, and every page comes back at the end."""
+
+    @initialize(num_pages=st.integers(8, 64), page_size=st.integers(1, 8),
+                max_running=st.integers(1, 8), max_prefill=st.integers(1, 64),
+                chunk=st.integers(1, 48))
+    def setup(self, num_pages, page_size, max_running, max_prefill, chunk):
+        super().setup(num_pages, page_size, max_running, max_prefill, chunk)
+        self.s.cache_adopted = True
+
+
+AdoptedCachedMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None, report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestAdoptedCachedMachine = AdoptedCachedMachine.TestCase
 
 
 # -- runtime: exactness with a real model -------------------------------------------------
