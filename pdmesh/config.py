@@ -321,7 +321,7 @@ class GatewayConfig:
     prefix_token_count: int = 256
     # per-request disaggregation (services/gateway/pd_mode.py, pd_cost.py): the policy, the
     # cost model's starting profile (a `pdmesh plan` / `pdmesh simulate` Profile JSON; None:
-    # built-in defaults, refitted online either way), the seconds of this request's TTFT one
+    # built-in defaults, calibrated online either way), the seconds of this request's TTFT one
     # second of stall of one running decode stream is worth, and the longest stall a local
     # prefill may put on a decode's streams (auto never prefills locally beyond it)
     pd_mode: str = "always"

@@ -11,8 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdmesh.config import GatewayConfig, gateway_config_from_env
-from pdmesh.services.gateway.pd_cost import CostModel, Situation, fit_prefill
-from pdmesh.services.gateway.pd_mode import LOCAL, REMOTE, PdModeDecider, PdModeMetrics
+from pdmesh.services.gateway.pd_cost import CostModel, Situation
+from pdmesh.services.gateway.pd_metrics import PdModeMetrics
+from pdmesh.services.gateway.pd_mode import LOCAL, REMOTE, PdModeDecider
 from pdmesh.services.gateway.pool import WorkerPool
 from pdmesh.services.gateway.routing import Load, Worker
 from pdmesh.sim.profile import Profile
@@ -72,23 +73,17 @@ def test_estimate_counts_queues_running_streams_and_cache():
     assert late.ttft_remote == pytest.approx(0.005 + 2.0)
 
 
-def test_fit_prefill_recovers_the_line_and_falls_back_to_the_ratio():
-    samples = [(n, 0.02 + 0.003 * n) for n in (10, 50, 200, 800, 30)]
-    a, b = fit_prefill(samples, a0=0.5)
-    assert a == pytest.approx(0.02) and b == pytest.approx(0.003)
-    # one length only: the intercept is kept, the slope from the totals
-    a, b = fit_prefill([(100, 0.31), (100, 0.29)], a0=0.01)
-    assert a == 0.01 and b == pytest.approx((0.6 - 0.02) / 200)
-    # faster than the intercept alone: all of it per token, never negative
-    a, b = fit_prefill([(100, 0.005)], a0=0.01)
-    assert a == 0.0 and b == pytest.approx(5e-5)
-
-
 def test_online_calibration_moves_the_model_toward_measurements():
     m = CostModel(PROFILE)
-    for n in (20, 100, 400, 900):
-        m.observe_prefill(n, 0.002 + 2e-4 * n)  # a GPU-like prefill, 5x faster
-    assert m.prefill_b == pytest.approx(2e-4) and m.prefill_a == pytest.approx(0.002)
+    for n, ratio in ((20, 0.2), (100, 0.2), (400, 0.2), (900, 5.0)):
+        m.observe_prefill(n, ratio * PROFILE.prefill_time(n))  # 5x faster, one slow step
+    # the median ratio: one outlier (a busy host's slow step) does not move it much
+    assert m.prefill_scale == pytest.approx(0.2)
+    assert m.prefill_time(300) == pytest.approx(0.2 * PROFILE.prefill_time(300))
+    assert m.snapshot()["prefill_b"] == pytest.approx(0.2 * 1e-3)
+    m.observe_prefill(0, 1.0)  # nothing computed (all cached): no sample
+    m.observe_prefill(10, float("nan"))
+    assert m.prefill_scale == pytest.approx(0.2)
     m.observe_transfer(4e9, 2.0)
     assert m.bandwidth == pytest.approx(2e9)
     for _ in range(50):
@@ -136,7 +131,7 @@ def test_reported_prefill_queue_counts_too():
     d = decider()
     p, dw = pair(queued_prefill_tokens=2000)  # other gateways' prompts: ~2 s there
     t = d.choose(p, dw, list(range(200)))
-    assert t.situation.prefill_wait_s == pytest.approx(2.0) and t.mode == LOCAL
+    assert t.situation.prefill_wait_s == pytest.approx(2.01) and t.mode == LOCAL
 
 
 @pytest.mark.parametrize("policy,mode", [("always", REMOTE), ("never", LOCAL)])
@@ -166,7 +161,7 @@ def test_profile_file_sets_the_starting_coefficients(tmp_path):
     path = tmp_path / "profile.json"
     PROFILE.replace(prefill_b=7e-3).save(path)
     d = PdModeDecider.from_config(GatewayConfig(pd_mode="auto", pd_mode_profile=str(path)))
-    assert d.model.prefill_b == 7e-3 and d.policy == "auto"
+    assert d.model.prefill_time(10) == pytest.approx(0.01 + 0.07) and d.policy == "auto"
     (tmp_path / "bad.json").write_text(json.dumps({"prefill_q": 1}))
     with pytest.raises(ValueError, match="unknown profile fields: prefill_q"):
         PdModeDecider.from_config(GatewayConfig(pd_mode_profile=str(tmp_path / "bad.json")))
@@ -192,6 +187,7 @@ def test_queue_grows_with_choices_and_resets_when_empty():
 def test_first_token_and_prefill_timings_feed_metrics_and_model():
     clock, reg = Clock(), CollectorRegistry()
     d = decider("auto", clock=clock, metrics=PdModeMetrics(reg))
+    d.metrics.watch(d)  # the coefficients, read at scrape time
     p, dw = pair()
     local = d.choose(p, dw, list(range(20)))
     clock.t += 0.2
@@ -208,11 +204,15 @@ def test_first_token_and_prefill_timings_feed_metrics_and_model():
     assert sample("pdmesh_gateway_pd_mode_ttft_seconds_sum", pd_mode="local",
                   source="predicted") == pytest.approx(local.predicted_s)
     assert sample("pdmesh_gateway_pd_mode_ttft_error_seconds_count", pd_mode="local") == 1
+    assert sample("pdmesh_gateway_pd_mode_model", coefficient="overhead_local") \
+        == d.model.overhead[LOCAL]
+    assert sample("pdmesh_gateway_pd_mode_model", coefficient="prefill_scale") == 1.0
     remote = decider("always", clock=clock)
     t = remote.choose(p, dw, list(range(400)))
     t.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
         queue_s=0.0, prefill_s=0.2, transfer_s=0.05, wait_transfer_s=0.0)))
-    assert remote.model.prefill_b < 1e-3  # 0.2 s for 400 tokens: faster than the profile
+    # 0.2 s for 400 tokens: faster than the profile's 0.41 s
+    assert remote.model.prefill_scale == pytest.approx(0.2 / 0.41)
     assert remote.model.bandwidth == pytest.approx(400 * 1e6 / 0.05)
     clock.t += 0.3
     t.first_token()  # both in: the remote overhead moves toward 0.3 - 0.25
@@ -244,7 +244,7 @@ def test_prefill_response_cached_tokens_calibrate_what_was_computed():
     t.prefill_done(SimpleNamespace(cached_tokens=900, timings=SimpleNamespace(
         queue_s=0.0, prefill_s=0.11, transfer_s=0.0, wait_transfer_s=0.0)))
     # 100 tokens computed in 0.11 s: the profile's 1 ms/token stands (not 0.1 ms)
-    assert d.model.prefill_b == pytest.approx(1e-3)
+    assert d.model.prefill_scale == pytest.approx(1.0)
 
 
 def test_only_prefills_that_ran_alone_calibrate_the_prefill_time():
@@ -254,10 +254,10 @@ def test_only_prefills_that_ran_alone_calibrate_the_prefill_time():
     # the second joined a busy queue: its prefill step may have held the first's tokens
     second.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
         queue_s=0.0, prefill_s=0.5, transfer_s=0.01, wait_transfer_s=0.0)))
-    assert d.model.prefill_b == 1e-3
+    assert d.model.prefill_scale == 1.0
     first.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
         queue_s=0.0, prefill_s=0.11, transfer_s=0.01, wait_transfer_s=0.0)))
-    assert d.model.prefill_b == pytest.approx(2e-3)  # (0.11 - 0.01) / 50
+    assert d.model.prefill_scale == pytest.approx(0.11 / 0.06)  # the profile says 60 ms
 
 
 def test_cache_aware_detail_counts_cached_prefixes_on_both_sides():

@@ -93,7 +93,7 @@ def add_routing_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) 
         "env PDMESH_GATEWAY_PD_MODE)")
     add("--pd-mode-profile", str, "auto: the cost model's starting coefficients, a "
         "Profile JSON as `pdmesh plan --output` writes (default: built-in 2-core CPU "
-        "figures); refitted online from PD requests' timings either way (env "
+        "figures); calibrated online from PD requests' timings either way (env "
         "PDMESH_GATEWAY_PD_MODE_PROFILE)")
     add("--pd-mode-stall-weight", float, "auto: seconds of a request's TTFT that one second "
         "of stall of one running decode stream is worth (default 0.1; env "

@@ -19,7 +19,8 @@ from pdmesh.services.gateway.breaker import (BreakerConfig, Breakers, Resilience
                                              RetryPolicy)
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.openapi import openapi_document
-from pdmesh.services.gateway.pd_mode import PdModeDecider, PdModeMetrics
+from pdmesh.services.gateway.pd_metrics import PdModeMetrics
+from pdmesh.services.gateway.pd_mode import PdModeDecider
 from pdmesh.services.gateway.pool import WorkerPool
 from pdmesh.services.gateway.server import GatewayServicer, create_server
 from pdmesh.services.gateway.transcoder import build_app

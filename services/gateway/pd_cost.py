@@ -14,14 +14,18 @@ profile.py): prefill(T) = a + b·T + c·T², decode step(B) = decode_a + decode_
 transfer(n) = latency + n·kv_bytes_per_token / bandwidth, the bytes per token from the
 decode worker's KV layout in the registry. Coefficients start from a Profile (a file
 written by `pdmesh plan` or `pdmesh simulate --calibrate-from-table`, or the defaults
-below) and are refitted online: prefill a, b from every PD request's PrefillTimings
-(compute seconds against uncached tokens), the bandwidth from its write time, and the
-overheads o_r, o_l (gateway, RPC hops, adoption: whatever the model leaves out) as moving
-averages of measured TTFT minus the modelled parts.
+below) and are calibrated online: the prefill model keeps the profile's shape and is
+scaled by the median ratio of measured to modelled compute seconds over the last PD
+requests (their PrefillTimings; a median of one scale, so a few slow steps on a busy
+host move it little, and a GPU's ~100x faster prefill is learned from the first
+samples), the bandwidth from their write times, and the overheads o_r, o_l (gateway, RPC
+hops, adoption: whatever the model leaves out) as moving averages of measured TTFT minus
+the modelled parts.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -71,10 +75,10 @@ class CostModel:
 
     def __init__(self, profile: Profile = DEFAULT_PROFILE, stall_weight: float = 0.1) -> None:
         self.profile, self.stall_weight = profile, stall_weight
-        self.prefill_a, self.prefill_b = profile.prefill_a, profile.prefill_b
+        self.prefill_scale = 1.0  # measured / the profile's prefill time (median)
         self.bandwidth = profile.transfer_bandwidth
         self.overhead = {"remote": profile.client_overhead, "local": profile.client_overhead}
-        self._prefill: deque[tuple[int, float]] = deque(maxlen=_WINDOW)  # (tokens, s)
+        self._ratios: deque[float] = deque(maxlen=_WINDOW)  # measured / modelled prefill
         self._transfer: deque[tuple[float, float]] = deque(maxlen=_WINDOW)  # (bytes, s)
 
     # -- the time models ---------------------------------------------------------------
@@ -82,7 +86,7 @@ class CostModel:
         """Seconds to prefill `tokens` uncached tokens (0 for none)."""
         if tokens <= 0:
             return 0.0
-        return self.prefill_a + self.prefill_b * tokens + self.profile.prefill_c * tokens ** 2
+        return self.prefill_scale * self.profile.prefill_time(tokens)
 
     def decode_step(self, batch: int) -> float:
         """Seconds of one decode step of `batch` streams (0 when idle)."""
@@ -108,15 +112,15 @@ class CostModel:
     # -- online calibration ------------------------------------------------------------
     def observe_prefill(self, uncached_tokens: int, seconds: float) -> None:
         """A prefill worker computed `uncached_tokens` tokens in `seconds` (its
-        PrefillTimings.prefill_s): refit prefill a, b over the last samples."""
-        if uncached_tokens > 0 and math.isfinite(seconds) and seconds > 0:
-            self._prefill.append((uncached_tokens, seconds))
-            self.prefill_a, self.prefill_b = fit_prefill(
-                self._prefill, self.profile.prefill_a, self.profile.prefill_c)
+        PrefillTimings.prefill_s): the scale is the median ratio over the last samples."""
+        modelled = self.profile.prefill_time(uncached_tokens)
+        if uncached_tokens > 0 and modelled > 0 and math.isfinite(seconds) and seconds > 0:
+            self._ratios.append(seconds / modelled)
+            self.prefill_scale = statistics.median(self._ratios)
 
     def observe_transfer(self, nbytes: float, seconds: float) -> None:
-        """A KV write of `nbytes` took `seconds`: the bandwidth over the last samples."""
-        seconds -= self.profile.transfer_latency
+        """A KV write of `nbytes` took `seconds` (the write step as a whole): the bandwidth
+        over the last samples."""
         if nbytes > 0 and math.isfinite(seconds) and seconds > 0:
             self._transfer.append((nbytes, seconds))
             self.bandwidth = (sum(b for b, _ in self._transfer)
@@ -131,25 +135,9 @@ class CostModel:
 
     def snapshot(self) -> dict[str, float]:
         """The coefficients now (logs, tests)."""
-        return {"prefill_a": self.prefill_a, "prefill_b": self.prefill_b,
+        return {"prefill_scale": self.prefill_scale,
+                "prefill_a": self.prefill_scale * self.profile.prefill_a,
+                "prefill_b": self.prefill_scale * self.profile.prefill_b,
                 "bandwidth": self.bandwidth, "overhead_remote": self.overhead["remote"],
                 "overhead_local": self.overhead["local"]}
 
-
-def fit_prefill(samples, a0: float, c: float = 0.0) -> tuple[float, float]:
-    """(a, b) of seconds = a + b·tokens + c·tokens² over (tokens, seconds) samples: least
-    squares when the tokens vary enough (max >= 2·min over >= 4 samples), else `a0` kept
-    and b from the totals; a >= 0 and b > 0 always."""
-    pts = [(n, s - c * n * n) for n, s in samples]
-    ns = [n for n, _ in pts]
-    if len(pts) >= 4 and max(ns) >= 2 * min(ns):
-        mn, ms = sum(ns) / len(pts), sum(s for _, s in pts) / len(pts)
-        var = sum((n - mn) ** 2 for n in ns)
-        b = sum((n - mn) * (s - ms) for n, s in pts) / var
-        a = ms - b * mn
-        if b > 0 and a >= 0:
-            return a, b
-    total = sum(s for _, s in pts) - a0 * len(pts)
-    if total <= 0:  # faster than the intercept alone: all of it per token
-        return 0.0, max(sum(s for _, s in pts), 1e-9) / sum(ns)
-    return a0, total / sum(ns)

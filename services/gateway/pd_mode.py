@@ -38,35 +38,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pdmesh.config import PD_MODES, GatewayConfig
 from pdmesh.sim.profile import Profile
 from pdmesh.services.gateway.pd_cost import (DEFAULT_PROFILE, CostModel, Estimate,
                                              Situation)
+from pdmesh.services.gateway.pd_metrics import PdModeMetrics
 from pdmesh.services.gateway.prefix_tree import PrefixTree, split
 from pdmesh.services.gateway.routing import Worker, load_score
-from pdmesh.telemetry.metrics import LATENCY_BUCKETS
 
 REMOTE, LOCAL = "remote", "local"
 _CHUNK = 16  # tokens per prefix-tree chunk (the workers' default page size)
-
-
-class PdModeMetrics:
-    """Requests per choice and predicted vs measured TTFT, on the gateway's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("pdmesh_gateway_pd_mode_requests", "Routed requests "
-                                "(attempts) by where their prompt is prefilled: remote "
-                                "(a prefill worker) or local (the decode worker)",
-                                ["pd_mode"], registry=registry)
-        self.ttft = Histogram("pdmesh_gateway_pd_mode_ttft_seconds", "Routing to first "
-                              "token at the gateway: predicted at routing, and measured",
-                              ["pd_mode", "source"], buckets=LATENCY_BUCKETS,
-                              registry=registry)
-        self.error = Histogram("pdmesh_gateway_pd_mode_ttft_error_seconds", "|measured - "
-                               "predicted| TTFT per request", ["pd_mode"],
-                               buckets=LATENCY_BUCKETS, registry=registry)
 
 
 @dataclass(eq=False)
@@ -152,8 +134,16 @@ class PdModeDecider:
         when it cannot be)."""
         profile = Profile.load(config.pd_mode_profile) if config.pd_mode_profile \
             else DEFAULT_PROFILE
-        return cls(config.pd_mode, CostModel(profile, config.pd_mode_stall_weight),
-                   config.pd_mode_max_stall_s, metrics, config.max_tree_size)
+        decider = cls(config.pd_mode, CostModel(profile, config.pd_mode_stall_weight),
+                      config.pd_mode_max_stall_s, metrics, config.max_tree_size)
+        if metrics is not None:
+            metrics.watch(decider)
+        return decider
+
+    def coefficients(self) -> dict[str, float]:
+        """The cost model's calibrated coefficients now."""
+        with self._lock:
+            return self.model.snapshot()
 
     # -- choosing ----------------------------------------------------------------------
     def choose(self, prefill: Worker, decode: Worker, tokens: Sequence[int],
@@ -200,7 +190,7 @@ class PdModeDecider:
             uncached_local = max(1, n - (tree.match(chunks) if tree else 0))
         pq = self._queues.get(prefill.worker_id)
         lq = self._queues.get("local:" + decode.worker_id)
-        reported = self.model.prefill_b * prefill.load.queued_prefill_tokens
+        reported = self.model.prefill_time(prefill.load.queued_prefill_tokens)
         return Situation(
             n, uncached_remote, uncached_local,
             prefill_wait_s=max(pq.busy_until - now if pq else 0.0, reported, 0.0),
