@@ -128,6 +128,13 @@ def cpu_seconds(procs: list[subprocess.Popen]) -> tuple[float, float]:
     return t.user + t.system + t.nice + t.irq + t.softirq, mine
 
 
+def coefficients(base: str) -> str:
+    """The gateway's calibrated cost model (pdmesh_gateway_pd_mode_model), one line."""
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    found = re.findall(r'pdmesh_gateway_pd_mode_model\{coefficient="(\w+)"\} (\S+)', text)
+    return ", ".join(f"{k} {float(v):.4g}" for k, v in found)
+
+
 def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
@@ -209,6 +216,7 @@ def main() -> int:
                 print(f"round {r + 1} {policy}: {good}/{len(recs)} met the SLOs, "
                       f"{sum(not x.ok for x in recs)} failed, {wall:.0f} s, other processes "
                       f"used {others:.2f} cores", file=sys.stderr, flush=True)
+        coefs = {k: coefficients(bases[k]) for k in args.policies}
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -230,6 +238,8 @@ def main() -> int:
                                                         part), 0)))
               for part in ("queue", "prefill", "transfer", "first_decode"))
           for k in args.policies))
+    print("\ncalibrated cost model at the end: " + "; ".join(
+        f"{k}: {v}" for k, v in coefs.items()))
     print("\ngoodput req/s per round (other processes' CPU, cores): " + "; ".join(
         f"{k} " + ", ".join(f"{g:.3f} ({o:.2f})" for g, o in v) for k, v in rounds.items()))
     if args.json:
