@@ -301,7 +301,12 @@ def test_pool_routes_local_without_a_prefill_and_releases_the_ticket():
     long = pool.route(tokens=list(range(2000)))
     assert long.prefill.worker_id == "p0" and long.ticket.mode == REMOTE
     assert {w.worker_id: w.inflight for w in pool.workers()} == {"p0": 1, "d0": 2}
-    assert long.ticket.situation.decode_running == 1  # the short one, in flight here
+    # the short one is still prefilling: no stream of the decode's to stall yet
+    assert long.ticket.situation.decode_running == 0
+    short.ticket.first_token()  # now it decodes
+    again = pool.route(tokens=list(range(2000)))
+    assert again.ticket.situation.decode_running == 1  # long is still prefilling
+    pool.release(again)
     pool.release(short), pool.release(long)
     assert not short.ticket.open and not long.ticket.open
     assert {w.inflight for w in pool.workers()} == {0}

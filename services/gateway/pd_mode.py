@@ -22,8 +22,9 @@ What the decider knows, with no RPC of its own:
     prefills (each chosen request adds its predicted prefill time; a measured first token
     corrects the rest by its error; an empty queue resets), floored by the prefill
     worker's reported queued prefill tokens;
-  - the decode's running batch: its reported running + queued requests, or this
-    gateway's requests in flight there, whichever is more;
+  - the decode's running batch (the streams a local prefill stalls): its reported running
+    requests, or this gateway's requests in flight there less those still waiting for
+    their first token (prefilling somewhere: not decoding yet), whichever is more;
   - KV bytes per token: the decode worker's layout in the registry.
 
 The dispatcher tells the ticket what happened: `first_token()` (measured TTFT: metrics,
@@ -45,7 +46,7 @@ from pdmesh.services.gateway.pd_cost import (DEFAULT_PROFILE, CostModel, Estimat
                                              Situation)
 from pdmesh.services.gateway.pd_metrics import PdModeMetrics
 from pdmesh.services.gateway.prefix_tree import PrefixTree, split
-from pdmesh.services.gateway.routing import Worker, load_score
+from pdmesh.services.gateway.routing import Worker
 
 REMOTE, LOCAL = "remote", "local"
 _CHUNK = 16  # tokens per prefix-tree chunk (the workers' default page size)
@@ -62,6 +63,7 @@ class Ticket:
     estimate: Estimate
     queue: str  # the queue it joined: a prefill worker id, or "local:" + decode id
     t_route: float
+    decode_id: str = ""
     shift0: float = 0.0  # its queue's correction so far when it joined
     alone: bool = False  # its queue was empty when it joined: its prefill ran by itself
     measured_s: float | None = None  # routing -> first token
@@ -124,6 +126,7 @@ class PdModeDecider:
         self.max_stall_s, self.metrics, self.clock = max_stall_s, metrics, clock
         self.max_tree_size = max_tree_size
         self._queues: dict[str, _Queue] = {}
+        self._prefilling: dict[str, int] = {}  # decode id -> our tickets before token 1
         self._trees: dict[str, PrefixTree] = {}  # decode id -> prompts sent there
         self._lock = threading.Lock()
 
@@ -158,7 +161,9 @@ class PdModeDecider:
             est = self.model.estimate(situation)
             mode = self._decide(est)
             queue = prefill.worker_id if mode == REMOTE else "local:" + decode.worker_id
-            ticket = Ticket(self, mode, self.policy, situation, est, queue, now)
+            ticket = Ticket(self, mode, self.policy, situation, est, queue, now,
+                            decode.worker_id)
+            self._prefilling[decode.worker_id] = self._prefilling.get(decode.worker_id, 0) + 1
             q = self._queues.setdefault(queue, _Queue())
             n = situation.uncached_remote if mode == REMOTE else situation.uncached_local
             q.busy_until = max(q.busy_until, now) + self.model.prefill_time(n)
@@ -195,7 +200,8 @@ class PdModeDecider:
             n, uncached_remote, uncached_local,
             prefill_wait_s=max(pq.busy_until - now if pq else 0.0, reported, 0.0),
             local_wait_s=max(lq.busy_until - now if lq else 0.0, 0.0),
-            decode_running=load_score(decode)[0],
+            decode_running=max(decode.load.running,
+                               decode.inflight - self._prefilling.get(decode.worker_id, 0)),
             kv_bytes_per_token=decode.kv_bytes_per_token)
 
     @staticmethod
@@ -215,6 +221,7 @@ class PdModeDecider:
             self._queues.pop(worker_id, None)
             self._queues.pop("local:" + worker_id, None)
             self._trees.pop(worker_id, None)
+            self._prefilling.pop(worker_id, None)
 
     # -- what came back ----------------------------------------------------------------
     def _first_token(self, t: Ticket) -> None:
@@ -274,6 +281,8 @@ class PdModeDecider:
         if not t.open:
             return
         t.open = False
+        if t.decode_id in self._prefilling:
+            self._prefilling[t.decode_id] = max(0, self._prefilling[t.decode_id] - 1)
         q = self._queues.get(t.queue)
         if q is not None:
             q.open -= 1
