@@ -29,10 +29,9 @@ to text, so the engine and the gateway tokenize the same text (~280 tokens re-en
 Before each mode a warm-up burst (min(64, max C) requests, 16 tokens), and one request
 before each level.
 
-Also printed: each service's ready time in the served modes (`pdmesh serve` starts the registry,
-the workers side by side, then the gateway; a worker's time is its own "ready N s after
-the process started" line, another child's from the previous "listening on" line to its
-own, and the total is to `pdmesh serve: ready`); and, at
+Also printed: each service's ready time in the served modes (`pdmesh serve` starts registry,
+workers, gateway one after the other; a child's time is from the previous child's
+"listening on" line to its own, and the total is to `pdmesh serve: ready`); and, at
 --profile-concurrency, where the time goes: `py-spy record --format raw` (--nonblocking,
 --threads) for --profile-seconds on the engine process, the gateway, each worker and this
 client, with each process's CPU use from /proc over the same window; the top functions by
@@ -395,7 +394,6 @@ class Serve:
         self.ready_t: float | None = None
         self.url: str | None = None
         self.ready = threading.Event()
-        self.own_ready: dict[str, float] = {}  # worker -> its own "ready N s after ..." line
         self.logf = open(out / f"serve-{mode}.log", "w")
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE,
@@ -409,8 +407,6 @@ class Serve:
             self.logf.flush()
             if m := re.match(r"\[([\w-]+)\] .*listening on", line):
                 self.listening.append((t, m.group(1)))
-            if m := re.match(r"\[([\w-]+)\] .* ready ([\d.]+) s after the process started", line):
-                self.own_ready[m.group(1)] = float(m.group(2))
             if m := re.search(r"pdmesh serve: ready — .*gateway (\S+)", line):
                 self.url, self.ready_t = f"http://{m.group(1).rstrip(',')}/v1", t
                 self.ready.set()
@@ -425,13 +421,10 @@ class Serve:
         return self.url
 
     def ready_times(self) -> list[dict]:
-        """[{name, start_s, listening_s, took_s}] per child, in order of listening; a
-        worker's took_s is its own ready line's (workers start side by side), another
-        child's the time since the one before it."""
+        """[{name, start_s, listening_s, took_s}] per child, in start order."""
         rows, prev = [], 0.0
         for t, name in self.listening:
-            took = self.own_ready.get(name, t - prev)
-            rows.append({"name": name, "start_s": prev, "listening_s": t, "took_s": took})
+            rows.append({"name": name, "start_s": prev, "listening_s": t, "took_s": t - prev})
             prev = t
         return rows
 

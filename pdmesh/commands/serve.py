@@ -225,20 +225,12 @@ def restart_argv(c: Child) -> list[str]:
 
 
 def launch(args: argparse.Namespace, children: list[Child], stop: threading.Event) -> None:
-    """Start the registry, the workers (all at once), then the gateway, appending each to
-    `children` as soon as it is spawned (so the caller can stop it whatever fails next)."""
+    """Start registry, workers, then the gateway, appending each to `children` as soon as
+    it is spawned (so the caller can stop it whatever fails next)."""
     def start(name: str, argv: list[str], env: dict[str, str]) -> Child:
         children.append(spawn(name, argv, env))
         wait_ready(children[-1], args.ready_timeout, stop)
         return children[-1]
-
-    def start_all(named: list[tuple[str, list[str]]], env: dict[str, str]) -> None:
-        # workers load their models side by side (each its own process); the gateway
-        # waits for all of them, so its first view of the registry has every worker
-        first = len(children)
-        children.extend(spawn(name, argv, env) for name, argv in named)
-        for c in children[first:]:
-            wait_ready(c, args.ready_timeout, stop)
 
     tel, token = telemetry_flags.forward(args), mesh_token(args)
     tel += auth_flags.forward(auth_flags.config_from_args(args))  # TLS files: every child
@@ -252,8 +244,9 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
               "--port", "0", *tel, *args.worker_arg]
     roles = ([("prefill", ["prefill"])] * args.prefill + [("decode", ["decode"])] * args.decode
              + [("colocated", ["decode", "--role", "colocated"])] * args.colocated)
-    start_all([(f"{name}-{i}", argv + common) for i, (name, argv) in enumerate(roles)],
-              _worker_env(len(roles), token))
+    env = _worker_env(len(roles), token)
+    for i, (name, argv) in enumerate(roles):
+        start(f"{name}-{i}", argv + common, env)
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
                       *tel, *args.gateway_arg], _env(token))
