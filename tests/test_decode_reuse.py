@@ -23,6 +23,7 @@ from pdmesh import Engine, SamplingParams
 from pdmesh.disagg.ports import Code
 from pdmesh.runtime.allocator import PageAllocator
 from pdmesh.runtime.prefix_cache import PrefixCache
+from test_engine_pd import prefill_only
 from pdmesh.runtime.request import Mode, Request, Status
 from pdmesh.runtime.scheduler import Scheduler
 from pdmesh.worker.aio_engine import HeldPages
@@ -156,17 +157,6 @@ TestAdoptedCachedMachine = AdoptedCachedMachine.TestCase
 
 
 # -- runtime: exactness with a real model -------------------------------------------------
-def _prefill_only(engine: Engine, ids: list[int], rid: str):
-    req = engine.make_request(prompt_token_ids=ids, params=GREEDY, request_id=rid,
-                              mode=Mode.PREFILL_ONLY)
-    engine.requests[rid] = req
-    engine.scheduler.add(req)
-    while True:
-        for out in engine.step():
-            if out.request_id == rid:
-                return out
-
-
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
@@ -185,7 +175,7 @@ def test_pd_pair_sending_only_new_pages_equals_one_engine(default_model):
     want2 = ref.generate(prompt_token_ids=turn2, params=GREEDY)[0].token_ids
     for i, (ids, want) in enumerate([(turn1, want1), (turn2, want2)]):
         rid = f"t{i}"
-        first = _prefill_only(pre, ids, rid)
+        first = prefill_only(pre, ids, rid, GREEDY)
         req = dec.make_request(prompt_token_ids=ids, params=GREEDY, request_id=rid,
                                mode=Mode.ADOPTED)
         dst = dec.hold(req)

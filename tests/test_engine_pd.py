@@ -18,8 +18,10 @@ def engines(default_model):
     return a, b
 
 
-def _prefill_only(engine: Engine, ids: list[int], rid: str):
-    req = engine.make_request(prompt_token_ids=ids, params=GREEDY, request_id=rid,
+def prefill_only(engine: Engine, ids: list[int], rid: str, params: SamplingParams = GREEDY):
+    """Prefill `ids` alone as request `rid` (PREFILL_ONLY) and return its output, which
+    carries the first token; its pages stay held for a transfer."""
+    req = engine.make_request(prompt_token_ids=ids, params=params, request_id=rid,
                               mode=Mode.PREFILL_ONLY)
     engine.requests[rid] = req
     engine.scheduler.add(req)
@@ -38,7 +40,7 @@ def test_prefill_copy_adopt_equals_one_engine(engines):
                           mode=Mode.ADOPTED)
     assert b.hold(burn) is not None
 
-    first = _prefill_only(a, ids, "r1")
+    first = prefill_only(a, ids, "r1")
     assert first.finished and len(first.token_ids) == 1
     src = first.pages
     assert len(src) == -(-len(ids) // 8)  # exactly the prompt's pages are held
@@ -159,7 +161,7 @@ def test_prefill_mooncake_adopt_equals_one_engine(engines):
     mc = get_transport("mooncake")
     with mc() as src_t, mc() as dst_t:
         src_base, dst_base = src_t.register(a.runner.kv), dst_t.register(b.runner.kv)
-        first = _prefill_only(a, ids, "room-7")
+        first = prefill_only(a, ids, "room-7")
         req = b.make_request(prompt_token_ids=ids, params=GREEDY, request_id="room-7",
                              mode=Mode.ADOPTED)
         dst = b.hold(req)[: len(first.pages)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pdmesh import Engine, SamplingParams
+from test_engine_pd import prefill_only
 from pdmesh.runtime.request import Mode
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -72,17 +73,6 @@ def test_under_eviction_pressure(default_model, reference):
     assert e.cache.evicted > 0 and e.stats()["cache_hit_pages"] > 0
 
 
-def _prefill_only(engine: Engine, ids: list[int], rid: str):
-    req = engine.make_request(prompt_token_ids=ids, params=GREEDY, request_id=rid,
-                              mode=Mode.PREFILL_ONLY)
-    engine.requests[rid] = req
-    engine.scheduler.add(req)
-    while True:
-        for out in engine.step():
-            if out.request_id == rid:
-                return out
-
-
 def test_1p1d_prefill_cache_equals_uncached(default_model, reference):
     """The prefill engine caches; its (partly cached) pages are copied into a decode
     engine that adopts them: same tokens, and the prefill reports cached_tokens."""
@@ -92,7 +82,7 @@ def test_1p1d_prefill_cache_equals_uncached(default_model, reference):
                  decode_prefix_cache=False)  # the decode side's reuse: test_decode_reuse*.py
     for i, (ids, w) in enumerate(zip(ps, want)):
         rid = f"pd{i}"
-        first = _prefill_only(pre, ids, rid)
+        first = prefill_only(pre, ids, rid, GREEDY)
         assert len(first.pages) == -(-len(ids) // 8)
         req = dec.make_request(prompt_token_ids=ids, params=GREEDY, request_id=rid,
                                mode=Mode.ADOPTED)
