@@ -6,6 +6,7 @@ cuts the per-message cost of the loop itself (epoll, handles, futures).
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any, Coroutine
 
 
@@ -16,3 +17,12 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (torch, transformers, the tokenizer, protobuf descriptors: a
+    few hundred thousand objects) out of the collector's reach. Call it once a service is
+    ready: otherwise every full collection walks them all and pauses the process for
+    100-250 ms (measured in the gateway; every streamed token of the process waits)."""
+    gc.collect()
+    gc.freeze()

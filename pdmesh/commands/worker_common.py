@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from pdmesh.aio import freeze_startup_objects
 from pdmesh.commands import auth_flags, telemetry_flags
 from pdmesh.config import (EngineConfig, WorkerConfig, engine_config_from_env,
                            worker_config_from_env)
@@ -214,6 +215,7 @@ async def _serve(host, telemetry, create_server) -> int:
         return 1
     print(f"{worker.role} listening on {worker.host}:{port} (registered as "
           f"{host.registry.worker_id} at {address}, model {worker.model_id}{metrics})", flush=True)
+    freeze_startup_objects()
     print(f"{worker.role} ready {host.startup.line()}", flush=True)
     await stop.wait()
     await stop_aio_gracefully(server, health, worker.shutdown_grace_s)

@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+from pdmesh.aio import freeze_startup_objects
 from pdmesh.worker.commands import Abort, Add, Held, Hold, MakeRequest
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def main(argv: list[str]) -> int:
         return 1
     server = CoreServer(conn, core)
     server.loop.start()  # publishes the first stats: the worker registers with them
+    freeze_startup_objects()  # no 100+ ms full collections over the model's objects
     server.send(("hello", core.info(), server.loop.stats))
     server.serve()
     return 0
