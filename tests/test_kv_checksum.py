@@ -1,10 +1,18 @@
 """pdmesh.transfer.checksum: equal bytes give equal sums whatever the page ids; a flipped
-byte, swapped pages or a stale page change them (both algorithms, on CPU)."""
+byte, swapped pages or a stale page change them (every algorithm, on CPU); xxh3 and crc32
+are the hashes of the pages' concatenated bytes however the pages run, so a new verifier
+computes an older writer's crc32 exactly."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import random
+import zlib
+
+import xxhash
+
+from pdmesh.transfer import checksum as ck
 from pdmesh.transfer.checksum import ALGOS, algo_for, pages_checksum
 
 
@@ -38,8 +46,10 @@ def test_corruption_changes_the_sum(algo):
     assert pages_checksum(dst, [5, 2], algo) != want  # a page missing
 
 
-def test_algo_by_device_and_value_range():
+def test_algo_by_device_and_value_range(monkeypatch):
     src, _ = pools()
+    assert algo_for(src) == "xxh3"  # a CPU writer's default
+    monkeypatch.setattr(ck, "CPU_ALGO", "crc32")  # PDMESH_KV_CHECKSUM_ALGO=crc32
     assert algo_for(src) == "crc32"
     for algo in ALGOS:
         assert 0 <= pages_checksum(src, [0, 1], algo) < 2 ** 64
@@ -74,3 +84,58 @@ def test_wsum64_is_the_same_whatever_the_chunking(monkeypatch, chunk_words):
     mask = (1 << 64) - 1
     assert int(c._chunked(pool, pages, w, m).item()) & mask == want & mask  # the GPU's way
     assert pages_checksum(pool, pages, "wsum64") == want & mask
+
+
+def page_bytes(pool, pages) -> bytes:
+    return b"".join(pool[p].contiguous().view(torch.uint8).numpy().tobytes() for p in pages)
+
+
+@pytest.mark.parametrize("pages", [[3, 4, 5, 1, 2], [0], [7, 6, 5], [2, 2, 3], list(range(8))])
+def test_xxh3_and_crc32_are_the_concatenated_bytes_hash(pages):
+    """Runs of consecutive pages are hashed as one buffer: the value must not depend on
+    how the pages were cut (the old crc32 chained page by page: same value)."""
+    src, _ = pools()
+    raw = page_bytes(src, pages)
+    assert pages_checksum(src, pages, "xxh3") == xxhash.xxh3_64_intdigest(raw)
+    old_crc32 = 0
+    for p in pages:  # the writer before 2026-11-30
+        old_crc32 = zlib.crc32(src[p].contiguous().view(torch.uint8).numpy(), old_crc32)
+    assert pages_checksum(src, pages, "crc32") == old_crc32 == zlib.crc32(raw)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_non_contiguous_pool_and_bad_pages(algo):
+    src, _ = pools()
+    wide = torch.zeros(8, 3, 32, dtype=torch.bfloat16)
+    wide[:, :, ::2] = src  # wide[:, :, ::2] is src's values, not contiguous
+    strided = wide[:, :, ::2]
+    assert not strided.is_contiguous()
+    assert pages_checksum(strided, [4, 1], algo) == pages_checksum(src, [4, 1], algo)
+    for bad in ([8], [-1]):
+        with pytest.raises(IndexError):
+            pages_checksum(src, bad, algo)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_random_corruption_is_detected(algo):
+    """300 corruptions of a relocated room (one flipped bit, one random byte, a zeroed
+    run of bytes, at random places): the verifier's value differs every time."""
+    src, dst = pools()
+    want = pages_checksum(src, [1, 3, 4], algo)
+    assert pages_checksum(dst, [5, 2, 7], algo) == want
+    rng = random.Random(7)
+    for i in range(300):
+        bad = dst.clone()
+        flat = bad[rng.choice([5, 2, 7])].view(torch.uint8).view(-1)
+        at = rng.randrange(flat.numel())
+        if i % 3 == 0:
+            flat[at] ^= 1 << rng.randrange(8)
+        elif i % 3 == 1:
+            flat[at] = (int(flat[at]) + rng.randrange(1, 256)) % 256
+        else:
+            end = min(flat.numel(), at + rng.randrange(1, 64))
+            zero = not flat[at:end].any()
+            flat[at:end] = 0
+            if zero:  # the run was zero already: change it some other way
+                flat[at] = 1
+        assert pages_checksum(bad, [5, 2, 7], algo) != want, (i, at)

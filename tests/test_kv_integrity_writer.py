@@ -3,6 +3,7 @@ over a Router into a real shared-memory pool, the chaos hook, the config."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from pdmesh.config import WorkerConfig, worker_config_from_env
 from pdmesh.disagg.ports import TransferTarget
 from pdmesh.services.common.kv import CorruptKV, TransportReceiver, TransportWriter
 from pdmesh.transfer import shm
+from pdmesh.transfer import checksum as ck
 from pdmesh.transfer.checksum import pages_checksum
 from pdmesh.transfer.route import Router
 
@@ -34,8 +36,11 @@ def metrics():
                            transfer_seconds=counter, transfer_failures=counter)
 
 
+@pytest.mark.parametrize("algo", ["xxh3", "crc32"])
 @pytest.mark.parametrize("mode", ["on", "decode", "off"])
-def test_modes(mode):
+def test_modes(mode, algo, monkeypatch):
+    monkeypatch.setattr(ck, "CPU_ALGO", algo)  # crc32: PDMESH_KV_CHECKSUM_ALGO, older writers
+
     async def main():
         src, dst, router, tgt = pools()
         writer = TransportWriter(router, metrics(), threads=1, checksum=mode)
@@ -44,14 +49,14 @@ def test_modes(mode):
         got = await writer.read_checksum(tgt, None)
         mine = await TransportReceiver(lambda op, args: pages_checksum(dst, *args),
                                        checksum=mode != "off").checksum(
-            [5, 2], want.algo if want else "crc32")
+            [5, 2], want.algo if want else algo)
         writer.close()
         return want, got, mine
     want, got, mine = asyncio.run(main())
     if mode == "off":
         assert want is got is mine is None
     else:
-        assert want == mine and want.algo == "crc32"  # relocated pages, equal checksums
+        assert want == mine and want.algo == algo  # relocated pages, equal checksums
         assert got == (want if mode == "on" else None)  # read back only when "on"
 
 
@@ -70,6 +75,34 @@ def test_chaos_corrupts_through_the_route_and_restores_the_source():
             changed, again
     restored, want, got, changed, again = asyncio.run(main())
     assert restored and changed == 1 and got != want and again == want
+
+
+@pytest.mark.parametrize("algo", ["xxh3", "crc32"])
+def test_every_corrupted_write_is_caught_by_the_decode_check(algo, monkeypatch):
+    """40 rooms written through the real shm route with the chaos hook corrupting every
+    write (a byte of the first page): the decode's check of its pool mismatches the
+    prefill's source checksum every time; a clean rewrite matches. (Random corruptions
+    of every kind: tests/test_kv_checksum.py.)"""
+    monkeypatch.setattr(ck, "CPU_ALGO", algo)
+
+    async def main():
+        src, dst, router, tgt = pools()
+        writer = TransportWriter(router, metrics(), threads=1, checksum="decode",
+                                 chaos=CorruptKV(1.0, rewrites=True, seed=3))
+        decode = TransportReceiver(lambda op, args: pages_checksum(dst, *args))
+        seen = []
+        for room in range(40):
+            await writer.write([1, 3], replace(tgt, room=room))
+            want = await writer.checksum([1, 3])
+            seen.append((want, await decode.checksum([5, 2], want.algo)))
+        writer.chaos = None
+        await writer.write([1, 3], tgt)
+        clean = await decode.checksum([5, 2], algo) == await writer.checksum([1, 3])
+        writer.close()
+        return seen, clean
+    seen, clean = asyncio.run(main())
+    assert all(want.algo == got.algo == algo and want != got for want, got in seen)
+    assert clean
 
 
 def test_corrupt_kv_first_write_only_unless_rewrites():
