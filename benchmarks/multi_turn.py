@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pdmesh.bench.scrape import fetch, mean_parts_ms  # noqa: E402  (this checkout's)
+
 
 def cache_aware_available() -> bool:
     """Does this checkout's gateway know `--prefill-policy cache_aware`?"""
@@ -94,6 +96,22 @@ def kv_bytes(lines: list[str]) -> float:
     return total
 
 
+def gateway_metrics(base: str) -> str:
+    """The gateway's /metrics text (`base` is its OpenAI URL, .../v1)."""
+    return fetch(base.rsplit("/v1", 1)[0] + "/metrics")
+
+
+def parts_table(runs: dict[str, dict]) -> str:
+    """Mean TTFT parts (ms) of the bench's PD requests, from the gateway's metrics."""
+    names = list(runs)
+    parts = sorted({p for r in runs.values() for p in r["ttft_parts_ms"]})
+    lines = ["| TTFT part, mean ms | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for p in parts:
+        lines.append(f"| {p} | " + " | ".join(f"{r['ttft_parts_ms'].get(p, 0.0):.1f}"
+                                            for r in runs.values()) + " |")
+    return "\n".join(lines)
+
+
 def chat(base: str, messages: list[dict], max_tokens: int) -> str:
     body = json.dumps({"model": "default", "messages": messages, "max_tokens": max_tokens,
                        "temperature": 0, "ignore_eos": True}).encode()
@@ -123,7 +141,7 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
     proc, base, lines = start_serve(serve_args)
     try:
         wait_routable(base)
-        b0 = kv_bytes(lines)
+        b0, m0 = kv_bytes(lines), gateway_metrics(base)
         t0 = time.monotonic()
         res = subprocess.run([sys.executable, "-m", "pdmesh.cli", "bench", "--base-url", base,
                               "--backend", "chat", "--workload", "multi-turn", "--label", name,
@@ -134,13 +152,15 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
         if res.returncode != 0:
             print(res.stdout[-3000:] + res.stderr[-3000:])
         bench_bytes = kv_bytes(lines) - b0
+        parts = mean_parts_ms(gateway_metrics(base), m0)
         turn_bytes = bytes_per_turn(base, lines, *probe)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(90)
     doc = json.loads(out.read_text())
     return doc["runs"][0] | {"system_prompt_tokens": doc["config"].get("system_prompt_tokens"),
-                             "kv_bytes": bench_bytes, "kv_bytes_per_turn": turn_bytes}
+                             "kv_bytes": bench_bytes, "kv_bytes_per_turn": turn_bytes,
+                             "ttft_parts_ms": parts}
 
 
 def bytes_table(runs: dict[str, dict]) -> str:
@@ -197,6 +217,11 @@ def main() -> None:
     ap.add_argument("--out-dir", default="/tmp/pdmesh-multi-turn")
     ap.add_argument("--compare", choices=("prefix-cache", "decode-reuse"),
                     default="prefix-cache", help="what the settings switch (see above)")
+    ap.add_argument("--settings", nargs="+", default=None, metavar="NAME",
+                    help="run only these settings (off, on, on+cache_aware); off is needed "
+                    "for the ratios")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="passed to every `pdmesh serve` (e.g. --serve-arg=--kv-checksum=off)")
     a = ap.parse_args()
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,8 +246,11 @@ def main() -> None:
         dep = f"{p}P1D"
         runs = {}
         for name, extra in settings:
-            out = out_dir / f"{dep}-{name}.json"
-            runs[name] = run_setting(name, ["--prefill", str(p), "--decode", "1", *extra],
+            if a.settings and name not in a.settings:
+                continue
+            out = out_dir / f"{dep}-{name.replace('+', '-')}.json"
+            runs[name] = run_setting(name, ["--prefill", str(p), "--decode", "1", *extra,
+                                            *a.serve_arg],
                                      bench_args, out, (a.turns, a.output_len))
         sp = next(iter(runs.values()))["system_prompt_tokens"]
         print(f"\n{dep}: {a.conversations} conversations x {a.turns} turns, {a.parallel} at "
@@ -230,8 +258,11 @@ def main() -> None:
               f"think {a.think_time:g} s")
         print(table(runs))
         print(bytes_table(runs))
+        print(parts_table(runs))
+        if "off" not in runs:
+            continue
         off = mean_late(runs["off"])
-        for name in list(runs)[1:]:
+        for name in [n for n in runs if n != "off"]:
             r = runs[name]
             print(f"{dep} {name}: mean TTFT turns >= 2 {off / mean_late(r):.2f}x lower than off; "
                   f"output tok/s {r['output_tok_s'] / runs['off']['output_tok_s']:.2f}x; "

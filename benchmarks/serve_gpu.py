@@ -521,18 +521,14 @@ async def served_profile(args, serve: Serve, cfg, workload, req_s: float | None,
 def ttft_parts(url: str, save: Path) -> dict[str, float]:
     """Mean ms of each pdmesh_gateway_ttft_part_seconds part (PD requests only: prefill
     queue / compute, KV transfer, first decode) from the gateway's /metrics, saved raw."""
-    import urllib.request
+    from pdmesh.bench.scrape import fetch, mean_parts_ms
     try:
-        text = urllib.request.urlopen(url[:-len("/v1")] + "/metrics", timeout=10).read().decode()
+        text = fetch(url[:-len("/v1")] + "/metrics")
     except OSError as e:
         log(f"no /metrics from the gateway: {e}")
         return {}
     save.write_text(text)
-    sums, counts = {}, {}
-    for m in re.finditer(r'^pdmesh_gateway_ttft_part_seconds_(sum|count)\{part="([^"]+)"\} (\S+)',
-                         text, re.M):
-        (sums if m.group(1) == "sum" else counts)[m.group(2)] = float(m.group(3))
-    return {k: 1e3 * sums[k] / counts[k] for k in sums if counts.get(k)}
+    return mean_parts_ms(text)
 
 
 def run_served_mode(args, mode: str, workload, out: Path) -> dict:

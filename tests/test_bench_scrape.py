@@ -1,0 +1,22 @@
+"""pdmesh.bench.scrape: TTFT parts read back from a gateway's /metrics text."""
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from pdmesh.bench.scrape import mean_parts_ms, ttft_part_totals
+
+
+def _text(observations: dict[str, list[float]]) -> str:
+    r = CollectorRegistry()
+    h = Histogram("pdmesh_gateway_ttft_part_seconds", "parts", ["part"], registry=r)
+    for part, values in observations.items():
+        for v in values:
+            h.labels(part=part).observe(v)
+    return generate_latest(r).decode()
+
+
+def test_mean_parts_between_two_scrapes():
+    before = _text({"transfer": [1.0], "prefill_queue": [0.5]})
+    after = _text({"transfer": [1.0, 0.010, 0.030], "prefill_queue": [0.5]})
+    assert ttft_part_totals(after)["transfer"] == (1.04, 3.0)
+    # only what happened between the scrapes: 10 and 30 ms; no new queue samples
+    assert mean_parts_ms(after, before) == {"transfer": 20.0}
+    assert mean_parts_ms(after)["prefill_queue"] == 500.0
