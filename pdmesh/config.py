@@ -559,6 +559,9 @@ class WorkerConfig:
     # so the RPC event loop never takes the engine loop's GIL (pdmesh/worker/engine_proxy.py);
     # None = on when the engine runs on a GPU (measured there: benchmarks/results/), off on CPU
     engine_process: bool | None = None
+    # tensor-parallel ranks of this worker's engine (pdmesh/runtime/tp/ranks.py): rank 0
+    # in the engine's process schedules, ranks 1..tp-1 are child processes that follow
+    tp: int = 1
 
     def uses_engine_process(self, engine: "EngineConfig") -> bool:
         """Whether this worker runs its engine core in a child process."""
@@ -578,6 +581,8 @@ class WorkerConfig:
                              f"{self.gil_switch_interval_s}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.shed_queued < 0:
             raise ValueError(f"shed_queued must be >= 0 (0 = off), got {self.shed_queued}")
         if self.role not in WORKER_ROLES:
@@ -625,6 +630,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CHAOS_CORRUPT_KV_REWRITES": ("chaos_corrupt_kv_rewrites", _env_bool),
     "PDMESH_CHAOS": ("chaos", _env_bool),
     "PDMESH_ENGINE_PROCESS": ("engine_process", _env_bool),
+    "PDMESH_TP": ("tp", int),
 }
 
 

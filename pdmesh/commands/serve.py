@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between worker heartbeats (registry default 5)")
     p.add_argument("--heartbeat-max-failure", type=int, default=None,
                    help="missed heartbeats before a worker is expired (registry default 2)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks per worker (default 1); per role below")
+    p.add_argument("--prefill-tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks per prefill worker (default --tp)")
+    p.add_argument("--decode-tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks per decode worker (default --tp)")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="extra flag passed to every prefill/decode worker, e.g. "
                         "--worker-arg=--page-size=16 (repeatable)")
@@ -242,14 +248,21 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
     registry = start("registry", reg, _env(token)).address
     common = ["--registry", registry, "--model", args.model, "--host", args.host,
               "--port", "0", *tel, *args.worker_arg]
-    roles = ([("prefill", ["prefill"])] * args.prefill + [("decode", ["decode"])] * args.decode
-             + [("colocated", ["decode", "--role", "colocated"])] * args.colocated)
+    roles = ([("prefill", ["prefill", *_tp(args.prefill_tp or args.tp)])] * args.prefill
+             + [("decode", ["decode", *_tp(args.decode_tp or args.tp)])] * args.decode
+             + [("colocated", ["decode", "--role", "colocated", *_tp(args.tp)])]
+             * args.colocated)
     env = _worker_env(len(roles), token)
     for i, (name, argv) in enumerate(roles):
         start(f"{name}-{i}", argv + common, env)
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
                       *tel, *args.gateway_arg], _env(token))
+
+
+def _tp(n: int) -> list[str]:
+    """A worker's tensor-parallel flag (none at the default, 1)."""
+    return ["--tp", str(n)] if n != 1 else []
 
 
 def share_settings(args: argparse.Namespace) -> None:

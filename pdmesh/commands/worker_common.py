@@ -92,6 +92,9 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                    help="run the engine core (engine loop, KV pool, KV transport) in a "
                         "child process, apart from the RPC event loop's GIL (default: on "
                         "when the engine runs on a GPU, off on CPU; env PDMESH_ENGINE_PROCESS)")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks (processes; gloo on CPU, NCCL on GPUs) that "
+                        "shard this worker's model (default 1)")
     p.add_argument("--chaos", action="store_true", default=None,
                    help="serve pdmesh.v1.Chaos: faults armed by RPC (delay/fail/corrupt KV "
                         "writes, stall/drop heartbeats, delay/fail RPCs, slow the engine); "
@@ -115,7 +118,8 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "stream_interval": getattr(args, "stream_interval", None),
              "chaos": getattr(args, "chaos", None),
              "shed_queued": getattr(args, "shed_queued", None),
-             "engine_process": getattr(args, "engine_process", None)}
+             "engine_process": getattr(args, "engine_process", None),
+             "tp": getattr(args, "tp", None)}
     worker = worker_config_from_env(WorkerConfig()).replace(
         **{k: v for k, v in flags.items() if v is not None})
     engine_flags = {"model": args.model, "page_size": args.page_size,

@@ -62,8 +62,15 @@ class EngineCore:
             # a host pool in shared memory, so a prefill on this host can write into it
             self.engine = Engine(config=engine_config, loaded=loaded,
                                  kv_alloc=_shared_kv_alloc() if use_transport else None)
+        self.ranks = None  # pdmesh.runtime.tp.ranks.RankGroup when config.tp > 1
+        if config.tp > 1:
+            from pdmesh.runtime.tp.ranks import RankGroup
+
+            with self._phase(f"tensor-parallel ranks (tp {config.tp})"):
+                self.ranks = RankGroup.attach(self.engine, config.tp)
         self.pool = self.engine.runner.kv
-        self.layout = KVLayout.from_engine(self.engine, config.model_id)
+        self.layout = (self.ranks.layout(config.model_id) if self.ranks is not None
+                       else KVLayout.from_engine(self.engine, config.model_id))
         self.transport, self.kv_base, self.mode = None, 0, "none"
         self.host_id, self.local_endpoints = host_id(), []
         self._router = None
@@ -145,6 +152,8 @@ class EngineCore:
             self._router.close()
         if self.transport is not None:
             self.transport.close()
+        if self.ranks is not None:  # after the engine loop stopped: no step is running
+            self.ranks.close()
 
 
 KV_OPS = frozenset({"write", "corrupt", "read_checksum", "checksum", "land", "forget"})

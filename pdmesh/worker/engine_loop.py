@@ -117,6 +117,9 @@ class EngineLoop:
         self._fail_pending()
 
     def _turn(self) -> None:
+        check = getattr(getattr(self.engine, "runner", None), "check", None)
+        if check is not None:  # a tensor-parallel runner raises once a rank has died
+            check()
         # stalled: decoding waits for pages held for a transfer; only a command
         # (adopt, release, abort) can change that, so wait for one
         if self._run_commands(block=not self.engine.has_unfinished() or self._stalled):

@@ -14,6 +14,7 @@ lead.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -75,10 +76,16 @@ class TPRunner:
     """One rank's model and KV pool. Rank 0 calls `run(batch)` (or `send` then `forward`)
     for each step; the other ranks `follow`, forwarding the same steps in the same order."""
 
-    def __init__(self, model: TPCausalLM, num_pages: int, page_size: int) -> None:
+    def __init__(self, model: TPCausalLM, num_pages: int, page_size: int,
+                 kv_alloc: Callable[[tuple, torch.dtype], torch.Tensor] | None = None) -> None:
+        """`kv_alloc(shape, dtype)`: a zeroed host pool instead of torch.zeros (a worker's
+        ranks put theirs in shared memory, so rank 0 can move every rank's KV)."""
         self.model, self.page_size, self.group = model, page_size, model.group
-        w = model.embed_tokens.weight
-        self.kv = torch.zeros(model.kv_shape(num_pages, page_size), dtype=w.dtype, device=w.device)
+        w, shape = model.embed_tokens.weight, model.kv_shape(num_pages, page_size)
+        if kv_alloc is not None and w.device.type == "cpu":
+            self.kv = kv_alloc(shape, w.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=w.dtype, device=w.device)
 
     def run(self, batch: Batch) -> torch.Tensor:
         """Rank 0, ModelRunner.run's contract (so an Engine can step on it): forward the

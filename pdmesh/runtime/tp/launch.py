@@ -42,15 +42,16 @@ class TPSpec:
     threads: int | None = None  # torch intra-op threads per rank; default cores / tp
 
 
-def build_runner(spec: TPSpec, group: TPGroup) -> TPRunner:
-    """Load this rank's shards and allocate its KV pool."""
+def build_runner(spec: TPSpec, group: TPGroup, kv_alloc=None) -> TPRunner:
+    """Load this rank's shards and allocate its KV pool (with `kv_alloc(shape, dtype)`
+    when given, see TPRunner)."""
     from pdmesh.runtime.model_runner import resolve_dtype
 
     plan, shards = load_shard(spec.model, spec.tp, group.rank)
     model = TPCausalLM.from_shards(plan, group, shards)
     del shards
     model = model.to(device=group.device, dtype=resolve_dtype(spec.dtype, spec.device)).eval()
-    return TPRunner(model, spec.num_pages, spec.page_size)
+    return TPRunner(model, spec.num_pages, spec.page_size, kv_alloc)
 
 
 def run_rank(rank: int, spec: TPSpec, port: int, lead: Callable[[TPRunner], T]) -> T | None:

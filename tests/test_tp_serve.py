@@ -1,0 +1,113 @@
+"""Tensor-parallel workers served end to end: `pdmesh serve` with --tp / --prefill-tp /
+--decode-tp 2 (real processes: a worker's rank 0 in its engine, rank 1 a child process,
+gloo on CPU; KV between workers by Mooncake tcp), the real `openai` client, on a tiny
+random Llama with SmolLM2's tokenizer (4 heads, 2 KV heads: SmolLM2 itself has 9 heads,
+which 2 does not divide), float32.
+
+Colocated at TP 2, prefill TP 2 -> decode TP 1 and prefill TP 1 -> decode TP 2: greedy
+chat equals the runtime alone (pdmesh's Engine, TP 1); a request moves exactly its
+prompt's KV pages once (pdmesh_kv_transfer_bytes_total = pages x the logical page bytes,
+every KV head once); every page is back on both workers afterwards (one allocator serves
+all of a worker's ranks).
+"""
+from __future__ import annotations
+
+import signal
+
+import openai
+import pytest
+
+from mesh_procs import (SERVE_TOKEN, chat_when_routable, metric, metrics_urls, start_serve,
+                        wait_until, worker_addresses)
+from pdmesh import Engine, SamplingParams, auth
+from pdmesh.v1 import decode_pb2 as dpb
+from pdmesh.v1 import decode_pb2_grpc as dgrpc
+from pdmesh.v1 import prefill_pb2 as ppb
+from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+from tiny_models import write_tiny_hf_model
+
+MESSAGES = [{"role": "user", "content": "Name three colours of the sea."}]
+MAX_TOKENS = 12
+# the tiny model's logical page: 2 layers x 16 tokens x K,V x 2 heads x 16 dims x 4 bytes
+PAGE_BYTES = 2 * 16 * 2 * 2 * 16 * 4
+POOL = f"--worker-arg=--kv-cache-bytes={128 * PAGE_BYTES}"
+MESHES = {"colocated-tp2": ("--prefill", "0", "--decode", "0", "--colocated", "1", "--tp", "2")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model's folder (with tokenizer) and the runtime's own greedy answer."""
+    folder = tmp_path_factory.mktemp("tiny_tp_serve")
+    write_tiny_hf_model(folder, "llama", seed=3)
+    want = Engine(model=str(folder), dtype="float32", num_pages=64).generate(
+        messages=MESSAGES, params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                                 ignore_eos=True))[0]
+    return str(folder), want
+
+
+def serve(model: str, *layout: str):
+    """`pdmesh serve` of `model` in float32 (exactness), and an openai client on it."""
+    import os
+
+    os.environ["PDMESH_DTYPE"] = "float32"  # start_serve passes our environment on
+    try:
+        proc, base, lines = start_serve("--model", model, *layout, POOL)
+    finally:
+        del os.environ["PDMESH_DTYPE"]
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    return proc, client, lines
+
+
+def stop(proc, lines) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, "".join(lines[-40:])
+
+
+def pages_back(lines) -> bool:
+    """Every pool fully free, no room left (one allocator serves all of a worker's ranks)."""
+    for addr in worker_addresses(lines, "prefill"):
+        s = pgrpc.PrefillStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
+            ppb.PrefillStatsRequest(), timeout=10)
+        if not (s.free_pages == s.total_pages and s.rooms == 0):
+            return False
+    for addr in worker_addresses(lines, "decode") + worker_addresses(lines, "colocated"):
+        s = dgrpc.DecodeStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
+            dpb.StatsRequest(), timeout=10)
+        if not (s.free_pages == s.total_pages and s.used_pages == s.quarantined_pages == 0
+                and s.running == s.queued == 0):
+            return False
+    return True
+
+
+def chat(client, model: str, stream: bool = False):
+    kw = dict(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+              extra_body={"ignore_eos": True})
+    if not stream:
+        return chat_when_routable(client, **kw)
+    return "".join(c.choices[0].delta.content or ""
+                   for c in client.chat.completions.create(stream=True, **kw) if c.choices)
+
+
+@pytest.fixture(scope="module", params=list(MESHES))
+def mesh(request, tiny):
+    """One `pdmesh serve` per layout, shared by the tests of that layout."""
+    proc, client, lines = serve(tiny[0], *MESHES[request.param])
+    yield request.param, client, lines
+    stop(proc, lines)
+
+
+def test_greedy_chat_equals_runtime_alone_and_moves_the_kv_once(mesh, tiny):
+    name, client, lines = mesh
+    model, want = tiny
+    assert sum("tensor-parallel ranks (tp 2)" in line for line in lines) == 1, "".join(lines)
+    res = chat(client, model)
+    assert res.choices[0].message.content == want.text
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (
+        len(want.prompt_token_ids), MAX_TOKENS)
+    urls = metrics_urls(lines)
+    moved = sum(metric(u, "pdmesh_kv_transfer_bytes_total", path="mooncake")
+                for n, u in urls.items() if n.startswith("prefill"))
+    pages = -(-res.usage.prompt_tokens // 16)
+    assert moved == (0 if name.startswith("colocated") else pages * PAGE_BYTES)
+    assert chat(client, model, stream=True) == want.text  # prefix caches hit, too
+    assert wait_until(lambda: pages_back(lines), 10)
