@@ -44,9 +44,10 @@ def decider(policy="auto", stall_weight=0.1, max_stall=0.25, **kw):
     return PdModeDecider(policy, CostModel(PROFILE, stall_weight), max_stall, **kw)
 
 
-def situation(n, running=0, prefill_wait=0.0, local_wait=0.0, cached_remote=0, cached_local=0):
+def situation(n, running=0, prefill_wait=0.0, local_wait=0.0, cached_remote=0, cached_local=0,
+              decode_reuse=True):
     return Situation(n, n - cached_remote, n - cached_local, prefill_wait, local_wait,
-                     running, 0.0)
+                     running, 0.0, n - cached_local if decode_reuse else n)
 
 
 # -- the cost model ----------------------------------------------------------------------
@@ -283,6 +284,58 @@ def test_cache_aware_detail_counts_cached_prefixes_on_both_sides():
     assert d.choose(p, dw, prompt, [("prefill.match_rate", 0.0)]).situation.uncached_local == 320
 
 
+def test_estimate_sends_the_whole_prompt_without_decode_side_reuse():
+    """A decode that does not reuse adopted KV (--no-decode-prefix-cache) gets every
+    page of a remote prefill: its cached prefix saves its local prefill only."""
+    m = CostModel(PROFILE)
+    reuse = m.estimate(situation(300, cached_remote=280, cached_local=256))
+    whole = m.estimate(situation(300, cached_remote=280, cached_local=256, decode_reuse=False))
+    assert reuse.ttft_remote == pytest.approx(0.005 + 0.03 + 0.044)  # 44 tokens sent
+    assert whole.ttft_remote == pytest.approx(0.005 + 0.03 + 0.300)  # all 300
+    assert whole.ttft_local == reuse.ttft_local == pytest.approx(0.005 + 0.054)
+
+
+def reuse_pair(prefix_cache=True, adopted=True):
+    p, d = pair()
+    d.prefix_cache, d.reuses_adopted_kv = prefix_cache, adopted
+    return p, d
+
+
+@pytest.mark.parametrize("adopted", [True, False])
+def test_decider_follows_the_decodes_announced_reuse(adopted):
+    """Turn 2 of a conversation whose turn 1 was prefilled remotely: with decode-side
+    reuse the decode has turn 1's KV (32 tokens to send); without it the decode cached
+    nothing of it and a remote prefill sends all 352 tokens, which the model, the
+    calibration and the choice all see."""
+    d = decider("always")
+    p, dw = reuse_pair(adopted=adopted)
+    prompt = list(range(320))
+    d.choose(p, dw, prompt, [("prefill.match_rate", 0.0)]).ended()
+    turn2 = d.choose(p, dw, prompt + list(range(500, 532)), [("prefill.match_rate", 0.9)])
+    s = turn2.situation
+    assert (s.uncached_local, s.transfer_tokens) == ((32, 32) if adopted else (352, 352))
+    assert turn2.estimate.ttft_remote == pytest.approx(
+        0.005 + d.model.prefill_time(s.uncached_remote) + s.transfer_tokens * 1e-3)
+    # the write time calibrates the bandwidth against the bytes really sent
+    turn2.prefill_done(SimpleNamespace(cached_tokens=0, timings=SimpleNamespace(
+        queue_s=0.0, prefill_s=0.05, transfer_s=0.352, wait_transfer_s=0.0)))
+    assert d.model.bandwidth == pytest.approx(352e6 / 0.352 if not adopted else 32e6 / 0.352)
+
+
+def test_a_decode_without_a_prefix_cache_reuses_nothing_local():
+    d = decider("never")
+    p, dw = reuse_pair(prefix_cache=False, adopted=False)
+    prompt = list(range(320))
+    d.choose(p, dw, prompt, [("prefill.match_rate", 0.0)]).ended()
+    again = d.choose(p, dw, prompt, [("prefill.match_rate", 0.0)])
+    assert again.situation.uncached_local == again.situation.transfer_tokens == 320
+    # with its prefix cache (decode-side reuse off), its own local prefills are reused
+    p, dw = reuse_pair(prefix_cache=True, adopted=False)
+    d.choose(p, dw, prompt, [("prefill.match_rate", 0.0)]).ended()
+    again = d.choose(p, dw, prompt, [("prefill.match_rate", 0.0)])
+    assert again.situation.uncached_local == 1 and again.situation.transfer_tokens == 320
+
+
 # -- the pool routing with it ------------------------------------------------------------
 def info(wid, role, running=0):
     return rpb.WorkerInfo(worker_id=wid, role=role, address=f"{wid}:1", model_id="m",
@@ -311,6 +364,19 @@ def test_pool_routes_local_without_a_prefill_and_releases_the_ticket():
     assert not short.ticket.open and not long.ticket.open
     assert {w.inflight for w in pool.workers()} == {0}
     assert pool.has_route()  # a probe without tokens: no decision, no ticket
+
+
+def test_pool_reads_the_decodes_kv_reuse_from_its_registry_entry():
+    pool = WorkerPool(mode="auto", pd_mode=decider("always"))
+    pool.apply("JOINED", info("p0", rpb.WORKER_ROLE_PREFILL))
+    off = info("d0", rpb.WORKER_ROLE_DECODE)
+    off.kv_reuse.CopyFrom(rpb.KvReuse(prefix_cache=True, adopted_kv=False))
+    pool.apply("JOINED", off)
+    old = info("d1", rpb.WORKER_ROLE_DECODE)  # a worker older than KvReuse: unset
+    assert not old.HasField("kv_reuse")
+    pool.apply("JOINED", old)
+    seen = {w.worker_id: (w.prefix_cache, w.reuses_adopted_kv) for w in pool.workers()}
+    assert seen["d0"] == (True, False) and seen["d1"] == (True, True)
 
 
 def test_pool_without_a_decider_or_pair_has_no_ticket():

@@ -52,6 +52,14 @@ class TransferEndpoint(_message.Message):
     local_endpoints: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, session_id: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., protocol: _Optional[str] = ..., host_id: _Optional[str] = ..., local_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class KvReuse(_message.Message):
+    __slots__ = ("prefix_cache", "adopted_kv")
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_KV_FIELD_NUMBER: _ClassVar[int]
+    prefix_cache: bool
+    adopted_kv: bool
+    def __init__(self, prefix_cache: _Optional[bool] = ..., adopted_kv: _Optional[bool] = ...) -> None: ...
+
 class Capacity(_message.Message):
     __slots__ = ("max_running_requests", "num_pages")
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -73,7 +81,7 @@ class LoadReport(_message.Message):
     def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_pages: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model_id", "kv_layout", "transfer", "capacity", "load", "registered_at", "last_heartbeat_at")
+    __slots__ = ("worker_id", "role", "address", "model_id", "kv_layout", "transfer", "capacity", "load", "registered_at", "last_heartbeat_at", "kv_reuse")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +92,7 @@ class WorkerInfo(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    KV_REUSE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -94,10 +103,11 @@ class WorkerInfo(_message.Message):
     load: LoadReport
     registered_at: float
     last_heartbeat_at: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., registered_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ...) -> None: ...
+    kv_reuse: KvReuse
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., registered_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ..., kv_reuse: _Optional[_Union[KvReuse, _Mapping]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("role", "address", "model_id", "kv_layout", "transfer", "capacity", "load")
+    __slots__ = ("role", "address", "model_id", "kv_layout", "transfer", "capacity", "load", "kv_reuse")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +115,7 @@ class RegisterRequest(_message.Message):
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    KV_REUSE_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     address: str
     model_id: str
@@ -112,7 +123,8 @@ class RegisterRequest(_message.Message):
     transfer: TransferEndpoint
     capacity: Capacity
     load: LoadReport
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ...) -> None: ...
+    kv_reuse: KvReuse
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., kv_reuse: _Optional[_Union[KvReuse, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_s", "heartbeat_max_failure")

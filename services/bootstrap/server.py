@@ -39,7 +39,9 @@ def worker_info(w: Worker) -> pb.WorkerInfo:
         address=w.address, model_id=w.model_id, kv_layout=spec.kv_layout,
         transfer=spec.transfer, capacity=spec.capacity,
         load=w.load or pb.LoadReport(), registered_at=w.registered_at,
-        last_heartbeat_at=w.last_heartbeat_at)
+        last_heartbeat_at=w.last_heartbeat_at,
+        # unset stays unset: an older worker, whose defaults the gateway assumes
+        kv_reuse=spec.kv_reuse if spec.HasField("kv_reuse") else None)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):

@@ -32,6 +32,16 @@ POOL_AXES = "page,layer,offset,kv,head,dim"  # pdmesh's page-major pool (model_r
 OnPeerGone = Callable[[str, str], None]
 
 
+def kv_reuse(engine: EngineConfig, role: str) -> rpb.KvReuse:
+    """What a worker of `role` whose engine runs with `engine` reuses of earlier requests'
+    KV, by the engine's own rule (pdmesh/runtime/engine.py): a prefix cache unless
+    numerics is "reference"; adopted KV kept in it with decode_prefix_cache, which only
+    a decode worker adopts. The gateway's pd-mode cost model reads it from the registry."""
+    cache = engine.prefix_cache and engine.numerics != "reference"
+    return rpb.KvReuse(prefix_cache=cache,
+                       adopted_kv=cache and engine.decode_prefix_cache and role == "decode")
+
+
 class Startup:
     """How long each start-up phase took, for the worker's `ready` line."""
 
@@ -128,7 +138,8 @@ class WorkerHost:
         return self
 
     def registration(self, address: str, load: rpb.LoadReport) -> rpb.RegisterRequest:
-        """What this worker publishes: role, address, model, KV layout, transfer endpoint."""
+        """What this worker publishes: role, address, model, KV layout, transfer endpoint,
+        capacity, load and what it reuses of earlier requests' KV."""
         lay = self.layout
         transfer = None
         if self.has_kv:
@@ -147,7 +158,7 @@ class WorkerHost:
             transfer=transfer,
             capacity=rpb.Capacity(max_running_requests=self.info.engine_config.max_running_requests,
                                   num_pages=lay.num_pages),
-            load=load)
+            load=load, kv_reuse=kv_reuse(self.info.engine_config, self.config.role))
 
     async def start_registry(self, address: str, load_fn: Callable[[], rpb.LoadReport],
                              on_peer_gone: OnPeerGone | None = None) -> str:

@@ -2,14 +2,17 @@
 prefilled on a prefill worker (remote) or on its decode worker itself (local), and what
 a local prefill costs the decode's other streams. Plain Python, no grpc.
 
-    ttft_remote = o_r + max(P queue + prefill(n_r) + transfer(n_l), D's local prefills)
+    ttft_remote = o_r + max(P queue + prefill(n_r) + transfer(n_t), D's local prefills)
                   + decode step / 2
     ttft_local  = o_l + D's local prefills + decode step / 2 + prefill(n_l)
     stall       = prefill(n_l)          (every running stream of D waits this long)
     cost_local  = ttft_local + stall_weight · running · stall,   cost_remote = ttft_remote
 
 n_r, n_l: the prompt's tokens not in the prefill's / the decode's prefix cache (as far
-as the gateway knows); a remote prefill sends the decode only the KV it lacks (n_l). The time models are pdmesh simulate's (pdmesh/sim/
+as the gateway knows); n_t: the tokens whose KV a remote prefill sends the decode, n_l
+when the decode reuses adopted KV (decode-side reuse: only the KV it lacks is sent),
+else the whole prompt (it announces which in the registry, KvReuse). The time models
+are pdmesh simulate's (pdmesh/sim/
 profile.py): prefill(T) = a + b·T + c·T², decode step(B) = decode_a + decode_b·B,
 transfer(n) = latency + n·kv_bytes_per_token / bandwidth, the bytes per token from the
 decode worker's KV layout in the registry. Coefficients start from a Profile (a file
@@ -51,11 +54,14 @@ class Situation:
 
     prompt_tokens: int
     uncached_remote: int  # prompt tokens the prefill worker must compute
-    uncached_local: int  # ... the decode worker would compute (and would be sent to it)
+    uncached_local: int  # ... the decode worker would compute
     prefill_wait_s: float  # until the prefill worker gets to it (its queue ahead)
     local_wait_s: float  # until the decode worker is done with its local prefills ahead
     decode_running: int  # streams on the decode worker (not counting this one)
     kv_bytes_per_token: float  # of the decode worker's pool (0: the profile's)
+    # prompt tokens whose KV a remote prefill writes into the decode worker: uncached_local
+    # with decode-side reuse, else the whole prompt
+    transfer_tokens: int
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,8 @@ class CostModel:
     def estimate(self, s: Situation) -> Estimate:
         """Both choices' predicted TTFT and cost (see the module doc)."""
         half_step = self.decode_step(s.decode_running) / 2
-        # the decode's cached prefix is not sent (decode-side reuse)
         ready = (s.prefill_wait_s + self.prefill_time(s.uncached_remote)
-                 + self.transfer_time(s.uncached_local, s.kv_bytes_per_token))
+                 + self.transfer_time(s.transfer_tokens, s.kv_bytes_per_token))
         remote = self.overhead["remote"] + max(ready, s.local_wait_s) + half_step
         stall = self.prefill_time(s.uncached_local)
         local = self.overhead["local"] + s.local_wait_s + half_step + stall

@@ -16,8 +16,10 @@ What the decider knows, with no RPC of its own:
   - uncached tokens: with cache_aware routing, the prefill policy's match rate (remote)
     and a prefix tree of the prompts this gateway sent to each decode (local: the
     decode's prefix cache keeps its local prefills and, with decode-side reuse, the KV
-    it adopted); else the whole prompt. The same tree says how much of the prompt's KV
-    the decode already has, which a remote prefill then does not send;
+    it adopted; a prompt enters the tree only where the decode caches it, as it
+    announced in the registry's KvReuse); else the whole prompt. With decode-side reuse
+    the same tree says how much of the prompt's KV the decode already has, which a
+    remote prefill then does not send; without it a remote prefill sends it all;
   - queues: a virtual finish time per prefill worker and per decode worker's local
     prefills (each chosen request adds its predicted prefill time; a measured first token
     corrects the rest by its error; an empty queue resets), floored by the prefill
@@ -50,6 +52,12 @@ from pdmesh.services.gateway.routing import Worker
 
 REMOTE, LOCAL = "remote", "local"
 _CHUNK = 16  # tokens per prefix-tree chunk (the workers' default page size)
+
+
+def _caches(decode: Worker, mode: str) -> bool:
+    """Whether `decode` keeps a prompt's KV in its prefix cache after prefilling it
+    itself (LOCAL) or adopting it from a prefill worker (REMOTE: decode-side reuse)."""
+    return decode.prefix_cache if mode == LOCAL else decode.reuses_adopted_kv
 
 
 @dataclass(eq=False)
@@ -169,7 +177,7 @@ class PdModeDecider:
             q.busy_until = max(q.busy_until, now) + self.model.prefill_time(n)
             ticket.shift0, ticket.alone = q.shift, q.open == 0
             q.open += 1
-            if chunks:  # either way the prompt is now in the decode's prefix cache
+            if chunks and _caches(decode, mode):  # the prompt is in its prefix cache now
                 self._tree(decode.worker_id).insert(chunks)
         if self.metrics is not None:
             self.metrics.requests.labels(mode).inc()
@@ -193,6 +201,8 @@ class PdModeDecider:
             uncached_remote = max(1, n - int(rate * n))
             tree = self._trees.get(decode.worker_id)
             uncached_local = max(1, n - (tree.match(chunks) if tree else 0))
+        # decode-side reuse off: its cached prefix is no use to a remote prefill's KV
+        transfer_tokens = uncached_local if decode.reuses_adopted_kv else n
         pq = self._queues.get(prefill.worker_id)
         lq = self._queues.get("local:" + decode.worker_id)
         reported = self.model.prefill_time(prefill.load.queued_prefill_tokens)
@@ -202,7 +212,7 @@ class PdModeDecider:
             local_wait_s=max(lq.busy_until - now if lq else 0.0, 0.0),
             decode_running=max(decode.load.running,
                                decode.inflight - self._prefilling.get(decode.worker_id, 0)),
-            kv_bytes_per_token=decode.kv_bytes_per_token)
+            kv_bytes_per_token=decode.kv_bytes_per_token, transfer_tokens=transfer_tokens)
 
     @staticmethod
     def _cache_aware(detail: dict[str, object]) -> bool:
@@ -261,8 +271,8 @@ class PdModeDecider:
             if t.alone:  # else its prefill step(s) may have computed other prompts too
                 self.model.observe_prefill(s.prompt_tokens - response.cached_tokens,
                                            timings.prefill_s)
-            self.model.observe_transfer(  # the pages the decode lacked, as far as we know
-                s.uncached_local * (s.kv_bytes_per_token or self.model.profile.kv_bytes_per_token),
+            self.model.observe_transfer(  # the pages sent, as far as we know
+                s.transfer_tokens * (s.kv_bytes_per_token or self.model.profile.kv_bytes_per_token),
                 timings.transfer_s)
             self._remote_overhead(t)
 

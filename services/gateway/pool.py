@@ -62,9 +62,12 @@ def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
     if role is None:
         return None
     ld, kv = info.load, info.kv_layout
+    reuse = info.kv_reuse if info.HasField("kv_reuse") else None  # None: an older worker
     return Worker(info.worker_id, role, info.address, info.model_id,
                   Load(ld.running, ld.queued, ld.free_kv_pages, ld.queued_prefill_tokens),
-                  kv_bytes_per_token=kv.bytes_per_page / kv.page_size if kv.page_size else 0.0)
+                  kv_bytes_per_token=kv.bytes_per_page / kv.page_size if kv.page_size else 0.0,
+                  prefix_cache=reuse.prefix_cache if reuse else True,
+                  reuses_adopted_kv=reuse.adopted_kv if reuse else True)
 
 
 def _load(w: Worker) -> str:

@@ -52,6 +52,12 @@ class Worker:
     inflight: int = 0
     # KV bytes of one token in its pool (registry layout; 0: unknown), for pd_mode.py
     kv_bytes_per_token: float = 0.0
+    # what it reuses of earlier requests' KV (registry KvReuse; unset: an older worker,
+    # whose defaults were both on), for pd_mode.py: its prefix cache for the prompts it
+    # prefills itself, and adopted KV (decode-side reuse: a remote prefill sends only
+    # the pages after the prefix it has)
+    prefix_cache: bool = True
+    reuses_adopted_kv: bool = True
 
 
 def load_score(w: Worker) -> tuple:
