@@ -65,15 +65,16 @@ def test_gpu_equals_cpu():
         assert pages_checksum(src.cuda(), [1, 3], algo) == pages_checksum(src, [1, 3], algo)
 
 
+@pytest.mark.parametrize("pages", [[7, 2, 2, 0, 11, 5], [3, 4, 5, 6], [0, 1, 2, 9, 10, 4]])
 @pytest.mark.parametrize("chunk_words", [1, 100, 16 << 20])
-def test_wsum64_is_the_same_whatever_the_chunking(monkeypatch, chunk_words):
+def test_wsum64_is_the_same_whatever_the_chunking(monkeypatch, chunk_words, pages):
     """wsum64 digests pages a chunk at a time on a GPU, one at a time on a CPU; the value
     is the definition's
-    (sum over positions i of m_i * sum_j w_j * x_ij, mod 2^64) for any chunk size."""
+    (sum over positions i of m_i * sum_j w_j * x_ij, mod 2^64) for any chunk size, chunks
+    of consecutive pages read in place or scattered ones gathered."""
     from pdmesh.transfer import checksum as c
     pool = torch.randint(-1000, 1000, (12, 2, 3, 16), generator=torch.Generator().manual_seed(1))
     pool = pool.to(torch.bfloat16)
-    pages = [7, 2, 2, 0, 11, 5]
     w = c._table(pool[0].numel() // 2, pool.device)
     m = c._table(len(pages), pool.device, offset=1)
     want = 0
@@ -139,3 +140,20 @@ def test_every_random_corruption_is_detected(algo):
             if zero:  # the run was zero already: change it some other way
                 flat[at] = 1
         assert pages_checksum(bad, [5, 2, 7], algo) != want, (i, at)
+
+
+def test_gpu_digest_waits_asleep_until_its_event_completes(monkeypatch):
+    """_wait polls the digest's CUDA event with sleeps in between (no spinning sync)."""
+    from pdmesh.transfer import checksum as c
+    naps = []
+    monkeypatch.setattr(c.time, "sleep", naps.append)
+
+    class Event:
+        polls = 0
+
+        def query(self):
+            self.polls += 1
+            return self.polls > 3
+    ev = Event()
+    c._wait(ev)
+    assert ev.polls == 4 and naps == [c._POLL_S] * 3

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import zlib
 from typing import Any, Iterator, Sequence
 
@@ -56,6 +57,7 @@ if CPU_ALGO not in (XXH3, CRC32):
 _MASK = (1 << 64) - 1
 _SEED = 0x5EED_C0DE
 _CHUNK_WORDS = 16 << 20  # int64 words per wsum64 temporary (128 MiB)
+_POLL_S = 50e-6  # between polls of a GPU digest's completion (Linux sleeps >= ~60 us)
 _weights: dict[tuple[int, str], torch.Tensor] = {}  # (words per page, device) -> int64
 
 
@@ -121,18 +123,40 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 def _wsum64(pool: Any, pages: Sequence[int]) -> int:
     if not pages:
         return 0
-    words = _page_bytes(pool) // 4
-    w = _table(words, pool.device)
-    m = _table(len(pages), pool.device, offset=1)  # per position: swapped pages differ
-    # int64 wraps mod 2^64: exact and associative, so any grouping gives one value
     if pool.device.type != "cuda":
+        w, m = _tables(pool, pages)
         return int(_per_page(pool, pages, w, m).item()) & _MASK
     # a stream of its own: the digest neither queues behind the engine's forward steps
-    # nor makes them wait, and its one sync waits for its own kernels only. The pages'
-    # writers synchronized before anyone asks for a digest (a room's prefill has sampled
-    # its token; a transfer returns once its copy is done).
+    # nor makes them wait (a non-blocking stream: no implicit sync with the default
+    # one), and its wait is for its own kernels only. The pages' writers synchronized
+    # before anyone asks for a digest (a room's prefill has sampled its token; a
+    # transfer returns once its copy is done). The tables too are made on this stream:
+    # a first upload on the engine's stream would wait for its queued steps.
     with torch.cuda.stream(_side_stream(pool.device)):
-        return int(_chunked(pool, pages, w, m).item()) & _MASK
+        w, m = _tables(pool, pages)
+        total = _chunked(pool, pages, w, m)
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(total, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    _wait(done)
+    return int(host.item()) & _MASK
+
+
+def _tables(pool: Any, pages: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-word weights and the per-position multipliers (swapped pages differ);
+    int64 wraps mod 2^64: exact and associative, so any grouping gives one value."""
+    return (_table(_page_bytes(pool) // 4, pool.device),
+            _table(len(pages), pool.device, offset=1))
+
+
+def _wait(done: Any) -> None:
+    """Return once `done` (a recorded CUDA event) has completed, asleep between polls:
+    not `.item()`'s blocking copy, whose driver wait spins a core for the digest's
+    whole run (the digests were a fifth of an H200 engine core's py-spy samples at
+    c=64), GIL released throughout either way. Adds at most one poll interval."""
+    while not done.query():
+        time.sleep(_POLL_S)
 
 
 @functools.cache
@@ -151,16 +175,22 @@ def _per_page(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor)
 
 def _chunked(pool: Any, pages: Sequence[int], w: torch.Tensor, m: torch.Tensor) -> Any:
     """Pages in chunks of _CHUNK_WORDS int64 temporaries: a handful of device ops per
-    chunk, not per page (benchmarks/checksum_speed.py times both on a GPU)."""
+    chunk, not per page (benchmarks/checksum_speed.py times both on a GPU). A chunk of
+    consecutive page ids is read in place; a scattered one is gathered first (a copy)."""
     dev = pool.device
-    ids = torch.tensor(list(pages), dtype=torch.int64)
+    pages = list(pages)
+    ids = torch.tensor(pages, dtype=torch.int64)
     if dev.type == "cuda":  # no pageable copy: that would wait for the whole device
         ids = ids.pin_memory().to(dev, non_blocking=True)
     flat = pool.reshape(pool.shape[0], -1)  # [num_pages, page elements]: a view
     total = torch.zeros((), dtype=torch.int64, device=dev)
     step = max(1, _CHUNK_WORDS // w.numel())
     for i in range(0, len(pages), step):
-        x = flat.index_select(0, ids[i:i + step])  # [c, page elements]: a copy
+        run = pages[i:i + step]
+        if run[-1] - run[0] == len(run) - 1 and run == list(range(run[0], run[-1] + 1)):
+            x = flat[run[0]:run[-1] + 1]  # [c, page elements]: a view
+        else:
+            x = flat.index_select(0, ids[i:i + step])  # [c, page elements]: a copy
         x = x.view(torch.int32).to(torch.int64)    # [c, words]
         total += ((x * w).sum(1) * m[i:i + step]).sum()
     return total
