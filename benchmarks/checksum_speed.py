@@ -87,9 +87,12 @@ def main() -> None:
 
 
 def wsum64(device: str, pages_n: int, reps: int) -> None:
-    """wsum64 per page vs chunked, on `device`."""
-    print("| shape | pages | MiB | wsum64 per page ms | chunked ms | speed-up |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    """wsum64 per page vs chunked, on `device`; on a GPU also pdmesh's whole call
+    (pages_checksum: the side stream, the pinned copy, the event waited for asleep)."""
+    gpu = device == "cuda"
+    print("| shape | pages | MiB | wsum64 per page ms | chunked ms | speed-up |"
+          + (" pages_checksum ms |" if gpu else "") + "\n|---|---:|---:|---:|---:|---:|"
+          + ("---:|" if gpu else ""))
     for name, shape in SHAPES.items():
         pool = torch.randn((2 * pages_n, *shape), device=device).to(torch.bfloat16)
         pages = random.Random(0).sample(range(2 * pages_n), pages_n)
@@ -99,8 +102,12 @@ def wsum64(device: str, pages_n: int, reps: int) -> None:
         fast, v2 = timed(lambda: int(ck._chunked(pool, pages, w, m).item()) & ck._MASK, reps)
         assert v1 == v2, f"{name}: chunked {v2} != per page {v1}"
         mib = pages_n * pool[0].numel() * 2 / 2**20
-        print(f"| {name} | {pages_n} | {mib:.0f} | {slow:.2f} | {fast:.2f} | "
-              f"{slow / fast:.1f}x |")
+        row = f"| {name} | {pages_n} | {mib:.0f} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x |"
+        if gpu:
+            whole, v3 = timed(lambda: ck.pages_checksum(pool, pages, "wsum64"), reps)
+            assert v3 == v1, f"{name}: pages_checksum {v3} != per page {v1}"
+            row += f" {whole:.2f} |"
+        print(row)
 
 
 if __name__ == "__main__":
