@@ -12,6 +12,7 @@ all of a worker's ranks).
 """
 from __future__ import annotations
 
+import re
 import signal
 
 import openai
@@ -24,6 +25,8 @@ from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+from pdmesh.v1 import registry_pb2 as rpb
+from pdmesh.v1 import registry_pb2_grpc as rgrpc
 from tiny_models import write_tiny_hf_model
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the sea."}]
@@ -31,7 +34,9 @@ MAX_TOKENS = 12
 # the tiny model's logical page: 2 layers x 16 tokens x K,V x 2 heads x 16 dims x 4 bytes
 PAGE_BYTES = 2 * 16 * 2 * 2 * 16 * 4
 POOL = f"--worker-arg=--kv-cache-bytes={128 * PAGE_BYTES}"
-MESHES = {"colocated-tp2": ("--prefill", "0", "--decode", "0", "--colocated", "1", "--tp", "2")}
+MESHES = {"colocated-tp2": ("--prefill", "0", "--decode", "0", "--colocated", "1", "--tp", "2"),
+          "prefill-tp2-decode-tp1": ("--prefill", "1", "--decode", "1", "--prefill-tp", "2"),
+          "prefill-tp1-decode-tp2": ("--prefill", "1", "--decode", "1", "--decode-tp", "2")}
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +116,28 @@ def test_greedy_chat_equals_runtime_alone_and_moves_the_kv_once(mesh, tiny):
     assert moved == (0 if name.startswith("colocated") else pages * PAGE_BYTES)
     assert chat(client, model, stream=True) == want.text  # prefix caches hit, too
     assert wait_until(lambda: pages_back(lines), 10)
+
+
+def test_registry_announces_each_ranks_kv_heads(mesh):
+    """A TP 2 worker's Register carries its logical layout plus each rank's KV heads, pool
+    base and page bytes, which is what a peer writes by; a TP 1 worker has no ranks."""
+    name, _, lines = mesh
+    registry = re.search(r"ready — registry (\S+),", "".join(lines)).group(1)
+    stub = rgrpc.RegistryStub(auth.insecure_channel(registry, token=SERVE_TOKEN))
+    workers = stub.ListWorkers(rpb.ListWorkersRequest(), timeout=10).workers
+    tp2 = {"colocated-tp2": rpb.WORKER_ROLE_COLOCATED,
+           "prefill-tp2-decode-tp1": rpb.WORKER_ROLE_PREFILL,
+           "prefill-tp1-decode-tp2": rpb.WORKER_ROLE_DECODE}[name]
+    for w in workers:
+        lay = w.kv_layout
+        assert (lay.num_kv_heads, lay.bytes_per_page) == (2, PAGE_BYTES)  # logical
+        if w.role != tp2:
+            assert (lay.tp_size, len(lay.ranks)) == (1, 0)
+            continue
+        assert lay.tp_size == 2
+        assert [(r.rank, r.kv_head_start, r.kv_head_end, r.bytes_per_page)
+                for r in lay.ranks] == [(0, 0, 1, PAGE_BYTES // 2), (1, 1, 2, PAGE_BYTES // 2)]
+        if w.role != rpb.WORKER_ROLE_COLOCATED:  # a pool the transfer engine reaches
+            assert lay.ranks[0].kv_base_address == w.transfer.kv_base_address
+            assert lay.ranks[1].kv_base_address not in (0, lay.ranks[0].kv_base_address)
+            assert not w.transfer.local_endpoints  # whole-page paths cannot split heads

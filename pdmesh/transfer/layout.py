@@ -19,6 +19,19 @@ _CHECKED = (("model", "model"), ("dtype", "dtype"), ("page_size", "page size"),
 
 
 @dataclass(frozen=True)
+class KVRank:
+    """One tensor-parallel rank's share of a worker's pool (proto KvRank): KV heads
+    [head_start, head_end) of every page, in its own pool at kv_base (page p at
+    kv_base + p * bytes_per_page), registered with the worker's transfer session."""
+
+    rank: int
+    head_start: int
+    head_end: int
+    kv_base: int
+    bytes_per_page: int
+
+
+@dataclass(frozen=True)
 class KVLayout:
     """How a worker's KV pool lays out pages; published in the registry next to its session."""
 
@@ -30,6 +43,9 @@ class KVLayout:
     head_dim: int
     bytes_per_page: int
     num_pages: int
+    # a worker split over TP ranks: each rank's heads and pool (the fields above
+    # describe the whole logical pool); () = one pool (TP 1)
+    ranks: tuple[KVRank, ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("page_size", "num_layers", "num_kv_heads", "head_dim", "bytes_per_page",
@@ -70,11 +86,12 @@ class KVLayout:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KVLayout":
         """Inverse of to_dict; unknown keys are ignored, missing ones raise ValueError."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "ranks"]
         missing = [n for n in names if n not in d]
         if missing:
             raise ValueError(f"KV layout is missing {', '.join(missing)}")
-        return cls(**{n: d[n] for n in names})
+        ranks = tuple(KVRank(**r) for r in d.get("ranks", ()))
+        return cls(**{n: d[n] for n in names}, ranks=ranks)
 
 
 def check_compatible(src: KVLayout, dst: KVLayout, dst_pages: Sequence[int] | None = None) -> None:
@@ -88,6 +105,7 @@ def check_compatible(src: KVLayout, dst: KVLayout, dst_pages: Sequence[int] | No
              for f, label in _CHECKED if getattr(src, f) != getattr(dst, f)]
     if wrong:
         raise ValueError("incompatible KV layouts; " + "; ".join(wrong))
+    check_ranks(dst)
     if dst_pages is not None:
         check_pages(dst, dst_pages, side="destination")
 
@@ -98,3 +116,24 @@ def check_pages(layout: KVLayout, pages: Sequence[int], side: str = "destination
     if bad:
         raise ValueError(f"{side} page ids out of range [0, {layout.num_pages}): {bad[:8]}"
                          + (f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""))
+
+
+def check_ranks(layout: KVLayout) -> None:
+    """Raise ValueError unless `layout.ranks` (if any) hold every KV head, each rank's
+    page bytes being its heads' share of the logical page."""
+    if not layout.ranks:
+        return
+    held: set[int] = set()
+    for r in layout.ranks:
+        heads = r.head_end - r.head_start
+        if not 0 <= r.head_start < r.head_end <= layout.num_kv_heads:
+            raise ValueError(f"TP rank {r.rank} holds KV heads [{r.head_start}, "
+                             f"{r.head_end}), outside the {layout.num_kv_heads} heads")
+        if r.bytes_per_page * layout.num_kv_heads != layout.bytes_per_page * heads:
+            raise ValueError(f"TP rank {r.rank}: {r.bytes_per_page} bytes per page for "
+                             f"{heads} of {layout.num_kv_heads} KV heads of a "
+                             f"{layout.bytes_per_page}-byte page")
+        held.update(range(r.head_start, r.head_end))
+    if len(held) != layout.num_kv_heads:
+        raise ValueError(f"TP ranks hold KV heads {sorted(held)}, not all "
+                         f"{layout.num_kv_heads}")

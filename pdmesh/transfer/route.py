@@ -75,6 +75,9 @@ class Destination:
     kv_base: int
     host_id: str = ""
     local_endpoints: tuple[str, ...] = ()
+    # a pool split over TP ranks: layout.KVRank of each (pdmesh.transfer.sharded); ()
+    # = one pool at kv_base
+    ranks: tuple = ()
 
 
 class Route:

@@ -83,3 +83,17 @@ class Usage(_message.Message):
     total_tokens: int
     cached_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class KvRank(_message.Message):
+    __slots__ = ("rank", "kv_head_start", "kv_head_end", "kv_base_address", "bytes_per_page")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    KV_BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_PAGE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    kv_head_start: int
+    kv_head_end: int
+    kv_base_address: int
+    bytes_per_page: int
+    def __init__(self, rank: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., kv_base_address: _Optional[int] = ..., bytes_per_page: _Optional[int] = ...) -> None: ...

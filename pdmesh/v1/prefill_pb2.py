@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x97\x01\n\x0ePrefillRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x32\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\"a\n\x0ePrefillTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x17\n\x0fwait_transfer_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\"b\n\x0fPrefillResponse\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12*\n\x07timings\x18\x02 \x01(\x0b\x32\x19.pdmesh.v1.PrefillTimings\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd8\x02\n\x0fTransferRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64st_session_id\x18\x03 \x01(\t\x12\x1b\n\x13\x64st_kv_base_address\x18\x04 \x01(\x04\x12\x14\n\x0c\x64st_page_ids\x18\x05 \x03(\r\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x10\n\x08head_dim\x18\x0b \x01(\r\x12\x16\n\x0e\x62ytes_per_page\x18\x0c \x01(\x04\x12\x13\n\x0b\x64st_host_id\x18\r \x01(\t\x12\x1b\n\x13\x64st_local_endpoints\x18\x0e \x03(\t\x12\x18\n\x10\x64st_cached_pages\x18\x0f \x01(\r\"\x91\x02\n\x10TransferResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x33\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.pdmesh.v1.TokenLogprobH\x00\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65scriptor_count\x18\x05 \x01(\r\x12\x12\n\ntransfer_s\x18\x06 \x01(\x01\x12\x15\n\rtransfer_path\x18\x07 \x01(\t\x12\x13\n\x0bkv_checksum\x18\x08 \x01(\x04\x12\x18\n\x10kv_checksum_algo\x18\t \x01(\tB\x10\n\x0e_first_logprob\"#\n\x13PrefillAbortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\"\'\n\x14PrefillAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13PrefillStatsRequest\"\x85\x01\n\x14PrefillStatsResponse\x12\x13\n\x0btotal_pages\x18\x01 \x01(\r\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\r\n\x05rooms\x18\x03 \x01(\r\x12\x1c\n\x14transferred_requests\x18\x04 \x01(\x04\x12\x17\n\x0f\x66\x61iled_requests\x18\x05 \x01(\x04\x32\xa4\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponse\x12\x43\n\x08Transfer\x12\x1a.pdmesh.v1.TransferRequest\x1a\x1b.pdmesh.v1.TransferResponse\x12H\n\x05\x41\x62ort\x12\x1e.pdmesh.v1.PrefillAbortRequest\x1a\x1f.pdmesh.v1.PrefillAbortResponse\x12H\n\x05Stats\x12\x1e.pdmesh.v1.PrefillStatsRequest\x1a\x1f.pdmesh.v1.PrefillStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x97\x01\n\x0ePrefillRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x32\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\"a\n\x0ePrefillTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x17\n\x0fwait_transfer_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\"b\n\x0fPrefillResponse\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12*\n\x07timings\x18\x02 \x01(\x0b\x32\x19.pdmesh.v1.PrefillTimings\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xfe\x02\n\x0fTransferRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64st_session_id\x18\x03 \x01(\t\x12\x1b\n\x13\x64st_kv_base_address\x18\x04 \x01(\x04\x12\x14\n\x0c\x64st_page_ids\x18\x05 \x03(\r\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x10\n\x08head_dim\x18\x0b \x01(\r\x12\x16\n\x0e\x62ytes_per_page\x18\x0c \x01(\x04\x12\x13\n\x0b\x64st_host_id\x18\r \x01(\t\x12\x1b\n\x13\x64st_local_endpoints\x18\x0e \x03(\t\x12\x18\n\x10\x64st_cached_pages\x18\x0f \x01(\r\x12$\n\tdst_ranks\x18\x10 \x03(\x0b\x32\x11.pdmesh.v1.KvRank\"\x91\x02\n\x10TransferResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x33\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.pdmesh.v1.TokenLogprobH\x00\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65scriptor_count\x18\x05 \x01(\r\x12\x12\n\ntransfer_s\x18\x06 \x01(\x01\x12\x15\n\rtransfer_path\x18\x07 \x01(\t\x12\x13\n\x0bkv_checksum\x18\x08 \x01(\x04\x12\x18\n\x10kv_checksum_algo\x18\t \x01(\tB\x10\n\x0e_first_logprob\"#\n\x13PrefillAbortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\"\'\n\x14PrefillAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13PrefillStatsRequest\"\x85\x01\n\x14PrefillStatsResponse\x12\x13\n\x0btotal_pages\x18\x01 \x01(\r\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\r\n\x05rooms\x18\x03 \x01(\r\x12\x1c\n\x14transferred_requests\x18\x04 \x01(\x04\x12\x17\n\x0f\x66\x61iled_requests\x18\x05 \x01(\x04\x32\xa4\x02\n\x07Prefill\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponse\x12\x43\n\x08Transfer\x12\x1a.pdmesh.v1.TransferRequest\x1a\x1b.pdmesh.v1.TransferResponse\x12H\n\x05\x41\x62ort\x12\x1e.pdmesh.v1.PrefillAbortRequest\x1a\x1f.pdmesh.v1.PrefillAbortResponse\x12H\n\x05Stats\x12\x1e.pdmesh.v1.PrefillStatsRequest\x1a\x1f.pdmesh.v1.PrefillStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=315
   _globals['_PREFILLRESPONSE']._serialized_end=413
   _globals['_TRANSFERREQUEST']._serialized_start=416
-  _globals['_TRANSFERREQUEST']._serialized_end=760
-  _globals['_TRANSFERRESPONSE']._serialized_start=763
-  _globals['_TRANSFERRESPONSE']._serialized_end=1036
-  _globals['_PREFILLABORTREQUEST']._serialized_start=1038
-  _globals['_PREFILLABORTREQUEST']._serialized_end=1073
-  _globals['_PREFILLABORTRESPONSE']._serialized_start=1075
-  _globals['_PREFILLABORTRESPONSE']._serialized_end=1114
-  _globals['_PREFILLSTATSREQUEST']._serialized_start=1116
-  _globals['_PREFILLSTATSREQUEST']._serialized_end=1137
-  _globals['_PREFILLSTATSRESPONSE']._serialized_start=1140
-  _globals['_PREFILLSTATSRESPONSE']._serialized_end=1273
-  _globals['_PREFILL']._serialized_start=1276
-  _globals['_PREFILL']._serialized_end=1568
+  _globals['_TRANSFERREQUEST']._serialized_end=798
+  _globals['_TRANSFERRESPONSE']._serialized_start=801
+  _globals['_TRANSFERRESPONSE']._serialized_end=1074
+  _globals['_PREFILLABORTREQUEST']._serialized_start=1076
+  _globals['_PREFILLABORTREQUEST']._serialized_end=1111
+  _globals['_PREFILLABORTRESPONSE']._serialized_start=1113
+  _globals['_PREFILLABORTRESPONSE']._serialized_end=1152
+  _globals['_PREFILLSTATSREQUEST']._serialized_start=1154
+  _globals['_PREFILLSTATSREQUEST']._serialized_end=1175
+  _globals['_PREFILLSTATSRESPONSE']._serialized_start=1178
+  _globals['_PREFILLSTATSRESPONSE']._serialized_end=1311
+  _globals['_PREFILL']._serialized_start=1314
+  _globals['_PREFILL']._serialized_end=1606
 # @@protoc_insertion_point(module_scope)

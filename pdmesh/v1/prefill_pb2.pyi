@@ -44,7 +44,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, room: _Optional[int] = ..., timings: _Optional[_Union[PrefillTimings, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class TransferRequest(_message.Message):
-    __slots__ = ("room", "decode_worker_id", "dst_session_id", "dst_kv_base_address", "dst_page_ids", "model_id", "dtype", "page_size", "num_layers", "num_kv_heads", "head_dim", "bytes_per_page", "dst_host_id", "dst_local_endpoints", "dst_cached_pages")
+    __slots__ = ("room", "decode_worker_id", "dst_session_id", "dst_kv_base_address", "dst_page_ids", "model_id", "dtype", "page_size", "num_layers", "num_kv_heads", "head_dim", "bytes_per_page", "dst_host_id", "dst_local_endpoints", "dst_cached_pages", "dst_ranks")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DST_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class TransferRequest(_message.Message):
     DST_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DST_LOCAL_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     DST_CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DST_RANKS_FIELD_NUMBER: _ClassVar[int]
     room: int
     decode_worker_id: str
     dst_session_id: str
@@ -75,7 +76,8 @@ class TransferRequest(_message.Message):
     dst_host_id: str
     dst_local_endpoints: _containers.RepeatedScalarFieldContainer[str]
     dst_cached_pages: int
-    def __init__(self, room: _Optional[int] = ..., decode_worker_id: _Optional[str] = ..., dst_session_id: _Optional[str] = ..., dst_kv_base_address: _Optional[int] = ..., dst_page_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., bytes_per_page: _Optional[int] = ..., dst_host_id: _Optional[str] = ..., dst_local_endpoints: _Optional[_Iterable[str]] = ..., dst_cached_pages: _Optional[int] = ...) -> None: ...
+    dst_ranks: _containers.RepeatedCompositeFieldContainer[_common_pb2.KvRank]
+    def __init__(self, room: _Optional[int] = ..., decode_worker_id: _Optional[str] = ..., dst_session_id: _Optional[str] = ..., dst_kv_base_address: _Optional[int] = ..., dst_page_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., bytes_per_page: _Optional[int] = ..., dst_host_id: _Optional[str] = ..., dst_local_endpoints: _Optional[_Iterable[str]] = ..., dst_cached_pages: _Optional[int] = ..., dst_ranks: _Optional[_Iterable[_Union[_common_pb2.KvRank, _Mapping]]] = ...) -> None: ...
 
 class TransferResponse(_message.Message):
     __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "bytes_moved", "descriptor_count", "transfer_s", "transfer_path", "kv_checksum", "kv_checksum_algo")

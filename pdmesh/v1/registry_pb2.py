@@ -22,51 +22,52 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdmesh/v1/registry.proto\x12\tpdmesh.v1\"\xa3\x01\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0e\x62ytes_per_page\x18\x06 \x01(\x04\x12\x11\n\tnum_pages\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\t\"{\n\x10TransferEndpoint\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fkv_base_address\x18\x02 \x01(\x04\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x17\n\x0flocal_endpoints\x18\x05 \x03(\t\"3\n\x07KvReuse\x12\x14\n\x0cprefix_cache\x18\x01 \x01(\x08\x12\x12\n\nadopted_kv\x18\x02 \x01(\x08\";\n\x08\x43\x61pacity\x12\x1c\n\x14max_running_requests\x18\x01 \x01(\r\x12\x11\n\tnum_pages\x18\x02 \x01(\r\"c\n\nLoadReport\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x15\n\rfree_kv_pages\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\"\xe2\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12&\n\tkv_layout\x18\x05 \x01(\x0b\x32\x13.pdmesh.v1.KvLayout\x12-\n\x08transfer\x18\x06 \x01(\x0b\x32\x1b.pdmesh.v1.TransferEndpoint\x12%\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x13.pdmesh.v1.Capacity\x12#\n\x04load\x18\x08 \x01(\x0b\x32\x15.pdmesh.v1.LoadReport\x12\x15\n\rregistered_at\x18\t \x01(\x01\x12\x19\n\x11last_heartbeat_at\x18\n \x01(\x01\x12$\n\x08kv_reuse\x18\x0b \x01(\x0b\x32\x12.pdmesh.v1.KvReuse\"\xa2\x02\n\x0fRegisterRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12&\n\tkv_layout\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KvLayout\x12-\n\x08transfer\x18\x05 \x01(\x0b\x32\x1b.pdmesh.v1.TransferEndpoint\x12%\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.Capacity\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.pdmesh.v1.LoadReport\x12$\n\x08kv_reuse\x18\x08 \x01(\x0b\x32\x12.pdmesh.v1.KvReuse\"b\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1d\n\x15heartbeat_max_failure\x18\x03 \x01(\r\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.LoadReport\"1\n\x11HeartbeatResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"G\n\x12ListWorkersRequest\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRoleH\x00\x88\x01\x01\x42\x07\n\x05_role\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"A\n\x0cWatchRequest\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRoleH\x00\x88\x01\x01\x42\x07\n\x05_role\"\xad\x01\n\x0bWorkerEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.pdmesh.v1.WorkerEvent.Type\x12%\n\x06worker\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"L\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06JOINED\x10\x01\x12\x08\n\x04LEFT\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\x0b\n\x07UPDATED\x10\x04*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xec\x02\n\x08Registry\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12L\n\x0bListWorkers\x12\x1d.pdmesh.v1.ListWorkersRequest\x1a\x1e.pdmesh.v1.ListWorkersResponse\x12:\n\x05Watch\x12\x17.pdmesh.v1.WatchRequest\x1a\x16.pdmesh.v1.WorkerEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdmesh/v1/registry.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xd6\x01\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0e\x62ytes_per_page\x18\x06 \x01(\x04\x12\x11\n\tnum_pages\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x0f\n\x07tp_size\x18\t \x01(\r\x12 \n\x05ranks\x18\n \x03(\x0b\x32\x11.pdmesh.v1.KvRank\"{\n\x10TransferEndpoint\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fkv_base_address\x18\x02 \x01(\x04\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x17\n\x0flocal_endpoints\x18\x05 \x03(\t\"3\n\x07KvReuse\x12\x14\n\x0cprefix_cache\x18\x01 \x01(\x08\x12\x12\n\nadopted_kv\x18\x02 \x01(\x08\";\n\x08\x43\x61pacity\x12\x1c\n\x14max_running_requests\x18\x01 \x01(\r\x12\x11\n\tnum_pages\x18\x02 \x01(\r\"c\n\nLoadReport\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x15\n\rfree_kv_pages\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\"\xe2\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12&\n\tkv_layout\x18\x05 \x01(\x0b\x32\x13.pdmesh.v1.KvLayout\x12-\n\x08transfer\x18\x06 \x01(\x0b\x32\x1b.pdmesh.v1.TransferEndpoint\x12%\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x13.pdmesh.v1.Capacity\x12#\n\x04load\x18\x08 \x01(\x0b\x32\x15.pdmesh.v1.LoadReport\x12\x15\n\rregistered_at\x18\t \x01(\x01\x12\x19\n\x11last_heartbeat_at\x18\n \x01(\x01\x12$\n\x08kv_reuse\x18\x0b \x01(\x0b\x32\x12.pdmesh.v1.KvReuse\"\xa2\x02\n\x0fRegisterRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12&\n\tkv_layout\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KvLayout\x12-\n\x08transfer\x18\x05 \x01(\x0b\x32\x1b.pdmesh.v1.TransferEndpoint\x12%\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.Capacity\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.pdmesh.v1.LoadReport\x12$\n\x08kv_reuse\x18\x08 \x01(\x0b\x32\x12.pdmesh.v1.KvReuse\"b\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1d\n\x15heartbeat_max_failure\x18\x03 \x01(\r\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.LoadReport\"1\n\x11HeartbeatResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"G\n\x12ListWorkersRequest\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRoleH\x00\x88\x01\x01\x42\x07\n\x05_role\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"A\n\x0cWatchRequest\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRoleH\x00\x88\x01\x01\x42\x07\n\x05_role\"\xad\x01\n\x0bWorkerEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.pdmesh.v1.WorkerEvent.Type\x12%\n\x06worker\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"L\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06JOINED\x10\x01\x12\x08\n\x04LEFT\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\x0b\n\x07UPDATED\x10\x04*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xec\x02\n\x08Registry\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12L\n\x0bListWorkers\x12\x1d.pdmesh.v1.ListWorkersRequest\x1a\x1e.pdmesh.v1.ListWorkersResponse\x12:\n\x05Watch\x12\x17.pdmesh.v1.WatchRequest\x1a\x16.pdmesh.v1.WorkerEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1880
-  _globals['_WORKERROLE']._serialized_end=1997
-  _globals['_KVLAYOUT']._serialized_start=40
-  _globals['_KVLAYOUT']._serialized_end=203
-  _globals['_TRANSFERENDPOINT']._serialized_start=205
-  _globals['_TRANSFERENDPOINT']._serialized_end=328
-  _globals['_KVREUSE']._serialized_start=330
-  _globals['_KVREUSE']._serialized_end=381
-  _globals['_CAPACITY']._serialized_start=383
-  _globals['_CAPACITY']._serialized_end=442
-  _globals['_LOADREPORT']._serialized_start=444
-  _globals['_LOADREPORT']._serialized_end=543
-  _globals['_WORKERINFO']._serialized_start=546
-  _globals['_WORKERINFO']._serialized_end=900
-  _globals['_REGISTERREQUEST']._serialized_start=903
-  _globals['_REGISTERREQUEST']._serialized_end=1193
-  _globals['_REGISTERRESPONSE']._serialized_start=1195
-  _globals['_REGISTERRESPONSE']._serialized_end=1293
-  _globals['_HEARTBEATREQUEST']._serialized_start=1295
-  _globals['_HEARTBEATREQUEST']._serialized_end=1369
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1371
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1420
-  _globals['_DEREGISTERREQUEST']._serialized_start=1422
-  _globals['_DEREGISTERREQUEST']._serialized_end=1460
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1462
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1499
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1501
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1572
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1574
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1635
-  _globals['_WATCHREQUEST']._serialized_start=1637
-  _globals['_WATCHREQUEST']._serialized_end=1702
-  _globals['_WORKEREVENT']._serialized_start=1705
-  _globals['_WORKEREVENT']._serialized_end=1878
-  _globals['_WORKEREVENT_TYPE']._serialized_start=1802
-  _globals['_WORKEREVENT_TYPE']._serialized_end=1878
-  _globals['_REGISTRY']._serialized_start=2000
-  _globals['_REGISTRY']._serialized_end=2364
+  _globals['_WORKERROLE']._serialized_start=1955
+  _globals['_WORKERROLE']._serialized_end=2072
+  _globals['_KVLAYOUT']._serialized_start=64
+  _globals['_KVLAYOUT']._serialized_end=278
+  _globals['_TRANSFERENDPOINT']._serialized_start=280
+  _globals['_TRANSFERENDPOINT']._serialized_end=403
+  _globals['_KVREUSE']._serialized_start=405
+  _globals['_KVREUSE']._serialized_end=456
+  _globals['_CAPACITY']._serialized_start=458
+  _globals['_CAPACITY']._serialized_end=517
+  _globals['_LOADREPORT']._serialized_start=519
+  _globals['_LOADREPORT']._serialized_end=618
+  _globals['_WORKERINFO']._serialized_start=621
+  _globals['_WORKERINFO']._serialized_end=975
+  _globals['_REGISTERREQUEST']._serialized_start=978
+  _globals['_REGISTERREQUEST']._serialized_end=1268
+  _globals['_REGISTERRESPONSE']._serialized_start=1270
+  _globals['_REGISTERRESPONSE']._serialized_end=1368
+  _globals['_HEARTBEATREQUEST']._serialized_start=1370
+  _globals['_HEARTBEATREQUEST']._serialized_end=1444
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1446
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1495
+  _globals['_DEREGISTERREQUEST']._serialized_start=1497
+  _globals['_DEREGISTERREQUEST']._serialized_end=1535
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1537
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1574
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1576
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1647
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1649
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1710
+  _globals['_WATCHREQUEST']._serialized_start=1712
+  _globals['_WATCHREQUEST']._serialized_end=1777
+  _globals['_WORKEREVENT']._serialized_start=1780
+  _globals['_WORKEREVENT']._serialized_end=1953
+  _globals['_WORKEREVENT_TYPE']._serialized_start=1877
+  _globals['_WORKEREVENT_TYPE']._serialized_end=1953
+  _globals['_REGISTRY']._serialized_start=2075
+  _globals['_REGISTRY']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

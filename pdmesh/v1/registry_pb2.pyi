@@ -1,3 +1,4 @@
+from pdmesh.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -19,7 +20,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_COLOCATED: WorkerRole
 
 class KvLayout(_message.Message):
-    __slots__ = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "bytes_per_page", "num_pages", "layout")
+    __slots__ = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "bytes_per_page", "num_pages", "layout", "tp_size", "ranks")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +29,8 @@ class KvLayout(_message.Message):
     BYTES_PER_PAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     page_size: int
     num_kv_heads: int
@@ -36,7 +39,9 @@ class KvLayout(_message.Message):
     bytes_per_page: int
     num_pages: int
     layout: str
-    def __init__(self, num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., bytes_per_page: _Optional[int] = ..., num_pages: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
+    tp_size: int
+    ranks: _containers.RepeatedCompositeFieldContainer[_common_pb2.KvRank]
+    def __init__(self, num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., bytes_per_page: _Optional[int] = ..., num_pages: _Optional[int] = ..., layout: _Optional[str] = ..., tp_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[_common_pb2.KvRank, _Mapping]]] = ...) -> None: ...
 
 class TransferEndpoint(_message.Message):
     __slots__ = ("session_id", "kv_base_address", "protocol", "host_id", "local_endpoints")

@@ -92,10 +92,28 @@ class EngineCore:
             "mooncake", self.pool, config.kv_transfer_mode,
             hostname=config.advertise_host, protocol=config.transfer_protocol,
             device_name=config.transfer_device)
-        self.local_endpoints = local_endpoints(self.pool)
+        if self.ranks is not None:  # every rank's pool, each registered: peers write heads
+            self._register_ranks()
+        else:
+            self.local_endpoints = local_endpoints(self.pool)
         local = ", ".join(u.partition(":")[0] for u in self.local_endpoints) or "none"
         print(f"KV transfer: {config.transfer_protocol}, mode {self.mode} "
               f"(pool on {self.pool.device}); same-host paths: {local}", flush=True)
+
+    def _register_ranks(self) -> None:
+        """Register ranks 1.. pools (mapped here) with the transport and publish each
+        rank's pool base in the layout (no same-host paths: those copy whole logical
+        pages)."""
+        import dataclasses
+
+        ranks = []
+        for r, pool in zip(self.layout.ranks, self.ranks.pools):
+            if pool is None:
+                raise RuntimeError("a TP worker's KV transfer needs every rank's pool in "
+                                   "host memory (CPU ranks)")
+            base = self.kv_base if pool is self.pool else self.transport.register(pool)
+            ranks.append(dataclasses.replace(r, kv_base=base))
+        self.layout = dataclasses.replace(self.layout, ranks=tuple(ranks))
 
     def info(self) -> CoreInfo:
         from pdmesh.transfer.checksum import algo_for
@@ -112,10 +130,22 @@ class EngineCore:
         if self._router is None:
             from pdmesh.transfer.route import Router
 
-            self._router = Router(self.transport, self.kv_base, self.pool,
-                                  self.layout.bytes_per_page, self.config.kv_path,
-                                  self.host_id)
+            from pdmesh.transfer.sharded import ShardedRouter
+
+            inner = Router(self.transport, self.kv_base, self.pool,
+                           self.layout.bytes_per_page, self.config.kv_path, self.host_id)
+            # writes from or to a pool split over TP ranks are staged per rank
+            self._router = ShardedRouter(inner, self.transport, self.sharded_pool(),
+                                         self.ranks is not None, self.layout.bytes_per_page)
         return self._router
+
+    def sharded_pool(self) -> Any:
+        """Every rank's pool and KV heads (one pool holding all heads at TP 1)."""
+        from pdmesh.transfer.sharded import ShardedPool
+
+        if self.ranks is None:
+            return ShardedPool([self.pool], [(0, self.layout.num_kv_heads)])
+        return ShardedPool(self.ranks.pools, [p.kv_heads for p in self.ranks.plans])
 
     # -- the KV data plane, by name (blocking; run off any event loop) --------------------
     def kv_op(self, op: str, args: Sequence[Any]) -> Any:
@@ -136,6 +166,8 @@ class EngineCore:
     def _kv_checksum(self, pages: list[int], algo: str) -> int:
         from pdmesh.transfer.checksum import pages_checksum
 
+        if self.ranks is not None:  # the logical pages, every head in order
+            return self.sharded_pool().checksum(pages, algo)
         return pages_checksum(self.pool, pages, algo)
 
     def _kv_land(self, pages: list[int]) -> None:

@@ -176,4 +176,5 @@ class TransportReceiver:
 def _destination(target: TransferTarget) -> Destination:
     """The route key and endpoints of a decode pool, from its Transfer target."""
     return Destination(target.session_id, target.kv_base, target.host_id,
-                       tuple(target.local_endpoints))
+                       tuple(target.local_endpoints),
+                       tuple(getattr(target.layout, "ranks", ())))

@@ -19,6 +19,7 @@ from pdmesh.config import EngineConfig, WorkerConfig
 from pdmesh.registry_client import RegistryClient
 from pdmesh.registry_watch import GONE, RegistryWatch
 from pdmesh.telemetry.metrics import WorkerMetrics
+from pdmesh.transfer.sharded import kv_rank_proto
 from pdmesh.services.common.kv import TransportReceiver
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.worker.aio_engine import AsyncEngine
@@ -154,7 +155,9 @@ class WorkerHost:
             kv_layout=rpb.KvLayout(num_layers=lay.num_layers, page_size=lay.page_size,
                                    num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
                                    dtype=lay.dtype, bytes_per_page=lay.bytes_per_page,
-                                   num_pages=lay.num_pages, layout=POOL_AXES),
+                                   num_pages=lay.num_pages, layout=POOL_AXES,
+                                   tp_size=self.config.tp,
+                                   ranks=[kv_rank_proto(r) for r in lay.ranks]),
             transfer=transfer,
             capacity=rpb.Capacity(max_running_requests=self.info.engine_config.max_running_requests,
                                   num_pages=lay.num_pages),

@@ -10,6 +10,7 @@ import grpc
 from pdmesh import auth
 from pdmesh.disagg.ports import Code, KVChecksum, RoomError, TransferReply, TransferTarget
 from pdmesh.telemetry import tracing
+from pdmesh.transfer.sharded import kv_rank_proto
 from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as ppb_grpc
 from pdmesh.worker.convert import logprob_from_proto
@@ -39,7 +40,8 @@ class GrpcPrefillPeers:
             page_size=lay.page_size, num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads,
             head_dim=lay.head_dim, bytes_per_page=lay.bytes_per_page,
             dst_host_id=target.host_id, dst_local_endpoints=list(target.local_endpoints),
-            dst_cached_pages=target.cached_pages)
+            dst_cached_pages=target.cached_pages,
+            dst_ranks=[kv_rank_proto(r) for r in getattr(lay, "ranks", ())])
         try:
             resp = await self._stub(address).Transfer(msg, timeout=timeout)
         except grpc.aio.AioRpcError as e:

@@ -19,6 +19,7 @@ from pdmesh.services.common.kv import CorruptKV, TransportWriter
 from pdmesh.services.common.worker import WorkerHost
 from pdmesh.services.prefill.timings import record_spans, timings
 from pdmesh.transfer import KVLayout, check_compatible
+from pdmesh.transfer.sharded import kv_rank_from_proto
 from pdmesh.v1 import prefill_pb2 as pb
 from pdmesh.v1 import prefill_pb2_grpc as pb_grpc
 from pdmesh.v1 import registry_pb2 as rpb
@@ -148,7 +149,8 @@ def _target(request: pb.TransferRequest) -> TransferTarget:
     layout = KVLayout(model=request.model_id, dtype=request.dtype, page_size=request.page_size,
                       num_layers=request.num_layers, num_kv_heads=request.num_kv_heads,
                       head_dim=request.head_dim, bytes_per_page=request.bytes_per_page,
-                      num_pages=max(pages, default=0) + 1)
+                      num_pages=max(pages, default=0) + 1,
+                      ranks=tuple(kv_rank_from_proto(r) for r in request.dst_ranks))
     return TransferTarget(session_id=request.dst_session_id,
                           kv_base=request.dst_kv_base_address, page_ids=pages, layout=layout,
                           decode_worker_id=request.decode_worker_id, room=request.room,

@@ -118,13 +118,17 @@ class RankGroup:
 
     def layout(self, model: str) -> Any:
         """The group's pool as one logical pool: every KV head of a page, as a TP 1
-        worker's (what peers' bind checks compare); each rank holds a head slice of it."""
+        worker's (what peers' bind checks compare), with each rank's head slice and page
+        bytes in `ranks` (base addresses 0 until a transport registers the pools)."""
         from pdmesh.transfer import KVLayout
+        from pdmesh.transfer.layout import KVRank
 
         c, kv = self.runner.model.cfg, self.kv
         bpp = c.num_layers * self.page_size * 2 * c.num_kv_heads * c.head_dim * kv.element_size()
+        rank_bpp = kv[0].numel() * kv.element_size()  # every rank holds as many heads
+        ranks = tuple(KVRank(p.rank, *p.kv_heads, 0, rank_bpp) for p in self.plans)
         return KVLayout(model, str(kv.dtype).removeprefix("torch."), self.page_size,
-                        c.num_layers, c.num_kv_heads, c.head_dim, bpp, int(kv.shape[0]))
+                        c.num_layers, c.num_kv_heads, c.head_dim, bpp, int(kv.shape[0]), ranks)
 
     def close(self) -> None:
         """Tell the followers to stop (if they can still hear it), then end them."""
