@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from pdmesh.bench.scrape import fetch, mean_parts_ms  # noqa: E402  (this checkout's)
 
+MODEL = "default"  # --model: what every `pdmesh serve` serves and every request names
+
 
 def cache_aware_available() -> bool:
     """Does this checkout's gateway know `--prefill-policy cache_aware`?"""
@@ -69,7 +71,7 @@ def start_serve(args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
 
 def wait_routable(base: str, timeout: float = 60.0) -> None:
     """One tiny chat request until it is not a 503 (the gateway learns workers by Watch)."""
-    body = json.dumps({"model": "default", "max_tokens": 1,
+    body = json.dumps({"model": MODEL, "max_tokens": 1,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
     deadline = time.monotonic() + timeout
     while True:
@@ -113,7 +115,7 @@ def parts_table(runs: dict[str, dict]) -> str:
 
 
 def chat(base: str, messages: list[dict], max_tokens: int) -> str:
-    body = json.dumps({"model": "default", "messages": messages, "max_tokens": max_tokens,
+    body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": max_tokens,
                        "temperature": 0, "ignore_eos": True}).encode()
     req = urllib.request.Request(base + "/chat/completions", body,
                                  {"Content-Type": "application/json"})
@@ -222,7 +224,11 @@ def main() -> None:
                     "for the ratios")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="passed to every `pdmesh serve` (e.g. --serve-arg=--kv-checksum=off)")
+    ap.add_argument("--model", default="default", help="what `pdmesh serve --model` serves "
+                    "(e.g. a folder from benchmarks/random_hf_model.py)")
     a = ap.parse_args()
+    global MODEL
+    MODEL = a.model
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bench_args = ["--turns", str(a.turns), "--system-prompt-len", str(a.system_prompt_len),
@@ -249,8 +255,8 @@ def main() -> None:
             if a.settings and name not in a.settings:
                 continue
             out = out_dir / f"{dep}-{name.replace('+', '-')}.json"
-            runs[name] = run_setting(name, ["--prefill", str(p), "--decode", "1", *extra,
-                                            *a.serve_arg],
+            runs[name] = run_setting(name, ["--prefill", str(p), "--decode", "1", "--model",
+                                            a.model, *extra, *a.serve_arg],
                                      bench_args, out, (a.turns, a.output_len))
         sp = next(iter(runs.values()))["system_prompt_tokens"]
         print(f"\n{dep}: {a.conversations} conversations x {a.turns} turns, {a.parallel} at "
