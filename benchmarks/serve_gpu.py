@@ -469,6 +469,7 @@ class Serve:
 
 async def served_levels(args, mode: str, url: str, workload) -> tuple[list[dict], object]:
     from pdmesh.bench.loadgen import ClientConfig, resolve_model, run_fixed, warmup
+    from pdmesh.bench.scrape import mean_parts_ms
 
     # the gateway lists (and routes to) workers once its registry watch has seen them,
     # which can be a moment after `pdmesh serve: ready`
@@ -486,13 +487,26 @@ async def served_levels(args, mode: str, url: str, workload) -> tuple[list[dict]
         await warmup(cfg, workload, args.warmup)
     results = []
     for c, n in level_sizes(args):
+        before = await asyncio.to_thread(gateway_metrics, url)
         s, _ = await run_fixed(cfg, workload, c, n, label=mode, warmup_requests=1, progress=False)
+        parts = mean_parts_ms(await asyncio.to_thread(gateway_metrics, url), before)
         log(f"{mode} c={c} n={n}: {s.completed} ok, {s.failed} failed, {s.output_tok_s:.0f} out "
             f"tok/s, TTFT {1e3 * s.ttft.mean:.1f} ms (median {1e3 * s.ttft.median:.1f}, P99 "
             f"{1e3 * s.ttft.p99:.1f}), TPOT {1e3 * s.tpot.mean:.2f} ms"
-            + (f" ({s.errors[0]})" if s.errors else ""))
-        results.append(summary_dict(s))
+            + (f" ({s.errors[0]})" if s.errors else "")
+            + ("; TTFT parts " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + " ms"
+               if parts else ""))
+        results.append(summary_dict(s) | {"ttft_parts_ms": parts})
     return results, cfg
+
+
+def gateway_metrics(url: str) -> str:
+    """The gateway's /metrics text ("" when it has none); `url` is its .../v1."""
+    from pdmesh.bench.scrape import fetch
+    try:
+        return fetch(url[:-len("/v1")] + "/metrics")
+    except OSError:
+        return ""
 
 
 async def served_profile(args, serve: Serve, cfg, workload, req_s: float | None,
