@@ -142,3 +142,17 @@ def test_rank_layout_round_trips_through_dict_and_proto():
     assert KVLayout.from_dict(lay.to_dict()) == lay
     assert KVLayout.from_dict(layout().to_dict()).ranks == ()
     assert tuple(kv_rank_from_proto(kv_rank_proto(r)) for r in ranks) == ranks
+
+
+def test_a_dead_source_rank_fails_the_write_before_any_byte_moves():
+    transport = MemcpyTransport()
+    dst = rank_pools(1, seed=None)
+
+    def dead() -> None:
+        raise RuntimeError("tensor-parallel rank 1 (pid 7) exited with code -9")
+
+    router = ShardedRouter(NoInner(), transport, rank_pools(2, seed=1), True, LOGICAL_BPP,
+                           check=dead)
+    with pytest.raises(RuntimeError, match="rank 1"):
+        router.write_pages(destination(dst, transport, 1), [0, 1], [2, 3])
+    assert not dst.pools[0].any()

@@ -12,15 +12,20 @@ all of a worker's ranks).
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
+import threading
+import time
 
 import openai
 import pytest
 
 from mesh_procs import (SERVE_TOKEN, chat_when_routable, metric, metrics_urls, start_serve,
-                        wait_until, worker_addresses)
+                        wait_until)
 from pdmesh import Engine, SamplingParams, auth
+from pdmesh.v1 import chaos_pb2 as cpb
+from pdmesh.v1 import chaos_pb2_grpc as cgrpc
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
@@ -35,7 +40,9 @@ MAX_TOKENS = 12
 PAGE_BYTES = 2 * 16 * 2 * 2 * 16 * 4
 POOL = f"--worker-arg=--kv-cache-bytes={128 * PAGE_BYTES}"
 MESHES = {"colocated-tp2": ("--prefill", "0", "--decode", "0", "--colocated", "1", "--tp", "2"),
-          "prefill-tp2-decode-tp1": ("--prefill", "1", "--decode", "1", "--prefill-tp", "2"),
+          # --chaos: the kill test holds a room's KV on the prefill by delaying its Transfer
+          "prefill-tp2-decode-tp1": ("--prefill", "1", "--decode", "1", "--prefill-tp", "2",
+                                     "--chaos"),
           "prefill-tp1-decode-tp2": ("--prefill", "1", "--decode", "1", "--decode-tp", "2")}
 
 
@@ -50,15 +57,19 @@ def tiny(tmp_path_factory):
     return str(folder), want
 
 
-def serve(model: str, *layout: str):
-    """`pdmesh serve` of `model` in float32 (exactness), and an openai client on it."""
-    import os
+# float32: exactness. One attempt per request: a failed prefill leg reaches the client
+# (the kill test) instead of being retried on the restarted prefill.
+ENV = {"PDMESH_DTYPE": "float32", "PDMESH_GATEWAY_RETRY_MAX_ATTEMPTS": "1"}
 
-    os.environ["PDMESH_DTYPE"] = "float32"  # start_serve passes our environment on
+
+def serve(model: str, *layout: str):
+    """`pdmesh serve` of `model` (ENV), and an openai client on it."""
+    os.environ.update(ENV)  # start_serve passes our environment on
     try:
         proc, base, lines = start_serve("--model", model, *layout, POOL)
     finally:
-        del os.environ["PDMESH_DTYPE"]
+        for k in ENV:
+            del os.environ[k]
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
     return proc, client, lines
 
@@ -68,14 +79,23 @@ def stop(proc, lines) -> None:
     assert proc.wait(60) == 0, "".join(lines[-40:])
 
 
+def workers(lines, role: int) -> list[str]:
+    """Addresses of the registry's `role` workers now (a restarted one has a new address)."""
+    registry = re.search(r"ready — registry (\S+),", "".join(lines)).group(1)
+    stub = rgrpc.RegistryStub(auth.insecure_channel(registry, token=SERVE_TOKEN))
+    return [w.address for w in stub.ListWorkers(rpb.ListWorkersRequest(role=role),
+                                                timeout=10).workers]
+
+
 def pages_back(lines) -> bool:
     """Every pool fully free, no room left (one allocator serves all of a worker's ranks)."""
-    for addr in worker_addresses(lines, "prefill"):
+    for addr in workers(lines, rpb.WORKER_ROLE_PREFILL):
         s = pgrpc.PrefillStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
             ppb.PrefillStatsRequest(), timeout=10)
         if not (s.free_pages == s.total_pages and s.rooms == 0):
             return False
-    for addr in worker_addresses(lines, "decode") + worker_addresses(lines, "colocated"):
+    for addr in (workers(lines, rpb.WORKER_ROLE_DECODE)
+                 + workers(lines, rpb.WORKER_ROLE_COLOCATED)):
         s = dgrpc.DecodeStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
             dpb.StatsRequest(), timeout=10)
         if not (s.free_pages == s.total_pages and s.used_pages == s.quarantined_pages == 0
@@ -141,3 +161,77 @@ def test_registry_announces_each_ranks_kv_heads(mesh):
             assert lay.ranks[0].kv_base_address == w.transfer.kv_base_address
             assert lay.ranks[1].kv_base_address not in (0, lay.ranks[0].kv_base_address)
             assert not w.transfer.local_endpoints  # whole-page paths cannot split heads
+
+
+def followers(pid: int) -> list[int]:
+    """Tensor-parallel follower ranks among `pid`'s descendants."""
+    kids: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            with open(f"/proc/{p}/cmdline") as f:
+                if "pdmesh.runtime.tp.follower" in f.read():
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+DELAY_S = 20.0  # the room's Transfer waits this long: far longer than the failure takes
+
+
+@pytest.mark.parametrize("mesh", ["prefill-tp2-decode-tp1"], indirect=True)
+def test_kill9_of_a_prefill_rank_holding_kv_fails_the_request_and_frees_every_page(mesh, tiny):
+    """kill -9 of rank 1 of the TP 2 prefill while it holds a room's computed KV (the
+    decode's Transfer for it held back by a chaos delay, the decode's pages held for it):
+    the request fails at once with an error naming the dead rank, not after the delay
+    or a timeout; every page comes back; the supervisor restarts the prefill (new ranks)
+    and the mesh serves again."""
+    name, client, lines = mesh
+    model, want = tiny
+    (prefill,) = workers(lines, rpb.WORKER_ROLE_PREFILL)
+    chaos = cgrpc.ChaosStub(auth.insecure_channel(prefill, token=SERVE_TOKEN))
+    chaos.Inject(cpb.ChaosFault(rpc=cpb.RpcFault(
+        method="Transfer", action=cpb.RPC_ACTION_DELAY, count=1, delay_s=DELAY_S)), timeout=10)
+    result: dict = {}
+
+    def ask() -> None:
+        try:  # once: chat() retries a 503 until the mesh is routable
+            result["ok"] = client.chat.completions.create(
+                model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+        except openai.APIError as e:
+            result["error"], result["at"] = e, time.monotonic()
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    ps = pgrpc.PrefillStub(auth.insecure_channel(prefill, token=SERVE_TOKEN))
+
+    def holding() -> bool:
+        s = ps.Stats(ppb.PrefillStatsRequest(), timeout=10)
+        return s.rooms == 1 and s.free_pages < s.total_pages  # computed, not yet written
+    assert wait_until(holding, 30)
+    assert not pages_back(lines)  # the decode holds the room's pages too
+    (rank1,) = followers(os.getpid())
+    killed = time.monotonic()
+    os.kill(rank1, signal.SIGKILL)
+    asker.join(DELAY_S + 30)
+    assert "error" in result, result
+    assert result["at"] - killed < DELAY_S  # not after the Transfer, nor a timeout
+    err = result["error"]
+    assert isinstance(err, openai.APIStatusError) and err.status_code == 503, err
+    rid = re.search(r"Request id (req-[0-9a-f]+)", str(err)).group(1)  # the gateway's log:
+    assert wait_until(lambda: any(rid in line and "tensor-parallel rank 1" in line
+                                  and "exited with code -9" in line for line in lines), 10)
+    assert wait_until(lambda: pages_back(lines), 30)
+    assert wait_until(lambda: workers(lines, rpb.WORKER_ROLE_PREFILL) not in ([], [prefill]),
+                      120), "the supervisor did not restart the prefill"
+    assert chat(client, model).choices[0].message.content == want.text
+    assert wait_until(lambda: pages_back(lines), 10)

@@ -309,6 +309,14 @@ class PrefillProtocol:
             await room.write_done.wait()
         return before in (State.PENDING, State.WRITING)
 
+    def engine_failed(self, error: BaseException) -> None:
+        """This worker's engine failed (e.g. a tensor-parallel rank died): every room's KV
+        is in it, so every room fails now (not when the worker's shutdown grace ends)."""
+        for room in list(self.rooms.values()):
+            room.queued = False  # nothing to abort in a failed engine
+            self.fail(room, Code.UNAVAILABLE, f"the prefill engine failed ({error}); room "
+                                              f"{room.room} dropped")
+
     def peer_gone(self, address: str, event: str = "EXPIRED") -> None:
         """A decode worker expired or left: free every room bound for it."""
         for room in [r for r in self.rooms.values() if r.decode_address == address]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pdmesh.transfer.base import TransferStats
 from pdmesh.transfer.layout import KVRank
@@ -87,9 +87,11 @@ class ShardedRouter:
     destination rank and sent by the transfer engine; any other goes to `inner`."""
 
     def __init__(self, inner: Any, transport: Any, src: ShardedPool, sharded_src: bool,
-                 logical_bpp: int) -> None:
+                 logical_bpp: int, check: Callable[[], None] | None = None) -> None:
+        """`check()`: raises when a source rank has died (its pool, still mapped here,
+        is no longer trusted: the write fails instead of sending it)."""
         self.inner, self.transport, self.src = inner, transport, src
-        self.sharded_src, self.logical_bpp = sharded_src, logical_bpp
+        self.sharded_src, self.logical_bpp, self.check = sharded_src, logical_bpp, check
         self._staging: Any = None
         self._staging_base = 0
         self._lock = threading.Lock()  # one staged write at a time (one buffer)
@@ -108,6 +110,8 @@ class ShardedRouter:
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destinations")
         t0, nbytes, desc = time.perf_counter(), 0, 0
+        if self.check is not None:
+            self.check()
         with self._lock:
             staging = self._buffer()
             for r in self._ranks(dst):

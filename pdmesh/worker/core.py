@@ -136,7 +136,8 @@ class EngineCore:
                            self.layout.bytes_per_page, self.config.kv_path, self.host_id)
             # writes from or to a pool split over TP ranks are staged per rank
             self._router = ShardedRouter(inner, self.transport, self.sharded_pool(),
-                                         self.ranks is not None, self.layout.bytes_per_page)
+                                         self.ranks is not None, self.layout.bytes_per_page,
+                                         self.ranks.check if self.ranks is not None else None)
         return self._router
 
     def sharded_pool(self) -> Any:
