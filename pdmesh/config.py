@@ -137,7 +137,8 @@ class EngineConfig:
     chunked_prefill_size: int = 2048  # a longer prompt is split into chunks of this size
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads on CPU
-    # GPU runtime (ignored on CPU): attention backend "auto" = triton on CUDA, torch on CPU
+    # attention backend: "auto" = triton on CUDA; on CPU "cpu" (C++ paged decode kernel,
+    # runtime/cpu_attention.py) where it builds, else "torch"
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # decode under CUDA graphs (batch padded to a captured size)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
@@ -162,8 +163,8 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
         if any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
             raise ValueError(f"cuda_graph_batch_sizes must be >= 1, got {self.cuda_graph_batch_sizes}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, "
+        if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
+            raise ValueError(f"attention_backend must be auto, torch, triton or cpu, "
                              f"got {self.attention_backend!r}")
         check_numerics(self.numerics, self.attention_backend)
 

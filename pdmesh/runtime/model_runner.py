@@ -110,6 +110,7 @@ class ModelRunner:
             model.set_reference_numerics(self.reference)
         if self.backend != "torch":
             model.set_attention_backend(self.attn_cls)
+        if self.backend not in ("torch", "cpu"):
             from pdmesh.runtime.fused import FusedForward
 
             self.fused = FusedForward(model, self.device)
