@@ -56,6 +56,13 @@ def test_engine_on_two_ranks_equals_engine_alone(tiny, group):
     assert lay.bytes_per_page == 2 * g.pools[0][0].numel() * g.pools[0].element_size()
 
 
+def test_a_tp_size_that_splits_no_heads_is_refused_before_any_rank_starts(tiny, group):
+    eng = group[0]  # its config, not its runner: nothing is started
+    with pytest.raises(ValueError, match="tp 3 does not divide the 4 attention heads"):
+        RankGroup.attach(eng, 3)
+    assert eng.runner is group[1]
+
+
 def test_killed_follower_fails_the_engine_loop(group):
     eng, g = group  # last: this kills the module's group (one process group per process)
     failed = threading.Event()

@@ -157,6 +157,9 @@ def run_worker(args: argparse.Namespace, role: str, create_server) -> int:
     except EngineProcessError as e:  # the child printed its traceback; one line here
         print(f"error: pdmesh {role}: {e}", file=sys.stderr, flush=True)
         return 1
+    except ValueError as e:  # a setting the model refuses, e.g. --tp that splits no heads
+        print(f"error: pdmesh {role}: {e}", file=sys.stderr, flush=True)
+        return 1
     from pdmesh import aio
 
     sys.setswitchinterval(worker.gil_switch_interval_s)

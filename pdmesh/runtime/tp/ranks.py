@@ -87,6 +87,9 @@ class RankGroup:
         make the group the engine's runner (its own runner is dropped)."""
         from pdmesh.runtime.model_runner import resolve_dtype
 
+        from pdmesh.runtime.tp.plan import check_tp
+
+        check_tp(engine.model_config, tp)  # before any process starts: a clear ValueError
         cfg = engine.config
         dtype = str(resolve_dtype(cfg.dtype, cfg.device)).removeprefix("torch.")
         spec = TPSpec(str(cfg.model), tp, dtype, cfg.device, cfg.page_size,
