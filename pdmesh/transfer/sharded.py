@@ -141,10 +141,12 @@ class ShardedRouter:
 
         if not self._sharded(dst):
             return self.inner.read_pages(dst, dst_pages)
+        read = getattr(self.transport, "read_pages", None)
+        if read is None:  # e.g. a staged transport: the decode alone verifies
+            raise NotImplementedError(f"{type(self.transport).__name__} cannot read pages")
         pools, heads = [], []
         for r in self._ranks(dst):
-            raw = self.transport.read_pages(dst.session_id, r.kv_base, r.bytes_per_page,
-                                            list(dst_pages))
+            raw = read(dst.session_id, r.kv_base, r.bytes_per_page, list(dst_pages))
             pools.append(raw.view(self.src.dtype).view(len(dst_pages), *self.src.page_shape,
                                                        r.head_end - r.head_start, -1))
             heads.append((r.head_start, r.head_end))

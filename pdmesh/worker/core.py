@@ -44,6 +44,14 @@ def _shared_kv_alloc() -> Any:
         return None
 
 
+def _placeholder_pool(shape: tuple, dtype: Any) -> Any:
+    """An untouched pool (a large torch.empty is a lazy mapping: no page resident), for an
+    Engine whose runner a RankGroup replaces at once."""
+    import torch
+
+    return torch.empty(shape, dtype=dtype)
+
+
 class EngineCore:
     """Engine + KV transport + router of one worker; `kv_op` runs one data-plane call."""
 
@@ -59,9 +67,11 @@ class EngineCore:
         with self._phase("model load"):
             loaded = load_model(engine_config.model)
         with self._phase("engine (weights to device, kernel tuning, CUDA graphs)"):
-            # a host pool in shared memory, so a prefill on this host can write into it
-            self.engine = Engine(config=engine_config, loaded=loaded,
-                                 kv_alloc=_shared_kv_alloc() if use_transport else None)
+            # a host pool in shared memory, so a prefill on this host can write into it;
+            # with TP the ranks' pools replace it: a placeholder never touched (no memory)
+            alloc = _placeholder_pool if config.tp > 1 else \
+                _shared_kv_alloc() if use_transport else None
+            self.engine = Engine(config=engine_config, loaded=loaded, kv_alloc=alloc)
         self.ranks = None  # pdmesh.runtime.tp.ranks.RankGroup when config.tp > 1
         if config.tp > 1:
             from pdmesh.runtime.tp.ranks import RankGroup
@@ -106,6 +116,9 @@ class EngineCore:
         pages)."""
         import dataclasses
 
+        if self.mode not in ("host", "direct"):
+            raise ValueError(f"kv transfer mode {self.mode!r} is not supported with --tp: "
+                             "each rank's pool is registered as it is")
         ranks = []
         for r, pool in zip(self.layout.ranks, self.ranks.pools):
             if pool is None:
