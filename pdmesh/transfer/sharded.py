@@ -42,6 +42,16 @@ def kv_rank_from_proto(m: Any) -> KVRank:
                   m.bytes_per_page)
 
 
+def _runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(index in `pages`, first page, count) of each run of consecutive page ids."""
+    out, start = [], 0
+    for i in range(1, len(pages) + 1):
+        if i == len(pages) or pages[i] != pages[i - 1] + 1:
+            out.append((start, pages[start], i - start))
+            start = i
+    return out
+
+
 class ShardedPool:
     """The pools of one worker's ranks: `pools[r]` [P, L, page, 2, h_r, Dh] holds KV heads
     `heads[r]` = (start, end). A TP 1 worker is one pool holding every head."""
@@ -55,19 +65,21 @@ class ShardedPool:
 
     def gather(self, pages: Sequence[int], h0: int, h1: int, out: Any = None) -> Any:
         """KV heads [h0, h1) of `pages` -> [n, L, page, 2, h1 - h0, Dh] (into `out`), each
-        head from the first rank holding it."""
+        head from the first rank holding it. One strided copy per rank and run of
+        consecutive pages (an index_select first would copy everything twice)."""
         import torch
 
-        n, d = len(pages), self.head_dim
+        n, d, rows = len(pages), self.head_dim, self.page_shape[0] * self.page_shape[1] * 2
         if out is None:
             out = torch.empty(n, *self.page_shape, h1 - h0, d, dtype=self.dtype)
-        idx, done = torch.tensor(list(pages), dtype=torch.long), h0
+        flat, done = out.view(n, rows, h1 - h0, d), h0  # a page's (layer, token, K/V) rows
         for pool, (a, b) in zip(self.pools, self.heads):
             lo, hi = max(a, done), min(b, h1)  # heads not taken from an earlier rank
             if lo >= hi:
                 continue
-            src = pool.index_select(0, idx.to(pool.device))[:, :, :, :, lo - a:hi - a]
-            out[:, :, :, :, lo - h0:hi - h0].copy_(src)
+            src = pool.view(pool.shape[0], rows, b - a, d)[:, :, lo - a:hi - a, :]
+            for at, first, count in _runs(pages):
+                flat[at:at + count, :, lo - h0:hi - h0, :].copy_(src[first:first + count])
             done = hi
         if done != h1:
             raise ValueError(f"no rank holds KV heads [{done}, {h1})")
