@@ -82,11 +82,13 @@ class NoInner:
         raise AssertionError(f"the TP 1 router was used ({name})")
 
 
-@pytest.mark.parametrize("src_tp, dst_tp", [(2, 1), (1, 2), (4, 2), (2, 4), (4, 1), (2, 8)])
+@pytest.mark.parametrize("src_tp, dst_tp", [(2, 1), (1, 2), (4, 2), (2, 4), (4, 1), (2, 8),
+                                            (2, 2), (4, 4)])
 def test_each_decode_rank_gets_exactly_its_heads(src_tp, dst_tp):
     transport = MemcpyTransport()
     src, dst = rank_pools(src_tp, seed=1), rank_pools(dst_tp, seed=None)
-    router = ShardedRouter(NoInner(), transport, src, src_tp > 1, LOGICAL_BPP)
+    bases = [transport.register(p) for p in src.pools] if src_tp > 1 else None
+    router = ShardedRouter(NoInner(), transport, src, src_tp > 1, LOGICAL_BPP, src_bases=bases)
     d = destination(dst, transport, dst_tp)
     src_pages, dst_pages = [3, 4, 5, 9], [7, 8, 0, 2]  # runs on both sides, unordered
     stats = router.write_pages(d, src_pages, dst_pages)
@@ -98,6 +100,8 @@ def test_each_decode_rank_gets_exactly_its_heads(src_tp, dst_tp):
         assert not pool[others].any(), "a page outside the room was written"
     replicas = max(1, dst_tp // HKV)
     assert stats.bytes == len(src_pages) * LOGICAL_BPP * replicas
+    # equal head splits go rank to rank from the registered pools: no staging copy
+    assert (router._staging is None) == (src_tp == dst_tp)
     # both sides digest the logical pages (a TP 1 source: the ordinary router's digest)
     src_sum = router.source_checksum(src_pages, "xxh3") if src_tp > 1 else \
         src.checksum(src_pages, "xxh3")

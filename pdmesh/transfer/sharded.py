@@ -9,7 +9,9 @@ A write from a prefill at TP a into a decode at TP b (either side may be 1) goes
 through a staging buffer registered with the transfer engine: for each destination
 rank, its heads of the room's pages are gathered from the source ranks' pools (all
 mapped in the prefill's engine process) into the destination rank's own page layout,
-then written by Mooncake, one descriptor per run of consecutive destination pages.
+then written by Mooncake, one descriptor per run of consecutive destination pages (a
+destination rank holding exactly one source rank's heads, as at equal TP sizes, is
+written straight from that rank's registered pool, no copy).
 The prompt's KV therefore crosses once (each head once; a head replicated on several
 destination ranks, TP b > KV heads, once per replica), in as few descriptors as TP 1.
 Checksums cover the logical page (every head in order), so both sides agree
@@ -99,11 +101,15 @@ class ShardedRouter:
     destination rank and sent by the transfer engine; any other goes to `inner`."""
 
     def __init__(self, inner: Any, transport: Any, src: ShardedPool, sharded_src: bool,
-                 logical_bpp: int, check: Callable[[], None] | None = None) -> None:
+                 logical_bpp: int, check: Callable[[], None] | None = None,
+                 src_bases: Sequence[int] | None = None) -> None:
         """`check()`: raises when a source rank has died (its pool, still mapped here,
-        is no longer trusted: the write fails instead of sending it)."""
+        is no longer trusted: the write fails instead of sending it). `src_bases`: each
+        source rank's pool as registered with `transport`, so a destination rank holding
+        exactly one source rank's heads (equal TP sizes) is written from it directly."""
         self.inner, self.transport, self.src = inner, transport, src
         self.sharded_src, self.logical_bpp, self.check = sharded_src, logical_bpp, check
+        self.src_bases = list(src_bases) if src_bases else []
         self._staging: Any = None
         self._staging_base = 0
         self._lock = threading.Lock()  # one staged write at a time (one buffer)
@@ -113,6 +119,13 @@ class ShardedRouter:
 
     def _ranks(self, dst: Any) -> tuple[KVRank, ...]:
         return dst.ranks or (KVRank(0, 0, self.src.num_heads, dst.kv_base, self.logical_bpp),)
+
+    def _direct(self, r: KVRank) -> int | None:
+        """The registered source pool holding exactly r's heads, if any."""
+        for base, heads in zip(self.src_bases, self.src.heads):
+            if heads == (r.head_start, r.head_end):
+                return base
+        return None
 
     def write_pages(self, dst: Any, src_pages: Sequence[int],
                     dst_pages: Sequence[int]) -> TransferStats:
@@ -124,19 +137,29 @@ class ShardedRouter:
         t0, nbytes, desc = time.perf_counter(), 0, 0
         if self.check is not None:
             self.check()
+        for r in self._ranks(dst):
+            base = self._direct(r)
+            st = (self.transport.write_pages(dst.session_id, base, r.kv_base, r.bytes_per_page,
+                                             src_pages, dst_pages)
+                  if base is not None else self._staged(dst, r, src_pages, dst_pages))
+            nbytes, desc = nbytes + st.bytes, desc + st.descriptors
+        return TransferStats(nbytes, desc, time.perf_counter() - t0, "mooncake")
+
+    def _staged(self, dst: Any, r: KVRank, src_pages: Sequence[int],
+                dst_pages: Sequence[int]) -> TransferStats:
+        """r's heads of the pages, gathered into the staging buffer, STAGING_PAGES at a time."""
+        nbytes, desc = 0, 0
         with self._lock:
             staging = self._buffer()
-            for r in self._ranks(dst):
-                for at in range(0, len(src_pages), STAGING_PAGES):
-                    src, dpages = src_pages[at:at + STAGING_PAGES], dst_pages[at:at + STAGING_PAGES]
-                    view = staging[:len(src) * r.bytes_per_page].view(self.src.dtype).view(
-                        len(src), *self.src.page_shape, r.head_end - r.head_start,
-                        self.src.head_dim)
-                    self.src.gather(src, r.head_start, r.head_end, out=view)
-                    st = self.transport.write_pages(dst.session_id, self._staging_base, r.kv_base,
-                                                    r.bytes_per_page, range(len(src)), dpages)
-                    nbytes, desc = nbytes + st.bytes, desc + st.descriptors
-        return TransferStats(nbytes, desc, time.perf_counter() - t0, "mooncake")
+            for at in range(0, len(src_pages), STAGING_PAGES):
+                src, dpages = src_pages[at:at + STAGING_PAGES], dst_pages[at:at + STAGING_PAGES]
+                view = staging[:len(src) * r.bytes_per_page].view(self.src.dtype).view(
+                    len(src), *self.src.page_shape, r.head_end - r.head_start, self.src.head_dim)
+                self.src.gather(src, r.head_start, r.head_end, out=view)
+                st = self.transport.write_pages(dst.session_id, self._staging_base, r.kv_base,
+                                                r.bytes_per_page, range(len(src)), dpages)
+                nbytes, desc = nbytes + st.bytes, desc + st.descriptors
+        return TransferStats(nbytes, desc, 0.0, "mooncake")
 
     def _buffer(self) -> Any:
         if self._staging is None:  # first staged write: STAGING_PAGES logical pages

@@ -148,9 +148,11 @@ class EngineCore:
             inner = Router(self.transport, self.kv_base, self.pool,
                            self.layout.bytes_per_page, self.config.kv_path, self.host_id)
             # writes from or to a pool split over TP ranks are staged per rank
-            self._router = ShardedRouter(inner, self.transport, self.sharded_pool(),
-                                         self.ranks is not None, self.layout.bytes_per_page,
-                                         self.ranks.check if self.ranks is not None else None)
+            tp = self.ranks is not None
+            self._router = ShardedRouter(inner, self.transport, self.sharded_pool(), tp,
+                                         self.layout.bytes_per_page,
+                                         self.ranks.check if tp else None,
+                                         [r.kv_base for r in self.layout.ranks] if tp else None)
         return self._router
 
     def sharded_pool(self) -> Any:
