@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 
+import grpc
 import openai
 import pytest
 
@@ -88,7 +89,15 @@ def workers(lines, role: int) -> list[str]:
 
 
 def pages_back(lines) -> bool:
-    """Every pool fully free, no room left (one allocator serves all of a worker's ranks)."""
+    """Every pool fully free, no room left (one allocator serves all of a worker's ranks);
+    False while a listed worker does not answer (one stopping after a kill)."""
+    try:
+        return _pages_back(lines)
+    except grpc.RpcError:
+        return False
+
+
+def _pages_back(lines) -> bool:
     for addr in workers(lines, rpb.WORKER_ROLE_PREFILL):
         s = pgrpc.PrefillStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
             ppb.PrefillStatsRequest(), timeout=10)
