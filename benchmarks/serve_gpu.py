@@ -291,6 +291,8 @@ def engine_worker(spec_path: str) -> int:
 
     if spec["warmup"]:
         closed_loop(spec["warmup_prompts"], spec["warmup"], 16)
+    from pdmesh.aio import freeze_startup_objects
+    freeze_startup_objects()  # as every served process does once it is ready
     results = []
     for lv in spec["levels"]:
         closed_loop(lv["prompts"][:1], 1, spec["output_len"])  # one request first, as loadgen

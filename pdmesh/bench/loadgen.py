@@ -20,6 +20,7 @@ import aiohttp
 import numpy as np
 from tqdm.auto import tqdm
 
+from pdmesh.aio import freeze_startup_objects
 from pdmesh.bench.metrics import RequestRecord, RunSummary, summarize
 from pdmesh.bench.workload import BenchRequest, Workload
 
@@ -181,6 +182,7 @@ async def _run(cfg: ClientConfig, workload: Workload, reqs: Sequence[BenchReques
                gaps: Optional[np.ndarray], limit: Optional[int], desc: str,
                progress: bool) -> tuple[list[RequestRecord], float]:
     """Send `reqs` (after gaps[i] s each, None = all at once) with <= limit in flight."""
+    freeze_startup_objects()  # the client's own full collections are not server latency
     sem = asyncio.Semaphore(limit) if limit else None
     bar = tqdm(total=len(reqs), desc=desc, disable=not progress, leave=False)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
