@@ -59,6 +59,22 @@ def test_kernel_matches_reference(dtype, g):
                                        msg=lambda m: f"b={b} page={page} d={d}: {m}")
 
 
+def test_kernel_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(5)
+    q, kv, table, lens = _case(gen, 2, 16, 3, 3, 64, torch.float32)
+    out = torch.empty(q.shape)
+    bad = table.clone()
+    bad[1, 0] = kv.shape[0]  # one past the pool
+    with pytest.raises(RuntimeError, match=r"table\[1\]\[0\] = .* is not a page of the pool"):
+        paged_decode_attention(q, kv, bad, lens, 0.125, out)
+    with pytest.raises(RuntimeError, match=r"lens\[0\] = .* does not fit"):
+        paged_decode_attention(q, kv, table, lens + table.shape[1] * 16, 0.125, out)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        paged_decode_attention(q, kv.double(), table, lens, 0.125, out)
+    with pytest.raises(RuntimeError, match="contiguous int64"):
+        paged_decode_attention(q, kv, table.int(), lens, 0.125, out)
+
+
 def test_bf16_kernel_as_accurate_as_the_torch_path():
     """bf16 K/V and queries: the kernel (fp32 softmax and sums) is no further from a
     float64 softmax than the torch path (gather + SDPA) is."""

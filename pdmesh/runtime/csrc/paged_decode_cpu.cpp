@@ -333,6 +333,21 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table,
   });
 }
 
+// every page a sequence reads must be one of the pool's: a bad table is an error, not a
+// read past the pool (O(B * W) integer checks, nothing beside the attention itself)
+void check_pages(const at::Tensor& table, const at::Tensor& lens, int64_t pages, int64_t page) {
+  const int64_t* t = table.const_data_ptr<int64_t>();
+  const int64_t* l = lens.const_data_ptr<int64_t>();
+  const int64_t width = table.size(1);
+  for (int64_t b = 0; b < table.size(0); ++b) {
+    TORCH_CHECK(l[b] >= 0 && l[b] <= width * page, "lens[", b, "] = ", l[b],
+                " does not fit its ", width, " pages of ", page, " tokens");
+    for (int64_t i = 0; i < (l[b] + page - 1) / page; ++i)
+      TORCH_CHECK(t[b * width + i] >= 0 && t[b * width + i] < pages, "table[", b, "][", i,
+                  "] = ", t[b * width + i], " is not a page of the pool (", pages, " pages)");
+  }
+}
+
 // q [B, H, D], kv [P, page, 2, Hkv, D] (any strides, last dim contiguous), table [B, W]
 // int64 contiguous, lens [B] int64 contiguous, out [B, H, D] (last dim contiguous).
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table,
@@ -356,6 +371,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
               "head_dim / GQA mismatch");
   s.group = s.heads / s.kv_heads;
   TORCH_CHECK(s.group <= 64, "at most 64 query heads per kv head");
+  check_pages(table, lens, kv.size(0), s.page);
   if (q.scalar_type() == at::kFloat) {
     run<float>(q, kv, table, lens, scale, out, s, generic);
   } else {
