@@ -7,4 +7,6 @@ model.py  one rank's decoder (TPCausalLM): the runtime's forward plus collective
 driver.py rank 0 schedules steps, the others follow (Step, TPRunner, greedy_generate)
 launch.py start N ranks, run a lead on rank 0 (launch); greedy generation (generate)
 lead.py   the runtime's Engine stepping on the ranks (engine_generate)
+ranks.py  a worker's ranks: rank 0 in the engine's process as its runner (RankGroup)
+follower.py  ranks 1..N-1 of a worker, child processes following rank 0
 """
