@@ -92,8 +92,11 @@ class RankGroup:
         check_tp(engine.model_config, tp)  # before any process starts: a clear ValueError
         cfg = engine.config
         dtype = str(resolve_dtype(cfg.dtype, cfg.device)).removeprefix("torch.")
+        # the engine's own thread budget (num_threads, OMP_NUM_THREADS, else the cores:
+        # torch's count now) shared by its ranks
+        threads = max(1, (cfg.num_threads or torch.get_num_threads()) // tp)
         spec = TPSpec(str(cfg.model), tp, dtype, cfg.device, cfg.page_size,
-                      engine.allocator.num_pages, cfg.num_threads)
+                      engine.allocator.num_pages, threads)
         group = cls.start(spec)
         engine.runner = group  # Engine.step calls only runner.run(batch)
         return group
