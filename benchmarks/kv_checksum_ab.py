@@ -47,16 +47,18 @@ def start_serve(mode: str, prefix_cache: bool = False) -> tuple[subprocess.Popen
          "--worker-arg=--" + ("" if prefix_cache else "no-") + "prefix-cache"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
+    said: list[str] = []
     for line in proc.stdout:
+        said.append(line)
         m = re.search(r"ready — .*gateway (\S+)", line)
         if m:
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, f"http://{m.group(1).rstrip(',')}/v1"
-    raise SystemExit(f"serve (checksum {mode}) exited")
+    raise SystemExit(f"serve (checksum {mode}) exited:\n" + "".join(said[-30:]))
 
 
-def bench(base: str, input_len: int, number: int) -> float:
-    """Mean TTFT (s) of `number` chat requests at concurrency 1."""
+def bench(base: str, input_len: int, number: int, stat: str = "mean") -> float:
+    """The `stat` (mean or median) TTFT (s) of `number` chat requests at concurrency 1."""
     out = os.path.join(tempfile.mkdtemp(), "r.json")
     run = subprocess.run([sys.executable, "-m", "pdmesh.cli", "bench", "--base-url", base,
                           "--backend", "chat", "--input-len", str(input_len),
@@ -66,7 +68,7 @@ def bench(base: str, input_len: int, number: int) -> float:
     if run.returncode:
         raise SystemExit(f"pdmesh bench failed ({run.returncode}):\n{run.stderr[-3000:]}")
     with open(out) as f:
-        return json.load(f)["runs"][0]["ttft"]["mean"]
+        return json.load(f)["runs"][0]["ttft"][stat]
 
 
 def component_ms(tokens: int, algo: str) -> dict[str, float]:
@@ -118,10 +120,11 @@ def component_ms(tokens: int, algo: str) -> dict[str, float]:
 def critical_path_ms(tokens: int, reps: int) -> dict[str, float]:
     """Median milliseconds from the start of a room's write to its KV being verified on
     the decode, through the workers' own code in one process: write_verified over a
-    TransportWriter into a real shared-memory pool (write ‖ source digest), then the
-    decode's TransportReceiver check, each on its thread hop as in the workers. Modes
-    "off", "decode:crc32" and "decode:xxh3" interleaved `reps` times (drift hits all
-    alike); what a mode adds over "off" is what it adds to TTFT, hops included."""
+    TransportWriter into a real shared-memory pool (write ‖ source digest; `on`: then
+    the destination read back and digested in place), then the decode's
+    TransportReceiver check, each on its thread hop as in the workers. Modes "off",
+    "decode" and "on", each by crc32 and by xxh3, interleaved `reps` times (drift hits
+    all alike); what a mode adds over "off" is what it adds to TTFT, hops included."""
     import asyncio
     from types import SimpleNamespace
 
@@ -148,7 +151,8 @@ def critical_path_ms(tokens: int, reps: int) -> dict[str, float]:
     metrics = SimpleNamespace(transfer_bytes=count, transfer_pages=count,
                               transfer_seconds=count, transfer_failures=count)
     modes = {"off": ("off", ck.CPU_ALGO), "decode:crc32": ("decode", "crc32"),
-             "decode:xxh3": ("decode", "xxh3")}
+             "decode:xxh3": ("decode", "xxh3"), "on:crc32": ("on", "crc32"),
+             "on:xxh3": ("on", "xxh3")}
     writers = {m: TransportWriter(router, metrics, checksum=c) for m, (c, _) in modes.items()}
     decode = TransportReceiver(lambda op, args: ck.pages_checksum(dst, *args))
 
@@ -183,6 +187,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["on", "off"],
                     help="--kv-checksum values to compare (MODE or MODE:ALGO), the "
                          "baseline last")
+    ap.add_argument("--stat", choices=["mean", "median"], default="mean",
+                    help="each round's TTFT: the mean of its requests (as on 2026-11-29) "
+                         "or their median (steadier on a shared machine)")
     ap.add_argument("--path-reps", type=int, default=400,
                     help="rooms per mode of the in-process critical-path timing")
     ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
@@ -216,7 +223,7 @@ def main() -> None:
         for r in range(args.rounds):
             for n in args.input_len:
                 for m in (MODES if r % 2 == 0 else MODES[::-1]):
-                    t = bench(serves[m][1], n, args.number)
+                    t = bench(serves[m][1], n, args.number, args.stat)
                     ttft.setdefault((m, n), []).append(t)
                     print(f"round {r + 1} input {n} checksum {m}: TTFT {t * 1e3:.1f} ms",
                           flush=True)
@@ -225,6 +232,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
     base = MODES[-1]
+    print(f"\nper-round TTFT: {args.stat} of {args.number} requests")
     print(f"\n| prompt tokens | --kv-checksum | mean TTFT (ms) | vs {base} (ms) | cost | "
           f"paired vs {base}: mean ± s.e. (ms) | median (ms) | rounds dearer |")
     print("|---|---|---|---|---|---|---|---|")
