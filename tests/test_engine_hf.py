@@ -79,6 +79,13 @@ def test_smollm2_all_batched_matches_transformers(smol):
     assert engine.stats()["used_pages"] == 0 and engine.stats()["reserved_pages"] == 0
 
 
+def test_cpu_decode_ran_the_paged_kernel(smol):
+    """On CPU the matches above went through the C++ paged decode attention (the "cpu"
+    backend that auto picks, pdmesh/runtime/cpu_attention.py), not the torch fallback."""
+    engine, _, _ = smol
+    assert engine.runner.device.type != "cpu" or engine.runner.backend == "cpu"
+
+
 def test_chat_messages_path_matches_token_path(smol):
     engine, prompts, expected = smol
     out = engine.generate(messages=[{"role": "user", "content": QUESTIONS[0]}], params=GREEDY)[0]
