@@ -202,8 +202,7 @@ def test_kill9_of_a_prefill_rank_holding_kv_fails_the_request_and_frees_every_pa
     """kill -9 of rank 1 of the TP 2 prefill while it holds a room's computed KV (the
     decode's Transfer for it held back by a chaos delay, the decode's pages held for it):
     the request fails at once with an error naming the dead rank, not after the delay
-    or a timeout; every page comes back; the supervisor restarts the prefill (new ranks)
-    and the mesh serves again."""
+    or a timeout; every page comes back."""
     name, client, lines = mesh
     model, want = tiny
     (prefill,) = workers(lines, rpb.WORKER_ROLE_PREFILL)
@@ -240,7 +239,5 @@ def test_kill9_of_a_prefill_rank_holding_kv_fails_the_request_and_frees_every_pa
     assert wait_until(lambda: any(rid in line and "tensor-parallel rank 1" in line
                                   and "exited with code -9" in line for line in lines), 10)
     assert wait_until(lambda: pages_back(lines), 30)
-    assert wait_until(lambda: workers(lines, rpb.WORKER_ROLE_PREFILL) not in ([], [prefill]),
-                      120), "the supervisor did not restart the prefill"
-    assert chat(client, model).choices[0].message.content == want.text
-    assert wait_until(lambda: pages_back(lines), 10)
+    # (that the supervisor restarts a dead worker and the mesh serves again is
+    # test_serve_supervise's; here the ranks' failure and the pages are what is tested)
