@@ -8,6 +8,7 @@ linears. Backends alternate window by window, so
 the machine's load hits both alike.
 
     flock /tmp/pdmesh-cpu.lock .venv/bin/python benchmarks/cpu_decode_step.py --threads 1
+    flock /tmp/pdmesh-cpu.lock .venv/bin/python benchmarks/cpu_decode_step.py --attention-only --ctx 272
 """
 from __future__ import annotations
 
@@ -65,6 +66,36 @@ def profile_shares(eng, steps: int) -> dict:
             "attention_ops": {k: round(v / steps / layers) for k, v in attn.items()}}
 
 
+def attention_only(a: argparse.Namespace) -> None:
+    """One layer's decode attention alone (--attention-only): BATCH sequences of CTX tokens
+    in random pages of a bf16 pool of the default model's shape with POOL_LAYERS layers
+    (30: a layer's pages are strided as in the runtime, K/V come from DRAM; 1: the pool
+    fits in L3), torch path (gather + SDPA) vs the kernel, µs per layer call."""
+    from pdmesh.runtime.attention import AttnMetadata, SeqSpan, TorchAttention
+    from pdmesh.runtime.cpu_attention import CpuPagedAttention
+
+    page, hkv, d, h = 16, 3, 64, 9
+    n_pages = -(-a.ctx // page)
+    g = torch.Generator().manual_seed(0)
+    for layers, pages in ((30, 2 * a.batch * n_pages), (1, a.batch * n_pages + 8)):
+        kv = torch.randn(pages, layers, page, 2, hkv, d, generator=g).to(torch.bfloat16)
+        perm = torch.randperm(pages, generator=g)
+        spans = [SeqSpan(i, 1, a.ctx, perm[i * n_pages:(i + 1) * n_pages].clone())
+                 for i in range(a.batch)]
+        q = torch.randn(a.batch, h, d, generator=g).to(torch.bfloat16)
+        res = {}
+        for _ in range(a.repeats):  # alternate the two, keep each one's best window
+            for name, attn, meta in (("torch", TorchAttention(h, hkv, d), AttnMetadata.build(spans, page)),
+                                     ("cpu", CpuPagedAttention(h, hkv, d),
+                                      CpuPagedAttention.build_metadata(spans, page))):
+                t = time.perf_counter()
+                for i in range(60):
+                    attn.forward(q, kv[:, i % layers], meta)
+                res[name] = min(res.get(name, 1e9), (time.perf_counter() - t) / 60)
+        print(f"attention only, pool of {layers} layer(s), batch {a.batch} x {a.ctx} tokens, "
+              f"threads {a.threads}: " + ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in res.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="torch,cpu")
@@ -74,8 +105,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=270)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--attention-only", action="store_true",
+                    help="time one layer's decode attention alone (no model)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.attention_only:
+        attention_only(a)
+        return
     engines = {b: make_engine(b, a) for b in a.backends.split(",")}
     for eng in engines.values():
         time_window(eng, 2)  # warm

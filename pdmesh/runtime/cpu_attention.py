@@ -71,6 +71,11 @@ class CpuPagedAttention(TorchAttention):
     """TorchAttention whose decode steps (every q_len == 1, any batch size) run the C++
     kernel over the pool in place; prefill and mixed steps stay on the torch path."""
 
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        if not available():  # resolve_attention_backend picks "torch" instead
+            raise RuntimeError("the CPU paged decode attention extension did not build")
+        super().__init__(num_heads, num_kv_heads, head_dim)
+
     @staticmethod
     def build_metadata(seqs: list[SeqSpan], page_size: int,
                        device: torch.device | str = "cpu") -> CpuDecodeMeta:
