@@ -71,6 +71,32 @@ def bench(base: str, input_len: int, number: int, stat: str = "mean") -> float:
         return json.load(f)["runs"][0]["ttft"][stat]
 
 
+def ttft_parts(base_url: str) -> dict[str, float]:
+    """Mean seconds (as ms) of each TTFT part the gateway measured so far
+    (pdmesh_gateway_ttft_part_seconds: queue, prefill, transfer = prompt done -> KV
+    written, first_decode = KV verified and in place -> token 1 sent) and of the TTFT;
+    "rest" = TTFT less the parts: gateway, RPC hops, the decode's hold and its check."""
+    import urllib.request
+
+    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics",
+                                  timeout=10).read().decode()
+    sums: dict[tuple[str, str], float] = {}  # (part, "sum" | "count") -> value
+    for line in text.splitlines():
+        m = re.match(r"pdmesh_gateway_time_to_first_token_seconds_(sum|count)"
+                     r"(?:\{[^}]*\})? (\S+)", line)
+        if m:
+            sums[("ttft", m.group(1))] = float(m.group(2))
+        m = re.match(r'pdmesh_gateway_ttft_part_seconds_(sum|count)\{part="(\w+)"\} (\S+)',
+                     line)
+        if m:
+            sums[(m.group(2), m.group(1))] = float(m.group(3))
+    out = {part: v / sums[(part, "count")] * 1e3 for (part, kind), v in sums.items()
+           if kind == "sum" and sums.get((part, "count"))}
+    if "ttft" in out:
+        out["rest"] = out["ttft"] - sum(v for k, v in out.items() if k != "ttft")
+    return out
+
+
 def component_ms(tokens: int, algo: str) -> dict[str, float]:
     """Milliseconds of each integrity step for one room of `tokens` prompt tokens, as
     the workers run them: through a Router bound to a shared-memory pool."""
@@ -227,6 +253,10 @@ def main() -> None:
                     ttft.setdefault((m, n), []).append(t)
                     print(f"round {r + 1} input {n} checksum {m}: TTFT {t * 1e3:.1f} ms",
                           flush=True)
+        for m, (_, base_url) in serves.items():
+            print(f"{m}: TTFT parts, mean ms over every request of the run: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in ttft_parts(base_url).items()),
+                  flush=True)
     finally:
         for proc, _ in serves.values():
             os.killpg(proc.pid, signal.SIGTERM)
