@@ -147,6 +147,30 @@ def worker_addresses(lines: list[str], role: str) -> list[str]:
     return re.findall(rf"\b{role}-\d+ ([^\s,]+)", ready)
 
 
+def pools_free(prefills: list[str], decodes: list[str]) -> bool:
+    """Every listed worker's KV pool whole again: prefills (gRPC addresses) hold no room and
+    no page; decodes (decode or colocated) use or quarantine no page and run or queue
+    nothing."""
+    from pdmesh import auth
+    from pdmesh.v1 import decode_pb2 as dpb
+    from pdmesh.v1 import decode_pb2_grpc as dgrpc
+    from pdmesh.v1 import prefill_pb2 as ppb
+    from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+
+    for addr in prefills:
+        s = pgrpc.PrefillStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
+            ppb.PrefillStatsRequest(), timeout=10)
+        if not (s.free_pages == s.total_pages and s.rooms == 0):
+            return False
+    for addr in decodes:
+        s = dgrpc.DecodeStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
+            dpb.StatsRequest(), timeout=10)
+        if not (s.free_pages == s.total_pages and s.used_pages == s.quarantined_pages == 0
+                and s.running == s.queued == 0):
+            return False
+    return True
+
+
 def chat_when_routable(client, **kw):
     """The gateway learns workers from the registry's Watch; retry briefly until it has."""
     import openai

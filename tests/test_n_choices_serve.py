@@ -16,11 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_procs import (SERVE_TOKEN, chat_when_routable, metrics_urls, start_serve, wait_until,
-                        worker_addresses)
-from pdmesh import auth
-from pdmesh.v1 import decode_pb2 as dpb
-from pdmesh.v1 import decode_pb2_grpc as dgrpc
+from mesh_procs import (chat_when_routable, metrics_urls, pools_free, start_serve,
+                        wait_until, worker_addresses)
 
 MAX_TOKENS = 6
 MESSAGES = [{"role": "user", "content": "Describe the sea in a few words."}]
@@ -101,13 +98,7 @@ def transfers(lines) -> dict[str, float]:
 
 
 def pages_back(lines) -> bool:
-    for addr in worker_addresses(lines, "decode") + worker_addresses(lines, "colocated"):
-        s = dgrpc.DecodeStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
-            dpb.StatsRequest(), timeout=10)
-        if not (s.free_pages == s.total_pages and s.used_pages == s.quarantined_pages == 0
-                and s.running == s.queued == 0):
-            return False
-    return True
+    return pools_free([], worker_addresses(lines, "decode") + worker_addresses(lines, "colocated"))
 
 
 def check_choices(texts, finishes, usage, n: int, prompt_tokens: int | None = None) -> None:

@@ -22,13 +22,11 @@ import grpc
 import openai
 import pytest
 
-from mesh_procs import (SERVE_TOKEN, chat_when_routable, metric, metrics_urls, start_serve,
-                        wait_until)
+from mesh_procs import (SERVE_TOKEN, chat_when_routable, metric, metrics_urls, pools_free,
+                        start_serve, wait_until)
 from pdmesh import Engine, SamplingParams, auth
 from pdmesh.v1 import chaos_pb2 as cpb
 from pdmesh.v1 import chaos_pb2_grpc as cgrpc
-from pdmesh.v1 import decode_pb2 as dpb
-from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 from pdmesh.v1 import registry_pb2 as rpb
@@ -98,19 +96,9 @@ def pages_back(lines) -> bool:
 
 
 def _pages_back(lines) -> bool:
-    for addr in workers(lines, rpb.WORKER_ROLE_PREFILL):
-        s = pgrpc.PrefillStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
-            ppb.PrefillStatsRequest(), timeout=10)
-        if not (s.free_pages == s.total_pages and s.rooms == 0):
-            return False
-    for addr in (workers(lines, rpb.WORKER_ROLE_DECODE)
-                 + workers(lines, rpb.WORKER_ROLE_COLOCATED)):
-        s = dgrpc.DecodeStub(auth.insecure_channel(addr, token=SERVE_TOKEN)).Stats(
-            dpb.StatsRequest(), timeout=10)
-        if not (s.free_pages == s.total_pages and s.used_pages == s.quarantined_pages == 0
-                and s.running == s.queued == 0):
-            return False
-    return True
+    return pools_free(workers(lines, rpb.WORKER_ROLE_PREFILL),
+                      workers(lines, rpb.WORKER_ROLE_DECODE)
+                      + workers(lines, rpb.WORKER_ROLE_COLOCATED))
 
 
 def chat(client, model: str, stream: bool = False):
