@@ -543,9 +543,10 @@ class WorkerConfig:
     # KV integrity: "on": the prefill verifies each room's destination pages after the
     # write (one rewrite on a mismatch) and the decode its pages before adopt; "decode":
     # the decode's check only (a mismatch fails the request); "off". Default "decode":
-    # "on" cost 3.7% of TTFT at 256 prompt tokens on CPU, "decode" 2.2%
-    # (benchmarks/results/2026-11-29-kv-checksum-cpu.md); on an H200 at 4k tokens
-    # "decode" is not measurable (2026-11-29-kv-paths.md)
+    # with xxh3 on CPU pools it adds ~1.5 ms (0.6%) to TTFT at 256 prompt tokens through
+    # serve 1P1D, +0.4 ms in process (benchmarks/results/2026-11-30-kv-checksum-cpu.md;
+    # crc32 cost 2.2% on 2026-11-29); on an H200 at 4k tokens "decode" is not measurable
+    # (2026-11-29-kv-paths.md)
     kv_checksum: str = "decode"
     # Load shedding (pdmesh/disagg/shedding.py): refuse a new request with
     # RESOURCE_EXHAUSTED while this many already wait on this worker; 0 = never
