@@ -739,6 +739,9 @@ def main(argv=None) -> int:
     text = report(args, res, meta)
     (out / "report.md").write_text(text)
     print(text, flush=True)
+    # the tables once more, last: a caller that keeps only the output's tail (the device
+    # tool keeps 12k characters) lost them behind the profiles once (2026-11-30)
+    print(text.split("\n## Where the time goes")[0], flush=True)
     log(f"raw outputs in {out}")
     return 0 if all("error" not in r for r in res.values()) else 1
 
