@@ -34,8 +34,9 @@ Pages whose size is not a multiple of 4 bytes use the CPU algorithm.
 Where it runs: never on an event loop or the engine-loop thread. The prefill's source
 digest and the decode's check run on KV threads (asyncio.to_thread in the RPC process;
 the engine core process's "kv" pool with --engine-process), the byte hashes with the
-GIL released. On a GPU the digest's kernels go on a non-blocking side stream and its
-one `.item()` (GIL released) waits for that stream only, never for the engine's steps.
+GIL released. On a GPU the digest's kernels go on a non-blocking side stream and the
+caller sleeps until that stream's event completes (polled), never waiting for the
+engine's steps.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import xxhash
+
+from pdmesh.transfer.mirror import page_runs
 
 XXH3, CRC32, WSUM64 = "xxh3", "crc32", "wsum64"
 ALGOS = (XXH3, CRC32, WSUM64)
@@ -106,13 +109,8 @@ def _byte_runs(pool: Any, pages: Sequence[int]) -> Iterator[memoryview]:
         return
     b = _page_bytes(pool)
     flat = _byte_view(pool)  # the whole pool, [num_pages * b] bytes: a view
-    i = 0
-    while i < len(pages):
-        j = i + 1
-        while j < len(pages) and pages[j] == pages[j - 1] + 1:
-            j += 1
-        yield flat[pages[i] * b:pages[j - 1] * b + b]
-        i = j
+    for first, count in page_runs(pages):
+        yield flat[first * b:(first + count) * b]
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from pdmesh.transfer.base import TransferStats
 from pdmesh.transfer.layout import KVRank
+from pdmesh.transfer.mirror import page_runs
 
 STAGING_PAGES = 64  # logical pages per staged write (the buffer: this many pages)
 
@@ -42,16 +43,6 @@ def kv_rank_from_proto(m: Any) -> KVRank:
     """pdmesh.v1.KvRank -> KVRank."""
     return KVRank(m.rank, m.kv_head_start, m.kv_head_end, m.kv_base_address,
                   m.bytes_per_page)
-
-
-def _runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(index in `pages`, first page, count) of each run of consecutive page ids."""
-    out, start = [], 0
-    for i in range(1, len(pages) + 1):
-        if i == len(pages) or pages[i] != pages[i - 1] + 1:
-            out.append((start, pages[start], i - start))
-            start = i
-    return out
 
 
 class ShardedPool:
@@ -80,8 +71,10 @@ class ShardedPool:
             if lo >= hi:
                 continue
             src = pool.view(pool.shape[0], rows, b - a, d)[:, :, lo - a:hi - a, :]
-            for at, first, count in _runs(pages):
+            at = 0  # index in `pages` of the run's first page
+            for first, count in page_runs(pages):
                 flat[at:at + count, :, lo - h0:hi - h0, :].copy_(src[first:first + count])
+                at += count
             done = hi
         if done != h1:
             raise ValueError(f"no rank holds KV heads [{done}, {h1})")

@@ -47,6 +47,8 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._sleep = 0.0  # SlowDown
+        # the runner is final by now (RankGroup.attach swaps it before any loop starts)
+        self._runner_check = getattr(getattr(engine, "runner", None), "check", None)
         self._fail_next_step = False  # FailStep (fault injection)
         self._waiting_pages = False  # holds are waiting (logged once per episode)
         self._stalled = False  # the last step ran nothing: decode waits on held pages
@@ -117,9 +119,8 @@ class EngineLoop:
         self._fail_pending()
 
     def _turn(self) -> None:
-        check = getattr(getattr(self.engine, "runner", None), "check", None)
-        if check is not None:  # a tensor-parallel runner raises once a rank has died
-            check()
+        if self._runner_check is not None:  # a tensor-parallel runner: raises once a rank died
+            self._runner_check()
         # stalled: decoding waits for pages held for a transfer; only a command
         # (adopt, release, abort) can change that, so wait for one
         if self._run_commands(block=not self.engine.has_unfinished() or self._stalled):
