@@ -171,6 +171,12 @@ class EngineConfig:
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
 
+    def uses_prefix_cache(self) -> bool:
+        """Whether the engine keeps a prefix cache: `prefix_cache`, except under
+        numerics="reference" (transformers' op order computes every prompt whole; a prompt
+        continued after a cached prefix rounds differently in bf16)."""
+        return self.prefix_cache and self.numerics != "reference"
+
     def prefill_budget(self) -> int:
         """Prompt tokens per prefill step: `max_prefill_tokens`, else the device's default.
         CPU: a prefill step there runs ~1500 tokens/s per core, so a wave of prompts that

@@ -86,10 +86,8 @@ class Engine:
             graph_max_context=cfg.cuda_graph_max_context or self.max_model_len,
             max_batch=cfg.max_running_requests, numerics=cfg.numerics, kv_alloc=kv_alloc)
         self.allocator = PageAllocator(num_pages)
-        # numerics="reference" promises transformers' op order, which computes every prompt
-        # whole: a prompt continued after a cached prefix rounds differently in bf16
-        reuse = cfg.prefix_cache and cfg.numerics != "reference"
-        self.cache = PrefixCache(self.allocator, cfg.page_size) if reuse else None
+        self.cache = PrefixCache(self.allocator, cfg.page_size) if cfg.uses_prefix_cache() \
+            else None
         self.scheduler = Scheduler(self.allocator, cfg.page_size, cfg.max_running_requests,
                                    cfg.prefill_budget(), cfg.chunked_prefill_size,
                                    cache=self.cache, cache_adopted=cfg.decode_prefix_cache)

@@ -35,10 +35,10 @@ OnPeerGone = Callable[[str, str], None]
 
 def kv_reuse(engine: EngineConfig, role: str) -> rpb.KvReuse:
     """What a worker of `role` whose engine runs with `engine` reuses of earlier requests'
-    KV, by the engine's own rule (pdmesh/runtime/engine.py): a prefix cache unless
-    numerics is "reference"; adopted KV kept in it with decode_prefix_cache, which only
-    a decode worker adopts. The gateway's pd-mode cost model reads it from the registry."""
-    cache = engine.prefix_cache and engine.numerics != "reference"
+    KV: its prefix cache (EngineConfig.uses_prefix_cache, the engine's own rule); adopted
+    KV kept in it with decode_prefix_cache, which only a decode worker adopts. The
+    gateway's pd-mode cost model reads it from the registry."""
+    cache = engine.uses_prefix_cache()
     return rpb.KvReuse(prefix_cache=cache,
                        adopted_kv=cache and engine.decode_prefix_cache and role == "decode")
 
