@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel ranks per prefill worker (default --tp)")
     p.add_argument("--decode-tp", type=int, default=None, metavar="N",
                    help="tensor-parallel ranks per decode worker (default --tp)")
+    p.add_argument("--gpus", default=None, metavar="LIST",
+                   help="GPU ids to spread the workers over (e.g. 0,1): each worker gets the "
+                        "next TP-size ids as its CUDA_VISIBLE_DEVICES, wrapping around (so "
+                        "workers share GPUs when there are fewer); default: every worker "
+                        "sees every GPU and uses the first")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="extra flag passed to every prefill/decode worker, e.g. "
                         "--worker-arg=--page-size=16 (repeatable)")
@@ -253,11 +258,30 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
              + [("colocated", ["decode", "--role", "colocated", *_tp(args.tp)])]
              * args.colocated)
     env = _worker_env(len(roles), token)
-    for i, (name, argv) in enumerate(roles):
-        start(f"{name}-{i}", argv + common, env)
+    tps = [int(a[a.index("--tp") + 1]) if "--tp" in a else 1 for _, a in roles]
+    for i, ((name, argv), gpus) in enumerate(zip(roles, gpu_assignment(args.gpus, tps))):
+        start(f"{name}-{i}", argv + common,
+              env if gpus is None else dict(env, CUDA_VISIBLE_DEVICES=gpus))
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
                       *tel, *args.gateway_arg], _env(token))
+
+
+def gpu_assignment(gpus: str | None, tps: list[int]) -> list[str | None]:
+    """Each worker's CUDA_VISIBLE_DEVICES, in start order: worker i takes the next tps[i]
+    ids of the comma list `gpus`, wrapping around; all None without a list."""
+    if gpus is None:
+        return [None] * len(tps)
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or any(not g.isdigit() for g in ids):
+        raise ValueError(f"--gpus wants comma-separated GPU ids like 0,1, not {gpus!r}")
+    out, at = [], 0
+    for tp in tps:
+        if tp > len(ids):
+            raise ValueError(f"a worker at TP {tp} needs {tp} GPUs; --gpus lists {len(ids)}")
+        out.append(",".join(ids[(at + k) % len(ids)] for k in range(tp)))
+        at += tp
+    return out
 
 
 def _tp(n: int) -> list[str]:
@@ -315,6 +339,11 @@ def preflight(args: argparse.Namespace) -> tuple[int, str] | None:
     try:
         auth_flags.config_from_args(args)
     except ValueError as e:  # an unreadable token file or a malformed token
+        return 2, f"pdmesh serve: error: {e}"
+    try:
+        gpu_assignment(args.gpus, [args.prefill_tp or args.tp] * args.prefill
+                       + [args.decode_tp or args.tp] * args.decode + [args.tp] * args.colocated)
+    except ValueError as e:
         return 2, f"pdmesh serve: error: {e}"
     if args.prefill + args.decode:  # colocated workers move no KV: no Mooncake needed
         from pdmesh.transfer import MooncakeUnavailable, check_transport
