@@ -6,11 +6,10 @@ worker's Transfer (they race by design). Its life:
     PENDING ──(prompt queued + KV computed + Transfer arrived)──▶ WRITING ──▶ DONE
        └───(abort / bootstrap timeout / decode gone / caller cancelled)───▶ FAILED
 
-Compute-ahead budget: a room is computed before its decode has pages for it (no
-Transfer yet) only while such rooms hold at most `ahead_pages` pages; other rooms wait
-for their Transfer first. Rooms whose decode is ready are never held back, so the
-prefill's pool can't fill up with KV that waits on a decode whose own pages wait on
-this prefill (a circular wait when both pools are full).
+Compute-ahead budget (ahead.py): a room is computed before its decode has pages for
+it (no Transfer yet) only while such rooms hold at most `ahead_pages` pages; other rooms
+wait for their Transfer first. The room's data is prefill_room.py; the write step
+itself (destination check, verified write, the reply) is prefill_write.py.
 
 Invariants:
 - only the write task touches a room's pages from WRITING until `write_done` is set; a
@@ -31,68 +30,18 @@ Everything runs on one event loop: no locks.
 from __future__ import annotations
 
 import asyncio
-import enum
-import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pdmesh.disagg.ports import (Code, KVChecksum, KVWriter, RoomError, TransferReply,
-                                 TransferTarget)
-from pdmesh.disagg.integrity import write_verified
+from pdmesh.disagg.ahead import AheadBudget
+from pdmesh.disagg.ports import Code, KVWriter, RoomError, TransferReply, TransferTarget
+from pdmesh.disagg.prefill_room import PrefillCounters, PrefillRoom, State
+from pdmesh.disagg.prefill_write import transfer_reply, write_room
 from pdmesh.disagg.rooms import Tombstones, wait_until
 from pdmesh.disagg.shedding import check_load
 
-log = logging.getLogger(__name__)
+__all__ = ["PREFILL_ONLY", "PrefillCounters", "PrefillProtocol", "PrefillRoom", "State"]
 PREFILL_ONLY = "prefill_only"  # the engine mode the protocol asks for (Mode.PREFILL_ONLY)
-
-
-class State(enum.Enum):
-    PENDING = "pending"
-    WRITING = "writing"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(eq=False)
-class PrefillRoom:
-    room: int
-    decode_address: str = ""
-    state: State = State.PENDING
-    has_prefill: bool = False  # the gateway's Prefill arrived
-    need: int = 0  # pages its prompt takes here
-    ahead: bool = False  # queued/computed before its Transfer: counts in the budget
-    queued: bool = False  # added to the engine (its pages are the engine's to free)
-    req: Any = None  # the engine request, once made
-    first: Any = None  # its PREFILL_ONLY output: token 1 and the KV pages
-    target: TransferTarget | None = None  # from the decode's Transfer
-    error: RoomError | None = None
-    stats: Any = None  # TransferStats once written
-    checksum: KVChecksum | None = None  # of its source pages, once verified
-    arrival: float = field(default_factory=time.monotonic)
-    prefill_done_at: float | None = None
-    transfer_at: float | None = None
-    write_s: float | None = None  # the write step as a whole: path bind, write, integrity
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    write_done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    @property
-    def failed(self) -> bool:
-        return self.state is State.FAILED or self.error is not None
-
-
-@dataclass
-class PrefillCounters:
-    transferred: int = 0
-    failed: int = 0
-    bootstrap_timeouts: int = 0
-    deferred: int = 0  # rooms that waited for their Transfer before computing
-    integrity_retries: int = 0  # rewrites after a destination checksum mismatch
-    integrity_failures: int = 0  # rooms failed: the rewrite mismatched too
 
 
 class PrefillProtocol:
@@ -113,9 +62,8 @@ class PrefillProtocol:
         self.check_target = check_target
         self.on_bootstrap_timeout = on_bootstrap_timeout
         self.on_integrity = on_integrity
-        self.page_size, self.ahead_limit = page_size, ahead_pages
-        self.ahead_pages = 0  # pages of rooms in the budget now
-        self._deferred: dict[int, PrefillRoom] = {}
+        self.page_size = page_size
+        self.budget = AheadBudget(ahead_pages)
         self.rooms: dict[int, PrefillRoom] = {}
         self.ended = Tombstones()
         self.counters = PrefillCounters()
@@ -162,37 +110,24 @@ class PrefillProtocol:
     async def _admit(self, room: PrefillRoom, prompt_len: int) -> None:
         """Return when the room may be computed: its Transfer is here, or it fits the
         compute-ahead budget. Waits at most the bootstrap timeout."""
-        room.need = -(-prompt_len // self.page_size)
-        if room.target is None and not self._fits(room.need):
+        room.need, budget = -(-prompt_len // self.page_size), self.budget
+        if room.target is None and not budget.fits(room.need):
             self.counters.deferred += 1
-            if not self._deferred:
-                log.info("compute-ahead budget full (%d of %d pages): rooms now wait for "
-                         "their decode's Transfer before computing", self.ahead_pages,
-                         self.ahead_limit)
-            self._deferred[room.room] = room
-            try:
+            with budget.deferring(room):
                 await self._await_transfer(room, lambda: room.target is not None or
-                                           self._fits(room.need))
-            finally:
-                self._deferred.pop(room.room, None)
+                                           budget.fits(room.need))
         if room.target is None:
-            room.ahead = True
-            self.ahead_pages += room.need
+            budget.enter(room)
+
+    @property
+    def ahead_pages(self) -> int:
+        """Pages of rooms computed (or computing) before their Transfer."""
+        return self.budget.pages
 
     @property
     def deferred_rooms(self) -> int:
         """Rooms waiting for their Transfer before computing (budget full)."""
-        return len(self._deferred)
-
-    def _fits(self, need: int) -> bool:
-        return self.ahead_limit is None or self.ahead_pages + need <= self.ahead_limit
-
-    def _leave_budget(self, room: PrefillRoom) -> None:
-        if room.ahead:
-            room.ahead = False
-            self.ahead_pages -= room.need
-            for r in list(self._deferred.values()):
-                r.notify()
+        return len(self.budget.deferred)
 
     async def _compute(self, room: PrefillRoom, stream: Any) -> None:
         try:
@@ -230,7 +165,7 @@ class PrefillProtocol:
         if room.target is not None:
             raise RoomError(Code.ALREADY_EXISTS, f"room {room_id} already has a Transfer")
         room.target, room.transfer_at = target, time.monotonic()
-        self._leave_budget(room)
+        self.budget.leave(room)
         room.notify()
         try:
             limit = self.bootstrap_timeout if timeout is None else timeout
@@ -248,21 +183,7 @@ class PrefillProtocol:
         """WRITING -> DONE (pages released) or FAILED (pages aborted); runs to the end
         even when the Transfer call is cancelled (the write can't be taken back)."""
         room.state = State.WRITING
-        first, target = room.first, room.target
-        src, err = first.pages[target.cached_pages:], _check_pages(room.room, first, target)
-        if err is None:
-            t0 = time.monotonic()
-            try:
-                room.stats, room.checksum = await write_verified(
-                    self.writer, room.room, src, target, lambda: room.failed,
-                    lambda: self._integrity("retry"))
-            except RoomError as e:  # DATA_LOSS: the rewrite mismatched too
-                self._integrity("failure")
-                err = e
-            except Exception as e:  # TransferError, or a bad destination
-                err = RoomError(Code.INTERNAL, f"KV transfer of room {room.room} to "
-                                f"{target.session_id} failed: {e}")
-            room.write_s = time.monotonic() - t0
+        err = await write_room(room, self.writer, self._integrity)
         room.error = room.error or err
         room.state = State.FAILED if room.error else State.DONE
         rid = str(room.room)
@@ -272,7 +193,7 @@ class PrefillProtocol:
         room.notify()
         if room.error:
             raise room.error
-        return _reply(first, room.stats, room.checksum)
+        return transfer_reply(room.first, room.stats, room.checksum)
 
     def _integrity(self, kind: str) -> None:
         """Count a checksum mismatch: "retry" (rewritten) or "failure" (room failed)."""
@@ -324,7 +245,7 @@ class PrefillProtocol:
                       f"decode worker {address} {event.lower()}; room {room.room} dropped")
 
     def _end(self, room: PrefillRoom, ok: bool) -> None:
-        self._leave_budget(room)
+        self.budget.leave(room)
         if self.rooms.pop(room.room, None) is None:
             return
         self.ended.add(room.room)
@@ -354,27 +275,3 @@ def _forget(tasks: set) -> Callable[[asyncio.Task], None]:
         if not task.cancelled():
             task.exception()  # retrieved: its caller may have gone (cancelled Transfer)
     return done
-
-
-def _check_pages(room: int, first: Any, target: TransferTarget) -> RoomError | None:
-    """The decode's destination pages must be exactly the prompt's pages after the
-    `cached_pages` it has already (at least one page is always sent: the decode never
-    caches the last prompt token's page)."""
-    have, skip = len(first.pages), target.cached_pages
-    if not 0 <= skip < have:
-        return RoomError(Code.INVALID_ARGUMENT, f"room {room} has {have} prompt pages; the "
-                         f"decode's {skip} cached pages must be fewer")
-    if len(target.page_ids) != have - skip:
-        return RoomError(Code.INVALID_ARGUMENT, f"room {room} has {have} prompt pages, "
-                         f"{skip} cached on the decode: got {len(target.page_ids)} "
-                         f"destination pages, want {have - skip}")
-    return None
-
-
-def _reply(first: Any, stats: Any, checksum: KVChecksum | None) -> TransferReply:
-    lp = first.logprobs[0] if first.logprobs else None
-    return TransferReply(first_token=first.token_ids[0], first_logprob=lp,
-                         cached_tokens=getattr(first, "cached_tokens", 0),
-                         bytes_moved=stats.bytes, descriptors=stats.descriptors,
-                         seconds=stats.seconds, path=getattr(stats, "path", ""),
-                         checksum=checksum)
