@@ -165,6 +165,29 @@ def open_peer(uri: str, local_pool: torch.Tensor) -> "IpcPeer":
     return IpcPeer(peer, local_pool, opened=storage)
 
 
+def open_pool(uri: str) -> torch.Tensor:
+    """The pool behind `uri` as a flat uint8 tensor on whichever visible GPU holds it
+    (any of this process's GPUs, unlike open_peer's same-GPU writes: a TP worker's rank 0
+    maps its ranks' pools this way). RuntimeError when that GPU is not visible here."""
+    info = decode_uri(uri)
+    if info["proc"] == _process_key():
+        pool = _exports.get(info["export"])
+        if pool is None:
+            raise RuntimeError("the pool this process exported under that URI is gone")
+        torch.UntypedStorage._release_ipc_counter_cuda(info["ref_counter"],
+                                                       info["ref_counter_offset"])
+        return _flat_bytes(pool, "pool")
+    index = next((i for i in range(torch.cuda.device_count())
+                  if _gpu_uuid(i) == info["uuid"]), None)
+    if index is None:
+        raise RuntimeError(f"the pool's GPU {info['uuid']} is not visible in this process")
+    args = [info[k] for k in _SHARE]
+    args[0] = index
+    storage = torch.UntypedStorage._new_shared_cuda(*args)
+    flat = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
+    return flat.set_(storage, info["offset"], (info["nbytes"],))
+
+
 def _ids(pages: Sequence[int] | torch.Tensor, name: str, limit: int) -> list[int]:
     """Python ints (from a list, range, numpy array or tensor), each < limit (the pages of
     the pool they index); ValueError otherwise. Negative ids are validate_pages' to refuse."""

@@ -1,4 +1,5 @@
-"""Tensor parallelism for the runtime (first step: CPU/gloo tested, NCCL path present).
+"""Tensor parallelism for the runtime: gloo on CPU (CI), NCCL on GPUs (rank r on cuda:r,
+Triton attention, decode steps under CUDA graphs with the all-reduces inside).
 
 plan.py   which slice of each weight a rank holds (TPPlan)
 shard.py  cutting / reading a rank's shards without keeping the full model

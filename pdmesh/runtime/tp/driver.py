@@ -14,14 +14,13 @@ lead.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from pdmesh.runtime.allocator import PageAllocator
-from pdmesh.runtime.attention import AttnMetadata, SeqSpan
+from pdmesh.runtime.attention import SeqSpan, get_attention_backend, resolve_attention_backend
 from pdmesh.runtime.scheduler import Batch
-from pdmesh.runtime.tp.comm import TPGroup
 from pdmesh.runtime.tp.model import TPCausalLM
 
 
@@ -77,15 +76,39 @@ class TPRunner:
     for each step; the other ranks `follow`, forwarding the same steps in the same order."""
 
     def __init__(self, model: TPCausalLM, num_pages: int, page_size: int,
-                 kv_alloc: Callable[[tuple, torch.dtype], torch.Tensor] | None = None) -> None:
+                 kv_alloc: Callable[[tuple, torch.dtype], torch.Tensor] | None = None,
+                 attention: str = "auto") -> None:
         """`kv_alloc(shape, dtype)`: a zeroed host pool instead of torch.zeros (a worker's
-        ranks put theirs in shared memory, so rank 0 can move every rank's KV)."""
+        ranks put theirs in shared memory, so rank 0 can move every rank's KV).
+        `attention`: the backend on CUDA ("auto": Triton); CPU ranks keep the torch
+        backend (the exactness tests' oracle)."""
         self.model, self.page_size, self.group = model, page_size, model.group
         w, shape = model.embed_tokens.weight, model.kv_shape(num_pages, page_size)
         if kv_alloc is not None and w.device.type == "cpu":
             self.kv = kv_alloc(shape, w.dtype)
         else:
             self.kv = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.backend = "torch" if w.device.type == "cpu" else \
+            resolve_attention_backend(attention, w.device)
+        self.attn_cls = get_attention_backend(self.backend)
+        if self.backend != "torch":
+            model.set_attention_backend(self.attn_cls)
+        self.graphs = None  # DecodeGraphs once capture_graphs ran (CUDA)
+
+    def capture_graphs(self, sizes: Sequence[int], max_context: int) -> None:
+        """Capture decode steps of `sizes` sequences (CUDA, Triton backend) with the
+        collectives inside; every rank calls this at the same point (the warm-up and
+        capture run collectives). Afterwards a decode Step that fits replays a graph."""
+        from pdmesh.runtime.cuda_graph import DecodeGraphs
+
+        if self.backend != "triton":
+            raise ValueError(f"CUDA graphs need the triton backend, not {self.backend}")
+        max_context = min(max_context, self.kv.shape[0] * self.page_size)
+        self.graphs = DecodeGraphs(self._forward_logits, sizes, max_context, self.page_size,
+                                   self.model.cfg.vocab_size, self.group.device)
+
+    def _forward_logits(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
+        return self.model.logits(self.model(ids, pos, self.kv, meta))
 
     def run(self, batch: Batch) -> torch.Tensor:
         """Rank 0, ModelRunner.run's contract (so an Engine can step on it): forward the
@@ -96,12 +119,15 @@ class TPRunner:
 
     def forward(self, step: Step) -> torch.Tensor:
         """Forward `step` (writing this rank's KV) -> float32 logits [n_sampled, V] of the
-        sampled sequences' last tokens, the same on every rank."""
+        sampled sequences' last tokens, the same on every rank. A decode step that fits
+        a captured graph replays it (every rank decides alike: the same step)."""
+        if self._graphed(step):
+            return self.graphs.run(step.ids, step.pages, step.ctx_lens)
         dev, spans, q0 = self.group.device, [], 0
         for q_len, ctx, pages in zip(step.q_lens, step.ctx_lens, step.pages):
             spans.append(SeqSpan(q0, q_len, ctx, torch.tensor(pages, dtype=torch.long)))
             q0 += q_len
-        meta = AttnMetadata.build(spans, self.page_size, dev)
+        meta = self.attn_cls.build_metadata(spans, self.page_size, dev)
         hidden = self.model(torch.tensor(step.ids, device=dev),
                             torch.tensor(step.positions, device=dev), self.kv, meta)
         last = [s.q_start + s.q_len - 1 for s, keep in zip(spans, step.sample) if keep]
@@ -109,8 +135,15 @@ class TPRunner:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
         return self.model.logits(hidden[torch.tensor(last, device=dev)])
 
+    def _graphed(self, step: Step) -> bool:
+        return (self.graphs is not None and bool(step.q_lens)
+                and all(q == 1 for q in step.q_lens) and all(step.sample)
+                and self.graphs.fits(len(step.q_lens), max(step.ctx_lens)))
+
     def send(self, step: Step | None) -> None:
         """Rank 0: announce `step` (None: stop) to the followers."""
+        if self.group.size == 1:  # no followers
+            return
         payload = step.encode() if step is not None else torch.zeros(0, dtype=torch.long)
         n = len(step.q_lens) if step is not None else 0
         self.group.broadcast(torch.tensor([n, payload.numel()], device=self.group.device))

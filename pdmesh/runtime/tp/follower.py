@@ -39,7 +39,9 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
     group = TPGroup.join(rank, spec.tp, port, spec.device)
     runner = build_runner(spec, group, kv_alloc=shm.alloc_pool)
-    uri = shm.export_pool(runner.kv) or ""
+    from pdmesh.transfer import cuda_ipc
+
+    uri = shm.export_pool(runner.kv) or cuda_ipc.export_pool(runner.kv) or ""
     store = dist.TCPStore("127.0.0.1", port, spec.tp + 1, is_master=False, timeout=TIMEOUT)
     store.set(pool_key(rank), uri)
     try:

@@ -40,6 +40,9 @@ class TPSpec:
     page_size: int = 16
     num_pages: int = 64
     threads: int | None = None  # torch intra-op threads per rank; default cores / tp
+    attention: str = "auto"  # the backend on CUDA (CPU ranks: torch)
+    graph_sizes: tuple[int, ...] = ()  # CUDA: decode batch sizes captured as graphs
+    graph_max_context: int = 0  # the graphs' page-table width in tokens (0: the pool's)
 
 
 def build_runner(spec: TPSpec, group: TPGroup, kv_alloc=None) -> TPRunner:
@@ -51,7 +54,11 @@ def build_runner(spec: TPSpec, group: TPGroup, kv_alloc=None) -> TPRunner:
     model = TPCausalLM.from_shards(plan, group, shards)
     del shards
     model = model.to(device=group.device, dtype=resolve_dtype(spec.dtype, spec.device)).eval()
-    return TPRunner(model, spec.num_pages, spec.page_size, kv_alloc)
+    runner = TPRunner(model, spec.num_pages, spec.page_size, kv_alloc, spec.attention)
+    if spec.graph_sizes and group.device.type == "cuda" and runner.backend == "triton":
+        runner.capture_graphs(tuple(spec.graph_sizes),
+                              spec.graph_max_context or spec.num_pages * spec.page_size)
+    return runner
 
 
 def run_rank(rank: int, spec: TPSpec, port: int, lead: Callable[[TPRunner], T]) -> T | None:
@@ -111,11 +118,14 @@ def launch(spec: TPSpec, lead: Callable[[TPRunner], T]) -> T:
 
 def generate(model: str, prompts: list[list[int]], max_tokens: int, tp: int = 1, *,
              dtype: str = "float32", device: str = "cpu", page_size: int = 16,
-             stop_token_ids: tuple[int, ...] = (), threads: int | None = None) -> list[list[int]]:
+             stop_token_ids: tuple[int, ...] = (), threads: int | None = None,
+             graph_sizes: tuple[int, ...] = ()) -> list[list[int]]:
     """Greedy token ids for each prompt from `model` ("default", a HF folder or a .gguf)
-    sharded over `tp` ranks (see `launch`; the lead is driver.greedy_generate)."""
+    sharded over `tp` ranks (see `launch`; the lead is driver.greedy_generate); on CUDA,
+    decode steps of `graph_sizes` sequences replay CUDA graphs."""
     spec = TPSpec(str(model), tp, dtype, device, page_size,
-                  pages_needed(prompts, max_tokens, page_size), threads)
+                  pages_needed(prompts, max_tokens, page_size), threads,
+                  graph_sizes=tuple(graph_sizes))
     return launch(spec, partial(greedy_generate, prompts=prompts, max_tokens=max_tokens,
                                 stop_token_ids=stop_token_ids))
 

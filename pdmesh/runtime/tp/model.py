@@ -2,9 +2,10 @@
 model.py) with collectives where the sharding needs them.
 
 Per layer: RMSNorm (replicated) -> column-parallel qkv (this rank's heads) -> rotary ->
-paged attention over this rank's KV heads (the runtime's TorchAttention) -> row-parallel
-o_proj -> all-reduce -> residual; RMSNorm -> column-parallel gate/up -> SiLU * up ->
-row-parallel down_proj -> all-reduce -> residual. The embedding is vocab-parallel (each
+paged attention over this rank's KV heads (the runtime's TorchAttention; on CUDA the
+backend set by set_attention_backend, Triton) -> row-parallel o_proj -> all-reduce ->
+residual; RMSNorm -> column-parallel gate/up -> SiLU * up -> row-parallel down_proj ->
+all-reduce -> residual. The embedding is vocab-parallel (each
 rank looks up its vocab range, zeros elsewhere, all-reduce: exact, one non-zero term);
 the LM head gives each rank's vocab range of the logits, all-gathered.
 
@@ -93,6 +94,13 @@ class TPCausalLM(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, plan.vocab_per_rank, bias=False)
         self._inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # fp32
+
+    def set_attention_backend(self, backend_cls) -> None:
+        """Give every layer an instance of `backend_cls` over this rank's heads (see
+        attention.py's registry; the torch backend is the default)."""
+        for layer in self.layers:
+            a = layer.self_attn
+            a.attn = backend_cls(a.h, a.hkv, a.dh)
 
     def kv_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
         """This rank's KV pool shape [P, L, page, 2, hkv, Dh] (its own KV heads only)."""

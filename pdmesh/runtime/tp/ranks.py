@@ -8,8 +8,8 @@ Engine's page ids, so one allocator serves all of them. Until Engine takes a run
 the Engine first builds its own runner (full model and pool on rank 0) and `attach`
 drops it: start-up costs one full load, serving holds rank 0's shard only.
 
-Every rank's KV pool is a memfd (pdmesh.transfer.shm.alloc_pool) that rank 0 maps
-(`pools[r]`: [P, L, page, 2, hkv_r, Dh], the KV heads `plans[r].kv_heads`), so rank 0's
+Every rank's KV pool is a memfd (pdmesh.transfer.shm.alloc_pool; on GPUs the rank's device
+memory, opened here by CUDA IPC) that rank 0 maps (`pools[r]`: [P, L, page, 2, hkv_r, Dh], the KV heads `plans[r].kv_heads`), so rank 0's
 process can move any rank's KV heads (pdmesh.runtime.tp.kv) without a collective.
 
 Liveness: a follower that exits (kill -9, a crash) makes `check()` raise; the worker's
@@ -74,7 +74,6 @@ class RankGroup:
             group = TPGroup.join(0, spec.tp, store.port, spec.device)
             runner = build_runner(spec, group, kv_alloc=shm.alloc_pool)
             uris = [store.get(pool_key(r)).decode() for r in range(1, spec.tp)]
-            # a device pool has no shm URI: only rank 0's own is reachable here then
             pools = [runner.kv] + [_map_pool(u, runner.kv) if u else None for u in uris]
         except BaseException:
             _stop(procs, 0)
@@ -95,8 +94,12 @@ class RankGroup:
         # the engine's own thread budget (num_threads, OMP_NUM_THREADS, else the cores:
         # torch's count now) shared by its ranks
         threads = max(1, (cfg.num_threads or torch.get_num_threads()) // tp)
+        graphs = (tuple(cfg.cuda_graph_batch_sizes) if cfg.cuda_graphs and cfg.device != "cpu"
+                  and cfg.numerics != "reference" else ())
         spec = TPSpec(str(cfg.model), tp, dtype, cfg.device, cfg.page_size,
-                      engine.allocator.num_pages, threads)
+                      engine.allocator.num_pages, threads, cfg.attention_backend,
+                      tuple(b for b in graphs if b <= cfg.max_running_requests) or graphs[:1],
+                      engine.max_model_len)
         group = cls.start(spec)
         engine.runner = group  # Engine.step calls only runner.run(batch)
         return group
@@ -167,8 +170,18 @@ def _stop(procs: list[subprocess.Popen], wait_s: float) -> None:
 
 
 def _map_pool(uri: str, like: torch.Tensor) -> torch.Tensor:
-    """A follower's pool (its shm URI) mapped here, shaped and typed as `like`."""
+    """A follower's pool mapped here, shaped and typed as `like`: a host pool by its shm
+    URI, a GPU pool (on the follower's GPU) by its CUDA IPC URI."""
     from pdmesh.transfer.shm import _parse
+
+    if uri.startswith("ipc:"):
+        from pdmesh.transfer.cuda_ipc import open_pool
+
+        flat = open_pool(uri)
+        if flat.numel() != like.numel() * like.element_size():
+            raise ValueError(f"rank pool has {flat.numel()} bytes, expected "
+                             f"{like.numel() * like.element_size()}")
+        return flat.view(like.dtype).view(like.shape)
 
     pid, fd_no, nbytes = _parse(uri)
     if nbytes != like.numel() * like.element_size():
