@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="extra `pdmesh serve --worker-arg` (served modes only)")
     p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra `pdmesh serve` argument (served modes), e.g. --serve-arg=--gpus=0,1")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds `pdmesh serve` may take to be ready")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request limit, seconds")
@@ -390,7 +392,7 @@ class Serve:
         if args.kv_cache_bytes is not None:
             wargs.append(f"--kv-cache-bytes={args.kv_cache_bytes}")
         argv += [f"--worker-arg={a}" for a in wargs]
-        argv += [f"--gateway-arg={a}" for a in args.gateway_arg]
+        argv += [f"--gateway-arg={a}" for a in args.gateway_arg] + list(args.serve_arg)
         env = dict(os.environ, PDMESH_DEVICE=args.device, PYTHONUNBUFFERED="1")
         self.mode, self.lines, self.listening = mode, [], []  # (t, name)
         self.ready_t: float | None = None
