@@ -20,7 +20,13 @@ Facts about Mooncake's Python API this relies on (package 0.3.13):
   the Python API, and neither authenticates a peer: the data port's protocol is a raw
   (address, length, read|write) header, so whoever reaches it can read or write any
   address of the process. Hence the warning at start: keep these ports on a private
-  network (or firewalled to mesh members); pdmesh's TLS covers gRPC only.
+  network (or firewalled to mesh members); pdmesh's TLS covers gRPC only. Read again at
+  tag v0.3.12.post1 and on main of 2026-08: the handshake listener (SocketHandShakePlugin
+  startDaemon) and findAvailableTcpPort bind INADDR_ANY / IN6ADDR_ANY, the data port's
+  TcpContext binds tcp::v6() dual stack; MC_TCP_BIND_ADDRESS is read only without
+  P2PHANDSHAKE (a metadata server), and there it names the advertised address, not the
+  bind. So a worker cannot bind these to its --host: pdmesh starts the engine only when
+  a peer on another host needs it (pdmesh.transfer.lazy), and a single-host mesh opens none.
 
 Waiting without spinning (read in transfer_engine_py.cpp; the functions named below are
 the same at tag v0.3.12.post1 and on main after 0.3.13, line numbers are v0.3.12.post1's):
@@ -57,6 +63,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from pdmesh.transfer.base import TransferError, TransferStats, Transport
+from pdmesh.transfer.lazy import engine_session
 from pdmesh.transfer.plan import plan_runs, runs_to_descriptors, validate_pages
 
 
@@ -89,9 +96,10 @@ def _warn_open_ports(rpc_port: int) -> None:
     global _warned
     if not _warned:
         _warned = True
-        log.warning("Mooncake transfer engine listens on all interfaces (handshake port %d "
-                    "and a data port) and authenticates no peer: keep them on a private "
-                    "network or firewalled to mesh members (see README, Security)", rpc_port)
+        log.warning("Mooncake transfer engine started: it listens on all interfaces "
+                    "(handshake port %d and a data port) and authenticates no peer: keep "
+                    "them on a private network or firewalled to mesh members (see README, "
+                    "Security)", rpc_port)
 
 
 def unavailable_message(e: BaseException) -> str:
@@ -250,6 +258,7 @@ class MooncakeTransport(Transport):
         validate_pages(src_pages, dst_pages)
         if not src_pages:
             return TransferStats(0, 0, 0.0)
+        dst_session = engine_session(dst_session)  # a published id's nonce is not Mooncake's
         runs = plan_runs(src_pages, dst_pages)
         src, dst, lengths = runs_to_descriptors(runs, src_base, dst_base, bytes_per_page)
         engine = self._live()
@@ -287,6 +296,7 @@ class MooncakeTransport(Transport):
         validate_pages(pages, rows)  # peer ids play the source: repeats are fine
         if not pages:
             return torch.empty(0, bytes_per_page, dtype=torch.uint8)
+        peer_session = engine_session(peer_session)
         runs = plan_runs(pages, rows)
         nbytes = len(pages) * bytes_per_page
         with self._read_lock:

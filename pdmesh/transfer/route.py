@@ -7,11 +7,15 @@ Paths, fastest first on the machines measured (benchmarks/results/):
             and copies pages into it (pdmesh.transfer.shm)
   mooncake  the transfer engine (rdma across hosts, tcp anywhere): always available
 A local path needs both workers on one host (equal `host_id`) and a pool it can export.
+The transfer engine may not be running on either side (pdmesh.transfer.lazy): a pair
+with a same-host path that opens does not start it.
 
 When a prefill first writes to a decode (the pair *binds*), every candidate path that
 opens is timed reading a few of the room's destination pages (a read never disturbs the
 peer); local paths must read the same bytes as the transfer engine, or they do not reach
-the same memory and are dropped. The fastest wins, is logged, and is the `path` label of
+the same memory and are dropped (when both engines run; otherwise the local paths alone
+are timed, and the decode's checksum is what catches one that reached other memory).
+The fastest wins, is logged, and is the `path` label of
 the transfer metrics and the `kv.transfer` span. `path` forces one (falls back to the
 transfer engine, with a log line, where it does not open).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from pdmesh.transfer.base import TransferStats
+from pdmesh.transfer.lazy import engine_started, peer_key
 
 log = logging.getLogger(__name__)
 LOCAL_PATHS = {"ipc": "pdmesh.transfer.cuda_ipc", "shm": "pdmesh.transfer.shm"}
@@ -39,7 +45,11 @@ LOCAL_MARGIN = 2.0  # a local path wins unless the transfer engine is this much 
 def host_id() -> str:
     """This machine's identity for same-host checks: the kernel's boot id and hostname
     (two containers of one host share the boot id but not /proc, so the local paths'
-    own checks still decide)."""
+    own checks still decide). PDMESH_HOST_ID replaces it (tests play two hosts on one;
+    or workers sharing a kernel that must not share memory)."""
+    forced = os.environ.get("PDMESH_HOST_ID")
+    if forced:
+        return forced
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
@@ -213,13 +223,15 @@ class Router:
 
     def route_name(self, dst: Destination) -> str | None:
         """The bound route's name, None before the pair binds."""
-        r = self._routes.get((dst.session_id, dst.kv_base))
+        r = self._routes.get(_key(dst))
         return r.name if r else None
 
     def forget(self, session_id: str) -> None:
-        """The peer left: drop its routes (a restarted decode binds anew)."""
+        """The peer left: drop its routes (a restarted decode binds anew); `session_id`
+        as the registry had it (its engine started since or not: same peer_key)."""
+        key = peer_key(session_id)
         with self._lock:
-            gone = [self._routes.pop(k) for k in list(self._routes) if k[0] == session_id]
+            gone = [self._routes.pop(k) for k in list(self._routes) if k[0] == key]
         for r in gone:
             self._retire(r)
 
@@ -234,9 +246,9 @@ class Router:
         """The pair's route (bound now if new, probing with the first dst_pages), kept
         open until the block ends."""
         with self._lock:
-            r = self._routes.get((dst.session_id, dst.kv_base))
+            r = self._routes.get(_key(dst))
             if r is None:
-                r = self._routes[(dst.session_id, dst.kv_base)] = \
+                r = self._routes[_key(dst)] = \
                     self._bind(dst, list(dst_pages)[:PROBE_PAGES])
             r.users += 1
         try:
@@ -258,7 +270,8 @@ class Router:
     # -- binding -------------------------------------------------------------------------
     def _bind(self, dst: Destination, probe: list[int]) -> Route:
         candidates = self._open_local(dst)
-        if self.transport is not None and (self.path in ("auto", "mooncake") or not candidates):
+        if self.transport is not None and (not candidates or self.path == "mooncake" or (
+                self.path == "auto" and self._engines_run(dst))):
             candidates.append(EngineRoute(self.transport, self.src_base, dst, self.bpp))
         if not candidates:
             raise RuntimeError(f"no KV path to {dst.session_id}: no transport and no local "
@@ -275,6 +288,11 @@ class Router:
                  "".join(f", {n} {t * 1e3:.3f} ms" for n, t in timings.items())
                  + (f" for {len(probe)} pages" if timings else ""))
         return chosen
+
+    def _engines_run(self, dst: Destination) -> bool:
+        """Both transfer engines already started: the engine may compete with a local
+        path (a probe would otherwise start ours, and theirs is not listening)."""
+        return getattr(self.transport, "started", True) and engine_started(dst.session_id)
 
     def _open_local(self, dst: Destination) -> list[Route]:
         if self.path == "mooncake" or not dst.host_id or dst.host_id != self.host:
@@ -324,6 +342,12 @@ class Router:
             if times[fastest_local.name] <= LOCAL_MARGIN * times["mooncake"]:
                 return fastest_local, times
         return best, times
+
+
+def _key(dst: Destination) -> tuple[str, int]:
+    """A route's key: the peer (for its whole life, pdmesh.transfer.lazy.peer_key) and
+    pool. The pool base may change once, when a staged peer's engine starts."""
+    return peer_key(dst.session_id), dst.kv_base
 
 
 def _bytes_of(pool: Any, page: int) -> Any:

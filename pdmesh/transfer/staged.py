@@ -78,24 +78,37 @@ class StagedTransport(Transport):
         self._mirrors.clear()
 
 
-def make_kv_transport(name: str, pool: Any, mode: str = "auto",
+def make_kv_transport(name: str, pool: Any, mode: str = "auto", lazy: bool = False,
                       **kwargs: Any) -> tuple[Transport, int, str]:
     """Build transport `name`, register `pool` for `mode`; -> (transport, base, mode run).
 
-    kwargs go to the transport's constructor (hostname, protocol, device_name)."""
+    lazy: return a pdmesh.transfer.lazy.LazyTransport that builds and registers on first
+    use or `start()` (no engine, no port until then; the base returned is the pool's own
+    until it starts). kwargs go to the transport's constructor (hostname, protocol,
+    device_name)."""
     from pdmesh.transfer import get_transport
 
     factory = get_transport(name)
     on_gpu = getattr(pool, "is_cuda", False)
     reaches = bool(on_gpu and getattr(factory, "reaches_gpu_memory", lambda: False)())
     run = choose_mode(mode, on_gpu, reaches)
-    transport = factory(**kwargs)
-    if run == "staged":
-        transport = StagedTransport(transport)
-    base = transport.register(pool)
-    log.info("KV transfer: %s (%s pool, mode requested %s)", describe(run, kwargs),
-             "GPU" if on_gpu else "host", mode)
-    return transport, base, run
+
+    def build() -> tuple[Transport, int]:
+        transport = factory(**kwargs)
+        if run == "staged":
+            transport = StagedTransport(transport)
+        base = transport.register(pool)
+        log.info("KV transfer: %s (%s pool, mode requested %s)", describe(run, kwargs),
+                 "GPU" if on_gpu else "host", mode)
+        return transport, base
+
+    if lazy:
+        from pdmesh.transfer.lazy import LazyTransport
+
+        getattr(factory, "check_available", lambda: None)()  # fail at start, not later
+        return LazyTransport(build, kwargs.get("hostname", "127.0.0.1"),
+                             pool.data_ptr()), pool.data_ptr(), run
+    return (*build(), run)
 
 
 def describe(run: str, kwargs: dict) -> str:

@@ -95,20 +95,32 @@ class EngineCore:
         self.phases.append((name, time.monotonic() - t))
 
     def _make_transport(self, config: WorkerConfig) -> None:
+        """The pool's transport, lazy (pdmesh.transfer.lazy: no transfer-engine port until
+        a peer on another host needs one) unless every peer will write through it: the
+        path is forced to the engine (no same-host path is then offered), the pool is
+        split over TP ranks, or no same-host path exports it."""
         from pdmesh.transfer import make_kv_transport
         from pdmesh.transfer.route import local_endpoints
 
+        tp = self.ranks is not None
         self.transport, self.kv_base, self.mode = make_kv_transport(
-            "mooncake", self.pool, config.kv_transfer_mode,
+            "mooncake", self.pool, config.kv_transfer_mode, lazy=True,
             hostname=config.advertise_host, protocol=config.transfer_protocol,
             device_name=config.transfer_device)
-        if self.ranks is not None:  # every rank's pool, each registered: peers write heads
+        if tp:  # every rank's pool, each registered: peers write heads
+            self._kv_start_engine("TP ranks")
             self._register_ranks()
-        else:
+        elif config.kv_path != "mooncake":
             self.local_endpoints = local_endpoints(self.pool)
+        if not self.local_endpoints:
+            self._kv_start_engine("--kv-path mooncake" if config.kv_path == "mooncake"
+                                  else "no same-host path to offer")
         local = ", ".join(u.partition(":")[0] for u in self.local_endpoints) or "none"
+        engine = ("started" if self.transport.started
+                  else "starts when a peer on another host needs it")
         print(f"KV transfer: {config.transfer_protocol}, mode {self.mode} "
-              f"(pool on {self.pool.device}); same-host paths: {local}", flush=True)
+              f"(pool on {self.pool.device}); same-host paths: {local}; transfer engine "
+              f"{engine}", flush=True)
 
     def _register_ranks(self) -> None:
         """Register ranks 1.. pools (mapped here) with the transport and publish each
@@ -191,6 +203,14 @@ class EngineCore:
         if land is not None:
             land(pages)
 
+    def _kv_start_engine(self, reason: str = "a prefill on another host") -> tuple[str, int]:
+        """Start the lazy transfer engine now (idempotent) -> (session id, pool base),
+        what this worker's Transfer requests carry from then on."""
+        start = getattr(self.transport, "start", None)
+        if start is not None:
+            self.kv_base = start(reason)[1]
+        return self.transport.session_id, self.kv_base
+
     def _kv_forget(self, session_id: str) -> None:
         if self._router is not None:
             self._router.forget(session_id)
@@ -204,4 +224,5 @@ class EngineCore:
             self.ranks.close()
 
 
-KV_OPS = frozenset({"write", "corrupt", "read_checksum", "checksum", "land", "forget"})
+KV_OPS = frozenset({"write", "corrupt", "read_checksum", "checksum", "land", "forget",
+                    "start_engine"})

@@ -21,6 +21,7 @@ from pdmesh.registry_watch import GONE, RegistryWatch
 from pdmesh.telemetry.metrics import WorkerMetrics
 from pdmesh.transfer.sharded import kv_rank_proto
 from pdmesh.services.common.kv import TransportReceiver
+from pdmesh.services.common.kv_engine import EngineGate
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.worker.aio_engine import AsyncEngine
 
@@ -106,6 +107,10 @@ class WorkerHost:
         self.session_id, self.kv_base = info.session_id, info.kv_base
         self.kv_transfer_mode = info.kv_transfer_mode  # direct | staged | host | none
         self.host_id, self.local_endpoints = info.host_id, list(info.local_endpoints)
+        core = self._process if self._process is not None else self._core
+        # the decode's transfer engine, started before a Transfer to a prefill needing it
+        self.kv_engine = EngineGate(core.kv_op, self.session_id, self.kv_base, self.host_id,
+                                    bool(self.local_endpoints), config.registry)
         self.metrics = WorkerMetrics()  # the servicer observes events into it
         self._router: Any = None
         self.engine: AsyncEngine | None = None
@@ -167,6 +172,7 @@ class WorkerHost:
                              on_peer_gone: OnPeerGone | None = None) -> str:
         """Watch peers, register (raises grpc.RpcError when refused) and heartbeat."""
         def on_event(name: str, info: Any) -> None:
+            self.kv_engine.observe(name, info)
             if name in GONE and self._router is not None and info.transfer.session_id:
                 self._router.forget(info.transfer.session_id)
             if name in GONE and on_peer_gone is not None:

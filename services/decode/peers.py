@@ -5,6 +5,9 @@ becomes a RoomError with the same status name.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Awaitable, Callable
+
 import grpc
 
 from pdmesh import auth
@@ -16,11 +19,17 @@ from pdmesh.v1 import prefill_pb2_grpc as ppb_grpc
 from pdmesh.worker.convert import logprob_from_proto
 
 
+Endpoint = Callable[[str], Awaitable[tuple[str, int]]]
+
+
 class GrpcPrefillPeers:
     """Stubs to prefill workers by address."""
 
-    def __init__(self) -> None:
+    def __init__(self, endpoint: Endpoint | None = None) -> None:
+        """endpoint(prefill address) -> (session id, pool base) to send it (the decode's
+        transfer engine started first where needed: services/common/kv_engine.py)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._endpoint = endpoint
 
     def _stub(self, address: str) -> ppb_grpc.PrefillStub:
         ch = self._channels.get(address)
@@ -32,6 +41,9 @@ class GrpcPrefillPeers:
     async def transfer(self, address: str, room: int, target: TransferTarget,
                        timeout: float) -> TransferReply:
         """Ask the prefill to write the room's KV into `target`; its reply or RoomError."""
+        if self._endpoint is not None:
+            session, base = await self._endpoint(address)
+            target = dataclasses.replace(target, session_id=session, kv_base=base)
         lay = target.layout
         msg = ppb.TransferRequest(
             room=room, decode_worker_id=target.decode_worker_id,

@@ -36,7 +36,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
         pd = host.has_kv
-        self.peers = GrpcPrefillPeers() if pd else None
+        self.peers = GrpcPrefillPeers(host.kv_engine.endpoint) if pd else None
         # the pool is read (off the event loop) for the KV checksum before adopt
         kv = host.kv_receiver(checksum=host.config.kv_checksum != "off") if pd else None
         self.proto = DecodeProtocol(
