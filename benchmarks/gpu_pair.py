@@ -12,7 +12,7 @@ same bytes (the link's bandwidth here) in the same run. pdmesh's CUDA IPC path c
 within one GPU only, so across GPUs the mesh takes Mooncake (the route probe says so).
 
 hetero: `pdmesh serve --gpus 0,1` three ways with the same greedy chat requests (openai
-client, temperature 0): colocated TP 1 (the reference), prefill TP 2 (GPUs 0, 1) -> decode
+/v1/completions, temperature 0): colocated TP 1 (the reference), prefill TP 2 (GPUs 0, 1) -> decode
 TP 1, prefill TP 1 -> decode TP 2; prints whether each one's completions equal the
 reference's, and the prefill's KV write rate from its metrics (bytes / seconds of its
 transfers, path label). `--device cpu` runs the same on CPUs (gloo) as a smoke test.
@@ -20,6 +20,7 @@ transfers, path label). `--device cpu` runs the same on CPUs (gloo) as a smoke t
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import re
@@ -161,9 +162,18 @@ def kv_rate(metrics_url: str) -> str:
                      f"{b[p] / s[p] / 1e9:.2f} GB/s" for p in b if s.get(p)) or "no KV written"
 
 
-def hetero(args) -> None:
-    from openai import OpenAI
+def complete(url: str, model: str, prompt: str, tokens: int) -> tuple[str, int]:
+    """One greedy /v1/completions call (plain HTTP: the GPU image has no openai package)
+    -> (text, prompt tokens)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    r = json.loads(urllib.request.urlopen(req, timeout=300).read())
+    return r["choices"][0]["text"], r["usage"]["prompt_tokens"]
 
+
+def hetero(args) -> None:
     setups = [("colocated TP 1", ["--prefill", "0", "--decode", "0", "--colocated", "1"]),
               ("prefill TP 2 -> decode TP 1", ["--prefill-tp", "2", "--decode-tp", "1"]),
               ("prefill TP 1 -> decode TP 2", ["--prefill-tp", "1", "--decode-tp", "2"])]
@@ -178,12 +188,7 @@ def hetero(args) -> None:
             t0 = time.perf_counter()
             serve.wait(args.ready_timeout)
             ready = time.perf_counter() - t0
-            client = OpenAI(base_url=serve.url + "/v1", api_key="x", timeout=300)
-            outs = []
-            for p in prompts:
-                r = client.completions.create(model=args.model, prompt=p, max_tokens=args.tokens,
-                                              temperature=0)
-                outs.append((r.choices[0].text, r.usage.prompt_tokens))
+            outs = [complete(serve.url, args.model, p, args.tokens) for p in prompts]
             ref = outs if ref is None else ref
             same = sum(a[0] == b[0] for a, b in zip(outs, ref))
             pre = next((u for k, u in serve.metrics.items() if k.startswith("prefill")), None)
