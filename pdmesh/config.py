@@ -136,7 +136,11 @@ class EngineConfig:
     max_prefill_tokens: int | None = None
     chunked_prefill_size: int = 2048  # a longer prompt is split into chunks of this size
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    num_threads: int | None = None  # torch intra-op threads on CPU
+    num_threads: int | None = None  # torch intra-op threads on CPU (decode steps)
+    # torch intra-op threads for prefill steps on CPU; None = num_threads. `pdmesh serve`
+    # gives a lone CPU worker every core here and one fewer for decode steps (the gateway
+    # streams then; during a prefill step it idles): commands/serve.py
+    prefill_threads: int | None = None
     # attention backend: "auto" = triton on CUDA; on CPU "cpu" (C++ paged decode kernel,
     # runtime/cpu_attention.py) where it builds, else "torch"
     attention_backend: str = "auto"
@@ -156,7 +160,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens",
-                     "chunked_prefill_size", "kv_cache_bytes"):
+                     "chunked_prefill_size", "kv_cache_bytes", "num_threads", "prefill_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages is not None and self.num_pages < 1:
@@ -215,6 +219,8 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_MAX_RUNNING_REQUESTS": ("max_running_requests", int),
     "PDMESH_MAX_PREFILL_TOKENS": ("max_prefill_tokens", int),
     "PDMESH_CHUNKED_PREFILL_SIZE": ("chunked_prefill_size", int),
+    "PDMESH_NUM_THREADS": ("num_threads", int),
+    "PDMESH_PREFILL_THREADS": ("prefill_threads", int),
     "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),

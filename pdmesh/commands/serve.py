@@ -169,9 +169,30 @@ def _env(token: str) -> dict[str, str]:
 
 def _worker_env(num_workers: int, token: str) -> dict[str, str]:
     env = _env(token)
-    # several engines share the cores: one OpenMP pool each would oversubscribe them
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_workers))))
+    env.update(worker_threads(num_workers, os.cpu_count() or 1, env))
     return env
+
+
+def worker_threads(num_workers: int, cores: int, env: dict[str, str]) -> dict[str, str]:
+    """Thread settings for `num_workers` CPU workers on `cores` cores, each unless `env`
+    sets it (an OMP_NUM_THREADS given sets all of a worker's steps: then nothing here).
+
+    Several engines share the cores (one OpenMP pool each would oversubscribe them): each
+    gets its share, cores // workers, for prefill steps (PDMESH_PREFILL_THREADS) and one
+    core fewer among them all for the other steps (PDMESH_NUM_THREADS), left to the
+    gateway and the RPC threads, which stream tokens during decode steps (vLLM's CPU
+    engine keeps a core for its API server likewise). OMP_WAIT_POLICY=passive: a thread
+    waiting at a barrier sleeps instead of spinning on a core another process needs (on a
+    busy 2-core host a 2-thread prefill step ran 25x slower spinning). Measured:
+    benchmarks/results/2026-11-30-cpu-vs-vllm-threads.md."""
+    if "OMP_NUM_THREADS" in env:
+        return {}
+    workers = max(1, num_workers)
+    share = max(1, cores // workers)
+    out = {"OMP_NUM_THREADS": str(share), "PDMESH_PREFILL_THREADS": str(share),
+           "PDMESH_NUM_THREADS": str(max(1, (cores - 1) // workers)),
+           "OMP_WAIT_POLICY": "PASSIVE"}
+    return {k: v for k, v in out.items() if k not in env}
 
 
 class Supervisor:

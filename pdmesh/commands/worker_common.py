@@ -67,6 +67,14 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--transfer-device", default=None,
                    help="RDMA devices, comma-separated, e.g. mlx5_0,mlx5_1 (default: auto; "
                         "env PDMESH_TRANSFER_DEVICE)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU: torch threads for decode steps (default OMP_NUM_THREADS or "
+                        "all cores; `pdmesh serve` gives each worker its share less one "
+                        "core for the gateway; env PDMESH_NUM_THREADS)")
+    p.add_argument("--prefill-threads", type=int, default=None, metavar="N",
+                   help="CPU: torch threads for prefill steps (default --threads; `pdmesh "
+                        "serve` gives each worker its share of the cores; env "
+                        "PDMESH_PREFILL_THREADS)")
     p.add_argument("--shutdown-grace", type=float, default=None,
                    help="seconds in-flight requests get on SIGTERM (default 10)")
     if role == "prefill":
@@ -126,7 +134,9 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
                     "kv_cache_bytes": args.kv_cache_bytes,
                     "max_running_requests": args.max_running_requests,
                     "prefix_cache": args.prefix_cache,
-                    "decode_prefix_cache": getattr(args, "decode_prefix_cache", None)}
+                    "decode_prefix_cache": getattr(args, "decode_prefix_cache", None),
+                    "num_threads": getattr(args, "threads", None),
+                    "prefill_threads": getattr(args, "prefill_threads", None)}
     engine = engine_config_from_env(EngineConfig()).replace(
         **{k: v for k, v in engine_flags.items() if v is not None})
     if role == "prefill" and (worker.chaos or worker.chaos_corrupt_kv) and \
@@ -189,7 +199,7 @@ async def _serve(host, telemetry, create_server) -> int:
         print(f"error: the {worker.role} engine failed ({type(error).__name__}: {error}); "
               f"this worker stops (exit 1) to be replaced", file=sys.stderr, flush=True)
         stop.set()
-    host.engine.on_failure = engine_failed
+    host.engine.add_failure_listener(engine_failed)
     obs = WorkerObservability(host.metrics.registry, telemetry, worker.role)
     interceptors = [obs.aio_rpc_interceptor]
     if worker.chaos:  # fault injection (services/common/chaos.py), armed by RPC

@@ -32,6 +32,7 @@ from pdmesh.runtime.request import Mode, Request, Status
 from pdmesh.runtime.sampler import SamplingRow, make_generator, sample
 from pdmesh.runtime.sampling_params import SamplingParams
 from pdmesh.runtime.scheduler import Batch, Scheduler
+from pdmesh.runtime.threads import StepThreads
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Engine:
             cfg = cfg.replace(model=model)
         self.config = cfg
         if cfg.num_threads and cfg.device == "cpu":
-            torch.set_num_threads(cfg.num_threads)
+            torch.set_num_threads(cfg.num_threads)  # loading's ops too
+        self.threads = StepThreads(cfg.device, cfg.num_threads, cfg.prefill_threads)
         loaded = loaded or load_model(cfg.model)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         dtype = resolve_dtype(cfg.dtype, cfg.device)
@@ -199,6 +201,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        self.threads.enter(batch.kind)
         logits = self.runner.run(batch)  # [n_sampled, V]
         self.scheduler.computed(batch)
         sampled = [s.req for s in batch.seqs if s.sample]

@@ -1,0 +1,111 @@
+"""CPU thread defaults: `pdmesh serve` gives each worker its share of the cores for
+prefill steps and one core fewer among them for decode steps, with passive OpenMP waits;
+a worker takes them from the environment or --threads / --prefill-threads; the engine
+applies the count of each step's kind in the thread that steps it."""
+from __future__ import annotations
+
+import argparse
+import threading
+
+import pytest
+import torch
+
+from pdmesh import Engine, SamplingParams
+from pdmesh.commands import decode as decode_cmd
+from pdmesh.commands import serve
+from pdmesh.commands.worker_common import configs_from_args
+from pdmesh.config import EngineConfig
+
+THREAD_ENV = ("OMP_NUM_THREADS", "PDMESH_NUM_THREADS", "PDMESH_PREFILL_THREADS",
+              "OMP_WAIT_POLICY")
+
+
+@pytest.mark.parametrize("workers, cores, prefill, decode", [
+    (1, 2, 2, 1),    # colocated on the 2-core dev VM: the gateway keeps a core in decode
+    (2, 2, 1, 1),    # 1P1D there: one core each
+    (3, 2, 1, 1),    # more workers than cores: never 0
+    (1, 16, 16, 15),
+    (2, 16, 8, 7),
+])
+def test_serve_thread_rule(workers, cores, prefill, decode):
+    got = serve.worker_threads(workers, cores, {})
+    assert got == {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
+                   "PDMESH_NUM_THREADS": str(decode), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_serve_thread_rule_respects_the_environment():
+    # OMP_NUM_THREADS given: every step runs that many (as before), nothing added
+    assert serve.worker_threads(1, 2, {"OMP_NUM_THREADS": "2"}) == {}
+    got = serve.worker_threads(1, 2, {"PDMESH_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"})
+    assert got == {"OMP_NUM_THREADS": "2", "PDMESH_PREFILL_THREADS": "2"}
+
+
+def test_serve_children_get_the_rule(monkeypatch):
+    for k in THREAD_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(serve.os, "cpu_count", lambda: 2)
+    env = serve._worker_env(1, "token")
+    assert (env["PDMESH_PREFILL_THREADS"], env["PDMESH_NUM_THREADS"]) == ("2", "1")
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["PDMESH_CLUSTER_TOKEN"] == "token"
+
+
+def _decode_args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    decode_cmd.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_worker_takes_threads_from_env_and_flags(monkeypatch):
+    monkeypatch.setenv("PDMESH_NUM_THREADS", "1")
+    monkeypatch.setenv("PDMESH_PREFILL_THREADS", "2")
+    _, eng = configs_from_args(_decode_args(), "decode")
+    assert (eng.num_threads, eng.prefill_threads) == (1, 2)
+    _, eng = configs_from_args(_decode_args("--threads", "3", "--prefill-threads", "4"),
+                               "decode")
+    assert (eng.num_threads, eng.prefill_threads) == (3, 4)  # flags win
+    with pytest.raises(ValueError, match="prefill_threads"):
+        EngineConfig(prefill_threads=0)
+
+
+def _threads_per_kind(engine: Engine) -> dict[str, set[int]]:
+    """Generate on a fresh thread (a worker steps its engine on its own thread); the torch
+    thread count each batch kind ran with."""
+    seen: dict[str, set[int]] = {"prefill": set(), "decode": set()}
+    run = engine.runner.run
+
+    def spy(batch):
+        seen[batch.kind].add(torch.get_num_threads())
+        return run(batch)
+    engine.runner.run = spy
+    out = []
+    t = threading.Thread(target=lambda: out.extend(engine.generate(
+        ["The capital of France is", "One, two, three,"],
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))))
+    t.start()
+    t.join()
+    assert [len(o.token_ids) for o in out] == [4, 4]
+    return seen
+
+
+def test_engine_applies_prefill_and_decode_threads(default_model):
+    e = Engine(loaded=default_model, num_pages=64, num_threads=1, prefill_threads=2)
+    assert _threads_per_kind(e) == {"prefill": {2}, "decode": {1}}
+
+
+def test_engine_without_thread_settings_leaves_them(default_model):
+    e = Engine(loaded=default_model, num_pages=64)
+    before = torch.get_num_threads()
+    seen = _threads_per_kind(e)
+    assert len(seen["prefill"] | seen["decode"]) == 1  # never switched
+    assert torch.get_num_threads() == before
+
+
+def test_prefill_threads_keep_greedy_tokens(default_model):
+    """fp32 numerics as the exactness tests run them: 1 vs 2 prefill threads, same tokens."""
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = ["The capital of France is", "def fib(n):"]
+    a = Engine(loaded=default_model, num_pages=64, dtype="float32", num_threads=1)
+    b = Engine(loaded=default_model, num_pages=64, dtype="float32", num_threads=1,
+               prefill_threads=2)
+    assert [o.token_ids for o in a.generate(prompts, p)] == \
+        [o.token_ids for o in b.generate(prompts, p)]
