@@ -221,7 +221,7 @@ def test_a_failed_step_stops_the_loop_and_fails_everything(engine):
     async def main():
         eng = AsyncEngine(engine)
         failures = []
-        eng.on_failure = failures.append
+        eng.add_failure_listener(failures.append)
         real_step = engine.step
 
         def step():

@@ -104,7 +104,7 @@ def test_engine_failure_and_a_killed_core_end_streams_with_engine_failed(default
         proc = EngineProcess(colocated(), ENGINE, use_transport=False)
         eng = AsyncEngine(process=proc)
         failures: list[BaseException] = []
-        eng.on_failure = failures.append
+        eng.add_failure_listener(failures.append)
         try:
             params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
             stream = eng.add(await eng.make_request([5, 6, 7], params, "x", Mode.GENERATE))

@@ -13,12 +13,13 @@ methods in unit tests).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pdmesh.runtime.fork import member_ids
 from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, FailStep, Held, Hold,
                                     MakeRequest, Release, SlowDown)
 from pdmesh.worker.engine_loop import EngineLoop
+from pdmesh.worker.failure import FailureListeners
 from pdmesh.worker.streams import EngineFailed, OutputStream, StreamClosed
 
 
@@ -28,7 +29,7 @@ class AsyncEngine:
     def __init__(self, engine: Any = None, process: Any = None) -> None:
         """Drive `engine` on an EngineLoop thread of this process, or the engine core in
         `process` (pdmesh.worker.engine_proxy.EngineProcess, same interface)."""
-        self.on_failure: Any = None  # on_failure(error) on this event loop, if the engine fails
+        self._failure = FailureListeners()  # told on this event loop if the engine fails
         self._aio = asyncio.get_running_loop()
         self._streams: dict[str, OutputStream] = {}
         self._holds: dict[str, asyncio.Future] = {}
@@ -123,6 +124,12 @@ class AsyncEngine:
         """Fault injection: the engine's next forward step raises (see EngineLoop)."""
         await self._call(FailStep())
 
+    def add_failure_listener(self, fn: Callable[[BaseException], object]) -> None:
+        """Call fn(error) once, on this event loop, if the engine fails (after every
+        stream and pending hold has ended with EngineFailed). Listeners are called in
+        the order added; one that raises is logged and does not stop the others."""
+        self._failure.add(fn)
+
     @property
     def stats(self) -> EngineStats:
         """The engine's counters as of the last loop turn (never waits on a step)."""
@@ -153,8 +160,7 @@ class AsyncEngine:
         for fut in holds.values():
             if not fut.done():
                 fut.set_exception(err)
-        if self.on_failure is not None:
-            self.on_failure(error)
+        self._failure.notify(error)
 
     def _route(self, events: list[Any]) -> None:
         for ev in events:

@@ -48,14 +48,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                                      ahead_pages=int(host.layout.num_pages * AHEAD_FRACTION),
                                      on_integrity=self._integrity,
                                      shed_queued=cfg.shed_queued)
-        if host.engine is not None:  # rooms fail with the engine, then the worker stops
-            then = host.engine.on_failure
-
-            def on_failure(error: BaseException) -> None:
-                self.proto.engine_failed(error)
-                if then is not None:
-                    then(error)
-            host.engine.on_failure = on_failure
+        if host.engine is not None:  # rooms fail with the engine (the worker stops too)
+            host.engine.add_failure_listener(self.proto.engine_failed)
 
     # -- RPCs ----------------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
