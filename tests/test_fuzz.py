@@ -188,14 +188,14 @@ def test_a_grpc_deadline_goes_on_to_both_legs():
 
     d = Dispatcher(SimpleNamespace(breakers=SimpleNamespace(metrics=None)),
                    SimpleNamespace(name="default"))
-    d._stubs[("D:1", decode_pb2_grpc.DecodeStub)] = Stub("decode")
-    d._stubs[("P:1", prefill_pb2_grpc.PrefillStub)] = Stub("prefill")
+    d.legs._stubs[("D:1", decode_pb2_grpc.DecodeStub)] = Stub("decode")
+    d.legs._stubs[("P:1", prefill_pb2_grpc.PrefillStub)] = Stub("prefill")
     route = SimpleNamespace(decode=SimpleNamespace(address="D:1", worker_id="d"),
                             prefill=SimpleNamespace(address="P:1", worker_id="p"))
-    d._calls(route, 7, [1, 2], cpb.SamplingParams(), deadline=time.monotonic() + 5)
+    d.legs.calls(route, 7, [1, 2], cpb.SamplingParams(), deadline=time.monotonic() + 5)
     assert 4.5 < seen["decode"]["timeout"] <= 5 and 4.5 < seen["prefill"]["timeout"] <= 5
     seen.clear()
-    d._calls(route, 7, [1, 2], cpb.SamplingParams())  # no deadline: none on the legs
+    d.legs.calls(route, 7, [1, 2], cpb.SamplingParams())  # no deadline: none on the legs
     assert seen["decode"]["timeout"] is None and seen["prefill"]["timeout"] is None
 
 
