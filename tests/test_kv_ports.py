@@ -104,7 +104,7 @@ def test_pair_on_two_hosts_starts_both_engines_on_first_room(expected):
               f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
         for p in (pre, dec):  # no engine port before the first room, one after
             assert listening(p.pid)[p.pid] - before[p.pid], "\n".join(p.output)
-            started = [line for line in p.output if "transfer engine started" in line]
+            started = [ln for ln in p.output if ln.startswith("KV transfer engine started")]
             assert len(started) == 1, "\n".join(p.output)
             print(started[0])
         assert metric(pre.metrics_url, "pdmesh_kv_transfer_bytes_total", path="mooncake") > 0

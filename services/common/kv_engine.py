@@ -14,12 +14,12 @@ import logging
 from typing import Any, Callable
 
 from pdmesh import auth
+from pdmesh.registry_watch import GONE
 from pdmesh.transfer.lazy import engine_started, needs_engine
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
 
 log = logging.getLogger(__name__)
-GONE = ("LEFT", "EXPIRED")
 
 
 class EngineGate:
