@@ -181,7 +181,7 @@ def hetero(args) -> None:
     prompts = [f"Question {i}: " + "tell me about the history of the mesh. " * (i * args.grow)
                for i in range(args.prompts)]
     ref = None
-    for name, extra in setups:
+    for name, extra in [setups[i] for i in args.only]:
         serve = Serve(["--model", args.model, "--port", "0", "--grpc-port", "0",
                        "--gpus", args.gpus, *extra], env, f"{args.logs}/{name[:14]}.log")
         try:
@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--tokens", type=int, default=32)
     h.add_argument("--ready-timeout", type=float, default=300.0)
     h.add_argument("--logs", default="/tmp")
+    h.add_argument("--only", type=int, nargs="+", default=[0, 1, 2],
+                   help="which setups (0 colocated reference, 1 P TP2 -> D TP1, 2 P TP1 -> D TP2)")
     args = ap.parse_args(argv)
     (transfer if args.cmd == "transfer" else hetero)(args)
     return 0
