@@ -51,6 +51,11 @@ def listening(pid: int) -> dict[int, set[int]]:
     return out
 
 
+def tree_ports(pid: int) -> set[int]:
+    """Listening ports of `pid` and its descendants (a worker's engine process)."""
+    return set().union(*listening(pid).values())
+
+
 def told(lines) -> set[int]:
     """Ports the services said they listen on (gRPC, REST, metrics)."""
     return {int(p) for line in lines if "listening on" in line or "metrics" in line
@@ -84,6 +89,7 @@ def test_pair_on_two_hosts_starts_both_engines_on_first_room(expected):
         with ThreadPoolExecutor(3) as ex:  # the decode plays a second host
             started = [ex.submit(start_prefill, registry, "--kv-cache-bytes", KV),
                        ex.submit(start_decode, registry, "--kv-cache-bytes", KV,
+                                 "--engine-process",  # the engine starts in its child
                                  env=worker_env(PDMESH_HOST_ID="another-host")),
                        ex.submit(start, "gateway", "--registry", registry, "--host",
                                  "127.0.0.1", "--grpc-port", "0")]
@@ -91,7 +97,7 @@ def test_pair_on_two_hosts_starts_both_engines_on_first_room(expected):
                 if f.exception() is None:
                     procs.append(f.result()[0])
             (pre, _), (dec, _), (gw, rest) = [f.result() for f in started]
-        before = {p.pid: listening(p.pid)[p.pid] for p in (pre, dec)}
+        before = {p.pid: tree_ports(p.pid) for p in (pre, dec)}
         for p in (pre, dec):  # gRPC and metrics only, though the peer is on another host
             assert before[p.pid] <= told(p.output), (before[p.pid], list(p.output))
         t0 = time.perf_counter()
@@ -103,7 +109,7 @@ def test_pair_on_two_hosts_starts_both_engines_on_first_room(expected):
         print(f"first request {first * 1e3:.0f} ms (engines start), second "
               f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
         for p in (pre, dec):  # no engine port before the first room, one after
-            assert listening(p.pid)[p.pid] - before[p.pid], "\n".join(p.output)
+            assert tree_ports(p.pid) - before[p.pid], "\n".join(p.output)
             started = [ln for ln in p.output if ln.startswith("KV transfer engine started")]
             assert len(started) == 1, "\n".join(p.output)
             print(started[0])

@@ -6,6 +6,7 @@ decode's EngineGate is driven with registry WorkerInfo messages and a recording 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import psutil
 import pytest
@@ -72,7 +73,7 @@ def test_no_port_until_the_first_write_then_bytes_land():
         dst.close()
 
 
-def test_router_same_host_binds_shm_without_starting_the_engine():
+def test_router_same_host_binds_shm_without_starting_the_engine(caplog):
     src_pool, dst_pool = pool(3), pool(0)
     src, dst = lazy(src_pool), lazy(dst_pool)
     open_before = ports()
@@ -90,6 +91,12 @@ def test_router_same_host_binds_shm_without_starting_the_engine():
         far = Destination(started.session_id, d.kv_base, "elsewhere", d.local_endpoints)
         assert router.write_pages(far, [2], [7]).path == "mooncake" and src.started
         assert dst_pool[7].eq(3).all()
+        # both engines run now: a same-host pair binding anew probes both paths again
+        router.forget(far.session_id)
+        with caplog.at_level(logging.INFO, logger="pdmesh.transfer.route"):
+            assert router.write_pages(started, [0], [1]).path == "shm"
+        bound = [r.message for r in caplog.records if "KV path to" in r.message]
+        assert "mooncake" in bound[-1] and " ms" in bound[-1], bound
     finally:
         router.close()
         src.close()
