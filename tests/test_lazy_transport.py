@@ -103,18 +103,34 @@ def test_router_same_host_binds_shm_without_starting_the_engine(caplog):
         dst.close()
 
 
+SHM = ["shm:/proc/1/fd/3?bytes=8"]
+
+
+def ipc_uri(gpu: str) -> str:
+    """An ipc: URI as cuda_ipc writes it, on GPU `gpu` (only the uuid matters here)."""
+    import base64
+    import json
+
+    raw = json.dumps({"uuid": gpu, "v": 1}).encode()
+    return "ipc:" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 def test_a_decode_needs_its_engine_unless_the_prefill_writes_locally():
-    assert not needs_engine("h", True, "h", True)
-    assert needs_engine("h", True, "g", True)  # another host
-    assert needs_engine("h", True, None, True)  # unknown prefill
-    assert needs_engine("h", True, "h", False)  # a TP prefill: no same-host path
-    assert needs_engine("h", False, "h", True)
+    assert not needs_engine("h", SHM, "h", SHM)
+    assert needs_engine("h", SHM, "g", SHM)  # another host
+    assert needs_engine("h", SHM, None, SHM)  # unknown prefill
+    assert needs_engine("h", SHM, "h", [])  # a TP prefill: no same-host path
+    assert needs_engine("h", [], "h", SHM)
+    # GPU pools: CUDA IPC only within one GPU; two GPUs of a host go through the engine
+    assert not needs_engine("h", [ipc_uri("GPU-a")], "h", [ipc_uri("GPU-a")])
+    assert needs_engine("h", [ipc_uri("GPU-a")], "h", [ipc_uri("GPU-b")])
+    assert needs_engine("h", [ipc_uri("GPU-a")], "h", SHM)  # different kinds
+    assert needs_engine("h", ["ipc:%%%"], "h", ["ipc:%%%"])  # unreadable: no path assumed
 
 
-def info(address: str, host: str, local: bool = True) -> rpb.WorkerInfo:
+def info(address: str, host: str, local: list[str] | None = SHM) -> rpb.WorkerInfo:
     return rpb.WorkerInfo(address=address, transfer=rpb.TransferEndpoint(
-        session_id="x:0#1", host_id=host, local_endpoints=["shm:/proc/1/fd/3"] if local
-        else []))
+        session_id="x:0#1", host_id=host, local_endpoints=local or []))
 
 
 def test_engine_gate_starts_once_for_a_prefill_on_another_host():
@@ -124,7 +140,7 @@ def test_engine_gate_starts_once_for_a_prefill_on_another_host():
         calls.append((op, args))
         return "127.0.0.1:15001#n", 4096
 
-    gate = EngineGate(kv_op, "127.0.0.1:0#n", 1024, "h", True)
+    gate = EngineGate(kv_op, "127.0.0.1:0#n", 1024, "h", SHM)
     gate.observe("JOINED", info("p1:1", "h"))
     gate.observe("JOINED", info("p2:1", "g"))
 
@@ -141,8 +157,20 @@ def test_engine_gate_starts_once_for_a_prefill_on_another_host():
 
 def test_engine_gate_unknown_or_departed_prefill_starts_the_engine():
     calls = []
-    gate = EngineGate(lambda op, a: calls.append(a) or ("h:2#n", 1), "h:0#n", 1, "h", True)
+    gate = EngineGate(lambda op, a: calls.append(a) or ("h:2#n", 1), "h:0#n", 1, "h", SHM)
     gate.observe("JOINED", info("p1:1", "h"))
     gate.observe("LEFT", info("p1:1", "h"))
     assert asyncio.run(gate.endpoint("p1:1")) == ("h:2#n", 1)
     assert "not in the registry" in calls[0][0]
+
+
+def test_engine_gate_starts_for_a_prefill_on_another_gpu_of_this_host():
+    calls = []
+    gate = EngineGate(lambda op, a: calls.append(a) or ("h:2#n", 1), "h:0#n", 1, "h",
+                      [ipc_uri("GPU-1")])
+    gate.observe("JOINED", info("same:1", "h", [ipc_uri("GPU-1")]))
+    gate.observe("JOINED", info("other:1", "h", [ipc_uri("GPU-0")]))
+    assert asyncio.run(gate.endpoint("same:1")) == ("h:0#n", 1)
+    assert calls == []
+    assert asyncio.run(gate.endpoint("other:1")) == ("h:2#n", 1)
+    assert "no same-host path opens" in calls[0][0]

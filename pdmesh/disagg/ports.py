@@ -34,6 +34,9 @@ class RoomError(Exception):
         super().__init__(message)
         self.code, self.message = code, message
 
+    def __reduce__(self):  # picklable (a process boundary may carry it)
+        return type(self), (self.code, self.message)
+
     def __repr__(self) -> str:
         return f"RoomError({self.code.name}, {self.message!r})"
 

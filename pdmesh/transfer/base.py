@@ -19,6 +19,9 @@ class TransferError(RuntimeError):
         super().__init__(f"{what} failed (return code {rc})")
         self.rc, self.what = rc, what
 
+    def __reduce__(self):  # rebuilt from (rc, what): it crosses the engine process's pipe
+        return type(self), (self.rc, self.what)
+
 
 @dataclass(frozen=True)
 class TransferStats:

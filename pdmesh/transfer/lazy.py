@@ -49,12 +49,42 @@ def engine_started(session_id: str) -> bool:
     return not engine_session(session_id).endswith(":0")
 
 
-def needs_engine(my_host: str, my_local: bool, peer_host: str | None,
-                 peer_local: bool) -> bool:
+def needs_engine(my_host: str, my_local: Sequence[str], peer_host: str | None,
+                 peer_local: Sequence[str]) -> bool:
     """Whether a decode must run its engine before prefill `peer` writes into it: unless
-    the peer is known to be on this host and both offer a same-host path (a TP worker
-    offers none: its writes always go through the engine). Unknown peers: yes."""
-    return not (peer_host is not None and peer_host == my_host and my_local and peer_local)
+    the peer is known to be on this host and a same-host path opens between the two pools
+    (`shared_local_path`; a TP worker offers none: its writes always go through the
+    engine). Unknown peers: yes. `my_local`, `peer_local`: each side's published URIs."""
+    return not (peer_host is not None and peer_host == my_host
+                and shared_local_path(my_local, peer_local))
+
+
+def shared_local_path(mine: Sequence[str], theirs: Sequence[str]) -> bool:
+    """Whether some same-host path opens between two pools: a kind both publish, and for
+    CUDA IPC the same GPU (cuda_ipc copies within one GPU; pools on two GPUs of a host,
+    `pdmesh serve --gpus 0,1`, go through the engine)."""
+    for a in mine:
+        for b in theirs:
+            kind = a.partition(":")[0]
+            if kind != b.partition(":")[0]:
+                continue
+            if kind != "ipc" or _ipc_gpu(a) == _ipc_gpu(b) is not None:
+                return True
+    return False
+
+
+def _ipc_gpu(uri: str) -> str | None:
+    """The GPU uuid in a cuda_ipc URI (its base64 JSON's "uuid"; None if unreadable),
+    read here without cuda_ipc's torch import."""
+    import base64
+    import json
+
+    body = uri.partition(":")[2]
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except ValueError:
+        return None
+    return doc.get("uuid") if isinstance(doc, dict) else None
 
 
 class LazyTransport(Transport):

@@ -66,8 +66,11 @@ class CoreServer:
     def send(self, msg: tuple) -> None:
         try:
             data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as e:  # an unpicklable result: say what it was
-            msg = msg[:2] + (False, RuntimeError(f"{type(e).__name__}: {e}")) + msg[4:]
+            if msg[0] == "res" and not msg[2]:
+                pickle.loads(data)  # an error the front could not rebuild would be lost
+        except Exception as e:  # an unpicklable result or error: say what it was
+            what = msg[3] if msg[0] == "res" and not msg[2] else e
+            msg = msg[:2] + (False, RuntimeError(f"{type(what).__name__}: {what}")) + msg[4:]
             data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
             self.conn.send_bytes(data)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pdmesh import auth
 from pdmesh.registry_watch import GONE
@@ -29,10 +29,13 @@ class EngineGate:
     """
 
     def __init__(self, kv_op: Callable[[str, tuple], Any], session_id: str, kv_base: int,
-                 host_id: str, local_paths: bool, registry: str = "") -> None:
+                 host_id: str, local_paths: Sequence[str], registry: str = "") -> None:
+        """`local_paths`: this worker's published same-host URIs (route.local_endpoints)."""
         self._kv_op, self.session_id, self.kv_base = kv_op, session_id, kv_base
-        self._host, self._local, self._registry = host_id, local_paths, registry
-        self._peers: dict[str, tuple[str, bool]] = {}  # address -> (host id, local paths)
+        self._host, self._registry = host_id, registry
+        self._local = list(local_paths)
+        # address -> (host id, its same-host URIs)
+        self._peers: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -45,7 +48,7 @@ class EngineGate:
             self._peers.pop(info.address, None)
         elif info.HasField("transfer"):
             self._peers[info.address] = (info.transfer.host_id,
-                                         bool(info.transfer.local_endpoints))
+                                         tuple(info.transfer.local_endpoints))
 
     async def endpoint(self, prefill: str) -> tuple[str, int]:
         """(session id, pool base) to send prefill `prefill`, the engine started first
@@ -54,12 +57,12 @@ class EngineGate:
             return self.session_id, self.kv_base
         if prefill not in self._peers and self._registry:
             await self._lookup()
-        host, local = self._peers.get(prefill, (None, False))
+        host, local = self._peers.get(prefill, (None, ()))
         if needs_engine(self._host, self._local, host, local):
             async with self._lock:
                 if not self.started:
                     why = (f"prefill {prefill} on another host" if host and host != self._host
-                           else f"prefill {prefill} has no same-host path" if host
+                           else f"no same-host path opens to prefill {prefill}" if host
                            else f"prefill {prefill} not in the registry")
                     self.session_id, self.kv_base = await asyncio.to_thread(
                         self._kv_op, "start_engine", (why,))

@@ -110,7 +110,7 @@ class WorkerHost:
         core = self._process if self._process is not None else self._core
         # the decode's transfer engine, started before a Transfer to a prefill needing it
         self.kv_engine = EngineGate(core.kv_op, self.session_id, self.kv_base, self.host_id,
-                                    bool(self.local_endpoints), config.registry)
+                                    self.local_endpoints, config.registry)
         self.metrics = WorkerMetrics()  # the servicer observes events into it
         self._router: Any = None
         self.engine: AsyncEngine | None = None
