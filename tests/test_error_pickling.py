@@ -38,3 +38,20 @@ def test_an_error_the_front_cannot_rebuild_arrives_as_a_runtime_error():
     assert type(err) is RuntimeError and str(err) == "Unrebuildable: 1/2"
     CoreServer.send(server, ("res", 8, False, TransferError(-1, "write")))
     assert isinstance(front.recv()[3], TransferError)  # rebuildable ones pass as they are
+
+
+def test_an_unreadable_message_fails_the_waiting_calls_instead_of_hanging_them():
+    from concurrent.futures import Future
+
+    from pdmesh.worker.engine_proxy import EngineProcess, EngineProcessError
+
+    front, back = multiprocessing.Pipe()
+    proxy = object.__new__(EngineProcess)  # only the reader's state, no process
+    waiting, failures = Future(), []
+    proxy.conn, proxy._aio, proxy.error, proxy._pending = front, None, None, {1: waiting}
+    proxy._on_failure, proxy._stopping = failures.append, False
+    back.send_bytes(b"\x80\x05not a pickle")
+    proxy._readable()
+    with pytest.raises(EngineProcessError, match="unreadable message"):
+        waiting.result(timeout=1)
+    assert failures and proxy.error is failures[0]

@@ -141,7 +141,15 @@ class EngineProcess:
     def _readable(self) -> None:
         try:
             while self.conn.poll():
-                self._handle(self.conn.recv())
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):
+                    raise
+                except Exception as e:  # a message we cannot read: its caller would wait
+                    self._die(EngineProcessError(f"unreadable message from the engine "
+                                                 f"process: {type(e).__name__}: {e}"))
+                    return
+                self._handle(msg)
         except (EOFError, OSError):
             self._aio.remove_reader(self._fd)
             self.conn.close()
