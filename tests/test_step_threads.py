@@ -20,23 +20,29 @@ THREAD_ENV = ("OMP_NUM_THREADS", "PDMESH_NUM_THREADS", "PDMESH_PREFILL_THREADS",
               "OMP_WAIT_POLICY")
 
 
-@pytest.mark.parametrize("workers, cores, prefill, decode", [
-    (1, 2, 2, 1),    # colocated on the 2-core dev VM: the gateway keeps a core in decode
-    (2, 2, 1, 1),    # 1P1D there: one core each
-    (3, 2, 1, 1),    # more workers than cores: never 0
-    (1, 16, 16, 15),
-    (2, 16, 8, 7),
+C, P, D = "colocated", "prefill", "decode"
+
+
+@pytest.mark.parametrize("roles, cores, want", [
+    # colocated on the 2-core dev VM: both cores to prefill, the gateway keeps one in decode
+    ([C], 2, [(2, 1)]),
+    ([P, D], 2, [(2, 1), (1, 1)]),  # 1P1D there: the prefill worker prefills on both
+    ([P, P, D], 2, [(1, 1), (1, 1), (1, 1)]),  # more workers than cores: never 0
+    ([C], 16, [(16, 15)]),
+    ([P, D, D], 16, [(16, 7), (5, 7), (5, 7)]),
 ])
-def test_serve_thread_rule(workers, cores, prefill, decode):
-    got = serve.worker_threads(workers, cores, {})
-    assert got == {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
-                   "PDMESH_NUM_THREADS": str(decode), "OMP_WAIT_POLICY": "PASSIVE"}
+def test_serve_thread_rule(roles, cores, want):
+    """(prefill threads, decode threads) per worker."""
+    for i, (prefill, decode) in enumerate(want):
+        got = serve.worker_threads(roles, i, cores, {})
+        assert got == {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
+                       "PDMESH_NUM_THREADS": str(decode), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_serve_thread_rule_respects_the_environment():
     # OMP_NUM_THREADS given: every step runs that many (as before), nothing added
-    assert serve.worker_threads(1, 2, {"OMP_NUM_THREADS": "2"}) == {}
-    got = serve.worker_threads(1, 2, {"PDMESH_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"})
+    assert serve.worker_threads([C], 0, 2, {"OMP_NUM_THREADS": "2"}) == {}
+    got = serve.worker_threads([C], 0, 2, {"PDMESH_NUM_THREADS": "2", "OMP_WAIT_POLICY": "x"})
     assert got == {"OMP_NUM_THREADS": "2", "PDMESH_PREFILL_THREADS": "2"}
 
 
@@ -44,9 +50,10 @@ def test_serve_children_get_the_rule(monkeypatch):
     for k in THREAD_ENV:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(serve.os, "cpu_count", lambda: 2)
-    env = serve._worker_env(1, "token")
-    assert (env["PDMESH_PREFILL_THREADS"], env["PDMESH_NUM_THREADS"]) == ("2", "1")
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["PDMESH_CLUSTER_TOKEN"] == "token"
+    pre, dec = serve._worker_env([P, D], "token")
+    assert (pre["PDMESH_PREFILL_THREADS"], dec["PDMESH_PREFILL_THREADS"]) == ("2", "1")
+    assert dec["PDMESH_NUM_THREADS"] == "1" and dec["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert pre["PDMESH_CLUSTER_TOKEN"] == dec["PDMESH_CLUSTER_TOKEN"] == "token"
 
 
 def _decode_args(*argv: str) -> argparse.Namespace:

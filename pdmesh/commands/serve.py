@@ -167,30 +167,36 @@ def _env(token: str) -> dict[str, str]:
     return dict(os.environ, PDMESH_CLUSTER_TOKEN=token)
 
 
-def _worker_env(num_workers: int, token: str) -> dict[str, str]:
+def _worker_env(roles: list[str], token: str) -> list[dict[str, str]]:
+    """Each worker's environment (`roles`: "prefill" | "decode" | "colocated" each)."""
     env = _env(token)
-    env.update(worker_threads(num_workers, os.cpu_count() or 1, env))
-    return env
+    return [dict(env, **worker_threads(roles, i, os.cpu_count() or 1, env))
+            for i in range(len(roles))]
 
 
-def worker_threads(num_workers: int, cores: int, env: dict[str, str]) -> dict[str, str]:
-    """Thread settings for `num_workers` CPU workers on `cores` cores, each unless `env`
-    sets it (an OMP_NUM_THREADS given sets all of a worker's steps: then nothing here).
+def worker_threads(roles: list[str], i: int, cores: int, env: dict[str, str]) -> dict[str, str]:
+    """Thread settings of worker `i` of `roles` on `cores` cores, each unless `env` sets it
+    (an OMP_NUM_THREADS given sets all of a worker's steps: then nothing here).
 
-    Several engines share the cores (one OpenMP pool each would oversubscribe them): each
-    gets its share, cores // workers, for prefill steps (PDMESH_PREFILL_THREADS) and one
-    core fewer among them all for the other steps (PDMESH_NUM_THREADS), left to the
-    gateway and the RPC threads, which stream tokens during decode steps (vLLM's CPU
-    engine keeps a core for its API server likewise). OMP_WAIT_POLICY=passive: a thread
-    waiting at a barrier sleeps instead of spinning on a core another process needs (on a
-    busy 2-core host a 2-thread prefill step ran 25x slower spinning). Measured:
-    benchmarks/results/2026-11-30-cpu-vs-vllm-threads.md."""
+    Several engines share the cores (one OpenMP pool each would oversubscribe them), each
+    kind of step among the workers that run it. Decode steps (PDMESH_NUM_THREADS): the
+    decode and colocated workers share all cores but one, left to the gateway and the RPC
+    threads, which stream tokens then (vLLM's CPU engine keeps a core for its API server
+    likewise). Prefill steps (PDMESH_PREFILL_THREADS): the prefill and colocated workers
+    share all cores (while a colocated worker prefills nothing streams; a prefill worker's
+    threads beside a busy decode worker cost it little with passive waits); a decode
+    worker, whose steps are mostly decode ones, takes cores // workers. So a prefill and
+    a decode step at once may hold up to about twice the cores in threads. OMP_WAIT_POLICY
+    =passive: a thread waiting at a barrier sleeps instead of spinning on a core another
+    process needs (a 2-thread prefill on a busy 2-core host ran 25x slower spinning).
+    Measured on 2 cores only: benchmarks/results/2026-11-30-cpu-vs-vllm-threads.md."""
     if "OMP_NUM_THREADS" in env:
         return {}
-    workers = max(1, num_workers)
-    share = max(1, cores // workers)
-    out = {"OMP_NUM_THREADS": str(share), "PDMESH_PREFILL_THREADS": str(share),
-           "PDMESH_NUM_THREADS": str(max(1, (cores - 1) // workers)),
+    prefillers = sum(r != "decode" for r in roles) or 1
+    decoders = sum(r != "prefill" for r in roles) or 1
+    prefill = max(1, cores // (prefillers if roles[i] != "decode" else len(roles)))
+    out = {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
+           "PDMESH_NUM_THREADS": str(max(1, (cores - 1) // decoders)),
            "OMP_WAIT_POLICY": "PASSIVE"}
     return {k: v for k, v in out.items() if k not in env}
 
@@ -278,9 +284,10 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
              + [("decode", ["decode", *_tp(args.decode_tp or args.tp)])] * args.decode
              + [("colocated", ["decode", "--role", "colocated", *_tp(args.tp)])]
              * args.colocated)
-    env = _worker_env(len(roles), token)
+    envs = _worker_env([name for name, _ in roles], token)
     tps = [int(a[a.index("--tp") + 1]) if "--tp" in a else 1 for _, a in roles]
     for i, ((name, argv), gpus) in enumerate(zip(roles, gpu_assignment(args.gpus, tps))):
+        env = envs[i]
         start(f"{name}-{i}", argv + common,
               env if gpus is None else dict(env, CUDA_VISIBLE_DEVICES=gpus))
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
