@@ -25,12 +25,14 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_tp, beside this file
 
 PAGE_SHAPE, PAGES = (32, 16, 2, 8, 128), 256  # 8B-shaped pages: 2 MiB each, 512 MiB
 
@@ -104,13 +106,11 @@ def transfer(args) -> None:
 
 
 def _median(fn, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median wall seconds of fn() (gpu_tp.dev_time on the host clock)."""
+    import torch
+    from gpu_tp import dev_time
+
+    return dev_time(fn, n, torch.device("cpu"))
 
 
 class Serve:
