@@ -8,6 +8,8 @@ growing history, the assistant's real replies) and stops the mesh. Settings:
   on           the prefix cache (the default), round-robin prefill routing (the default)
   on+cache_aware   the cache plus `--prefill-policy cache_aware` at the gateway, only when
                the gateway knows that policy (added by another change; skipped otherwise)
+  on+cache_cost    the cache plus `--prefill-policy cache_cost` (least uncached + queued
+               prompt tokens), likewise only when the gateway knows it
 
 `--compare decode-reuse` compares instead (prefix cache on in both):
 
@@ -51,8 +53,13 @@ MODEL = "default"  # --model: what every `pdmesh serve` serves and every request
 
 def cache_aware_available() -> bool:
     """Does this checkout's gateway know `--prefill-policy cache_aware`?"""
+    return policy_available("cache_aware")
+
+
+def policy_available(name: str) -> bool:
+    """Does this checkout's gateway know `--prefill-policy NAME`?"""
     from pdmesh import config
-    return "cache_aware" in getattr(config, "ROUTING_POLICIES", ())
+    return name in getattr(config, "ROUTING_POLICIES", ())
 
 
 def start_serve(args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
@@ -220,8 +227,8 @@ def main() -> None:
     ap.add_argument("--compare", choices=("prefix-cache", "decode-reuse"),
                     default="prefix-cache", help="what the settings switch (see above)")
     ap.add_argument("--settings", nargs="+", default=None, metavar="NAME",
-                    help="run only these settings (off, on, on+cache_aware); off is needed "
-                    "for the ratios")
+                    help="run only these settings (off, on, on+cache_aware, on+cache_cost); off "
+                    "is needed for the ratios")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="passed to every `pdmesh serve` (e.g. --serve-arg=--kv-checksum=off)")
     ap.add_argument("--model", default="default", help="what `pdmesh serve --model` serves "
@@ -244,6 +251,8 @@ def main() -> None:
         pass  # cache_aware is the same with one prefill
     elif cache_aware_available():
         settings.append(("on+cache_aware", ["--gateway-arg=--prefill-policy=cache_aware"]))
+        if policy_available("cache_cost"):
+            settings.append(("on+cache_cost", ["--gateway-arg=--prefill-policy=cache_cost"]))
     else:
         print("cache_aware prefill routing: not available in this checkout (skipped)")
     print("bench args: " + " ".join(bench_args), flush=True)

@@ -296,7 +296,7 @@ def registry_config_from_env(base: RegistryConfig | None = None,
 # register_policy() adds plug-in names to this set.
 ROUTING_MODES = ("auto", "pd", "colocated")
 ROUTING_POLICIES: set[str] = {"random", "round_robin", "power_of_two", "least_load",
-                              "cache_aware", "prefix_hash"}
+                              "cache_aware", "cache_cost", "prefix_hash"}
 # per-request disaggregation (services/gateway/pd_mode.py): when a prefill + decode pair
 # exists, prefill on the prefill worker (always), on the decode worker itself (never), or
 # whichever the cost model predicts is cheaper (auto)

@@ -73,7 +73,7 @@ def add_routing_arguments(p: argparse.ArgumentParser, to_gateway: bool = False) 
         p.add_argument(flag, type=kind, default=None, help=text,
                        action=_ToGateway if to_gateway else "store")
     add("--prefill-policy", str, "random | round_robin (default) | power_of_two | "
-        "least_load | cache_aware | prefix_hash (env PDMESH_PREFILL_POLICY)")
+        "least_load | cache_aware | cache_cost | prefix_hash (env PDMESH_PREFILL_POLICY)")
     add("--decode-policy", str, "same choices, for decode and colocated workers (env "
         "PDMESH_DECODE_POLICY)")
     add("--cache-threshold", float, "cache_aware: prefix match rate above which the "

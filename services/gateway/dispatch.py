@@ -177,6 +177,7 @@ class Dispatcher:
 
     def _succeeded(self, route: Route) -> None:
         """The pair delivered its first token."""
+        self.pool.prefilled(route)  # its prompt no longer waits for a prefill
         if route.ticket is not None:  # per-request disaggregation: measured TTFT
             route.ticket.first_token()
         for w in (route.prefill, route.decode):

@@ -9,7 +9,7 @@ reconnecting, the member list replaces the pool: members that vanished stay rout
 within a heartbeat interval, under new ids) unless one registers at the same address.
 
 `route(exclude, tokens)` picks what serves one request (the prompt's token ids go to
-policies that use them: cache_aware, prefix_hash):
+policies that use them: cache_aware, cache_cost, prefix_hash):
   - mode "pd": a (prefill, decode) pair, each by its own policy;
   - mode "colocated": one colocated worker (decode policy);
   - mode "auto": a pair when at least one prefill and one decode worker exist,
@@ -17,14 +17,16 @@ policies that use them: cache_aware, prefix_hash):
     and the baseline; when both kinds exist, "auto" prefers PD.
 A pair's request may then be prefilled on its decode worker instead (per-request
 disaggregation, --pd-mode: services/gateway/pd_mode.py): the route has no prefill and
-carries the decider's Ticket.
+carries the decider's Ticket. The worker that prefills a route is charged its prompt's
+uncached tokens (Worker.pending_prefill_tokens, what cache_cost reads) until the route's
+first token (`prefilled(route)`) or its end (`release(route)`).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from pdmesh.config import GatewayConfig, ROUTING_MODES, registry_config_from_env
@@ -55,6 +57,18 @@ class Route:
     detail: tuple[tuple[str, object], ...] = ()
     # per-request disaggregation's choice for a pair (None: no decider, or no pair)
     ticket: Ticket | None = None
+    # the prompt tokens charged to the worker that prefills it (see prefilled())
+    charge: PrefillCharge | None = None
+
+
+@dataclass(eq=False)
+class PrefillCharge:
+    """Prompt tokens a route added to its prefilling worker's pending_prefill_tokens;
+    taken back once, at the route's first token or its end."""
+
+    worker_id: str
+    tokens: int
+    open: bool = True
 
 
 def worker_from_proto(info: rpb.WorkerInfo) -> Worker | None:
@@ -135,6 +149,7 @@ class WorkerPool:
             elif event_type in ("JOINED", "UPDATED"):
                 old = self._workers.get(w.worker_id)
                 w.inflight = old.inflight if old else 0
+                w.pending_prefill_tokens = old.pending_prefill_tokens if old else 0
                 self._workers[w.worker_id] = w
 
     def _drop(self, wid: str) -> None:  # under _lock
@@ -193,7 +208,30 @@ class WorkerPool:
                 if w is not None:
                     w.inflight += 1
                     self.breakers.taken(w)
+            return self._charge(route, tokens)
+
+    def _charge(self, route: Route, tokens: Sequence[int] | None) -> Route:  # under _lock
+        """Charge the prompt's uncached tokens (the policy's estimate, else all of them)
+        to the worker that prefills it: the prefill, or the decode/colocated worker."""
+        w, leg = (route.prefill, "prefill") if route.prefill else (route.decode, "decode")
+        n = dict(route.detail).get(f"{leg}.uncached_tokens", len(tokens or ()))
+        if not n:
             return route
+        w.pending_prefill_tokens += n
+        return replace(route, charge=PrefillCharge(w.worker_id, n))
+
+    def prefilled(self, route: Route) -> None:
+        """The route's first token came: its prompt is no longer queued for prefill."""
+        with self._lock:
+            self._settle(route)
+
+    def _settle(self, route: Route) -> None:  # under _lock
+        c = route.charge
+        if c is not None and c.open:
+            c.open = False
+            w = self._workers.get(c.worker_id)  # the current object, if it re-joined
+            if w is not None:
+                w.pending_prefill_tokens = max(0, w.pending_prefill_tokens - c.tokens)
 
     def _pair(self, by_role: dict[str, list[Worker]], tokens: Sequence[int] | None) -> Route:
         """A (prefill, decode) pair by the two policies; then, with a decider and the
@@ -214,6 +252,7 @@ class WorkerPool:
         if route.ticket is not None:
             route.ticket.ended()
         with self._lock:
+            self._settle(route)
             for w in (route.prefill, route.decode):
                 if w is not None:
                     w.inflight = max(0, w.inflight - 1)

@@ -8,7 +8,7 @@ Load-aware policies read `Worker.load` (the registry's last LoadReport).
 Optional parts of the interface, each looked up with getattr so that plain policies
 need none of them:
   - `wants_tokens = True`: the pool calls `pick(candidates, tokens=prompt_ids)`
-    (cache_aware, prefix_hash; tokens may be None, e.g. for a has_route() probe);
+    (cache_aware, cache_cost, prefix_hash; tokens may be None, e.g. a has_route() probe);
   - `from_config(GatewayConfig)` on the factory: make_policy builds it from the config;
   - `forget(worker_id)`: the worker left the pool (drop what the policy kept of it);
   - `last_detail`: a dict describing the last pick (route span attributes).
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from pdmesh.config import GatewayConfig, ROUTING_POLICIES, check_routing_policy
+from pdmesh.services.gateway.cache_cost import CacheCostPolicy
 from pdmesh.services.gateway.prefix_tree import PrefixTree, split
 
 
@@ -50,6 +51,10 @@ class Worker:
     # requests this gateway sent and has not seen finish: fresher than heartbeats,
     # so a burst between two heartbeats does not all land on one worker
     inflight: int = 0
+    # prompt tokens this gateway sent it to compute (the routing policy's estimate of the
+    # uncached part, else the whole prompt) whose prefill has not come back: the pool
+    # charges a route and settles it at its first token or its end (cache_cost reads it)
+    pending_prefill_tokens: int = 0
     # KV bytes of one token in its pool (registry layout; 0: unknown), for pd_mode.py
     kv_bytes_per_token: float = 0.0
     # what it reuses of earlier requests' KV (registry KvReuse; unset: an older worker,
@@ -238,6 +243,7 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "power_of_two": PowerOfTwoPolicy,
     "least_load": LeastLoadPolicy,
     "cache_aware": CacheAwarePolicy,
+    "cache_cost": CacheCostPolicy,
     "prefix_hash": PrefixHashPolicy,
 }
 
