@@ -153,3 +153,53 @@ def test_pool_charges_whole_prompts_for_other_policies_and_keeps_them_on_rejoin(
     pool.release(r)
     assert sum(pending(pool).values()) == 0
     assert pool.has_route() and sum(pending(pool).values()) == 0  # no tokens: no charge
+
+
+# ---- through a real gateway process (fake workers) -------------------------------------
+LIBRARY = ("You are the help desk of a small public library. Answer briefly. The library "
+           "opens at nine and closes at five on weekdays and is closed on Sundays; members "
+           "may borrow up to ten books for three weeks and renew them twice online.")
+
+
+def test_a_first_token_settles_the_charge_in_a_gateway():
+    """`pdmesh gateway --prefill-policy cache_cost` over two fake prefills: while request
+    A still streams (after its first token), B and C sharing A's system prompt go to A's
+    prefill. Were A's prompt still counted as queued there until A's end, B would go to
+    the other prefill (its tail + A's prompt > its whole prompt)."""
+    import openai
+
+    from gateway_fakes import SLOW, FakeMesh, start_worker, stop_workers
+    from test_gateway_retries import spawn, wait_routable
+
+    reg, m, _ = spawn(["registry", "--host", "127.0.0.1", "--port", "0",
+                       "--heartbeat-interval", "0.3"], r"listening on (\S+)")
+    registry = m.group(1)
+    gw, m, lines = spawn(["gateway", "--registry", registry, "--host", "127.0.0.1", "--port",
+                          "0", "--grpc-port", "0", "--prefill-policy", "cache_cost"],
+                         r"listening on (\S+) \(REST\)")
+    mesh = FakeMesh(list(range(1000, 1016)))
+    roles = (rpb.WORKER_ROLE_PREFILL, rpb.WORKER_ROLE_PREFILL, rpb.WORKER_ROLE_DECODE)
+    mesh.workers = [start_worker(mesh, role, registry) for role in roles]
+    prefills = [server.fake for server, _ in mesh.workers[:2]]
+    try:
+        oai = openai.OpenAI(base_url=f"http://{m.group(1)}/v1", api_key="x", max_retries=0)
+        wait_routable(oai)
+        before = [p.calls for p in prefills]
+
+        def ask(q: str, max_tokens: int = 2, **kw):
+            return oai.chat.completions.create(
+                model="default", max_tokens=max_tokens, messages=[
+                    {"role": "system", "content": LIBRARY}, {"role": "user", "content": q}],
+                **kw)
+        a = ask("Are you open on Saturday?", stream=True, seed=SLOW, max_tokens=16)
+        next(c for c in a if c.choices and c.choices[0].delta.content)  # A's first token
+        ask("Can I renew a book online?")
+        ask("How many books can I borrow?")
+        assert sum(1 for _ in a) > 5  # A was still streaming meanwhile
+        served = sorted(p.calls - b for p, b in zip(prefills, before))
+        assert served == [0, 3], "".join(lines[-20:])
+    finally:
+        stop_workers(mesh)
+        for p in (gw, reg):
+            p.terminate()
+            assert p.wait(10) == 0
