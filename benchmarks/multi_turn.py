@@ -19,7 +19,8 @@ growing history, the assistant's real replies) and stops the mesh. Settings:
                      sends only the pages after the decode's cached prefix
 
 Prints, per deployment, mean / P99 TTFT per turn side by side, output tok/s, the prefix
-cache hit rate, and the ratio of mean TTFT over turns >= 2 (off / on); and the KV bytes
+cache hit rate, how the bench's requests split over the prefills (each one's KV
+transfers), and the ratio of mean TTFT over turns >= 2 (off / on); and the KV bytes
 the prefill(s) wrote (`pdmesh_kv_transfer_bytes_total`): over the bench run, and per turn
 of one extra conversation run turn by turn after it (its own system prompt, so its turn 1
 shares nothing). Each bench run's JSON goes to --out-dir.
@@ -105,6 +106,17 @@ def kv_bytes(lines: list[str]) -> float:
     return total
 
 
+def prefill_transfers(lines: list[str]) -> list[float]:
+    """KV transfers (rooms) so far, per prefill worker: where the gateway routed them."""
+    line = next(x for x in lines if "pdmesh serve: metrics" in x)
+    out = []
+    for url in re.findall(r"prefill-\d+ (http://\S+?/metrics)", line):
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out.append(sum(float(v) for v in re.findall(
+            r"^pdmesh_kv_transfer_seconds_count(?:\{[^}]*\})? (\S+)$", text, re.M)))
+    return out
+
+
 def gateway_metrics(base: str) -> str:
     """The gateway's /metrics text (`base` is its OpenAI URL, .../v1)."""
     return fetch(base.rsplit("/v1", 1)[0] + "/metrics")
@@ -150,7 +162,7 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
     proc, base, lines = start_serve(serve_args)
     try:
         wait_routable(base)
-        b0, m0 = kv_bytes(lines), gateway_metrics(base)
+        b0, m0, s0 = kv_bytes(lines), gateway_metrics(base), prefill_transfers(lines)
         t0 = time.monotonic()
         res = subprocess.run([sys.executable, "-m", "pdmesh.cli", "bench", "--base-url", base,
                               "--backend", "chat", "--workload", "multi-turn", "--label", name,
@@ -161,6 +173,7 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
         if res.returncode != 0:
             print(res.stdout[-3000:] + res.stderr[-3000:])
         bench_bytes = kv_bytes(lines) - b0
+        split = [int(b - a) for a, b in zip(s0, prefill_transfers(lines))]
         parts = mean_parts_ms(gateway_metrics(base), m0)
         turn_bytes = bytes_per_turn(base, lines, *probe)
     finally:
@@ -169,7 +182,7 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
     doc = json.loads(out.read_text())
     return doc["runs"][0] | {"system_prompt_tokens": doc["config"].get("system_prompt_tokens"),
                              "kv_bytes": bench_bytes, "kv_bytes_per_turn": turn_bytes,
-                             "ttft_parts_ms": parts}
+                             "ttft_parts_ms": parts, "transfers_per_prefill": split}
 
 
 def bytes_table(runs: dict[str, dict]) -> str:
@@ -255,6 +268,8 @@ def main() -> None:
             settings.append(("on+cache_cost", ["--gateway-arg=--prefill-policy=cache_cost"]))
     else:
         print("cache_aware prefill routing: not available in this checkout (skipped)")
+    if a.settings:  # in the order given (alternate them across repeats)
+        settings = [s for n in a.settings for s in settings if s[0] == n]
     print("bench args: " + " ".join(bench_args), flush=True)
     t_all = time.monotonic()
     for p in a.deployments:
@@ -274,6 +289,8 @@ def main() -> None:
         print(table(runs))
         print(bytes_table(runs))
         print(parts_table(runs))
+        print("KV transfers per prefill over the bench run: " + "; ".join(
+            f"{n} {r['transfers_per_prefill']}" for n, r in runs.items()))
         if "off" not in runs:
             continue
         off = mean_late(runs["off"])
