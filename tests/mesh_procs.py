@@ -173,11 +173,16 @@ def pools_free(prefills: list[str], decodes: list[str]) -> bool:
 
 def chat_when_routable(client, **kw):
     """The gateway learns workers from the registry's Watch; retry briefly until it has."""
+    return when_routable(client.chat.completions.create, **kw)
+
+
+def when_routable(create, **kw):
+    """`create(**kw)` (an openai client call), retried on 503 until the gateway routes."""
     import openai
 
     for _ in range(100):
         try:
-            return client.chat.completions.create(**kw)
+            return create(**kw)
         except openai.APIStatusError as e:
             if e.status_code != 503:
                 raise
