@@ -15,8 +15,9 @@
 # env: SERVERS="vllm:bfloat16 vllm:float32 colocated:bfloat16 1p1d:bfloat16"
 #      (pdmesh kinds: colocated = `pdmesh serve --colocated 1`, 1p1d = `--prefill 1
 #      --decode 1`; the dtype reaches pdmesh as PDMESH_DTYPE, "auto" = pdmesh's default;
-#      a third field, e.g. colocated:auto:1, sets OMP_NUM_THREADS for pdmesh's workers,
-#      else `pdmesh serve` picks it: cores / workers; a fourth, e.g.
+#      a third field, e.g. colocated:auto:1, sets OMP_NUM_THREADS for pdmesh's workers
+#      (every step that many threads), else `pdmesh serve` picks per worker and step
+#      kind (serve.worker_threads: on 2 cores, prefill 2 and decode 1); a fourth, e.g.
 #      colocated:auto:1:PDMESH_MAX_PREFILL_TOKENS=1024, more environment for pdmesh's
 #      services, comma-separated, also shown in the table's dtype column)
 #      IN=256 OUT=64 CONCS="1 16" NUMS="8 64" ROUNDS=2 LOCK=/tmp/pdmesh-cpu.lock
