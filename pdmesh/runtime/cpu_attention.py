@@ -5,13 +5,7 @@ machine by cpu_ext.py): one query token per sequence, GQA, K/V read straight fro
 pool through the page table, no gather, fp32 online softmax, one task per (sequence, kv
 head) over torch's intra-op threads. `paged_decode_attention_ref` is the same function
 in plain torch (the kernel's test oracle). `CpuPagedAttention` is TorchAttention with
-decode steps (every q_len == 1) through the kernel, and bf16 prefill too: each query
-row of a prompt is a "sequence" of its own whose KV ends at its position (its K/V are
-in the pages already: `store` runs first), so causal attention reads only the keys
-each row sees, ~4x faster than TorchAttention._eager's two GEMMs and fp32 softmax over
-the full square at 256 tokens (benchmarks/results/2026-11-30-cpu-vs-vllm-threads.md),
-and with one rounding of the output instead of eager's bf16 probabilities. fp32
-prefill keeps SDPA (the fp32 exactness tests' path).
+decode steps (every q_len == 1) through the kernel; prefill is unchanged.
 """
 from __future__ import annotations
 
@@ -71,39 +65,6 @@ class CpuDecodeMeta(AttnMetadata):
 
     kernel_table: torch.Tensor | None = None  # [B, W] int64 page ids
     kernel_lens: torch.Tensor | None = None  # [B] int64 tokens of KV per sequence
-    # prefill / mixed steps: one kernel row per query token, in `rows_order` (a
-    # permutation of the T rows balancing the threads' work; None = in order)
-    rows_table: torch.Tensor | None = None  # [T, W] int64: the row's sequence's pages
-    rows_lens: torch.Tensor | None = None  # [T] int64: KV the row sees (its position + 1)
-    rows_order: torch.Tensor | None = None  # [T] int64
-
-
-# prefill rows x page-table width above which the per-row table is not built (the torch
-# path runs): 2M int64 = 16 MB, e.g. a 2048-token chunk at 16k tokens of context
-MAX_ROW_TABLE = 1 << 21
-
-
-def _row_tables(seqs: list[SeqSpan], threads: int) -> tuple[torch.Tensor, ...] | None:
-    """Per query row of a prefill / mixed step: its sequence's page table, the KV length
-    it sees, and an order of the rows for `threads` threads (None for one): rows of one
-    prompt cost in proportion to their position, and the kernel splits its rows into
-    contiguous ranges, so rows go short, long, short, long... (each range then holds
-    about as much work)."""
-    rows, width = sum(s.q_len for s in seqs), max(len(s.table) for s in seqs)
-    if rows * width > MAX_ROW_TABLE:
-        return None
-    table = torch.zeros(rows, width, dtype=torch.long)
-    lens = torch.empty(rows, dtype=torch.long)
-    for s in seqs:
-        r = slice(s.q_start, s.q_start + s.q_len)
-        table[r, : len(s.table)] = s.table
-        lens[r] = torch.arange(s.ctx_len - s.q_len + 1, s.ctx_len + 1)
-    if threads <= 1:
-        return table, lens, None
-    by_cost = torch.argsort(lens, stable=True)
-    order = torch.empty_like(by_cost)
-    order[0::2], order[1::2] = by_cost[: (rows + 1) // 2], by_cost[(rows + 1) // 2:].flip(0)
-    return table[order], lens[order], order
 
 
 class CpuPagedAttention(TorchAttention):
@@ -123,22 +84,12 @@ class CpuPagedAttention(TorchAttention):
             meta.kernel_table = meta.decode_table if meta.decode_table is not None \
                 else seqs[0].table[None].to(device)  # one sequence: its own pages
             meta.kernel_lens = torch.tensor([s.ctx_len for s in seqs], device=device)
-        elif (rows := _row_tables(seqs, torch.get_num_threads())) is not None:
-            meta.rows_table, meta.rows_lens, meta.rows_order = rows
         return meta
 
     def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata,
                 k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, H, D] -> [T, H, D] (TorchAttention.forward's contract)."""
         lens = getattr(meta, "kernel_lens", None)
-        if lens is not None:
-            return paged_decode_attention(q, kv_layer, meta.kernel_table, lens, self.scale)
-        rows = getattr(meta, "rows_lens", None)
-        if rows is None or q.dtype != torch.bfloat16:  # fp32 prefill, or too wide a table
+        if lens is None:  # prefill / mixed step, or another backend's metadata
             return super().forward(q, kv_layer, meta, k, v)
-        order = meta.rows_order
-        if order is None:
-            return paged_decode_attention(q, kv_layer, meta.rows_table, rows, self.scale)
-        out = paged_decode_attention(q.index_select(0, order), kv_layer, meta.rows_table,
-                                     rows, self.scale)
-        return torch.empty_like(out).index_copy_(0, order, out)  # back to the rows' order
+        return paged_decode_attention(q, kv_layer, meta.kernel_table, lens, self.scale)
