@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_runtime import LLAMA8B, ceilings, gpu_time  # noqa: E402
+from gpu_runtime import LLAMA8B, ceilings, gpu_time, matmul_params  # noqa: E402
 
 from pdmesh.config import ModelConfig  # noqa: E402
 
@@ -197,10 +197,7 @@ def floors(r: dict, b: int, c: int, cfg: ModelConfig) -> float:
 
 def prefill_floor(r: dict, t: int, cfg: ModelConfig) -> float:
     n = r["tp"]
-    per_layer = cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim \
-        + cfg.num_heads * cfg.head_dim * cfg.hidden_size + 3 * cfg.hidden_size \
-        * cfg.intermediate_size
-    flops = 2 * t * cfg.num_layers * per_layer / n  # matmuls (the LM head: one row)
+    flops = 2 * t * matmul_params(cfg) / n  # matmuls (the LM head: one row)
     flops += 2 * cfg.num_layers * cfg.num_heads / n * cfg.head_dim * t * t  # causal QK, PV
     ar = (2 * cfg.num_layers + 1) * t * cfg.hidden_size * 2 if n > 1 else 0
     return flops / r["matmul"] + ar / r["busbw"]

@@ -280,19 +280,26 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
     registry = start("registry", reg, _env(token)).address
     common = ["--registry", registry, "--model", args.model, "--host", args.host,
               "--port", "0", *tel, *args.worker_arg]
-    roles = ([("prefill", ["prefill", *_tp(args.prefill_tp or args.tp)])] * args.prefill
-             + [("decode", ["decode", *_tp(args.decode_tp or args.tp)])] * args.decode
-             + [("colocated", ["decode", "--role", "colocated", *_tp(args.tp)])]
-             * args.colocated)
+    roles = worker_roles(args)
     envs = _worker_env([name for name, _ in roles], token)
-    tps = [int(a[a.index("--tp") + 1]) if "--tp" in a else 1 for _, a in roles]
-    for i, ((name, argv), gpus) in enumerate(zip(roles, gpu_assignment(args.gpus, tps))):
-        env = envs[i]
-        start(f"{name}-{i}", argv + common,
-              env if gpus is None else dict(env, CUDA_VISIBLE_DEVICES=gpus))
+    gpus = gpu_assignment(args.gpus, [tp for _, tp in roles])
+    for i, ((name, tp), env, ids) in enumerate(zip(roles, envs, gpus)):
+        start(f"{name}-{i}", ROLE_ARGV[name] + _tp(tp) + common,
+              env if ids is None else dict(env, CUDA_VISIBLE_DEVICES=ids))
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
                       *tel, *args.gateway_arg], _env(token))
+
+
+ROLE_ARGV = {"prefill": ["prefill"], "decode": ["decode"],
+             "colocated": ["decode", "--role", "colocated"]}
+
+
+def worker_roles(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(role, TP size) of each worker, in start order."""
+    return ([("prefill", args.prefill_tp or args.tp)] * args.prefill
+            + [("decode", args.decode_tp or args.tp)] * args.decode
+            + [("colocated", args.tp)] * args.colocated)
 
 
 def gpu_assignment(gpus: str | None, tps: list[int]) -> list[str | None]:
@@ -369,8 +376,7 @@ def preflight(args: argparse.Namespace) -> tuple[int, str] | None:
     except ValueError as e:  # an unreadable token file or a malformed token
         return 2, f"pdmesh serve: error: {e}"
     try:
-        gpu_assignment(args.gpus, [args.prefill_tp or args.tp] * args.prefill
-                       + [args.decode_tp or args.tp] * args.decode + [args.tp] * args.colocated)
+        gpu_assignment(args.gpus, [tp for _, tp in worker_roles(args)])
     except ValueError as e:
         return 2, f"pdmesh serve: error: {e}"
     if args.prefill + args.decode:  # colocated workers move no KV: no Mooncake needed

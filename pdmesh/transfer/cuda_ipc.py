@@ -142,27 +142,37 @@ def open_peer(uri: str, local_pool: torch.Tensor) -> "IpcPeer":
     if not isinstance(local_pool, torch.Tensor) or not local_pool.is_cuda:
         raise ValueError("CUDA IPC needs the local pool in GPU memory")
     if info["proc"] == _process_key():  # our own export: no IPC at all
-        pool = _exports.get(info["export"])
-        if pool is None:
-            raise RuntimeError("the pool this process exported under that URI is gone")
-        # the peer holds the tensor itself, so give back the export's IPC reference now,
-        # or the pool's block would wait in torch's IPC limbo forever once freed
-        torch.UntypedStorage._release_ipc_counter_cuda(info["ref_counter"],
-                                                       info["ref_counter_offset"])
-        return IpcPeer(pool, local_pool)
+        return IpcPeer(_own_export(info), local_pool)
     index = local_pool.device.index
     if _gpu_uuid(index) != info["uuid"]:
         raise RuntimeError(f"peer pool is on GPU {info['uuid']}, the local pool on "
                            f"{_gpu_uuid(index)}: CUDA IPC here copies within one GPU")
+    peer, storage = _open(info, index)
+    return IpcPeer(peer, local_pool, opened=storage)
+
+
+def _own_export(info: dict[str, Any]) -> torch.Tensor:
+    """The tensor this process exported under `info` (a URI of ours: no IPC at all)."""
+    pool = _exports.get(info["export"])
+    if pool is None:
+        raise RuntimeError("the pool this process exported under that URI is gone")
+    # the opener holds the tensor itself, so give back the export's IPC reference now,
+    # or the pool's block would wait in torch's IPC limbo forever once freed
+    torch.UntypedStorage._release_ipc_counter_cuda(info["ref_counter"],
+                                                   info["ref_counter_offset"])
+    return pool
+
+
+def _open(info: dict[str, Any], index: int) -> tuple[torch.Tensor, torch.UntypedStorage]:
+    """(the exported bytes as a flat uint8 tensor on local GPU `index`, their storage)."""
     args = [info[k] for k in _SHARE]
     args[0] = index  # the exporter's index of that GPU may differ (CUDA_VISIBLE_DEVICES)
     try:
         storage = torch.UntypedStorage._new_shared_cuda(*args)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/TypeError variants
         raise RuntimeError(f"cannot open the peer's CUDA IPC handle: {e}") from e
-    peer = torch.empty(0, dtype=torch.uint8, device=local_pool.device)
-    peer.set_(storage, info["offset"], (info["nbytes"],))
-    return IpcPeer(peer, local_pool, opened=storage)
+    flat = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
+    return flat.set_(storage, info["offset"], (info["nbytes"],)), storage
 
 
 def open_pool(uri: str) -> torch.Tensor:
@@ -171,21 +181,12 @@ def open_pool(uri: str) -> torch.Tensor:
     maps its ranks' pools this way). RuntimeError when that GPU is not visible here."""
     info = decode_uri(uri)
     if info["proc"] == _process_key():
-        pool = _exports.get(info["export"])
-        if pool is None:
-            raise RuntimeError("the pool this process exported under that URI is gone")
-        torch.UntypedStorage._release_ipc_counter_cuda(info["ref_counter"],
-                                                       info["ref_counter_offset"])
-        return _flat_bytes(pool, "pool")
+        return _flat_bytes(_own_export(info), "pool")
     index = next((i for i in range(torch.cuda.device_count())
                   if _gpu_uuid(i) == info["uuid"]), None)
     if index is None:
         raise RuntimeError(f"the pool's GPU {info['uuid']} is not visible in this process")
-    args = [info[k] for k in _SHARE]
-    args[0] = index
-    storage = torch.UntypedStorage._new_shared_cuda(*args)
-    flat = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
-    return flat.set_(storage, info["offset"], (info["nbytes"],))
+    return _open(info, index)[0]  # the tensor keeps its storage alive
 
 
 def _ids(pages: Sequence[int] | torch.Tensor, name: str, limit: int) -> list[int]:

@@ -107,14 +107,13 @@ class EngineCore:
             "mooncake", self.pool, config.kv_transfer_mode, lazy=True,
             hostname=config.advertise_host, protocol=config.transfer_protocol,
             device_name=config.transfer_device)
-        if tp:  # every rank's pool, each registered: peers write heads
-            self._kv_start_engine("TP ranks")
-            self._register_ranks()
-        elif config.kv_path != "mooncake":
+        if not tp and config.kv_path != "mooncake":
             self.local_endpoints = local_endpoints(self.pool)
-        if not self.local_endpoints:
-            self._kv_start_engine("--kv-path mooncake" if config.kv_path == "mooncake"
-                                  else "no same-host path to offer")
+        if not self.local_endpoints:  # every peer writes through the engine: start it now
+            self._kv_start_engine("TP ranks" if tp else "--kv-path mooncake"
+                                  if config.kv_path == "mooncake" else "no same-host path")
+        if tp:  # every rank's pool, each registered: peers write heads
+            self._register_ranks()
         local = ", ".join(u.partition(":")[0] for u in self.local_endpoints) or "none"
         engine = ("started" if self.transport.started
                   else "starts when a peer on another host needs it")

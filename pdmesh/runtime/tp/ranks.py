@@ -94,11 +94,14 @@ class RankGroup:
         # the engine's own thread budget (num_threads, OMP_NUM_THREADS, else the cores:
         # torch's count now) shared by its ranks
         threads = max(1, (cfg.num_threads or torch.get_num_threads()) // tp)
-        graphs = (tuple(cfg.cuda_graph_batch_sizes) if cfg.cuda_graphs and cfg.device != "cpu"
-                  and cfg.numerics != "reference" else ())
+        from pdmesh.runtime.cuda_graph import graph_batch_sizes
+
+        # the sizes the engine's own runner captures (ModelRunner: capped at max batch)
+        graphs = (tuple(graph_batch_sizes(cfg.cuda_graph_batch_sizes, cfg.max_running_requests))
+                  if cfg.cuda_graphs and cfg.device != "cpu" and cfg.numerics != "reference"
+                  else ())
         spec = TPSpec(str(cfg.model), tp, dtype, cfg.device, cfg.page_size,
-                      engine.allocator.num_pages, threads, cfg.attention_backend,
-                      tuple(b for b in graphs if b <= cfg.max_running_requests) or graphs[:1],
+                      engine.allocator.num_pages, threads, cfg.attention_backend, graphs,
                       engine.max_model_len)
         group = cls.start(spec)
         engine.runner = group  # Engine.step calls only runner.run(batch)
@@ -172,27 +175,30 @@ def _stop(procs: list[subprocess.Popen], wait_s: float) -> None:
 def _map_pool(uri: str, like: torch.Tensor) -> torch.Tensor:
     """A follower's pool mapped here, shaped and typed as `like`: a host pool by its shm
     URI, a GPU pool (on the follower's GPU) by its CUDA IPC URI."""
+    flat = _open_ipc(uri) if uri.startswith("ipc:") else _map_shm(uri)
+    want = like.numel() * like.element_size()
+    if flat.numel() != want:
+        raise ValueError(f"rank pool {uri[:48]} has {flat.numel()} bytes, expected {want}")
+    return flat.view(like.dtype).view(like.shape)
+
+
+def _open_ipc(uri: str) -> torch.Tensor:
+    from pdmesh.transfer.cuda_ipc import open_pool
+
+    return open_pool(uri)
+
+
+def _map_shm(uri: str) -> torch.Tensor:
+    """The memfd behind a shm URI, mapped here as flat uint8."""
     from pdmesh.transfer.shm import _parse
 
-    if uri.startswith("ipc:"):
-        from pdmesh.transfer.cuda_ipc import open_pool
-
-        flat = open_pool(uri)
-        if flat.numel() != like.numel() * like.element_size():
-            raise ValueError(f"rank pool has {flat.numel()} bytes, expected "
-                             f"{like.numel() * like.element_size()}")
-        return flat.view(like.dtype).view(like.shape)
-
     pid, fd_no, nbytes = _parse(uri)
-    if nbytes != like.numel() * like.element_size():
-        raise ValueError(f"rank pool {uri} has {nbytes} bytes, expected "
-                         f"{like.numel() * like.element_size()}")
     fd = os.open(f"/proc/{pid}/fd/{fd_no}", os.O_RDWR | os.O_CLOEXEC)
     try:
         mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     finally:
         os.close(fd)  # the mapping keeps the memfd's pages alive
-    return torch.frombuffer(mm, dtype=torch.uint8).view(like.dtype).view(like.shape)
+    return torch.frombuffer(mm, dtype=torch.uint8)
 
 
 __all__ = ["RankGroup", "pool_key"]
