@@ -176,7 +176,9 @@ def complete(url: str, model: str, prompt: str, tokens: int) -> tuple[str, int]:
 def hetero(args) -> None:
     setups = [("colocated TP 1", ["--prefill", "0", "--decode", "0", "--colocated", "1"]),
               ("prefill TP 2 -> decode TP 1", ["--prefill-tp", "2", "--decode-tp", "1"]),
-              ("prefill TP 1 -> decode TP 2", ["--prefill-tp", "1", "--decode-tp", "2"])]
+              ("prefill TP 1 -> decode TP 2", ["--prefill-tp", "1", "--decode-tp", "2"]),
+              ("colocated TP 2", ["--prefill", "0", "--decode", "0", "--colocated", "1",
+                                  "--tp", "2"])]
     env = dict(os.environ, PDMESH_DEVICE=args.device, PDMESH_DTYPE=args.dtype)
     prompts = [f"Question {i}: " + "tell me about the history of the mesh. " * (i * args.grow)
                for i in range(args.prompts)]
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--ready-timeout", type=float, default=300.0)
     h.add_argument("--logs", default="/tmp")
     h.add_argument("--only", type=int, nargs="+", default=[0, 1, 2],
-                   help="which setups (0 colocated reference, 1 P TP2 -> D TP1, 2 P TP1 -> D TP2)")
+                   help="which setups (0 colocated reference, 1 P TP2 -> D TP1, 2 P TP1 -> D TP2, "
+                   "3 colocated TP2)")
     args = ap.parse_args(argv)
     (transfer if args.cmd == "transfer" else hetero)(args)
     return 0

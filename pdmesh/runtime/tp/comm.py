@@ -7,6 +7,7 @@ no race), which ranks join as clients.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = timedelta(seconds=120)
+log = logging.getLogger(__name__)
 
 
 def host_store(size: int) -> dist.TCPStore:
@@ -68,8 +70,20 @@ class TPGroup:
         return t
 
     def close(self) -> None:
-        if self.size > 1 and dist.is_initialized():
+        """Leave the group. NCCL's destroy blocked forever in both ranks of a finished
+        two-H200 run (2026-11-30, eager and graphed alike, torch 2.11): on CUDA the
+        communicator is aborted instead (not a collective: nothing to wait for), after
+        this rank's own work is done."""
+        if self.size == 1 or not dist.is_initialized():
+            return
+        if self.device.type != "cuda":
             dist.destroy_process_group()
+            return
+        torch.cuda.synchronize(self.device)
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception as e:  # noqa: BLE001 - an abort that fails leaves a process that exits
+            log.warning("NCCL process group abort failed (%s); leaving it to process exit", e)
 
 
 __all__ = ["TPGroup", "host_store"]

@@ -61,16 +61,22 @@ def build_runner(spec: TPSpec, group: TPGroup, kv_alloc=None) -> TPRunner:
     return runner
 
 
-def run_rank(rank: int, spec: TPSpec, port: int, lead: Callable[[TPRunner], T]) -> T | None:
+def run_rank(rank: int, spec: TPSpec, port: int, lead: Callable[[TPRunner], T],
+             done: Callable[[T], None] | None = None) -> T | None:
     """One rank's whole life: join, load, then `lead(runner)` on rank 0 (which must send
-    the followers stop) or follow rank 0's steps; returns rank 0's result."""
+    the followers stop) or follow rank 0's steps; returns rank 0's result, which goes to
+    `done` first, before the group is left (leaving is teardown: never hold a result
+    behind it)."""
     if spec.device == "cpu" and (spec.threads or spec.tp > 1):  # TP 1 runs in the caller
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
     group = TPGroup.join(rank, spec.tp, port, spec.device)
     try:
         runner = build_runner(spec, group)
         if rank == 0:
-            return lead(runner)
+            out = lead(runner)
+            if done is not None:
+                done(out)
+            return out
         runner.follow()
         return None
     finally:
@@ -79,9 +85,7 @@ def run_rank(rank: int, spec: TPSpec, port: int, lead: Callable[[TPRunner], T]) 
 
 def _entry(rank: int, spec: TPSpec, port: int, lead, results) -> None:
     try:
-        out = run_rank(rank, spec, port, lead)
-        if rank == 0:
-            results.put(("ok", rank, out))
+        run_rank(rank, spec, port, lead, done=lambda out: results.put(("ok", rank, out)))
     except BaseException:
         results.put(("error", rank, traceback.format_exc()))
         raise
