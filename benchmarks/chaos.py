@@ -207,7 +207,8 @@ def channel(addr: str) -> grpc.Channel:
 
 
 class Watcher(threading.Thread):
-    """Follows Registry.Watch; records when each address expired."""
+    """Follows Registry.Watch; records when each address expired, and when the registry
+    last heard from it (the event's last_heartbeat_at, moved to this clock)."""
 
     def __init__(self, registry: str) -> None:
         super().__init__(daemon=True)
@@ -219,16 +220,22 @@ class Watcher(threading.Thread):
                 ch = auth.insecure_channel(self.registry, token=TOKEN)
                 for ev in rgrpc.RegistryStub(ch).Watch(rpb.WatchRequest(), wait_for_ready=True):
                     if ev.type == rpb.WorkerEvent.EXPIRED:
-                        self.expired[ev.worker.address].append(time.monotonic())
+                        now, wall = time.monotonic(), time.time()
+                        seen = ev.worker.last_heartbeat_at  # registry's wall clock, this host
+                        last = now - (wall - seen) if seen else None
+                        self.expired[ev.worker.address].append((now, last))
             except grpc.RpcError:
                 time.sleep(0.2)
 
     def noticed(self, addr: str, since: float, timeout: float) -> float | None:
+        """Seconds from the peer's death to its EXPIRED event: from `since` (the fault),
+        or from its last heartbeat if the registry got one after that (a beat in flight
+        when the fault was armed: the peer was alive then)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            for t in self.expired.get(addr, []):
+            for t, last in self.expired.get(addr, []):
                 if t >= since:
-                    return t - since
+                    return t - max(since, last or since)
             time.sleep(0.02)
         return None
 
@@ -738,7 +745,9 @@ def execute(args: argparse.Namespace) -> Run:
                    f"; left out (outputs seen fault-free): {getattr(run, 'unstable', {})}",
                    f"faults injected: {sum(r.faults for r in run.rows.values())}"
                    f" in {getattr(run, 'seconds', 0):.0f} s; lease {lease:g} s "
-                   f"({args.heartbeat_interval:g} s x {args.heartbeat_max_failure})",
+                   f"({args.heartbeat_interval:g} s x {args.heartbeat_max_failure}); notice = "
+                   f"the EXPIRED event's time less the later of the fault and the peer's last "
+                   f"heartbeat at the registry",
                    f"problems: {len(run.bugs)}; unexpected exits: {run.unexpected_exits or 'none'}"]
         print(table)
         print("\n".join(summary))
