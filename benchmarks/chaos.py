@@ -29,7 +29,6 @@ import os
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -496,7 +495,6 @@ class Run:
                                      cancels[j], after,
                                      gateway_down=lambda: self.gateway_down_since is not None)
         threads = [threading.Thread(target=client, args=(j,), daemon=True) for j in range(n)]
-        t_start = time.monotonic()
         for t in threads:
             t.start()
         stopped = None
