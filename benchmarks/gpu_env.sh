@@ -6,6 +6,9 @@
 #   .whl/m/mc.tar.xz      Mooncake's CUDA build, stripped to the transfer engine, plus the
 #                         system libraries it links (libibverbs, libcurl, ...) as fallbacks
 #   .whl/ga/part + .whl/gb/part   the default model's GGUF in two halves (carry limit)
+# Cleaning up between runs in one device call: `pkill -f PATTERN` also matches the call's own
+# shell, whose command line holds PATTERN (it killed two calls, 2026-11-30): use a pattern
+# like "[f]orkserver import" that the command text itself does not contain.
 # the image's site-packages are read-only, so every process compiled every module it
 # imported (3.4 s of a worker's 7 s tokenizer load, 2026-11-30): keep bytecode in /tmp
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
