@@ -107,12 +107,19 @@ SHM = ["shm:/proc/1/fd/3?bytes=8"]
 
 
 def ipc_uri(gpu: str) -> str:
-    """An ipc: URI as cuda_ipc writes it, on GPU `gpu` (only the uuid matters here)."""
-    import base64
-    import json
+    """A well-formed ipc: URI as cuda_ipc writes it, on GPU `gpu` (only the uuid matters
+    here; pdmesh.transfer.ipc_uri checks every field)."""
+    from pdmesh.transfer import ipc_uri as codec
 
-    raw = json.dumps({"uuid": gpu, "v": 1}).encode()
-    return "ipc:" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    fields = {k: (b"x" if kind is bytes else False if kind is bool else gpu if k == "uuid"
+                  else "p" if kind is str else 8) for k, kind in codec.FIELDS.items()}
+    return codec.encode_uri(dict(fields, v=codec.VERSION, offset=0, nbytes=8))
+
+
+def codec_gpu(uri: str) -> str | None:
+    from pdmesh.transfer.ipc_uri import pool_gpu
+
+    return pool_gpu(uri)
 
 
 def test_a_decode_needs_its_engine_unless_the_prefill_writes_locally():
@@ -126,6 +133,7 @@ def test_a_decode_needs_its_engine_unless_the_prefill_writes_locally():
     assert needs_engine("h", [ipc_uri("GPU-a")], "h", [ipc_uri("GPU-b")])
     assert needs_engine("h", [ipc_uri("GPU-a")], "h", SHM)  # different kinds
     assert needs_engine("h", ["ipc:%%%"], "h", ["ipc:%%%"])  # unreadable: no path assumed
+    assert codec_gpu(ipc_uri("GPU-a")) == "GPU-a"
 
 
 def info(address: str, host: str, local: list[str] | None = SHM) -> rpb.WorkerInfo:

@@ -17,9 +17,6 @@ process that made it, so there a URI resolves to the exported tensor itself.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import operator
 import os
 import secrets
@@ -31,20 +28,10 @@ from typing import Any, Sequence
 import torch
 
 from pdmesh.transfer.base import TransferError, TransferStats
+from pdmesh.transfer.ipc_uri import SHARE, VERSION, decode_uri, encode_uri  # noqa: F401
 from pdmesh.transfer.plan import plan_runs, validate_pages
 
 NAME = "ipc"
-_PREFIX = "ipc:"
-_VERSION = 1
-# URI fields and their JSON types. _SHARE: the 8 values of _share_cuda_() in order (the
-# same in torch 2.11 and 2.13): device, block handle, storage bytes, storage offset in the
-# block, ref counter file and slot, producer event handle, whether to wait on that event.
-_SHARE = ("share_device", "handle", "storage_size", "storage_offset", "ref_counter",
-          "ref_counter_offset", "event_handle", "event_sync")
-_FIELDS: dict[str, type] = {  # offset, nbytes: the pool's bytes inside its storage
-    "v": int, "proc": str, "export": str, "uuid": str, "share_device": int, "handle": bytes,
-    "storage_size": int, "storage_offset": int, "ref_counter": bytes, "ref_counter_offset":
-    int, "event_handle": bytes, "event_sync": bool, "offset": int, "nbytes": int}
 
 _TIMER_SLACK = 60e-6   # time.sleep wakes this late (Linux timer slack ~50 us)
 _POLL = 20e-6          # between polls of the copy's event
@@ -59,48 +46,6 @@ _TOKEN = secrets.token_hex(8)
 
 def _process_key() -> str:
     return f"{os.getpid()}:{_TOKEN}"
-
-
-def encode_uri(info: dict[str, Any]) -> str:
-    """"ipc:" + urlsafe base64 (unpadded) of compact JSON; bytes fields as base64 text."""
-    doc = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-           for k, v in info.items()}
-    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return _PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_uri(uri: str) -> dict[str, Any]:
-    """The fields of an "ipc:" URI, checked; ValueError for anything malformed."""
-    if not isinstance(uri, str) or not uri.startswith(_PREFIX):
-        raise ValueError(f"not an {_PREFIX} URI: {str(uri)[:40]!r}")
-    body = uri[len(_PREFIX):]
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (binascii.Error, ValueError) as e:  # bad base64, UTF-8 or JSON
-        raise ValueError(f"malformed {_PREFIX} URI: {e}") from None
-    if not isinstance(doc, dict) or set(doc) != set(_FIELDS):
-        got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"malformed {_PREFIX} URI: fields {got}, expected {sorted(_FIELDS)}")
-    info: dict[str, Any] = {}
-    for k, kind in _FIELDS.items():
-        v = doc[k]
-        if kind is bytes:
-            try:
-                v = base64.b64decode(v, validate=True) if isinstance(v, str) else None
-            except binascii.Error:
-                v = None
-        # bool is an int to isinstance, and no count or offset may be negative
-        if (v is None or not isinstance(v, kind) or (kind is int and isinstance(v, bool))
-                or (kind is int and v < 0)):
-            raise ValueError(f"malformed {_PREFIX} URI: field {k!r} is not a valid "
-                             f"{kind.__name__}")
-        info[k] = v
-    if info["v"] != _VERSION:
-        raise ValueError(f"{_PREFIX} URI version {info['v']}, this side reads {_VERSION}")
-    if info["nbytes"] == 0 or info["offset"] + info["nbytes"] > info["storage_size"]:
-        raise ValueError(f"malformed {_PREFIX} URI: pool bytes [{info['offset']}, "
-                         f"+{info['nbytes']}) outside a storage of {info['storage_size']}")
-    return info
 
 
 def _gpu_uuid(index: int) -> str:
@@ -122,13 +67,13 @@ def export_pool(pool: torch.Tensor) -> str | None:
     if not flat.is_cuda:
         return None
     share = pool.untyped_storage()._share_cuda_()
-    if len(share) != len(_SHARE):  # the layout torch 2.x has kept; fail loudly if it moves
+    if len(share) != len(SHARE):  # the layout torch 2.x has kept; fail loudly if it moves
         raise RuntimeError(f"torch {torch.__version__}: _share_cuda_() gave {len(share)} "
-                           f"values, this module reads {len(_SHARE)}")
+                           f"values, this module reads {len(SHARE)}")
     export_id = secrets.token_hex(8)
     _exports[export_id] = pool
-    info = dict(zip(_SHARE, share))
-    info.update(v=_VERSION, proc=_process_key(), export=export_id,
+    info = dict(zip(SHARE, share))
+    info.update(v=VERSION, proc=_process_key(), export=export_id,
                 uuid=_gpu_uuid(pool.device.index), offset=pool.storage_offset() *
                 pool.element_size(), nbytes=flat.numel())
     return encode_uri(info)
@@ -165,7 +110,7 @@ def _own_export(info: dict[str, Any]) -> torch.Tensor:
 
 def _open(info: dict[str, Any], index: int) -> tuple[torch.Tensor, torch.UntypedStorage]:
     """(the exported bytes as a flat uint8 tensor on local GPU `index`, their storage)."""
-    args = [info[k] for k in _SHARE]
+    args = [info[k] for k in SHARE]
     args[0] = index  # the exporter's index of that GPU may differ (CUDA_VISIBLE_DEVICES)
     try:
         storage = torch.UntypedStorage._new_shared_cuda(*args)

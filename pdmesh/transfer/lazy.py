@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from pdmesh.transfer.base import TransferError, TransferStats, Transport
+from pdmesh.transfer.ipc_uri import pool_gpu
 
 log = logging.getLogger(__name__)
 SEP = "#"
@@ -68,23 +69,9 @@ def shared_local_path(mine: Sequence[str], theirs: Sequence[str]) -> bool:
             kind = a.partition(":")[0]
             if kind != b.partition(":")[0]:
                 continue
-            if kind != "ipc" or _ipc_gpu(a) == _ipc_gpu(b) is not None:
+            if kind != "ipc" or pool_gpu(a) == pool_gpu(b) is not None:
                 return True
     return False
-
-
-def _ipc_gpu(uri: str) -> str | None:
-    """The GPU uuid in a cuda_ipc URI (its base64 JSON's "uuid"; None if unreadable),
-    read here without cuda_ipc's torch import."""
-    import base64
-    import json
-
-    body = uri.partition(":")[2]
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except ValueError:
-        return None
-    return doc.get("uuid") if isinstance(doc, dict) else None
 
 
 class LazyTransport(Transport):
