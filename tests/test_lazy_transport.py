@@ -15,6 +15,7 @@ import torch
 from pdmesh.services.common.kv_engine import EngineGate
 from pdmesh.transfer import make_kv_transport, shm
 from pdmesh.transfer.base import TransferError
+from pdmesh.transfer.ipc_uri import pool_gpu
 from pdmesh.transfer.lazy import engine_session, engine_started, needs_engine, peer_key
 from pdmesh.transfer.route import Destination, Router
 from pdmesh.v1 import registry_pb2 as rpb
@@ -116,12 +117,6 @@ def ipc_uri(gpu: str) -> str:
     return codec.encode_uri(dict(fields, v=codec.VERSION, offset=0, nbytes=8))
 
 
-def codec_gpu(uri: str) -> str | None:
-    from pdmesh.transfer.ipc_uri import pool_gpu
-
-    return pool_gpu(uri)
-
-
 def test_a_decode_needs_its_engine_unless_the_prefill_writes_locally():
     assert not needs_engine("h", SHM, "h", SHM)
     assert needs_engine("h", SHM, "g", SHM)  # another host
@@ -133,7 +128,7 @@ def test_a_decode_needs_its_engine_unless_the_prefill_writes_locally():
     assert needs_engine("h", [ipc_uri("GPU-a")], "h", [ipc_uri("GPU-b")])
     assert needs_engine("h", [ipc_uri("GPU-a")], "h", SHM)  # different kinds
     assert needs_engine("h", ["ipc:%%%"], "h", ["ipc:%%%"])  # unreadable: no path assumed
-    assert codec_gpu(ipc_uri("GPU-a")) == "GPU-a"
+    assert pool_gpu(ipc_uri("GPU-a")) == "GPU-a"
 
 
 def info(address: str, host: str, local: list[str] | None = SHM) -> rpb.WorkerInfo:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from pdmesh.transfer.base import TransferError, TransferStats
-from pdmesh.transfer.ipc_uri import SHARE, VERSION, decode_uri, encode_uri  # noqa: F401
+from pdmesh.transfer.ipc_uri import SHARE, VERSION, decode_uri, encode_uri
 from pdmesh.transfer.plan import plan_runs, validate_pages
 
 NAME = "ipc"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from typing import Any
 
@@ -15,7 +16,7 @@ VERSION = 1
 # same in torch 2.11 and 2.13): device, block handle, storage bytes, storage offset in the
 # block, ref counter file and slot, producer event handle, whether to wait on that event.
 SHARE = ("share_device", "handle", "storage_size", "storage_offset", "ref_counter",
-          "ref_counter_offset", "event_handle", "event_sync")
+         "ref_counter_offset", "event_handle", "event_sync")
 FIELDS: dict[str, type] = {  # offset, nbytes: the pool's bytes inside its storage
     "v": int, "proc": str, "export": str, "uuid": str, "share_device": int, "handle": bytes,
     "storage_size": int, "storage_offset": int, "ref_counter": bytes, "ref_counter_offset":
@@ -64,8 +65,10 @@ def decode_uri(uri: str) -> dict[str, Any]:
     return info
 
 
+@functools.lru_cache(maxsize=256)
 def pool_gpu(uri: str) -> str | None:
-    """The GPU uuid an "ipc:" URI's pool lives on; None for a malformed URI."""
+    """The GPU uuid an "ipc:" URI's pool lives on; None for a malformed URI. Cached: a
+    decode asks for its own and its prefills' (a few fixed strings) on every Transfer."""
     try:
         return decode_uri(uri)["uuid"]
     except ValueError:

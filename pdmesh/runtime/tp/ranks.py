@@ -35,6 +35,7 @@ from pdmesh.runtime.tp.comm import TPGroup, host_store
 from pdmesh.runtime.tp.driver import TPRunner
 from pdmesh.runtime.tp.launch import TPSpec, build_runner
 from pdmesh.runtime.tp.plan import TPPlan
+from pdmesh.transfer import ipc_uri
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 10.0
@@ -175,17 +176,16 @@ def _stop(procs: list[subprocess.Popen], wait_s: float) -> None:
 def _map_pool(uri: str, like: torch.Tensor) -> torch.Tensor:
     """A follower's pool mapped here, shaped and typed as `like`: a host pool by its shm
     URI, a GPU pool (on the follower's GPU) by its CUDA IPC URI."""
-    flat = _open_ipc(uri) if uri.startswith("ipc:") else _map_shm(uri)
+    if uri.startswith(ipc_uri.PREFIX):
+        from pdmesh.transfer.cuda_ipc import open_pool  # torch's CUDA side only when needed
+
+        flat = open_pool(uri)
+    else:
+        flat = _map_shm(uri)
     want = like.numel() * like.element_size()
     if flat.numel() != want:
         raise ValueError(f"rank pool {uri[:48]} has {flat.numel()} bytes, expected {want}")
     return flat.view(like.dtype).view(like.shape)
-
-
-def _open_ipc(uri: str) -> torch.Tensor:
-    from pdmesh.transfer.cuda_ipc import open_pool
-
-    return open_pool(uri)
 
 
 def _map_shm(uri: str) -> torch.Tensor:
