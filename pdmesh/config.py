@@ -141,6 +141,11 @@ class EngineConfig:
     # gives a lone CPU worker every core here and one fewer for decode steps (the gateway
     # streams then; during a prefill step it idles): commands/serve.py
     prefill_threads: int | None = None
+    # on CPU, the thread that steps the engine (and the OpenMP threads it starts) runs at
+    # Linux's SCHED_IDLE: it takes a core only when no other thread wants it. `pdmesh
+    # serve` sets it for a decode worker that shares the cores with prefill workers, so
+    # prompts go first across processes as prefill goes first inside one engine
+    cpu_idle: bool = False
     # attention backend: "auto" = triton on CUDA; on CPU "cpu" (C++ paged decode kernel,
     # runtime/cpu_attention.py) where it builds, else "torch"
     attention_backend: str = "auto"
@@ -221,6 +226,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CHUNKED_PREFILL_SIZE": ("chunked_prefill_size", int),
     "PDMESH_NUM_THREADS": ("num_threads", int),
     "PDMESH_PREFILL_THREADS": ("prefill_threads", int),
+    "PDMESH_CPU_IDLE": ("cpu_idle", _env_bool),
     "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
