@@ -577,7 +577,9 @@ class WorkerConfig:
     chaos: bool = False
     # run the engine core (engine loop, KV pool and its transport) in a child process,
     # so the RPC event loop never takes the engine loop's GIL (pdmesh/worker/engine_proxy.py);
-    # None = on when the engine runs on a GPU (measured there: benchmarks/results/), off on CPU
+    # None = on when the engine runs on a GPU (measured there: benchmarks/results/) or at
+    # SCHED_IDLE on CPU (EngineConfig.cpu_idle: in one process the idle engine thread, when
+    # preempted holding the GIL, stalled the RPC loop up to 1.2 s), else off on CPU
     engine_process: bool | None = None
     # tensor-parallel ranks of this worker's engine (pdmesh/runtime/tp/ranks.py): rank 0
     # in the engine's process schedules, ranks 1..tp-1 are child processes that follow
@@ -587,7 +589,7 @@ class WorkerConfig:
         """Whether this worker runs its engine core in a child process."""
         if self.engine_process is not None:
             return self.engine_process
-        return engine.device.startswith("cuda")
+        return engine.device.startswith("cuda") or (engine.device == "cpu" and engine.cpu_idle)
 
     def __post_init__(self) -> None:
         if self.kv_checksum not in ("on", "decode", "off"):

@@ -151,13 +151,24 @@ def test_cpu_idle_puts_the_stepping_thread_and_its_openmp_threads_at_sched_idle(
     assert all(now[t] == p for t, p in before.items() if t in now)  # nobody else moved
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_serve_1p1d_runs_the_decode_engine_at_sched_idle():
-    """End to end: `pdmesh serve --prefill 1 --decode 1` picking threads itself; after a
-    request the decode worker has SCHED_IDLE threads (its stepping thread), the prefill
-    worker and the gateway none, and the request was served."""
+def _children(pid: int) -> dict[str, int]:
+    """role ("prefill", "decode", "gateway", "core") -> pid of `pid`'s child running it."""
     import subprocess
 
+    ps = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid=,args="],
+                        capture_output=True, text=True).stdout.splitlines()
+    return {role: int(x.split()[0]) for x in ps
+            for role, mark in (("prefill", "cli prefill "), ("decode", "cli decode "),
+                               ("gateway", "cli gateway "), ("core", "core_process"))
+            if mark in x}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_serve_1p1d_runs_the_decode_engine_core_at_sched_idle():
+    """End to end: `pdmesh serve --prefill 1 --decode 1` picking threads itself. The
+    decode worker runs its engine core in a child process, every thread of it at
+    SCHED_IDLE; its RPC process (streams, Transfer, heartbeats), the prefill worker and
+    the gateway have none; the request was served."""
     import requests
     from mesh_procs import start_serve
 
@@ -167,24 +178,28 @@ def test_serve_1p1d_runs_the_decode_engine_at_sched_idle():
             "model": "default", "prompt": "The capital of France is", "max_tokens": 4,
             "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
-        ps = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "pid=,args="],
-                            capture_output=True, text=True).stdout.splitlines()
-        kids = {role: int(x.split()[0]) for x in ps
-                for role in ("prefill", "decode", "gateway") if f"cli {role} " in x}
-        idle = {role: sum(p == os.SCHED_IDLE for p in _policies(pid).values())
-                for role, pid in kids.items()}
-        assert idle["decode"] >= 1 and idle["prefill"] == idle["gateway"] == 0, (idle, ps)
+        kids = _children(proc.pid)
+        core = _children(kids["decode"])["core"]
+        assert set(_policies(core).values()) == {os.SCHED_IDLE}
+        for role in ("decode", "prefill", "gateway"):
+            assert os.SCHED_IDLE not in _policies(kids[role]).values(), role
+        assert "core" not in _children(kids["prefill"])  # in one process, as before on CPU
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def test_cpu_idle_is_off_by_default_and_set_by_env(default_model, monkeypatch):
-    from pdmesh.config import engine_config_from_env
+def test_cpu_idle_is_off_by_default_set_by_env_and_takes_the_engine_process(monkeypatch):
+    from pdmesh.config import WorkerConfig, engine_config_from_env
 
     assert EngineConfig().cpu_idle is False
     monkeypatch.setenv("PDMESH_CPU_IDLE", "1")
-    assert engine_config_from_env().cpu_idle is True
+    idle = engine_config_from_env()
+    assert idle.cpu_idle is True
+    # on CPU an idle engine runs in its own process unless told otherwise
+    assert WorkerConfig().uses_engine_process(idle)
+    assert not WorkerConfig().uses_engine_process(EngineConfig())
+    assert not WorkerConfig(engine_process=False).uses_engine_process(idle)
 
 
 def test_prefill_threads_keep_greedy_tokens(default_model):

@@ -57,3 +57,17 @@ def idle_this_thread() -> int:
     if hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     return tid
+
+
+def idle_process() -> None:
+    """Every thread of this process under SCHED_IDLE (Linux; the threads it starts later
+    inherit it). An engine core process whose engine steps at SCHED_IDLE takes it whole:
+    its other threads (KV, commands) share the engine thread's GIL, and a normal thread
+    waiting for the GIL held by a preempted idle one would wait as long as it."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
