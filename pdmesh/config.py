@@ -144,7 +144,8 @@ class EngineConfig:
     # on CPU, the thread that steps the engine (and the OpenMP threads it starts) runs at
     # Linux's SCHED_IDLE: it takes a core only when no other thread wants it. `pdmesh
     # serve` sets it for a decode worker that shares the cores with prefill workers, so
-    # prompts go first across processes as prefill goes first inside one engine
+    # prompts go first across processes as prefill goes first inside one engine; a worker
+    # then runs its engine core in a child process, all of it idle (WorkerConfig.engine_process)
     cpu_idle: bool = False
     # attention backend: "auto" = triton on CUDA; on CPU "cpu" (C++ paged decode kernel,
     # runtime/cpu_attention.py) where it builds, else "torch"

@@ -51,8 +51,9 @@ def worker_threads(roles: list[str], i: int, cores: int, env: dict[str, str]) ->
     likewise). Prefill steps (PDMESH_PREFILL_THREADS): the prefill and colocated workers
     share all cores (while a colocated worker prefills nothing streams); a decode worker,
     whose steps are mostly decode ones, takes cores // workers. A decode worker beside
-    prefill workers steps at SCHED_IDLE (PDMESH_CPU_IDLE, runtime/threads.py), so a prefill
-    step's threads are never the ones waiting for a core. OpenMP keeps its default waits
+    prefill workers runs its engine core process at SCHED_IDLE (PDMESH_CPU_IDLE,
+    runtime/threads.py), so a prefill step's threads are never the ones waiting for a
+    core. OpenMP keeps its default waits
     (a thread at a barrier spins ~3 ms, then sleeps): passive waits made a 512-token
     prefill step 1.46x slower on a quiet host, and with the decode at SCHED_IDLE no
     thread of a prefill team waits for a core a decode step holds.

@@ -12,7 +12,9 @@ a prefill step's second thread needs, and every step waits for its slowest threa
 stepping thread at SCHED_IDLE (a decode worker's, set by `pdmesh serve`) runs only on
 cores nothing else wants, so prompts go first across processes as prefill goes first
 inside one engine. A nice value of 10 was not enough: the decode still took ~75% of a
-core during a burst of prompts (benchmarks/results/2026-11-30-cpu-spin-idle.md).
+core during a burst of prompts (benchmarks/results/2026-11-30-cpu-spin-idle.md). A worker
+runs such an engine in its own process, all of it idle (`idle_process`): an idle thread
+preempted while holding the GIL stalls every thread waiting for it.
 
 Both are set in the thread that steps the engine: OpenMP's (and MKL's) thread count is
 per calling thread, and on Linux a scheduling policy is per thread and inherited by the
