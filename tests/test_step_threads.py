@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import threading
 
 import pytest
+import requests
 import torch
+from mesh_procs import start_serve
 
 from pdmesh import Engine, SamplingParams
 from pdmesh.commands import decode as decode_cmd
 from pdmesh.commands import serve
 from pdmesh.commands.worker_common import configs_from_args
-from pdmesh.config import EngineConfig
+from pdmesh.config import EngineConfig, WorkerConfig, engine_config_from_env
 
 THREAD_ENV = ("OMP_NUM_THREADS", "PDMESH_NUM_THREADS", "PDMESH_PREFILL_THREADS",
               "PDMESH_CPU_IDLE")
@@ -153,8 +156,6 @@ def test_cpu_idle_puts_the_stepping_thread_and_its_openmp_threads_at_sched_idle(
 
 def _children(pid: int) -> dict[str, int]:
     """role ("prefill", "decode", "gateway", "core") -> pid of `pid`'s child running it."""
-    import subprocess
-
     ps = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid=,args="],
                         capture_output=True, text=True).stdout.splitlines()
     return {role: int(x.split()[0]) for x in ps
@@ -169,9 +170,6 @@ def test_serve_1p1d_runs_the_decode_engine_core_at_sched_idle():
     decode worker runs its engine core in a child process, every thread of it at
     SCHED_IDLE; its RPC process (streams, Transfer, heartbeats), the prefill worker and
     the gateway have none; the request was served."""
-    import requests
-    from mesh_procs import start_serve
-
     proc, base, lines = start_serve("--prefill", "1", "--decode", "1", serve_threads=True)
     try:
         r = requests.post(f"{base}/completions", timeout=60, json={
@@ -190,8 +188,6 @@ def test_serve_1p1d_runs_the_decode_engine_core_at_sched_idle():
 
 
 def test_cpu_idle_is_off_by_default_set_by_env_and_takes_the_engine_process(monkeypatch):
-    from pdmesh.config import WorkerConfig, engine_config_from_env
-
     assert EngineConfig().cpu_idle is False
     monkeypatch.setenv("PDMESH_CPU_IDLE", "1")
     idle = engine_config_from_env()
