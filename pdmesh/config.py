@@ -141,12 +141,6 @@ class EngineConfig:
     # gives a lone CPU worker every core here and one fewer for decode steps (the gateway
     # streams then; during a prefill step it idles): commands/serve.py
     prefill_threads: int | None = None
-    # on CPU, the thread that steps the engine (and the OpenMP threads it starts) runs at
-    # Linux's SCHED_IDLE: it takes a core only when no other thread wants it. `pdmesh
-    # serve` sets it for a decode worker that shares the cores with prefill workers, so
-    # prompts go first across processes as prefill goes first inside one engine; a worker
-    # then runs its engine core in a child process, all of it idle (WorkerConfig.engine_process)
-    cpu_idle: bool = False
     # attention backend: "auto" = triton on CUDA; on CPU "cpu" (C++ paged decode kernel,
     # runtime/cpu_attention.py) where it builds, else "torch"
     attention_backend: str = "auto"
@@ -227,7 +221,6 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CHUNKED_PREFILL_SIZE": ("chunked_prefill_size", int),
     "PDMESH_NUM_THREADS": ("num_threads", int),
     "PDMESH_PREFILL_THREADS": ("prefill_threads", int),
-    "PDMESH_CPU_IDLE": ("cpu_idle", _env_bool),
     "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
@@ -578,9 +571,7 @@ class WorkerConfig:
     chaos: bool = False
     # run the engine core (engine loop, KV pool and its transport) in a child process,
     # so the RPC event loop never takes the engine loop's GIL (pdmesh/worker/engine_proxy.py);
-    # None = on when the engine runs on a GPU (measured there: benchmarks/results/) or at
-    # SCHED_IDLE on CPU (EngineConfig.cpu_idle: in one process the idle engine thread, when
-    # preempted holding the GIL, stalled the RPC loop up to 1.2 s), else off on CPU
+    # None = on when the engine runs on a GPU (measured there: benchmarks/results/), off on CPU
     engine_process: bool | None = None
     # tensor-parallel ranks of this worker's engine (pdmesh/runtime/tp/ranks.py): rank 0
     # in the engine's process schedules, ranks 1..tp-1 are child processes that follow
@@ -590,7 +581,7 @@ class WorkerConfig:
         """Whether this worker runs its engine core in a child process."""
         if self.engine_process is not None:
             return self.engine_process
-        return engine.device.startswith("cuda") or (engine.device == "cpu" and engine.cpu_idle)
+        return engine.device.startswith("cuda")
 
     def __post_init__(self) -> None:
         if self.kv_checksum not in ("on", "decode", "off"):

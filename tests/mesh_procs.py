@@ -118,17 +118,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
 SERVE_TOKEN = "pdmesh-test-cluster-token"
 
 
-def start_serve(*args: str, token: str | None = SERVE_TOKEN, serve_threads: bool = False,
+def start_serve(*args: str, token: str | None = SERVE_TOKEN,
                 ) -> tuple[subprocess.Popen, str, list[str]]:
     """Start `pdmesh serve` with cluster token `token` (None: serve mints one); return
-    (process, REST base URL, its output lines so far). `serve_threads`: no
-    OMP_NUM_THREADS given, so serve applies its per-worker thread rule."""
+    (process, REST base URL, its output lines so far)."""
     env = worker_env(PDMESH_CLUSTER_TOKEN=token or "")
     if token is None:
         del env["PDMESH_CLUSTER_TOKEN"]
-    if serve_threads:
-        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PDMESH_CPU_IDLE"):
-            env.pop(k, None)
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
                              "--grpc-port", "0", "--heartbeat-interval", "0.5", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -49,15 +49,16 @@ def worker_threads(roles: list[str], i: int, cores: int, env: dict[str, str]) ->
     decode and colocated workers share all cores but one, left to the gateway and the RPC
     threads, which stream tokens then (vLLM's CPU engine keeps a core for its API server
     likewise). Prefill steps (PDMESH_PREFILL_THREADS): the prefill and colocated workers
-    share all cores (while a colocated worker prefills nothing streams); a decode worker,
-    whose steps are mostly decode ones, takes cores // workers. A decode worker beside
-    prefill workers runs its engine core process at SCHED_IDLE (PDMESH_CPU_IDLE,
-    runtime/threads.py), so a prefill step's threads are never the ones waiting for a
-    core. OpenMP keeps its default waits
-    (a thread at a barrier spins ~3 ms, then sleeps): passive waits made a 512-token
-    prefill step 1.46x slower on a quiet host, and with the decode at SCHED_IDLE no
-    thread of a prefill team waits for a core a decode step holds.
-    Measured on 2 cores: benchmarks/results/2026-11-30-cpu-spin-idle.md."""
+    share all cores (while a colocated worker prefills nothing streams; a prefill worker's
+    threads beside a busy decode worker cost it little with passive waits); a decode
+    worker, whose steps are mostly decode ones, takes cores // workers. So a prefill and
+    a decode step at once may hold up to about twice the cores in threads. Where several
+    workers share the cores, OMP_WAIT_POLICY=passive: a thread waiting at a barrier sleeps
+    instead of spinning on a core another engine needs (a 2-thread prefill beside one busy
+    core: 372 ms a step passive, 592 spinning). A lone worker keeps OpenMP's default waits
+    (spin ~3 ms, then sleep): its threads have the cores, and passive waits made its
+    512-token prefill step 288 ms instead of 197. Measured on 2 cores:
+    benchmarks/results/2026-11-30-cpu-spin-idle.md, 2026-11-30-cpu-vs-vllm-threads.md."""
     if "OMP_NUM_THREADS" in env:
         return {}
     prefillers = sum(r != "decode" for r in roles) or 1
@@ -65,8 +66,8 @@ def worker_threads(roles: list[str], i: int, cores: int, env: dict[str, str]) ->
     prefill = max(1, cores // (prefillers if roles[i] != "decode" else len(roles)))
     out = {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
            "PDMESH_NUM_THREADS": str(max(1, (cores - 1) // decoders))}
-    if roles[i] == "decode" and "prefill" in roles:
-        out["PDMESH_CPU_IDLE"] = "1"
+    if len(roles) > 1:
+        out["OMP_WAIT_POLICY"] = "PASSIVE"
     return {k: v for k, v in out.items() if k not in env}
 
 

@@ -181,10 +181,6 @@ def main(argv: list[str]) -> int:
         log.exception("engine core failed to start")
         conn.send(("start_failed", f"{type(e).__name__}: {e}"))
         return 1
-    if engine_cfg.cpu_idle and engine_cfg.device == "cpu":
-        from pdmesh.runtime.threads import idle_process
-
-        idle_process()  # after the start: loading the model is not background work
     server = CoreServer(conn, core)
     server.loop.start()  # publishes the first stats: the worker registers with them
     freeze_startup_objects()  # no 100+ ms full collections over the model's objects
