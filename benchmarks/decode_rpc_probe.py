@@ -14,7 +14,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,21 +21,18 @@ TOKEN = "decode-rpc-probe"
 
 
 def start_serve(prefill: int, extra_env: list[str]) -> tuple[subprocess.Popen, str, str]:
-    """serve; returns (process, decode address, gateway address) once it is ready."""
-    env = dict(os.environ, PDMESH_CLUSTER_TOKEN=TOKEN)
+    """serve (multi_turn.start_serve, with this environment); returns (process, decode
+    address, gateway REST base URL) once it is ready."""
+    from multi_turn import start_serve as start
+
+    os.environ["PDMESH_CLUSTER_TOKEN"] = TOKEN
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(k, None)
-    env.update(kv.split("=", 1) for kv in extra_env)
-    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
-                             "--grpc-port", "0", "--prefill", str(prefill), "--decode", "1",
-                             "--heartbeat-interval", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for line in proc.stdout:
-        if "serve: ready —" in line:
-            threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
-            dec = re.search(r"decode-\d+ ([^\s,]+)", line).group(1)
-            return proc, dec, re.search(r"gateway ([^\s,]+)", line).group(1)
-    raise SystemExit("pdmesh serve exited before it was ready")
+        os.environ.pop(k, None)
+    os.environ.update(kv.split("=", 1) for kv in extra_env)
+    proc, base, lines = start(["--prefill", str(prefill), "--decode", "1",
+                               "--heartbeat-interval", "1"])
+    ready = next(x for x in lines if "serve: ready —" in x)
+    return proc, re.search(r"decode-\d+ ([^\s,]+)", ready).group(1), base
 
 
 def probe(addr: str, out: list[float], stop: threading.Event) -> None:
@@ -52,11 +48,11 @@ def probe(addr: str, out: list[float], stop: threading.Event) -> None:
         stop.wait(0.05)
 
 
-async def burst(gateway: str, n: int, prompt: int, out_tokens: int) -> tuple[float, int]:
+async def burst(base: str, n: int, prompt: int, out_tokens: int) -> tuple[float, int]:
     """(seconds, requests that got every token) for n prompts sent at once."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"http://{gateway}/v1", api_key="x", timeout=600)
+    client = openai.AsyncOpenAI(base_url=base, api_key="x", timeout=600)
     rnd = random.Random(1)
 
     async def one() -> int:
@@ -86,6 +82,8 @@ def main() -> None:
         lat.clear()
         secs, ok = asyncio.run(burst(gw, a.requests, a.prompt, a.output))
         stop.set()
+        if not lat:
+            raise SystemExit("the decode answered no Health Check during the burst")
         lat.sort()
         print(f"{a.prefill}P1D {' '.join(a.env) or '(defaults)'}: burst {secs:.1f} s, {ok} of "
               f"{a.requests} complete; decode Health Check n {len(lat)} median "

@@ -112,9 +112,9 @@ def ipc_uri(gpu: str) -> str:
     here; pdmesh.transfer.ipc_uri checks every field)."""
     from pdmesh.transfer import ipc_uri as codec
 
-    fields = {k: (b"x" if kind is bytes else False if kind is bool else gpu if k == "uuid"
-                  else "p" if kind is str else 8) for k, kind in codec.FIELDS.items()}
-    return codec.encode_uri(dict(fields, v=codec.VERSION, offset=0, nbytes=8))
+    filler = {bytes: b"x", bool: False, str: "p", int: 8}
+    fields = {k: filler[kind] for k, kind in codec.FIELDS.items()}
+    return codec.encode_uri(dict(fields, uuid=gpu, v=codec.VERSION, offset=0, nbytes=8))
 
 
 def test_a_decode_needs_its_engine_unless_the_prefill_writes_locally():
