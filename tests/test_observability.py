@@ -75,11 +75,10 @@ def test_one_trace_across_the_mesh(traced_mesh):
         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
     assert resp.usage.completion_tokens == 6
 
-    def complete():  # every service exported its part of the request
-        got = request_trace(trace_file)
-        names = {s.name for s in got[1]} if got else set()
-        return got if {"kv.transfer", "completion", "decode.first_step",
-                       "prefill.compute"} <= names else None
+    def complete():  # every service exported its part of the request (each exports on
+        got = request_trace(trace_file)  # its own schedule: a loaded host lags)
+        names = {(s.name, s.service.removeprefix("pdmesh-")) for s in got[1]} if got else set()
+        return got if TREE_SPANS <= names else None
     assert wait_until(complete, 20), open(trace_file).read()[-3000:]
     tid, mine, everything = complete()
     # the caller's traceparent is honoured: the request joins the client's trace
@@ -93,6 +92,15 @@ def test_one_trace_across_the_mesh(traced_mesh):
     assert any(s.service == "pdmesh-registry" and s.name.endswith("/Register")
                for s in everything)
     check_tree(mine, resp.usage.prompt_tokens)
+
+
+TREE_SPANS = {(n, svc) for svc, names in {
+    "gateway": ("POST /v1/chat/completions", "chat default", "tokenize", "route", "completion",
+                "/pdmesh.v1.Decode/Generate", "/pdmesh.v1.Prefill/Prefill"),
+    "decode": ("/pdmesh.v1.Decode/Generate", "decode.admission", "decode.first_step",
+               "/pdmesh.v1.Prefill/Transfer"),
+    "prefill": ("/pdmesh.v1.Prefill/Transfer", "kv.transfer", "/pdmesh.v1.Prefill/Prefill",
+                "prefill.queue", "prefill.compute")}.items() for n in names}
 
 
 def check_tree(spans, prompt_tokens: int) -> None:
@@ -172,6 +180,24 @@ def test_trace_show_renders_the_tree(traced_mesh):
     assert col["POST /v1/chat/completions"] < col["chat default"] < \
         col["/pdmesh.v1.Prefill/Transfer"] < col["kv.transfer"]
     assert "pdmesh.kv.bytes=" in text and " ms" in text
+
+
+def test_trace_show_summary_says_where_the_time_goes(traced_mesh):
+    url, trace_file, _ = traced_mesh
+    assert wait_until(lambda: request_trace(trace_file) is not None, 20)
+    out = subprocess.run([sys.executable, "-m", "pdmesh.cli", "trace", "show", trace_file,
+                          "--summary", "--last", "50"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {}
+    for line in out.stdout.splitlines()[2:]:
+        path, service, n, *nums = line.rsplit(maxsplit=6)
+        rows[(path.rsplit(" > ", 1)[-1], service)] = (int(n), *map(float, nums))
+    # the whole request is the root: it starts at 0 and outlasts every span in it
+    root = rows[("POST /v1/chat/completions", "pdmesh-gateway")]
+    assert root[1] == 0.0
+    transfer = rows[("kv.transfer", "pdmesh-prefill")]
+    assert transfer[0] >= 1 and 0 < transfer[1] and 0 < transfer[3] <= root[3]
+    assert rows[("prefill.compute", "pdmesh-prefill")][3] > 0
 
 
 def scrape(url: str) -> dict[tuple, float]:

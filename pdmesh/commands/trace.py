@@ -2,7 +2,8 @@
 
 The file is what `--trace-file` makes every service append to (or a Collector's file
 exporter output). By default it prints the newest request trace (one with a GenAI span);
-`--trace-id`, `--last N`, `--all` and `--list` choose otherwise.
+`--trace-id`, `--last N`, `--all` and `--list` choose otherwise; `--summary` prints,
+over the chosen traces, each span's median start and duration (where the time goes).
 """
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="every trace, not only requests (registrations too)")
     show.add_argument("--list", action="store_true",
                       help="one line per trace: id, root span, services, duration")
+    show.add_argument("--summary", action="store_true",
+                      help="over the chosen traces (e.g. --last 100): each span's median and "
+                           "P90 start and duration, i.e. where a request's time goes")
 
 
 def run(args: argparse.Namespace) -> int:
     from pdmesh.telemetry.otlp_file import read_spans
-    from pdmesh.telemetry.trace_view import build_traces, render_trace, traces_by_start
+    from pdmesh.telemetry.trace_view import (build_traces, render_trace, summarize_traces,
+                                             traces_by_start)
 
     try:
         roots = build_traces(read_spans(args.file))
@@ -40,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         print(f"pdmesh trace: no matching trace in {args.file}", file=sys.stderr)
         return 1
+    if args.summary:
+        print(summarize_traces([roots[t] for t in ids]))
+        return 0
     for t in ids:
         if args.list:
             r = roots[t][0]
