@@ -190,8 +190,8 @@ def test_trace_show_summary_says_where_the_time_goes(traced_mesh):
     assert out.returncode == 0, out.stderr
     rows = {}
     for line in out.stdout.splitlines()[2:]:
-        path, service, n, *nums = line.rsplit(maxsplit=6)
-        rows[(path.rsplit(" > ", 1)[-1], service)] = (int(n), *map(float, nums))
+        name, service, n, *nums = line.rsplit(maxsplit=6)
+        rows[(name.strip(), service)] = (int(n), *map(float, nums))
     # the whole request is the root: it starts at 0 and outlasts every span in it
     root = rows[("POST /v1/chat/completions", "pdmesh-gateway")]
     assert root[1] == 0.0

@@ -94,21 +94,24 @@ def _walk(spans: list[SpanRecord]):
 def summarize_traces(traces: list[list[SpanRecord]]) -> str:
     """Where the time goes over many request traces: one row per span (its tree path of
     names, "a > b", and its service), the traces it is in, and the median / P90 of its start after
-    the trace's first span and of its duration, in ms. Rows in order of median start."""
+    the trace's first span and of its duration, in ms. Rows in order of median start,
+    each name indented by its depth."""
     rows: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for roots in traces:
         spans = list(_walk_paths(roots, ""))
         t0 = min(s.start_ns for _, s in spans)
         for path, s in spans:
             rows[(path, s.service)].append(((s.start_ns - t0) / 1e6, s.duration_s * 1e3))
-    width = max((len(p) for p, _ in rows), default=4)
-    lines = [f"{len(traces)} traces; start and duration after the trace's first span, ms",
-             f"{'span':<{width}}  {'service':<16} {'n':>5} {'start p50':>10} {'p90':>8} "
+    width = 46
+    lines = [f"{len(traces)} traces; start (after the trace's first span) and duration, ms",
+             f"{'span':<{width}} {'service':<16} {'n':>5} {'start p50':>10} {'p90':>8} "
              f"{'dur p50':>9} {'p90':>8}"]
     for (path, service), vals in sorted(rows.items(), key=lambda kv: _median(
             [v[0] for v in kv[1]])):
         starts, durs = [v[0] for v in vals], [v[1] for v in vals]
-        lines.append(f"{path:<{width}}  {service:<16} {len(vals):>5} {_median(starts):>10.1f} "
+        depth, name = path.count(" > "), path.rsplit(" > ", 1)[-1]
+        label = ("  " * depth + name)[:width]  # indented by its depth in the tree
+        lines.append(f"{label:<{width}} {service:<16} {len(vals):>5} {_median(starts):>10.1f} "
                      f"{_quantile(starts, 0.9):>8.1f} {_median(durs):>9.1f} "
                      f"{_quantile(durs, 0.9):>8.1f}")
     return "\n".join(lines)
