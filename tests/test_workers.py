@@ -2,6 +2,7 @@
 loopback, called exactly as the gateway calls them (Generate and Prefill concurrently)."""
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -28,6 +29,10 @@ WAITING = ("--waiting-timeout", "6")  # decode: KV must arrive within 6 s
 PROMPT = [1, 504, 3575, 314, 253, 2113, 28, 940, 3458, 30, 198, 504, 1345, 282, 260, 2371,
           314, 1345, 17, 198]
 GREEDY = cpb.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+# the workers' device (PDMESH_DEVICE, inherited): on a GPU the same tests run the pair's
+# KV over CUDA IPC (one GPU, two processes) instead of shared memory
+DEVICE = os.environ.get("PDMESH_DEVICE", "cpu")
+SAME_HOST_PATH = "ipc" if DEVICE.startswith("cuda") else "shm"
 
 
 class Mesh:
@@ -69,10 +74,10 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def expected(default_model):
-    """Offline greedy output of the runtime alone for PROMPT."""
+    """Offline greedy output of the runtime alone for PROMPT, on the workers' device."""
     from pdmesh import Engine, SamplingParams
 
-    engine = Engine(loaded=default_model, num_pages=16)
+    engine = Engine(loaded=default_model, num_pages=16, device=DEVICE)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     return engine.generate(prompt_token_ids=PROMPT, params=params)[0].token_ids
 
@@ -113,9 +118,11 @@ def test_pd_greedy_equals_offline(mesh, expected):
     assert last.finish_reason == cpb.FINISH_REASON_LENGTH
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 16)
     assert pre.timings.prefill_s > 0 and pre.timings.transfer_s > 0
-    # the pair is on one host: the KV went by shared memory, so this module's kill -9
-    # and timeout tests run on that path (Mooncake's: tests/test_serve.py, --kv-path)
-    assert metric(mesh.prefill.metrics_url, "pdmesh_kv_transfer_bytes_total", path="shm") > 0
+    # the pair is on one host: the KV went by shared memory (CUDA IPC on a GPU), so this
+    # module's kill -9 and timeout tests run on that path (Mooncake's: tests/test_serve.py,
+    # --kv-path)
+    assert metric(mesh.prefill.metrics_url, "pdmesh_kv_transfer_bytes_total",
+                  path=SAME_HOST_PATH) > 0
     assert wait_until(lambda: all_free(mesh.d), 5)
     assert wait_until(lambda: prefill_all_free(mesh), 5)
 
