@@ -141,6 +141,11 @@ class EngineConfig:
     # gives a lone CPU worker every core here and one fewer for decode steps (the gateway
     # streams then; during a prefill step it idles): commands/serve.py
     prefill_threads: int | None = None
+    # on CPU, the nice value (0..19) of the thread that steps the engine and of the OpenMP
+    # threads it starts; 0 = unchanged. `pdmesh serve` sets 19 for a decode worker that
+    # shares the cores with prefill workers, so prompts go first across processes as
+    # prefill goes first inside one engine (runtime/threads.py)
+    cpu_nice: int = 0
     # attention backend: "auto" = triton on CUDA; on CPU "cpu" (C++ paged decode kernel,
     # runtime/cpu_attention.py) where it builds, else "torch"
     attention_backend: str = "auto"
@@ -165,6 +170,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        if not 0 <= self.cpu_nice <= 19:
+            raise ValueError(f"cpu_nice must be in 0..19, got {self.cpu_nice}")
         if any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
             raise ValueError(f"cuda_graph_batch_sizes must be >= 1, got {self.cuda_graph_batch_sizes}")
         if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
@@ -221,6 +228,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_CHUNKED_PREFILL_SIZE": ("chunked_prefill_size", int),
     "PDMESH_NUM_THREADS": ("num_threads", int),
     "PDMESH_PREFILL_THREADS": ("prefill_threads", int),
+    "PDMESH_CPU_NICE": ("cpu_nice", int),
     "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),

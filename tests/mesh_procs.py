@@ -118,13 +118,19 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
 SERVE_TOKEN = "pdmesh-test-cluster-token"
 
 
-def start_serve(*args: str, token: str | None = SERVE_TOKEN,
+def start_serve(*args: str, token: str | None = SERVE_TOKEN, thread_rule: bool = False,
                 ) -> tuple[subprocess.Popen, str, list[str]]:
     """Start `pdmesh serve` with cluster token `token` (None: serve mints one); return
-    (process, REST base URL, its output lines so far)."""
+    (process, REST base URL, its output lines so far). Its workers run one thread each,
+    unless `thread_rule`: then serve picks their threads and priorities itself, as for a
+    user (commands/placement.py)."""
     env = worker_env(PDMESH_CLUSTER_TOKEN=token or "")
     if token is None:
         del env["PDMESH_CLUSTER_TOKEN"]
+    if thread_rule:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "PDMESH_CPU_NICE",
+                  "PDMESH_NUM_THREADS", "PDMESH_PREFILL_THREADS"):
+            env.pop(k, None)
     proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
                              "--grpc-port", "0", "--heartbeat-interval", "0.5", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -208,3 +214,29 @@ def metric(url: str, name: str, **labels: str) -> float:
             if s.name == name and s.labels == labels:
                 return s.value
     return 0.0
+
+
+def child_pids(parent: int, role: str) -> list[int]:
+    """Pids of `parent`'s children whose command line is `pdmesh <role> ...`."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if not d.isdigit() or int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            argv = open(f"/proc/{d}/cmdline").read().split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if role in argv[:4]:
+            out.append(int(d))
+    return out
+
+
+def thread_nices(pid: int) -> list[int]:
+    """The nice value of every thread of process `pid`."""
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.append(os.getpriority(os.PRIO_PROCESS, int(t)))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return out

@@ -14,10 +14,10 @@ import asyncio
 import re
 import signal
 
-import grpc
 import pytest
 
-from mesh_procs import SERVE_TOKEN, start_serve, wait_until, worker_addresses
+from mesh_procs import (SERVE_TOKEN, child_pids, start_serve, thread_nices, wait_until,
+                        worker_addresses)
 from pdmesh import auth
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -123,8 +123,27 @@ ENGINE_PROCESS = "--worker-arg=--engine-process"
                          ids=["1P1D", "2P1D", "colocated", "1P1D-engine-process",
                               "colocated-engine-process"])
 def test_256_concurrent_streams_complete_and_free_every_page(layout):
+    run_bursts(layout)
+
+
+def test_256_concurrent_streams_with_serves_own_threads_and_priorities():
+    """1P1D as a user runs it: serve picks the workers' threads, and the decode worker's
+    engine thread steps at nice 19 beside the prefill (the tests above run one thread
+    each, which turns that rule off)."""
+    layout = ("--prefill", "1", "--decode", "1")
+    nices = run_bursts(layout, check=lambda proc: (
+        max(thread_nices(child_pids(proc.pid, "decode")[0])),
+        max(thread_nices(child_pids(proc.pid, "prefill")[0]))))
+    assert nices == (19, 0)  # (decode, prefill): the highest nice of any of its threads
+
+
+def run_bursts(layout, check=None):
+    """256 REST streams (and, at 1P1D, 256 gRPC ones at once) through `pdmesh serve
+    <layout>`; every one completes and every page comes back. Returns `check(proc)`, run
+    while the mesh is up."""
     # a 4 s lease: 512 streams on 2 shared cores must not cost a worker its registration
-    proc, base, lines = start_serve(*layout, pool_flag(), "--heartbeat-interval", "2")
+    proc, base, lines = start_serve(*layout, pool_flag(), "--heartbeat-interval", "2",
+                                    thread_rule=check is not None)
     try:
         # 1P1D takes the REST and the gRPC bursts at once: 512 streams
         both = layout[1] == "1" and layout[3] == "1"
@@ -141,6 +160,7 @@ def test_256_concurrent_streams_complete_and_free_every_page(layout):
                    for text, n, reason in results), results[:3]
         assert all(n == MAX_TOKENS for n in grpc_results), grpc_results[:3]
         assert wait_until(lambda: pages_back(lines), 20), "KV pages leaked"
+        return check(proc) if check else None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines[-40:])

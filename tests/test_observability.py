@@ -2,7 +2,6 @@
 `openai` client, the trace file every service appends to, every service's /metrics."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -11,16 +10,12 @@ import sys
 import time
 import urllib.request
 
-import grpc
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_procs import metrics_urls, start_serve, terminate, wait_until
 from pdmesh.telemetry.otlp_file import read_spans
-from pdmesh.telemetry.trace_view import build_traces
-from pdmesh.v1 import registry_pb2 as rpb
-from pdmesh.v1 import registry_pb2_grpc as rpb_grpc
 
 # long enough that prefill dominates TTFT (the parts must add up within 10%)
 PROMPT = ("Summarise the history of the printing press in Europe, from Gutenberg's "

@@ -6,6 +6,7 @@ applies the count of each step's kind in the thread that steps it."""
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 
 import pytest
@@ -18,7 +19,7 @@ from pdmesh.commands.worker_common import configs_from_args
 from pdmesh.config import EngineConfig
 
 THREAD_ENV = ("OMP_NUM_THREADS", "PDMESH_NUM_THREADS", "PDMESH_PREFILL_THREADS",
-              "OMP_WAIT_POLICY")
+              "OMP_WAIT_POLICY", "PDMESH_CPU_NICE")
 
 
 C, P, D = "colocated", "prefill", "decode"
@@ -33,13 +34,25 @@ C, P, D = "colocated", "prefill", "decode"
     ([P, D, D], 16, [(16, 7), (5, 7), (5, 7)]),
 ])
 def test_serve_thread_rule(roles, cores, want):
-    """(prefill threads, decode threads) per worker; passive waits only where workers
-    share the cores."""
+    """(prefill threads, decode threads) per worker; passive waits where workers share the
+    cores, except a PD mesh's prefill workers, whose decode workers step at nice 19."""
+    pd = set(roles) == {P, D}
     for i, (prefill, decode) in enumerate(want):
         got = serve.worker_threads(roles, i, cores, {})
-        shared = {"OMP_WAIT_POLICY": "PASSIVE"} if len(roles) > 1 else {}
+        extra = {"OMP_WAIT_POLICY": "PASSIVE"} if len(roles) > 1 else {}
+        if pd:
+            extra = {"OMP_WAIT_POLICY": "PASSIVE", "PDMESH_CPU_NICE": "19"} \
+                if roles[i] == D else {}
         assert got == {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
-                       "PDMESH_NUM_THREADS": str(decode), **shared}
+                       "PDMESH_NUM_THREADS": str(decode), **extra}
+
+
+def test_serve_thread_rule_with_colocated_workers_keeps_priorities():
+    """A colocated worker beside a prefill worker prefills too: nobody is niced, everyone
+    waits passively."""
+    for i in range(2):
+        got = serve.worker_threads([P, C], i, 2, {})
+        assert got["OMP_WAIT_POLICY"] == "PASSIVE" and "PDMESH_CPU_NICE" not in got
 
 
 def test_serve_thread_rule_respects_the_environment():
@@ -56,6 +69,7 @@ def test_serve_children_get_the_rule(monkeypatch):
     pre, dec = serve._worker_env([P, D], "token")
     assert (pre["PDMESH_PREFILL_THREADS"], dec["PDMESH_PREFILL_THREADS"]) == ("2", "1")
     assert dec["PDMESH_NUM_THREADS"] == "1" and dec["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert dec["PDMESH_CPU_NICE"] == "19" and "OMP_WAIT_POLICY" not in pre  # prefill first
     (alone,) = serve._worker_env([C], "token")  # a lone worker: OpenMP's spinning waits
     assert alone["PDMESH_PREFILL_THREADS"] == "2" and "OMP_WAIT_POLICY" not in alone
     assert pre["PDMESH_CLUSTER_TOKEN"] == dec["PDMESH_CLUSTER_TOKEN"] == "token"
@@ -110,6 +124,31 @@ def test_engine_without_thread_settings_leaves_them(default_model):
     seen = _threads_per_kind(e)
     assert len(seen["prefill"] | seen["decode"]) == 1  # never switched
     assert torch.get_num_threads() == before
+
+
+def test_cpu_nice_lowers_the_stepping_thread_only(default_model):
+    """The thread that steps the engine takes cpu_nice at its first step, the OpenMP
+    threads it starts inherit it, and the process's other threads keep theirs."""
+    e = Engine(loaded=default_model, num_pages=64, num_threads=1, prefill_threads=2,
+               cpu_nice=19)
+    seen = []
+    run = e.runner.run
+
+    def spy(batch):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return run(batch)
+    e.runner.run = spy
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = set(os.listdir("/proc/self/task"))
+    _threads_per_kind(e)
+    assert seen and set(seen) == {19}
+    # the stepping thread's OpenMP pool (2 prefill threads: one more thread) outlives it
+    # at nice 19 (the tokenizer's threads, started before the first step, keep 0)
+    new = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+    assert any(os.getpriority(os.PRIO_PROCESS, t) == 19 for t in new)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    with pytest.raises(ValueError, match="cpu_nice"):
+        EngineConfig(cpu_nice=20)
 
 
 def test_prefill_threads_keep_greedy_tokens(default_model):

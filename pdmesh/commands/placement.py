@@ -57,8 +57,12 @@ def worker_threads(roles: list[str], i: int, cores: int, env: dict[str, str]) ->
     instead of spinning on a core another engine needs (a 2-thread prefill beside one busy
     core: 372 ms a step passive, 592 spinning). A lone worker keeps OpenMP's default waits
     (spin ~3 ms, then sleep): its threads have the cores, and passive waits made its
-    512-token prefill step 288 ms instead of 197. Measured on 2 cores:
-    benchmarks/results/2026-11-30-cpu-spin-idle.md, 2026-11-30-cpu-vs-vllm-threads.md."""
+    512-token prefill step 288 ms instead of 197. So do the prefill workers of a mesh of
+    prefill and decode workers only, whose decode workers step at nice 19
+    (PDMESH_CPU_NICE, runtime/threads.py): a prefill step's threads then find their cores
+    free, as a lone worker's do, and prompts go first across processes. Measured on 2
+    cores: benchmarks/results/2026-11-30-cpu-spin-idle.md, 2026-11-30-cpu-vs-vllm-threads.md,
+    2026-11-30-cpu-nice-decode.md."""
     if "OMP_NUM_THREADS" in env:
         return {}
     prefillers = sum(r != "decode" for r in roles) or 1
@@ -66,7 +70,10 @@ def worker_threads(roles: list[str], i: int, cores: int, env: dict[str, str]) ->
     prefill = max(1, cores // (prefillers if roles[i] != "decode" else len(roles)))
     out = {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
            "PDMESH_NUM_THREADS": str(max(1, (cores - 1) // decoders))}
-    if len(roles) > 1:
+    pd = set(roles) == {"prefill", "decode"}  # prefill first across the processes
+    if pd and roles[i] == "decode":
+        out["PDMESH_CPU_NICE"] = "19"
+    if len(roles) > 1 and not (pd and roles[i] == "prefill"):
         out["OMP_WAIT_POLICY"] = "PASSIVE"
     return {k: v for k, v in out.items() if k not in env}
 

@@ -72,7 +72,8 @@ class Engine:
         self.config = cfg
         if cfg.num_threads and cfg.device == "cpu":
             torch.set_num_threads(cfg.num_threads)  # loading's ops too
-        self.threads = StepThreads(cfg.device, cfg.num_threads, cfg.prefill_threads)
+        self.threads = StepThreads(cfg.device, cfg.num_threads, cfg.prefill_threads,
+                                   cfg.cpu_nice)
         loaded = loaded or load_model(cfg.model)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         dtype = resolve_dtype(cfg.dtype, cfg.device)
