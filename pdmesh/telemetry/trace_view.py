@@ -93,9 +93,9 @@ def _walk(spans: list[SpanRecord]):
 
 def summarize_traces(traces: list[list[SpanRecord]]) -> str:
     """Where the time goes over many request traces: one row per span (its tree path of
-    names, "a > b", and its service), the traces it is in, and the median / P90 of its start after
-    the trace's first span and of its duration, in ms. Rows in order of median start,
-    each name indented by its depth."""
+    names, "a > b", and its service): the traces it is in, and the median / P90 of its
+    start after the trace's first span and of its duration, in ms. Rows in order of
+    median start, each name indented by its depth."""
     rows: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for roots in traces:
         spans = list(_walk_paths(roots, ""))
