@@ -112,7 +112,7 @@ def test_attention_layouts_match_softmax_attention(dtype):
     # step 3: one decode token for seq 0 alone, then a batched decode of both
     ctx = {0: (kc, vc), 1: full[9]}
     for batch in ([0], [0, 1]):
-        spans, qs = [], []
+        spans = []
         for j, i in enumerate(batch):
             n = ctx[i][0].shape[0] + 1
             spans.append(SeqSpan(j, 1, n, tables[i][: -(-n // page)]))
@@ -167,8 +167,12 @@ def test_cpu_forward_matches_torch_forward_every_arch(tmp_path, arch):
 def test_bf16_fast_path_tracks_fp32(default_model):
     """bf16 CpuForward (packed oneDNN weights, eager prefill attention with bf16 scores) on
     the default model: logits off the fp32 run's by at most twice what transformers' op
-    order in bf16 (numerics=reference) is off, the same argmax, and the same values as the
-    unpacked F.linear fallback (both oneDNN)."""
+    order in bf16 (numerics=reference) is off, the same argmax unless fp32's top two are
+    closer than that bf16 error (a tie bf16 may break either way: it did on a CPU without
+    native bf16, margin 0.08 against an error of 1.0), and the same values as the unpacked
+    F.linear fallback where the CPU has native bf16 (both the same oneDNN kernel; elsewhere
+    as close as the reference). A sequence whose token differed is compared no further:
+    its next logits are for another text."""
     mk = lambda **kw: Engine(loaded=default_model, page_size=16, num_pages=64, **kw)  # noqa: E731
     bf = mk(dtype="bfloat16")
     assert bf.runner.kv.dtype == torch.bfloat16 and bf.runner.cpu_forward.onednn
@@ -177,9 +181,20 @@ def test_bf16_fast_path_tracks_fp32(default_model):
     a = _logits(bf, prompts, 3)
     b = _logits(mk(dtype="float32"), prompts, 3)
     ref = _logits(mk(dtype="bfloat16", numerics="reference"), prompts, 3)
+    alive = torch.ones(len(prompts), dtype=torch.bool)  # same tokens so far in all three
+    rows, errs = [], []  # per step: the rows compared, the bf16 reference's error there
     for x, y, r in zip(a, b, ref):
-        assert (x - y).abs().max() <= 2 * (r - y).abs().max(), ((x - y).abs().max(), (r - y).abs().max())
-        assert torch.equal(x.argmax(-1), y.argmax(-1))
+        rows.append(alive.clone())
+        x, y, r = x[alive], y[alive], r[alive]
+        err = (r - y).abs().max()
+        errs.append(err)
+        assert (x - y).abs().max() <= 2 * err, ((x - y).abs().max(), err)
+        top = y.topk(2, -1).values
+        same = x.argmax(-1) == y.argmax(-1)
+        assert bool((same | (top[:, 0] - top[:, 1] <= err)).all()), (x.argmax(-1), y.argmax(-1))
+        same &= r.argmax(-1) == y.argmax(-1)
+        alive[alive.clone()] = same
+    assert alive.any()  # at least one sequence was compared at every step
     plain = Engine(loaded=default_model, dtype="bfloat16", page_size=16, num_pages=64)
     fwd = plain.runner.cpu_forward
     fwd.onednn = False
@@ -190,5 +205,8 @@ def test_bf16_fast_path_tracks_fp32(default_model):
                   for (w_in, _, b_qkv, _, w_post, _, _, a_), lin
                   in zip(fwd.layers, fwd.lm.model.layers)]
     c = _logits(plain, prompts, 3)
-    for x, y in zip(a, c):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for x, y, alive, err in zip(a, c, rows, errs):
+        if cpu_has_native_bf16():  # one oneDNN kernel either way
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        else:  # F.linear takes another bf16 kernel there: as close as the reference
+            assert (x[alive] - y[alive]).abs().max() <= 2 * err
