@@ -219,14 +219,13 @@ def metric(url: str, name: str, **labels: str) -> float:
 def child_pids(parent: int, role: str) -> list[int]:
     """Pids of `parent`'s children whose command line is `pdmesh <role> ...`."""
     out = []
-    for d in os.listdir("/proc"):
+    for d in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if not d.isdigit() or int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) != parent:
-                continue
+            ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
             argv = open(f"/proc/{d}/cmdline").read().split("\0")
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
-        if role in argv[:4]:
+        if ppid == parent and role in argv[:4]:
             out.append(int(d))
     return out
 

@@ -1,8 +1,10 @@
 """CPU thread defaults: `pdmesh serve` gives each worker its share of the cores for
 prefill steps and one core fewer among them for decode steps, with passive OpenMP waits
-where several workers share the cores (a lone worker keeps OpenMP's spinning waits);
-a worker takes them from the environment or --threads / --prefill-threads; the engine
-applies the count of each step's kind in the thread that steps it."""
+where several workers share the cores (a lone worker, and the prefill workers of a
+prefill + decode mesh, keep OpenMP's spinning waits), and the decode workers of such a
+mesh nice 19; a worker takes them from the environment or --threads / --prefill-threads;
+the engine applies the count of each step's kind, and the nice value, in the thread that
+steps it."""
 from __future__ import annotations
 
 import argparse
@@ -39,10 +41,10 @@ def test_serve_thread_rule(roles, cores, want):
     pd = set(roles) == {P, D}
     for i, (prefill, decode) in enumerate(want):
         got = serve.worker_threads(roles, i, cores, {})
-        extra = {"OMP_WAIT_POLICY": "PASSIVE"} if len(roles) > 1 else {}
-        if pd:
-            extra = {"OMP_WAIT_POLICY": "PASSIVE", "PDMESH_CPU_NICE": "19"} \
-                if roles[i] == D else {}
+        passive = len(roles) > 1 and not (pd and roles[i] == P)
+        extra = {"OMP_WAIT_POLICY": "PASSIVE"} if passive else {}
+        if pd and roles[i] == D:
+            extra["PDMESH_CPU_NICE"] = "19"
         assert got == {"OMP_NUM_THREADS": str(prefill), "PDMESH_PREFILL_THREADS": str(prefill),
                        "PDMESH_NUM_THREADS": str(decode), **extra}
 

@@ -6,7 +6,7 @@ and while it runs nothing streams (prefill goes first), so the gateway and the w
 RPC thread idle; a decode step is hundreds of small ops, where a second thread gains
 little and, on a shared host, an OpenMP barrier waiting for a descheduled thread costs a
 lot (benchmarks/results/2026-11-30-cpu-vs-vllm-threads.md). `pdmesh serve` picks both
-counts per worker (commands/serve.py).
+counts per worker (commands/placement.py).
 
 Why a nice value: a decode worker beside a prefill worker on the same cores takes the core
 a prefill step's second thread needs, and every step waits for its slowest thread; at nice

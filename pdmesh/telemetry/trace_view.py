@@ -12,6 +12,7 @@ its duration, then the attributes worth reading (gen_ai.*, pdmesh.*, rpc status)
 from __future__ import annotations
 
 from collections import defaultdict
+from statistics import median
 
 from pdmesh.telemetry.otlp_file import SpanRecord
 
@@ -106,14 +107,15 @@ def summarize_traces(traces: list[list[SpanRecord]]) -> str:
     lines = [f"{len(traces)} traces; start (after the trace's first span) and duration, ms",
              f"{'span':<{width}} {'service':<16} {'n':>5} {'start p50':>10} {'p90':>8} "
              f"{'dur p50':>9} {'p90':>8}"]
-    for (path, service), vals in sorted(rows.items(), key=lambda kv: _median(
-            [v[0] for v in kv[1]])):
-        starts, durs = [v[0] for v in vals], [v[1] for v in vals]
+    stats = [(median(v[0] for v in vals), path, service, vals)
+             for (path, service), vals in rows.items()]
+    for start, path, service, vals in sorted(stats, key=lambda r: r[0]):
+        durs = [v[1] for v in vals]
         depth, name = path.count(" > "), path.rsplit(" > ", 1)[-1]
         label = ("  " * depth + name)[:width]  # indented by its depth in the tree
-        lines.append(f"{label:<{width}} {service:<16} {len(vals):>5} {_median(starts):>10.1f} "
-                     f"{_quantile(starts, 0.9):>8.1f} {_median(durs):>9.1f} "
-                     f"{_quantile(durs, 0.9):>8.1f}")
+        lines.append(f"{label:<{width}} {service:<16} {len(vals):>5} {start:>10.1f} "
+                     f"{_p90([v[0] for v in vals]):>8.1f} {median(durs):>9.1f} "
+                     f"{_p90(durs):>8.1f}")
     return "\n".join(lines)
 
 
@@ -125,12 +127,7 @@ def _walk_paths(spans: list[SpanRecord], prefix: str):
         yield from _walk_paths(s.children, path)
 
 
-def _quantile(xs: list[float], q: float) -> float:
+def _p90(xs: list[float]) -> float:
+    """Nearest-rank 90th percentile (the largest of fewer than ten)."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
