@@ -10,6 +10,11 @@ growing history, the assistant's real replies) and stops the mesh. Settings:
                the gateway knows that policy (added by another change; skipped otherwise)
   on+cache_cost    the cache plus `--prefill-policy cache_cost` (least uncached + queued
                prompt tokens), likewise only when the gateway knows it
+  on+pd_auto   the cache plus `--pd-mode auto` at the gateway: per request, prefill on the
+               prefill worker or on the decode itself (which, with decode-side reuse,
+               holds the conversation so far), whichever predicts the lower TTFT
+  off+pd_auto  `--pd-mode auto` without the cache (only when named in --settings): what
+               per-request disaggregation alone does
 
 `--compare decode-reuse` compares instead (prefix cache on in both):
 
@@ -122,6 +127,12 @@ def gateway_metrics(base: str) -> str:
     return fetch(base.rsplit("/v1", 1)[0] + "/metrics")
 
 
+def pd_mode_counts(text: str) -> dict[str, float]:
+    """{remote|local: requests routed so far} from the gateway's metrics text."""
+    return {m: float(v) for m, v in re.findall(
+        r'^pdmesh_gateway_pd_mode_requests_total\{pd_mode="(\w+)"\} (\S+)$', text, re.M)}
+
+
 def parts_table(runs: dict[str, dict]) -> str:
     """Mean TTFT parts (ms) of the bench's PD requests, from the gateway's metrics."""
     names = list(runs)
@@ -174,7 +185,10 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
             print(res.stdout[-3000:] + res.stderr[-3000:])
         bench_bytes = kv_bytes(lines) - b0
         split = [int(b - a) for a, b in zip(s0, prefill_transfers(lines))]
-        parts = mean_parts_ms(gateway_metrics(base), m0)
+        m1 = gateway_metrics(base)
+        parts = mean_parts_ms(m1, m0)
+        before = pd_mode_counts(m0)
+        modes = {k: int(v - before.get(k, 0.0)) for k, v in pd_mode_counts(m1).items()}
         turn_bytes = bytes_per_turn(base, lines, *probe)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -182,7 +196,8 @@ def run_setting(name: str, serve_args: list[str], bench_args: list[str], out: Pa
     doc = json.loads(out.read_text())
     return doc["runs"][0] | {"system_prompt_tokens": doc["config"].get("system_prompt_tokens"),
                              "kv_bytes": bench_bytes, "kv_bytes_per_turn": turn_bytes,
-                             "ttft_parts_ms": parts, "transfers_per_prefill": split}
+                             "ttft_parts_ms": parts, "transfers_per_prefill": split,
+                             "pd_modes": modes}
 
 
 def bytes_table(runs: dict[str, dict]) -> str:
@@ -240,7 +255,8 @@ def main() -> None:
     ap.add_argument("--compare", choices=("prefix-cache", "decode-reuse"),
                     default="prefix-cache", help="what the settings switch (see above)")
     ap.add_argument("--settings", nargs="+", default=None, metavar="NAME",
-                    help="run only these settings (off, on, on+cache_aware, on+cache_cost); off "
+                    help="run only these settings (off, on, on+cache_aware, on+cache_cost, "
+                    "on+pd_auto, off+pd_auto); off "
                     "is needed for the ratios")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="passed to every `pdmesh serve` (e.g. --serve-arg=--kv-checksum=off)")
@@ -268,6 +284,11 @@ def main() -> None:
             settings.append(("on+cache_cost", ["--gateway-arg=--prefill-policy=cache_cost"]))
     else:
         print("cache_aware prefill routing: not available in this checkout (skipped)")
+    if a.compare == "prefix-cache":
+        auto = "--gateway-arg=--pd-mode=auto"
+        settings.append(("on+pd_auto", [auto]))
+        if a.settings and "off+pd_auto" in a.settings:
+            settings.append(("off+pd_auto", ["--worker-arg=--no-prefix-cache", auto]))
     if a.settings:  # in the order given (alternate them across repeats)
         settings = [s for n in a.settings for s in settings if s[0] == n]
     print("bench args: " + " ".join(bench_args), flush=True)
@@ -289,6 +310,9 @@ def main() -> None:
         print(table(runs))
         print(bytes_table(runs))
         print(parts_table(runs))
+        print("prefilled where (gateway's pd_mode choices, bench run): " + "; ".join(
+            f"{n} " + (", ".join(f"{k} {v}" for k, v in sorted(r["pd_modes"].items())) or "-")
+            for n, r in runs.items()))
         print("KV transfers per prefill over the bench run: " + "; ".join(
             f"{n} {r['transfers_per_prefill']}" for n, r in runs.items()))
         if "off" not in runs:

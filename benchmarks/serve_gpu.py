@@ -261,8 +261,11 @@ def engine_worker(spec_path: str) -> int:
         todo, live, recs = list(reversed(prompts)), {}, []
 
         def add() -> None:
+            # the clock starts before add_request, which tokenizes the text: the mesh's
+            # TTFT includes the gateway's tokenizing too (before 2026-12-01 it started after)
+            t = time.perf_counter()
             rid = engine.add_request(prompt=todo.pop(), params=params)
-            live[rid] = [time.perf_counter(), None, None, []]  # start, first, last, itl
+            live[rid] = [t, None, None, []]  # start, first, last, itl
 
         for _ in range(min(conc, len(todo))):
             add()

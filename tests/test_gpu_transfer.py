@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdmesh.transfer import mirror
+from pdmesh.transfer import mirror, plan
 from pdmesh.transfer import choose_mode, make_kv_transport
 from pdmesh.transfer.staged import StagedTransport
 
@@ -26,8 +26,8 @@ def test_choose_mode():
 
 
 def test_page_runs():
-    assert mirror.page_runs([3, 4, 5, 9, 1, 2]) == [(3, 3), (9, 1), (1, 2)]
-    assert mirror.page_runs([]) == []
+    assert plan.page_runs([3, 4, 5, 9, 1, 2]) == [(3, 3), (9, 1), (1, 2)]
+    assert plan.page_runs([]) == []
 
 
 def _pools(device: str, pages: int = 12):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -28,30 +27,11 @@ from pdmesh.runtime.loader import LoadedModel, load_model
 from pdmesh.runtime.model import CausalLM
 from pdmesh.runtime.model_runner import KVAlloc, ModelRunner, num_pages_for, resolve_dtype
 from pdmesh.runtime.prefix_cache import PrefixCache
-from pdmesh.runtime.request import Mode, Request, Status
+from pdmesh.runtime.request import Mode, Request, RequestOutput, Status
 from pdmesh.runtime.sampler import SamplingRow, make_generator, sample
 from pdmesh.runtime.sampling_params import SamplingParams
-from pdmesh.runtime.scheduler import Batch, Scheduler
+from pdmesh.runtime.scheduler import Scheduler
 from pdmesh.runtime.threads import StepThreads
-
-
-@dataclass
-class RequestOutput:
-    """A request's progress after a step: everything so far plus this step's delta."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-    logprobs: list[Any] | None = None  # per token: SampledToken (logprob, top_logprobs)
-    pages: list[int] = field(default_factory=list)  # PREFILL_ONLY: pages holding the prompt KV
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    index: int = 0  # n > 1: which sequence of its request (request_id: fork.child_id)
 
 
 class Engine:

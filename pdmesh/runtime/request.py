@@ -93,3 +93,22 @@ class Request:
     def remaining_kv_tokens(self) -> int:
         """Tokens of KV it may still add after its prefill_target (max_tokens permitting)."""
         return max(0, self.kv_tokens_needed() - self.prefill_target)
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress after a step: everything so far plus this step's delta."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[Any] | None = None  # per token: SampledToken (logprob, top_logprobs)
+    pages: list[int] = field(default_factory=list)  # PREFILL_ONLY: pages holding the prompt KV
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    index: int = 0  # n > 1: which sequence of its request (request_id: fork.child_id)

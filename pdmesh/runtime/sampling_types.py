@@ -4,11 +4,12 @@ for them (sampler.sample dispatches to gpu_sampler; gpu_sampler needs only these
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from pdmesh.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # torch-free at run time: an --engine-process worker's RPC process uses
+    import torch  # SampledToken without torch
 
 
 @dataclass

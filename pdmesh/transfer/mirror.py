@@ -14,15 +14,7 @@ from typing import Sequence
 
 import torch
 
-def page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
-    """[(start, count)] runs of consecutive page ids, in order."""
-    runs: list[tuple[int, int]] = []
-    for p in pages:
-        if runs and p == runs[-1][0] + runs[-1][1]:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return runs
+from pdmesh.transfer.plan import page_runs
 
 
 class KVMirror:

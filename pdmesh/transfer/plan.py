@@ -46,3 +46,14 @@ def runs_to_descriptors(runs: Sequence[Run], src_base: int, dst_base: int,
     dst = [dst_base + d * bytes_per_page for _, d, _ in runs]
     lengths = [n * bytes_per_page for _, _, n in runs]
     return src, dst, lengths
+
+
+def page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
+    """[(start, count)] runs of consecutive page ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for p in pages:
+        if runs and p == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs

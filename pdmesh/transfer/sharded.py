@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from pdmesh.transfer.base import TransferStats
 from pdmesh.transfer.layout import KVRank
-from pdmesh.transfer.mirror import page_runs
+from pdmesh.transfer.plan import page_runs
 
 STAGING_PAGES = 64  # logical pages per staged write (the buffer: this many pages)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdmesh.runtime.sampler import SampledToken
+from pdmesh.runtime.sampling_types import SampledToken
 from pdmesh.runtime.sampling_params import SamplingParams
 from pdmesh.v1 import common_pb2 as cpb
 

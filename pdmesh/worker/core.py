@@ -87,6 +87,10 @@ class EngineCore:
         if use_transport:
             with self._phase("KV transport"):
                 self._make_transport(config)
+            if config.kv_checksum != "off" and self.ranks is None:
+                from pdmesh.transfer.checksum import warm_up
+
+                warm_up(self.pool)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:

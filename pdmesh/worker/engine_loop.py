@@ -17,12 +17,14 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from pdmesh.runtime.engine import Engine
-from pdmesh.runtime.request import Request
 from pdmesh.worker.commands import (Abort, Add, Adopt, Command, EngineStats, FailStep, Held,
                                     Hold, MakeRequest, Release, SlowDown)
+
+if TYPE_CHECKING:  # the RPC process of an --engine-process worker never imports torch
+    from pdmesh.runtime.engine import Engine
+    from pdmesh.runtime.request import Request
 
 log = logging.getLogger(__name__)
 OnEvents = Callable[[list[Any]], None]

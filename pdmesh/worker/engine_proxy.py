@@ -178,7 +178,7 @@ class EngineProcess:
     def _unpack(self, ev: Any) -> Any:
         if not isinstance(ev, tuple):
             return ev  # Held
-        from pdmesh.runtime.engine import RequestOutput
+        from pdmesh.runtime.request import RequestOutput
 
         rid, new, new_text, finished, reason, stop_reason, lps, pages, cached, sched, i = ev
         acc = self._acc.setdefault(rid, [[], [], ""])

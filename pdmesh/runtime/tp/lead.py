@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from pdmesh.runtime.engine import RequestOutput
+from pdmesh.runtime.request import RequestOutput
 from pdmesh.runtime.sampling_params import SamplingParams
 from pdmesh.runtime.tp.driver import TPRunner
 from pdmesh.runtime.tp.launch import TPSpec, launch
