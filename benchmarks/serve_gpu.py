@@ -584,7 +584,7 @@ def fmt_ms(x: float) -> str:
 
 
 def report(args, res: dict, meta: dict) -> str:
-    L = [f"# serve_gpu: engine alone vs `pdmesh serve` colocated vs 1P1D", "",
+    L = ["# serve_gpu: engine alone vs `pdmesh serve` colocated vs 1P1D", "",
          f"- date: {meta['date']}", f"- device: {meta['device']}",
          f"- git: {meta['git']}", f"- command: `{meta['command']}`",
          f"- workload: {args.input_len} random token ids -> text "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdmesh.transfer import mirror, plan
+from pdmesh.transfer import plan
 from pdmesh.transfer import choose_mode, make_kv_transport
 from pdmesh.transfer.staged import StagedTransport
 
