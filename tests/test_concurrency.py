@@ -123,24 +123,21 @@ ENGINE_PROCESS = "--worker-arg=--engine-process"
                          ids=["1P1D", "2P1D", "colocated", "1P1D-engine-process",
                               "colocated-engine-process"])
 def test_256_concurrent_streams_complete_and_free_every_page(layout):
-    mapped = run_bursts(layout, check=torch_in_rpc_processes if ENGINE_PROCESS in layout
-                        else None)
-    # with the engine in a process of its own, the workers' RPC processes never load torch
-    # (3.2 s of a GPU worker's start on an H200 host): not at start, not serving 512 streams
+    # the gateway never loads torch, nor, with the engine in a process of its own, do the
+    # workers' RPC processes (importing it: 3.2 s of a GPU worker's start on an H200 host):
+    # not at start, not serving 512 streams
+    roles = ("gateway", "prefill", "decode") if ENGINE_PROCESS in layout else ("gateway",)
+    mapped = run_bursts(layout, check=lambda proc: torch_mapped(proc, roles))
     assert not mapped, mapped
 
 
-def torch_in_rpc_processes(proc) -> dict[int, str]:
-    """{pid: role} of serve's worker RPC processes that have libtorch mapped."""
-    out, seen = {}, 0
-    for role in ("prefill", "decode"):  # a colocated worker runs `pdmesh decode --role ...`
-        for pid in child_pids(proc.pid, role):
-            seen += 1
-            with open(f"/proc/{pid}/maps") as f:
-                if "libtorch" in f.read():
-                    out[pid] = role
-    assert seen, "no worker process found"
-    return out
+def torch_mapped(proc, roles) -> dict[int, str]:
+    """{pid: role} of serve's children of these roles that have libtorch mapped."""
+    pids = {role: child_pids(proc.pid, role) for role in roles}
+    # every layout has a gateway and a decode (a colocated worker is `pdmesh decode ...`)
+    assert pids["gateway"] and pids.get("decode", [0]), pids
+    return {pid: role for role, ps in pids.items() for pid in ps
+            if "libtorch" in open(f"/proc/{pid}/maps").read()}
 
 
 def test_256_concurrent_streams_with_serves_own_threads_and_priorities():

