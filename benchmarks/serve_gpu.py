@@ -262,7 +262,7 @@ def engine_worker(spec_path: str) -> int:
 
         def add() -> None:
             # the clock starts before add_request, which tokenizes the text: the mesh's
-            # TTFT includes the gateway's tokenizing too (before 2026-12-01 it started after)
+            # TTFT includes the gateway's tokenizing too (until 0e7f09b it started after)
             t = time.perf_counter()
             rid = engine.add_request(prompt=todo.pop(), params=params)
             live[rid] = [t, None, None, []]  # start, first, last, itl

@@ -81,9 +81,8 @@ def load_gguf_cached(path: Path, read: Reader) -> tuple[ModelConfig, dict[str, t
 
 def cached_config(path: Path) -> ModelConfig | None:
     """The ModelConfig an earlier load of this GGUF left in the cache, from the file's
-    header alone (no tensor read, no torch, no GGUF parse: 2.9 s on the dev CPU, the
-    gateway's whole start on an H200 host's slow cores); None when there is none or it
-    is stale or unreadable."""
+    header alone (no tensor read, no torch, no GGUF parse: that parse took 2.9 s on the
+    dev CPU); None when there is none or it is stale or unreadable."""
     from pdmesh.config import weights_cache_enabled
 
     file = cache_path(path)
