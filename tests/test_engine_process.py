@@ -52,7 +52,13 @@ def test_same_tokens_and_logprobs_as_the_engine_in_process(default_model):
     want = engine.generate(prompt_token_ids=prompts, params=GREEDY)
 
     async def main():
-        eng = AsyncEngine(process=EngineProcess(colocated(), ENGINE, use_transport=False))
+        proc = EngineProcess(colocated(), ENGINE, use_transport=False)
+        # the ready line's parts: every phase of the child's start, in order
+        names = [name for name, _ in proc.info.phases]
+        assert names[0] == "engine process start" and names[1].startswith("imports")
+        assert names[-1] == "engine loop start, gc freeze"
+        assert all(s >= 0 for _, s in proc.info.phases)
+        eng = AsyncEngine(process=proc)
         # before any command: the pool as it is (a worker registers with these)
         assert eng.stats.num_pages == eng.stats.free_pages == 300
         try:

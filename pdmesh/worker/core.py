@@ -35,6 +35,18 @@ class CoreInfo:
     pid: int = 0
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _shared_kv_alloc() -> Any:
     """shm.alloc_pool where shared memory works (Linux memfd), else None (torch.zeros)."""
     try:

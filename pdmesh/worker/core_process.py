@@ -29,6 +29,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
@@ -173,17 +174,22 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     sys.setswitchinterval(switch)
-    try:
-        from pdmesh.worker.core import EngineCore
+    from pdmesh.worker.core import EngineCore, process_age_s
 
+    age = process_age_s()  # the interpreter's start and this module's imports
+    try:
         core = EngineCore(worker_cfg, engine_cfg, use_transport)
     except Exception as e:  # the front prints it and exits like an in-process start
         log.exception("engine core failed to start")
         conn.send(("start_failed", f"{type(e).__name__}: {e}"))
         return 1
+    if age is not None:
+        core.phases.insert(0, ("engine process start", age))
+    t = time.monotonic()
     server = CoreServer(conn, core)
     server.loop.start()  # publishes the first stats: the worker registers with them
     freeze_startup_objects()  # no 100+ ms full collections over the model's objects
+    core.phases.append(("engine loop start, gc freeze", time.monotonic() - t))
     server.send(("hello", core.info(), server.loop.stats))
     server.serve()
     return 0

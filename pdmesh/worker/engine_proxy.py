@@ -14,6 +14,7 @@ thread; only its Future's result is set on the loop's thread.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import logging
 import os
@@ -30,6 +31,13 @@ from pdmesh.worker.commands import Abort, Add, EngineStats, Hold, Release
 log = logging.getLogger(__name__)
 
 
+def _import_tokenizer_classes() -> None:
+    try:
+        getattr(importlib.import_module("transformers"), "PreTrainedTokenizerFast")
+    except Exception:  # the hello's unpickling says what is wrong, if anything
+        pass
+
+
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, failed, or exited."""
 
@@ -40,6 +48,10 @@ class EngineProcess:
     def __init__(self, worker_cfg: Any, engine_cfg: Any, use_transport: bool) -> None:
         """Start the child and wait until its engine is built (raises EngineProcessError
         with the child's reason if it could not start)."""
+        # the hello carries the tokenizer: unpickling it imports transformers' tokenizer
+        # classes (1 s on the dev CPU, more on an H200 host), done here while the child
+        # builds its engine instead of after
+        threading.Thread(target=_import_tokenizer_classes, daemon=True).start()
         mine, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdmesh.worker.core_process", str(theirs.fileno())],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,6 +23,7 @@ from pdmesh.services.common.kv import TransportReceiver
 from pdmesh.services.common.kv_engine import EngineGate
 from pdmesh.v1 import registry_pb2 as rpb
 from pdmesh.worker.aio_engine import AsyncEngine
+from pdmesh.worker.core import process_age_s
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,9 @@ class Startup:
 
     def line(self) -> str:
         parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.phases)
-        age = _process_age_s()
+        age = process_age_s()
         since = "" if age is None else f"{age:.1f} s after the process started, "
         return f"{since}{time.monotonic() - self.t0:.1f} s after imports ({parts})"
-
-
-def _process_age_s() -> float | None:
-    """Seconds since this process started (Linux /proc), None elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class WorkerHost:
