@@ -135,7 +135,7 @@ def torch_mapped(proc, roles) -> dict[int, str]:
     """{pid: role} of serve's children of these roles that have libtorch mapped."""
     pids = {role: child_pids(proc.pid, role) for role in roles}
     # every layout has a gateway and a decode (a colocated worker is `pdmesh decode ...`)
-    assert pids["gateway"] and pids.get("decode", [0]), pids
+    assert all(pids[r] for r in ("gateway", "decode") if r in pids), pids
     return {pid: role for role, ps in pids.items() for pid in ps
             if "libtorch" in open(f"/proc/{pid}/maps").read()}
 

@@ -14,7 +14,6 @@ thread; only its Future's result is set on the loop's thread.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import itertools
 import logging
 import os
@@ -33,7 +32,9 @@ log = logging.getLogger(__name__)
 
 def _import_tokenizer_classes() -> None:
     try:
-        getattr(importlib.import_module("transformers"), "PreTrainedTokenizerFast")
+        import transformers
+
+        transformers.PreTrainedTokenizerFast  # a lazy module: the attribute imports it
     except Exception:  # the hello's unpickling says what is wrong, if anything
         pass
 
