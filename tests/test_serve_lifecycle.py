@@ -109,3 +109,55 @@ def test_b_sigkill_of_serve_takes_every_child_down(tmp_path):
     print(f"children gone {time.monotonic() - t0:.1f} s after SIGKILL of serve")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", gateway), timeout=5)
+
+
+def _launch_log(monkeypatch, fail: str = "") -> tuple[list[tuple[str, str]], list, Exception | None]:
+    """launch() of 2P1D with spawn/wait_ready faked: (the calls in order, the children,
+    the error); `fail`: the child whose wait_ready raises StartError."""
+    import argparse
+
+    from pdmesh.commands import serve as sv
+
+    calls: list[tuple[str, str]] = []
+
+    def spawn(name, argv, env):
+        calls.append(("spawn", name))
+        return sv.Child(name, None, threading.Event(), address=f"127.0.0.1:{len(calls)}")
+
+    def wait_ready(child, timeout, stop, said=None):
+        calls.append(("wait", child.name))
+        assert timeout > 0
+        if child.name == fail:
+            raise sv.StartError(f"{child.name} did not start")
+
+    monkeypatch.setattr(sv, "spawn", spawn)
+    monkeypatch.setattr(sv, "wait_ready", wait_ready)
+    p = argparse.ArgumentParser()
+    sv.add_arguments(p)
+    children: list = []
+    try:
+        sv.launch(p.parse_args(["--prefill", "2", "--decode", "1"]), children, threading.Event())
+    except sv.StartError as e:
+        return calls, children, e
+    return calls, children, None
+
+
+def test_workers_start_together_then_the_gateway(monkeypatch):
+    """Every worker is spawned before the first is waited for (a 2P2D mesh on 2 CPU cores
+    was ready in 18.3 s one after another, 11.8 s together); the gateway comes last."""
+    calls, children, err = _launch_log(monkeypatch)
+    workers = ["prefill-0", "prefill-1", "decode-2"]
+    assert err is None
+    assert calls == [("spawn", "registry"), ("wait", "registry"),
+                     *[("spawn", w) for w in workers], *[("wait", w) for w in workers],
+                     ("spawn", "gateway"), ("wait", "gateway")]
+    assert [c.name for c in children] == ["registry", *workers, "gateway"]
+
+
+def test_a_worker_failing_to_start_leaves_every_started_child_to_stop(monkeypatch):
+    """The caller stops what `children` holds: the workers started beside the failed one
+    are in it, the gateway never started."""
+    calls, children, err = _launch_log(monkeypatch, fail="prefill-0")
+    assert isinstance(err, Exception) and "prefill-0" in str(err)
+    assert [c.name for c in children] == ["registry", "prefill-0", "prefill-1", "decode-2"]
+    assert ("spawn", "gateway") not in calls

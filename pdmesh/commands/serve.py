@@ -142,15 +142,16 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     return child
 
 
-def wait_ready(child: Child, timeout: float, stop: threading.Event) -> None:
+def wait_ready(child: Child, timeout: float, stop: threading.Event,
+               said: float | None = None) -> None:
     """Until `child` says it is listening; StartError if it exits, times out or a stop
-    was asked for first."""
+    was asked for first. `said`: the timeout to name in the error (default `timeout`)."""
     deadline = time.monotonic() + timeout
     while not child.ready.wait(0.1):
         if stop.is_set():
             raise StartError(f"stopped while {child.name} was starting")
         if time.monotonic() > deadline:
-            raise StartError(f"{child.name} did not start within {timeout:g} s")
+            raise StartError(f"{child.name} did not start within {said or timeout:g} s")
     if not child.address:  # its output ended: it exited (or is about to)
         try:
             code = child.proc.wait(5)
@@ -238,8 +239,8 @@ def restart_argv(c: Child) -> list[str]:
 
 
 def launch(args: argparse.Namespace, children: list[Child], stop: threading.Event) -> None:
-    """Start registry, workers, then the gateway, appending each to `children` as soon as
-    it is spawned (so the caller can stop it whatever fails next)."""
+    """Start the registry, the workers (together), then the gateway, appending each to
+    `children` as soon as it is spawned (so the caller can stop it whatever fails next)."""
     def start(name: str, argv: list[str], env: dict[str, str]) -> Child:
         children.append(spawn(name, argv, env))
         wait_ready(children[-1], args.ready_timeout, stop)
@@ -258,9 +259,14 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
     roles = worker_roles(args)
     envs = _worker_env([name for name, _ in roles], token)
     gpus = gpu_assignment(args.gpus, [tp for _, tp in roles])
+    # the workers start together (a mesh is ready in one worker's start, not the sum of
+    # them); their caches (weights, kernel tuning, the CPU kernel build) are safe for that
+    deadline = time.monotonic() + args.ready_timeout
     for i, ((name, tp), env, ids) in enumerate(zip(roles, envs, gpus)):
-        start(f"{name}-{i}", ROLE_ARGV[name] + _tp(tp) + common,
-              env if ids is None else dict(env, CUDA_VISIBLE_DEVICES=ids))
+        children.append(spawn(f"{name}-{i}", ROLE_ARGV[name] + _tp(tp) + common,
+                              env if ids is None else dict(env, CUDA_VISIBLE_DEVICES=ids)))
+    for w in children[1:]:
+        wait_ready(w, max(0.0, deadline - time.monotonic()), stop, args.ready_timeout)
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),
                       *tel, *args.gateway_arg], _env(token))
