@@ -39,6 +39,10 @@ class FakeEngine:
             raise ValueError("token ids must be >= 0")
         return SimpleNamespace(request_id=request_id, prompt_len=len(ids), mode=mode)
 
+    async def start(self, ids, params, request_id, mode):
+        req = await self.make_request(ids, params, request_id, mode)
+        return req, self.add(req)
+
     def add(self, req) -> OutputStream:
         self.added.append(req.request_id)
         s = self.streams[req.request_id] = OutputStream()

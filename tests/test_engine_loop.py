@@ -9,7 +9,8 @@ import pytest
 from pdmesh import Engine, SamplingParams
 from pdmesh.runtime.request import Mode
 from pdmesh.worker.aio_engine import AsyncEngine
-from pdmesh.worker.commands import Abort, Add, Adopt, EngineStats, Held, Hold, MakeRequest
+from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, Held, Hold, MakeRequest,
+                                    Start)
 from pdmesh.worker.engine_loop import EngineLoop
 from pdmesh.worker.streams import StreamClosed
 
@@ -199,6 +200,28 @@ def test_errors_come_back_through_the_future(engine):
             loop.submit(MakeRequest([10 ** 9], GREEDY, "bad", Mode.GENERATE)).result(10)
     finally:
         loop.stop()
+
+
+def test_start_makes_and_queues_in_one_command(engine):
+    """Start = MakeRequest + Add in one turn: its result is the engine's queued Request;
+    a bad one raises and queues nothing."""
+    events: list = []
+    loop = EngineLoop(engine, events.extend).start()
+    try:
+        with pytest.raises(ValueError):
+            loop.submit(Start([10 ** 9], GREEDY, "bad", Mode.GENERATE)).result(10)
+        assert "bad" not in engine.requests and loop.stats.waiting == 0
+        req = loop.submit(Start([1, 2, 3, 4], GREEDY, "s", Mode.GENERATE)).result(10)
+        assert engine.requests.get("s") is req
+        for _ in range(200):
+            if any(getattr(e, "finished", False) for e in list(events)):
+                break
+            threading.Event().wait(0.05)
+    finally:
+        loop.stop()
+    outs = [e for e in events if getattr(e, "request_id", None) == "s"]
+    assert outs[-1].finished and len(outs[-1].token_ids) == GREEDY.max_tokens
+    assert engine.stats()["used_pages"] == 0
 
 
 def test_stopped_loop_refuses_work(default_model):

@@ -105,6 +105,36 @@ def test_abort_frees_pages_and_a_bad_request_is_a_value_error(default_model):
     assert busy > 0 and stats.used_pages == 0 and stats.running == 0
 
 
+def test_start_is_one_trip_and_a_bad_start_queues_nothing(default_model):
+    """AsyncEngine.start (make + add) sends one command, not MakeRequest then Add; the
+    front's copy of the request gets its scheduled time from the events that follow the
+    reply in the same read; a bad one is a ValueError and leaves nothing queued."""
+    engine = Engine(loaded=default_model, config=ENGINE)
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    want = engine.generate(prompt_token_ids=[ids], params=GREEDY)[0].token_ids
+
+    async def main():
+        proc = EngineProcess(colocated(), ENGINE, use_transport=False)
+        sent, send = [], proc.conn.send
+        proc.conn.send = lambda msg: (msg[0] == "cmd" and sent.append(type(msg[2]).__name__),
+                                      send(msg))[1]
+        eng = AsyncEngine(process=proc)
+        try:
+            with pytest.raises(ValueError, match="token"):  # the engine's check, not the front's
+                await eng.start([1, 10 ** 9], GREEDY, "bad", Mode.GENERATE)
+            bad = eng.stats
+            req, stream = await eng.start(ids, GREEDY, "s0", Mode.GENERATE)
+            return bad, req, await drain(stream), sent, eng.stats
+        finally:
+            await asyncio.to_thread(eng.stop)
+    bad, req, outs, sent, stats = run(main())
+    assert bad.waiting == bad.running == 0 and bad.used_pages == 0
+    assert sent == ["Start", "Start"]  # no MakeRequest + Add pair
+    assert [t for o in outs for t in o.new_token_ids] == want
+    assert req.request_id == "s0" and req.scheduled_time is not None
+    assert stats.used_pages == 0 and stats.running == 0
+
+
 def test_engine_failure_and_a_killed_core_end_streams_with_engine_failed(default_model):
     async def scenario(kill: bool):
         proc = EngineProcess(colocated(), ENGINE, use_transport=False)

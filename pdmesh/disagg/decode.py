@@ -112,15 +112,17 @@ class DecodeProtocol:
         room = self.rooms[room_id] = DecodeRoom(room_id, prefill_address,
                                                 n=getattr(params, "n", 1))
         try:
-            mode = self.adopted_mode if prefill_address else self.generate_mode
             try:
-                req = await self.engine.make_request(token_ids, params, room.request_id, mode)
+                if prefill_address:
+                    req = await self.engine.make_request(token_ids, params, room.request_id,
+                                                         self.adopted_mode)
+                else:  # made and queued in one trip to the engine
+                    _, room.stream = await self.engine.start(token_ids, params,
+                                                             room.request_id, self.generate_mode)
             except ValueError as e:
                 raise RoomError(Code.INVALID_ARGUMENT, str(e)) from None
             if prefill_address:
                 await self._pull_kv(room, req)
-            else:
-                room.stream = self.engine.add(req)
             first = True
             while not room.finished:
                 outs = await self._next(room.stream, 1 if first else self.stream_interval)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from pdmesh.runtime.fork import member_ids
 from pdmesh.worker.commands import (Abort, Add, Adopt, EngineStats, FailStep, Held, Hold,
-                                    MakeRequest, Release, SlowDown)
+                                    MakeRequest, Release, SlowDown, Start)
 from pdmesh.worker.engine_loop import EngineLoop
 from pdmesh.worker.failure import FailureListeners
 from pdmesh.worker.streams import EngineFailed, OutputStream, StreamClosed
@@ -53,6 +53,22 @@ class AsyncEngine:
         Outputs carry text only with `detokenize` (or stop strings to match)."""
         return await self._call(MakeRequest(list(prompt_token_ids), params, request_id, mode,
                                             detokenize))
+
+    async def start(self, prompt_token_ids: Sequence[int], params: Any, request_id: str,
+                    mode: Any, detokenize: bool = False) -> tuple[Any, OutputStream]:
+        """make_request + add in one trip to the engine: (the Request, its stream). A
+        ValueError says what is wrong, and then nothing was queued."""
+        stream = self._open(request_id, getattr(params, "n", 1))
+        try:
+            req = await self._call(Start(list(prompt_token_ids), params, request_id, mode,
+                                         detokenize))
+        except ValueError:
+            self._forget(request_id)
+            raise
+        except BaseException:  # cancelled: it may be queued already, the Abort follows it
+            self.abort(request_id)
+            raise
+        return req, stream
 
     def add(self, req: Any) -> OutputStream:
         """Queue `req`; its outputs arrive in the returned stream (with n > 1, every

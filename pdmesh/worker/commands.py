@@ -31,6 +31,19 @@ class Add:
 
 
 @dataclass(frozen=True)
+class Start:
+    """MakeRequest, then Add, in one command: one trip to the engine, not two (with the
+    engine in its own process each trip waits for the step under way to end). Result:
+    the Request, already queued; ValueError if bad, and then nothing is queued."""
+
+    prompt_token_ids: Sequence[int]
+    params: Any  # SamplingParams
+    request_id: str
+    mode: Any  # GENERATE or PREFILL_ONLY
+    detokenize: bool = False
+
+
+@dataclass(frozen=True)
 class Hold:
     """Pre-allocate pages for an ADOPTED request (FIFO pre-allocation queue); a `Held`
     event follows once they are taken."""
@@ -73,7 +86,7 @@ class FailStep:
     """Fault injection (pdmesh.v1.Chaos, --chaos only): the next forward step raises."""
 
 
-Command = Union[MakeRequest, Add, Hold, Adopt, Abort, Release, SlowDown, FailStep]
+Command = Union[MakeRequest, Start, Add, Hold, Adopt, Abort, Release, SlowDown, FailStep]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pdmesh.aio import freeze_startup_objects
-from pdmesh.worker.commands import Abort, Add, Held, Hold, MakeRequest
+from pdmesh.worker.commands import Abort, Add, Held, Hold, MakeRequest, Start
 
 log = logging.getLogger(__name__)
 KV_THREADS = int(os.environ.get("PDMESH_KV_WRITER_THREADS", "4"))
@@ -49,6 +49,12 @@ def pack_output(out: Any, req: Any) -> tuple:
     sched = req.scheduled_time if req is not None else None
     return (out.request_id, new, out.new_text, out.finished, out.finish_reason,
             out.stop_reason, lps, out.pages, out.cached_tokens, sched, out.index)
+
+
+def _front_copy(req: Any) -> Any:
+    """The front's copy of a Request: without the engine's state (detokenizer, generator,
+    prefix cache nodes), which it never reads."""
+    return dataclasses.replace(req, detok=None, generator=None, cache_nodes=[])
 
 
 class CoreServer:
@@ -121,6 +127,8 @@ class CoreServer:
         value = None if err is not None else fut.result()
         if err is None and isinstance(cmd, MakeRequest):
             value = self._keep(value)
+        elif err is None and isinstance(cmd, Start):  # queued already: the engine has it
+            value = _front_copy(value)
         self.send(("res", cid, err is None, err if err is not None else value,
                    self.loop.stats))
 
@@ -129,7 +137,7 @@ class CoreServer:
         self._made[req.request_id] = req
         while len(self._made) > MADE_LIMIT:
             self._made.popitem(last=False)
-        return dataclasses.replace(req, detok=None, generator=None, cache_nodes=[])
+        return _front_copy(req)
 
     def _kv_call(self, kid: int, op: str, args: tuple) -> None:
         try:

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
 from pdmesh.worker.commands import (Abort, Add, Adopt, Command, EngineStats, FailStep, Held,
-                                    Hold, MakeRequest, Release, SlowDown)
+                                    Hold, MakeRequest, Release, SlowDown, Start)
 
 if TYPE_CHECKING:  # the RPC process of an --engine-process worker never imports torch
     from pdmesh.runtime.engine import Engine
@@ -82,10 +82,13 @@ class EngineLoop:
     def _process(self, cmd: Command) -> Any:
         eng = self.engine
         match cmd:
-            case MakeRequest():
-                return eng.make_request(prompt_token_ids=cmd.prompt_token_ids, params=cmd.params,
-                                        request_id=cmd.request_id, mode=cmd.mode,
-                                        detokenize=cmd.detokenize)
+            case MakeRequest() | Start():
+                req = eng.make_request(prompt_token_ids=cmd.prompt_token_ids, params=cmd.params,
+                                       request_id=cmd.request_id, mode=cmd.mode,
+                                       detokenize=cmd.detokenize)
+                if isinstance(cmd, Start):
+                    self._process(Add(req))
+                return req
             case Add(req=req):
                 eng.requests[req.request_id] = req
                 eng.scheduler.add(req)
