@@ -383,6 +383,15 @@ def profile_number(args, req_s: float | None, c: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # served modes
+def spawn_order(name: str) -> float:
+    """serve spawns the registry, then workers by their index (prefill-0, decode-1, ...),
+    then the gateway."""
+    if name == "registry":
+        return -1.0
+    tail = name.rsplit("-", 1)[-1]
+    return float(tail) if tail.isdigit() else math.inf
+
+
 class Serve:
     """`pdmesh serve ...` with its output timestamped, logged and scanned for readiness."""
 
@@ -398,6 +407,7 @@ class Serve:
         argv += [f"--gateway-arg={a}" for a in args.gateway_arg] + list(args.serve_arg)
         env = dict(os.environ, PDMESH_DEVICE=args.device, PYTHONUNBUFFERED="1")
         self.mode, self.lines, self.listening = mode, [], []  # (t, name)
+        self.worker_ready: dict[str, float] = {}  # name -> its own start, from its line
         self.ready_t: float | None = None
         self.url: str | None = None
         self.ready = threading.Event()
@@ -414,6 +424,8 @@ class Serve:
             self.logf.flush()
             if m := re.match(r"\[([\w-]+)\] .*listening on", line):
                 self.listening.append((t, m.group(1)))
+            if m := re.match(r"\[([\w-]+)\] \w+ ready ([\d.]+) s after the process", line):
+                self.worker_ready[m.group(1)] = float(m.group(2))
             if m := re.search(r"pdmesh serve: ready — .*gateway (\S+)", line):
                 self.url, self.ready_t = f"http://{m.group(1).rstrip(',')}/v1", t
                 self.ready.set()
@@ -428,16 +440,21 @@ class Serve:
         return self.url
 
     def ready_times(self) -> list[dict]:
-        """[{name, start_s, listening_s, took_s}] per child, in start order."""
+        """[{name, listening_s, took_s}] per child, in the order they listened. Workers
+        start together: each one's own `ready N s after the process started`; the
+        registry and the gateway (one line per process): since the line before."""
         rows, prev = [], 0.0
         for t, name in self.listening:
-            rows.append({"name": name, "start_s": prev, "listening_s": t, "took_s": t - prev})
+            own = self.worker_ready.get(name)
+            rows.append({"name": name, "listening_s": t,
+                         "took_s": own if own is not None else t - prev})
             prev = t
         return rows
 
     def children(self) -> dict[str, int]:
         """{name: pid} of serve's children, named as serve names them (registry, prefill-0,
-        decode-1, colocated-0, gateway): serve starts them one at a time in that order."""
+        decode-1, colocated-2, gateway) and spawned in that order (the workers together,
+        so they may listen in another)."""
         import psutil
         kids = []
         for ch in psutil.Process(self.proc.pid).children(recursive=False):
@@ -447,7 +464,7 @@ class Serve:
             except psutil.Error:
                 continue
         # a gateway of N processes prints N listening lines; serve has one gateway child
-        names = list(dict.fromkeys(name for _, name in self.listening))
+        names = sorted(dict.fromkeys(name for _, name in self.listening), key=spawn_order)
         kids.sort()
         if len(names) != len(kids):
             names = [f"child-{i}" for i in range(len(kids))]

@@ -99,9 +99,9 @@ def warm_up(pool: Any) -> None:
     """Digest a run of consecutive pages and a scattered list once, at start-up, so that
     no request pays for either path's first use (the gather in `_chunked`, lazily loaded
     kernels). Aimed at a 300-400 ms first digest inside a served request on an H200
-    (every later one ~1 ms); a slow first transfer was still seen once after it
-    (benchmarks/results/2026-11-30-gpu-worker-start.md), so it is not the only cause.
-    Reads pages 0 and 1 only; a no-op off a GPU."""
+    (every later one ~1 ms). The first digest on each new thread is slow as well: an
+    engine process runs this on every KV thread at start (core_process.py). Reads
+    pages 0 and 1 only; a no-op off a GPU."""
     if pool.device.type != "cuda" or pool.shape[0] < 2 or algo_for(pool) != WSUM64:
         return
     pages_checksum(pool, [0, 1])
