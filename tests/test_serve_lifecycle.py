@@ -161,3 +161,26 @@ def test_a_worker_failing_to_start_leaves_every_started_child_to_stop(monkeypatc
     assert isinstance(err, Exception) and "prefill-0" in str(err)
     assert [c.name for c in children] == ["registry", "prefill-0", "prefill-1", "decode-2"]
     assert ("spawn", "gateway") not in calls
+
+
+def test_ready_waits_for_every_gateway_process():
+    """With `--gateway-arg=--processes=3`, serve's ready line comes after the gateway
+    group says all 3 listen, not at the first process's echoed line (it did: requests
+    then all went to the one process up, and each other one's first request paid its
+    start-up later)."""
+    proc = serve("--port", "0", "--grpc-port", "0", "--gateway-arg=--processes=3", *LIGHT)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("pdmesh serve: ready"):
+                break
+        else:
+            pytest.fail("pdmesh serve did not come up:\n" + "".join(lines) + proc.stderr.read())
+        own = [i for i, x in enumerate(lines) if x.startswith("[gateway] [gateway-")
+               and "listening on" in x]
+        group = [i for i, x in enumerate(lines) if x.startswith("[gateway] gateway listening")]
+        assert len(own) == 3 and group and max(own) < group[0] < len(lines) - 1, lines
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

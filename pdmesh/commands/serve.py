@@ -131,7 +131,9 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     def pump() -> None:  # echo the child's stdout, prefixed; note its addresses
         for line in proc.stdout:
             print(f"[{name}] {line}", end="", flush=True)
-            m = _LISTENING.search(line)
+            # "[gateway-0] ... listening on": a line the child echoes from a child of its
+            # own (`gateway --processes N`): the child is ready at its own line only
+            m = None if line.startswith("[") else _LISTENING.search(line)
             if m and not child.ready.is_set():
                 mm = _METRICS.search(line)
                 child.address, child.metrics = m.group(1), mm.group(1) if mm else ""

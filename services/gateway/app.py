@@ -83,6 +83,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
                        ssl_context=material and tls.ssl_server_context(material))
     await site.start()
     rest_port = site._server.sockets[0].getsockname()[1]
+    await dispatcher.warm_up()
     freeze_startup_objects()
     on_ready(rest_port, grpc_port)
     try:

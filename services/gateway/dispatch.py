@@ -62,6 +62,15 @@ class Dispatcher:
         self.started = int(time.time())  # ListModels' "created"
         self.legs = Legs()
 
+    async def warm_up(self, timeout: float = 2.0) -> int:
+        """Before this process says it listens: wait (up to `timeout`) for the registry's
+        member list and open a channel to every worker in it, so no request pays for a
+        connection (each gateway process has its own). Returns the channels made ready."""
+        if not await asyncio.to_thread(self.pool.synced.wait, timeout):
+            return 0
+        return await self.legs.connect(sorted({w.address for w in self.pool.workers()}),
+                                       timeout)
+
     async def close(self) -> None:
         self.admission.close()
         await self.legs.close()

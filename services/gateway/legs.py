@@ -51,6 +51,17 @@ class Legs:
             stub = self._stubs[(address, cls)] = cls(self._channel(address))
         return stub
 
+    async def connect(self, addresses: list[str], timeout: float) -> int:
+        """Open the channels to these workers now, not on their first request; how many
+        became ready within `timeout` (a worker that did not is connected on first use)."""
+        async def one(address: str) -> bool:
+            try:
+                await asyncio.wait_for(self._channel(address).channel_ready(), timeout)
+                return True
+            except (asyncio.TimeoutError, grpc.RpcError):
+                return False
+        return sum(await asyncio.gather(*(one(a) for a in addresses)))
+
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()
