@@ -46,6 +46,16 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
                             env=env or worker_env(), start_new_session=True)
 
 
+def until_ready(proc: subprocess.Popen) -> list[str]:
+    """serve's output lines up to its ready line (the test fails if it never comes)."""
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("pdmesh serve: ready"):
+            return lines
+    pytest.fail("pdmesh serve did not come up:\n" + "".join(lines) + proc.stderr.read())
+
+
 @pytest.fixture
 def busy_port():
     """A port some other program is listening on."""
@@ -89,13 +99,7 @@ def test_b_sigkill_of_serve_takes_every_child_down(tmp_path):
         p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p),
         PDMESH_TEST_MOONCAKE="missing")
     proc = serve("--port", "0", "--grpc-port", "0", *LIGHT, env=env)
-    lines: list[str] = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("pdmesh serve: ready"):
-            break
-    else:
-        pytest.fail("pdmesh serve did not come up:\n" + "".join(lines) + proc.stderr.read())
+    lines = until_ready(proc)
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
     gateway = int(lines[-1].rsplit("gateway 127.0.0.1:", 1)[1].split()[0].rstrip(","))
     children = [p for p in session_procs(proc.pid) if p != proc.pid]
@@ -169,14 +173,8 @@ def test_ready_waits_for_every_gateway_process():
     then all went to the one process up, and each other one's first request paid its
     start-up later)."""
     proc = serve("--port", "0", "--grpc-port", "0", "--gateway-arg=--processes=3", *LIGHT)
-    lines: list[str] = []
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("pdmesh serve: ready"):
-                break
-        else:
-            pytest.fail("pdmesh serve did not come up:\n" + "".join(lines) + proc.stderr.read())
+        lines = until_ready(proc)
         own = [i for i, x in enumerate(lines) if x.startswith("[gateway] [gateway-")
                and "listening on" in x]
         group = [i for i, x in enumerate(lines) if x.startswith("[gateway] gateway listening")]
