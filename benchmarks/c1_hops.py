@@ -24,10 +24,10 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -38,24 +38,17 @@ PATHS = ("engine", "worker", "gateway-ids", "gateway-text", "rest")
 
 
 def start_mesh(serve_args: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:
-    """`pdmesh serve` with free ports; returns it and its addresses once it is ready."""
-    env = dict(os.environ, PDMESH_CLUSTER_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "serve", "--port", "0",
-                             "--grpc-port", "0", *serve_args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)
-    addr, lines = {}, []
-    for line in proc.stdout:
-        lines.append(line)
-        if m := re.search(r"gateway listening on (\S+) \(REST\) and (\S+) \(gRPC\)", line):
-            addr["rest"], addr["grpc"] = f"http://{m.group(1)}/v1", m.group(2)
-        if "pdmesh serve: ready —" in line:
-            addr["worker"] = re.search(r"(?:colocated|decode)-\d+ ([\d.:]+)", line).group(1)
-            threading.Thread(target=lambda: [print("  [serve]", x, end="") for x in proc.stdout
-                                             if "Traceback" in x or "ERROR" in x],
-                             daemon=True).start()
-            return proc, addr
-    raise RuntimeError("pdmesh serve did not start:\n" + "".join(lines[-30:]))
+    """`pdmesh serve` with free ports (multi_turn.start_serve, with this run's cluster
+    token); returns it and its addresses once it is ready."""
+    from multi_turn import start_serve
+
+    os.environ["PDMESH_CLUSTER_TOKEN"] = TOKEN  # the worker entry needs it
+    proc, base, lines = start_serve(serve_args)
+    text = "".join(lines)
+    return proc, {"rest": base,
+                  "grpc": re.search(r"\(REST\) and (\S+) \(gRPC\)", text).group(1),
+                  "worker": re.search(r"ready — .*?(?:colocated|decode)-\d+ ([\d.:]+)",
+                                      text).group(1)}
 
 
 class Engine:
@@ -202,7 +195,7 @@ async def run(args) -> dict[str, list[float]]:
             engine.close()
         return res
     finally:
-        os.killpg(proc.pid, 2)
+        proc.send_signal(signal.SIGINT)  # serve stops every service it started
         proc.wait(60)
 
 

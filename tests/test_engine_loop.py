@@ -209,9 +209,9 @@ def test_start_makes_and_queues_in_one_command(engine):
     loop = EngineLoop(engine, events.extend).start()
     try:
         with pytest.raises(ValueError):
-            loop.submit(Start([10 ** 9], GREEDY, "bad", Mode.GENERATE)).result(10)
+            loop.submit(Start(MakeRequest([10 ** 9], GREEDY, "bad", Mode.GENERATE))).result(10)
         assert "bad" not in engine.requests and loop.stats.waiting == 0
-        req = loop.submit(Start([1, 2, 3, 4], GREEDY, "s", Mode.GENERATE)).result(10)
+        req = loop.submit(Start(MakeRequest([1, 2, 3, 4], GREEDY, "s", Mode.GENERATE))).result(10)
         assert engine.requests.get("s") is req
         for _ in range(200):
             if any(getattr(e, "finished", False) for e in list(events)):

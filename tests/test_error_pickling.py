@@ -49,7 +49,6 @@ def test_an_unreadable_message_fails_the_waiting_calls_instead_of_hanging_them()
     proxy = object.__new__(EngineProcess)  # only the reader's state, no process
     waiting, failures = Future(), []
     proxy.conn, proxy._aio, proxy.error, proxy._pending = front, None, None, {1: waiting}
-    proxy._starts = set()
     proxy._on_failure, proxy._stopping = failures.append, False
     back.send_bytes(b"\x80\x05not a pickle")
     proxy._readable()

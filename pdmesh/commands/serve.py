@@ -263,11 +263,12 @@ def launch(args: argparse.Namespace, children: list[Child], stop: threading.Even
     gpus = gpu_assignment(args.gpus, [tp for _, tp in roles])
     # the workers start together (a mesh is ready in one worker's start, not the sum of
     # them); their caches (weights, kernel tuning, the CPU kernel build) are safe for that
-    deadline = time.monotonic() + args.ready_timeout
+    deadline, workers = time.monotonic() + args.ready_timeout, []
     for i, ((name, tp), env, ids) in enumerate(zip(roles, envs, gpus)):
-        children.append(spawn(f"{name}-{i}", ROLE_ARGV[name] + _tp(tp) + common,
-                              env if ids is None else dict(env, CUDA_VISIBLE_DEVICES=ids)))
-    for w in children[1:]:
+        workers.append(spawn(f"{name}-{i}", ROLE_ARGV[name] + _tp(tp) + common,
+                             env if ids is None else dict(env, CUDA_VISIBLE_DEVICES=ids)))
+        children.append(workers[-1])
+    for w in workers:
         wait_ready(w, max(0.0, deadline - time.monotonic()), stop, args.ready_timeout)
     start("gateway", ["gateway", "--registry", registry, "--model", args.model, "--host",
                       args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port),

@@ -60,8 +60,8 @@ class AsyncEngine:
         ValueError says what is wrong, and then nothing was queued."""
         stream = self._open(request_id, getattr(params, "n", 1))
         try:
-            req = await self._call(Start(list(prompt_token_ids), params, request_id, mode,
-                                         detokenize))
+            req = await self._call(Start(MakeRequest(list(prompt_token_ids), params, request_id,
+                                                     mode, detokenize)))
         except ValueError:
             self._forget(request_id)
             raise

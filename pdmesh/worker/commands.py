@@ -32,15 +32,11 @@ class Add:
 
 @dataclass(frozen=True)
 class Start:
-    """MakeRequest, then Add, in one command: one trip to the engine, not two (with the
-    engine in its own process each trip waits for the step under way to end). Result:
-    the Request, already queued; ValueError if bad, and then nothing is queued."""
+    """`make`, then Add, in one command: one trip to the engine, not two (with the engine
+    in its own process each trip waits for the step under way to end). Result: the
+    Request, already queued; ValueError if bad, and then nothing is queued."""
 
-    prompt_token_ids: Sequence[int]
-    params: Any  # SamplingParams
-    request_id: str
-    mode: Any  # GENERATE or PREFILL_ONLY
-    detokenize: bool = False
+    make: MakeRequest  # a GENERATE or PREFILL_ONLY request
 
 
 @dataclass(frozen=True)

@@ -82,12 +82,13 @@ class EngineLoop:
     def _process(self, cmd: Command) -> Any:
         eng = self.engine
         match cmd:
-            case MakeRequest() | Start():
-                req = eng.make_request(prompt_token_ids=cmd.prompt_token_ids, params=cmd.params,
-                                       request_id=cmd.request_id, mode=cmd.mode,
-                                       detokenize=cmd.detokenize)
-                if isinstance(cmd, Start):
-                    self._process(Add(req))
+            case MakeRequest():
+                return eng.make_request(prompt_token_ids=cmd.prompt_token_ids, params=cmd.params,
+                                        request_id=cmd.request_id, mode=cmd.mode,
+                                        detokenize=cmd.detokenize)
+            case Start(make=make):
+                req = self._process(make)
+                self._process(Add(req))
                 return req
             case Add(req=req):
                 eng.requests[req.request_id] = req

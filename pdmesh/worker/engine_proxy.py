@@ -72,7 +72,6 @@ class EngineProcess:
         self.error: BaseException | None = None
         self._ids = itertools.count()
         self._pending: dict[int, Future] = {}
-        self._starts: set[int] = set()  # ids of Start commands not answered yet
         self._send_lock = threading.Lock()
         self._acc: dict[str, list] = {}  # per request: [token ids, logprobs, text] so far
         self._reqs: dict[str, Any] = {}  # the front's Request copies (scheduled_time)
@@ -105,7 +104,10 @@ class EngineProcess:
         elif isinstance(cmd, (Abort, Release)):
             self._acc.pop(cmd.request_id, None)
             self._reqs.pop(cmd.request_id, None)
-        return self._send("cmd", cmd)
+        fut = self._send("cmd", cmd)
+        if isinstance(cmd, Start):
+            fut.add_done_callback(self._started)
+        return fut
 
     def kv_call(self, op: str, *args: Any) -> Future:
         """A KV data-plane call in the core (EngineCore.kv_op); any thread."""
@@ -142,14 +144,11 @@ class EngineProcess:
             return fut
         mid = next(self._ids)
         self._pending[mid] = fut
-        if kind == "cmd" and isinstance(body[0], Start):
-            self._starts.add(mid)
         try:
             with self._send_lock:
                 self.conn.send((kind, mid) + body)
         except OSError as e:
             self._pending.pop(mid, None)
-            self._starts.discard(mid)
             fut.set_exception(EngineProcessError(f"the engine process is gone ({e})"))
         if self.error is not None and self._pending.pop(mid, None) is not None:
             fut.set_exception(self.error)  # it died while we sent: nobody would answer
@@ -186,19 +185,18 @@ class EngineProcess:
         elif kind in ("res", "kvres"):
             if kind == "res":
                 self.stats = msg[4]
-                if msg[1] in self._starts:
-                    self._started(msg[1], msg[2], msg[3])
             fut = self._pending.pop(msg[1], None)
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_result(msg[3]) if msg[2] else fut.set_exception(msg[3])
         elif kind == "failed":
             self._die(EngineProcessError(msg[1]))
 
-    def _started(self, mid: int, ok: bool, req: Any) -> None:
-        """A Start's reply: its events may follow in this same read, before the caller
-        runs, so the front's copy is registered here (scheduled_time lands on it)."""
-        self._starts.discard(mid)
-        if ok:
+    def _started(self, fut: Future) -> None:
+        """A Start's reply, as it is read: its events may follow in this same read, before
+        the caller runs, so the front's copy is registered now (scheduled_time lands on
+        it). A concurrent Future runs this callback inside set_result."""
+        if not fut.cancelled() and fut.exception() is None:
+            req = fut.result()
             self._reqs[req.request_id] = req
 
     def _unpack(self, ev: Any) -> Any:
@@ -235,7 +233,6 @@ class EngineProcess:
 
     def _fail_pending(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}
-        self._starts.clear()
         for fut in pending.values():
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(error)
