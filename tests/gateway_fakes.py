@@ -24,7 +24,7 @@ from pdmesh.v1 import common_pb2 as cpb
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.v1 import registry_pb2 as rpb
 
-PREFILL_FAILS, SLOW, ECHO, FAILS_AFTER_FIRST = 666, 777, 888, 999
+PREFILL_FAILS, SLOW, ECHO, FAILS_AFTER_FIRST, ENDS_EARLY = 666, 777, 888, 999, 555
 
 
 class FakeMesh:
@@ -70,7 +70,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 mesh.active -= 1
 
     def _stream(self, request, context, reply, n):
-        mesh, sp = self.mesh, request.sampling_params
+        sp = request.sampling_params
         for i in range(n):
             if not context.is_active():
                 return
@@ -88,6 +88,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                                                completion_tokens=n,
                                                total_tokens=len(request.token_ids) + n))
             yield chunk
+            if sp.seed == ENDS_EARLY:
+                return  # status OK, no finish_reason: a broken worker
             if sp.seed == FAILS_AFTER_FIRST:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "fake decode died mid-stream")
 

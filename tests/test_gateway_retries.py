@@ -23,7 +23,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from gateway_fakes import FAILS_AFTER_FIRST, FakeMesh, start_worker
+from gateway_fakes import ENDS_EARLY, FAILS_AFTER_FIRST, FakeMesh, start_worker
 from pdmesh.config import GatewayConfig, gateway_config_from_env
 from pdmesh.services.gateway.breaker import (CLOSED, HALF_OPEN, OPEN, BreakerConfig, Breakers,
                                              CircuitBreaker, ResilienceMetrics, RetryPolicy)
@@ -245,6 +245,21 @@ def test_failure_after_first_token_is_not_retried(gateway, fakes):
     assert got  # the first token reached the client, then the error did
     assert sum(s.fake.calls for s in servers[1:]) == calls + 1
     assert retries(gateway[1]) == before
+
+
+def test_a_stream_ending_without_its_finish_is_an_error(gateway, fakes):
+    """A decode stream that ends OK after one token with no finish_reason fails the
+    request (never a short answer passed off as complete), streaming or not."""
+    fakes((rpb.WORKER_ROLE_PREFILL, False), (rpb.WORKER_ROLE_DECODE, False))
+    oai = openai.OpenAI(base_url=f"http://{gateway[1]}/v1", api_key="x", max_retries=0)
+    wait_routable(oai)
+    with pytest.raises(openai.APIStatusError, match="no worker could complete") as e:
+        oai.chat.completions.create(model="default", messages=HELLO, seed=ENDS_EARLY)
+    assert e.value.status_code == 503
+    with pytest.raises(openai.APIError):
+        for _ in oai.chat.completions.create(model="default", messages=HELLO, stream=True,
+                                             seed=ENDS_EARLY):
+            pass
 
 
 # ---- the must-show: kill -9 a real prefill under load ------------------------------

@@ -60,10 +60,20 @@ def test_modes(mode, algo, monkeypatch):
         assert got == (want if mode == "on" else None)  # read back only when "on"
 
 
-def test_chaos_corrupts_through_the_route_and_restores_the_source():
+def test_chaos_corrupts_through_the_route_and_never_touches_the_source(monkeypatch):
+    """The source pool is as it was at every write (the prefill's engine and the source
+    checksum, which runs beside the write, read it meanwhile): one byte changes in the
+    destination only."""
+    src, dst, router, tgt = pools()
+    before, seen = src.clone(), []
+    write = shm.ShmPeer.write_pages
+
+    def spy(self, *args):
+        seen.append(torch.equal(before.view(torch.uint8), src.view(torch.uint8)))
+        return write(self, *args)
+    monkeypatch.setattr(shm.ShmPeer, "write_pages", spy)
+
     async def main():
-        src, dst, router, tgt = pools()
-        before = src.clone()
         writer = TransportWriter(router, metrics(), threads=1, chaos=CorruptKV(1.0))
         await writer.write([1, 3], tgt)
         want, got = await writer.checksum([1, 3]), await writer.read_checksum(tgt, None)
@@ -71,10 +81,10 @@ def test_chaos_corrupts_through_the_route_and_restores_the_source():
         await writer.write([1, 3], tgt)  # the room's rewrite: clean
         again = await writer.read_checksum(tgt, None)
         writer.close()
-        return torch.equal(before.view(torch.uint8), src.view(torch.uint8)), want, got, \
-            changed, again
-    restored, want, got, changed, again = asyncio.run(main())
-    assert restored and changed == 1 and got != want and again == want
+        return want, got, changed, again
+    want, got, changed, again = asyncio.run(main())
+    assert seen and all(seen) and torch.equal(before.view(torch.uint8), src.view(torch.uint8))
+    assert changed == 1 and got != want and again == want
 
 
 @pytest.mark.parametrize("algo", ["xxh3", "crc32"])

@@ -188,6 +188,21 @@ def test_read_scratch_grows_and_results_are_owned(local, setup):
     assert one.data_ptr() != again.data_ptr()  # each call returns its own tensor
 
 
+def test_write_bytes_lands_those_bytes_only(local, setup):
+    """The corrupt-KV chaos hook's write: from the transport's scratch, not a pool."""
+    src, _, peer = setup
+    peer.reset()
+    before, pool = peer.digests(), src.clone()
+    bpp = peer.bytes_per_page
+    local.write_bytes(peer.session_id, peer.base + 3 * bpp + 7, bytes([1, 2]))
+    after = peer.digests()
+    assert [i for i in range(NUM_PAGES) if after[i] != before[i]] == [3]
+    got = local.read_pages(peer.session_id, peer.base, bpp, [3])[0]
+    assert got[7:9].tolist() == [1, 2]
+    assert bool((got[:7] == SENTINEL).all()) and bool((got[9:] == SENTINEL).all())
+    assert torch.equal(src.view(torch.uint8), pool.view(torch.uint8))
+
+
 def test_read_checks(local, setup):
     _, _, peer = setup
     with pytest.raises(ValueError, match="invalid page ids"):

@@ -147,7 +147,12 @@ def test_cpu_nice_lowers_the_stepping_thread_only(default_model):
 
     def spy(batch):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return run(batch)
+        out = run(batch)
+        # a 2-thread OpenMP region on this thread, whether or not the step's own ops went
+        # parallel: torch's thread state is the process's, and after other tests in the
+        # same process (pytest -n 2) a step once started no thread at all (CI, 12-01)
+        torch.ones(1 << 22).sum()
+        return out
     e.runner.run = spy
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     before = set(os.listdir("/proc/self/task"))

@@ -126,6 +126,19 @@ def test_write_pages_lands_scattered_pages_and_nothing_else(pools):
     p.close()
 
 
+def test_poke_sets_one_byte_of_the_peer_pool(pools):
+    local, peer = pools
+    p = IpcPeer(peer, local)
+    p.poke(2 * BPP + 5, 7)
+    got = peer_bytes(peer).view(-1)
+    assert got[2 * BPP + 5] == 7 and int((got != SENTINEL).sum()) == 1
+    with pytest.raises(ValueError, match="outside the peer pool"):
+        p.poke(10 * BPP, 1)
+    p.close()
+    with pytest.raises(TransferError):
+        p.poke(0, 1)
+
+
 @pytest.mark.parametrize("src,dst", [
     ([0, 1, 2, 3], [4, 5, 6, 7]),                  # one run: a single copy_
     ([4, 5, 0, 1], [8, 9, 2, 3]),                  # two runs: copy_ per run

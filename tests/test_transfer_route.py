@@ -35,6 +35,9 @@ class FakeTransport:
         time.sleep(self.delay)
         return b"".join(self.memory[p] for p in pages)
 
+    def write_bytes(self, session, addr, data) -> None:
+        self.writes.append((session, addr, data))
+
 
 class FakePeer:
     def __init__(self, memory: dict[int, bytes], delay: float, log: list) -> None:
@@ -182,6 +185,18 @@ def test_concurrent_first_writes_bind_once(fake_shm):
         t.join(10)
     assert len(fake_shm.peers) == 1
     assert sorted(w[1][0] for w in fake_shm.log if w[0] == "write") == list(range(8))
+
+
+def test_the_chaos_hook_pokes_the_destination_through_the_engine(fake_shm):
+    """corrupt_page reads the source page and changes one byte of the destination page
+    through the route (here the engine: at kv_base + page * bytes_per_page + offset)."""
+    import torch
+
+    eng = FakeTransport(fake_shm.memory)
+    r = rt.Router(eng, 0x2000, pool=torch.zeros(4, BPP, dtype=torch.uint8),
+                  bytes_per_page=BPP, path="mooncake", my_host=HOST)
+    r.corrupt_page(dest(), 1, 3)
+    assert eng.writes == [("127.0.0.1:1234", 0x1000 + 3 * BPP, bytes([0x7F]))]
 
 
 def test_unknown_path_is_refused():

@@ -212,6 +212,18 @@ class IpcPeer:
             self._run(peer, out, ids, list(range(len(ids))))
         return out
 
+    def poke(self, at: int, value: int) -> None:
+        """Set the peer pool's byte `at` (the corrupt-KV chaos hook); synchronous."""
+        with self._lock:
+            peer = self._peer
+            if peer is None:
+                raise TransferError(-1, "use of a closed IpcPeer")
+            if not 0 <= at < peer.numel():
+                raise ValueError(f"byte {at} is outside the peer pool ({peer.numel()} bytes)")
+            peer[at] = value
+            if peer.is_cuda:
+                torch.cuda.synchronize(peer.device)
+
     def close(self) -> None:
         """Drop the opened storage (torch unmaps the block and releases the exporter's
         reference once nothing here uses it). Idempotent; later calls raise TransferError."""

@@ -136,6 +136,12 @@ class LazyTransport(Transport):
             raise NotImplementedError(f"{type(inner).__name__} cannot read pages")
         return read(engine_session(peer_session), peer_base, bytes_per_page, peer_pages)
 
+    def write_bytes(self, dst_session: str, dst_addr: int, data: bytes) -> None:
+        """As MooncakeTransport.write_bytes (the corrupt-KV chaos hook)."""
+        _check_peer(dst_session)
+        self._live(f"a write to {engine_session(dst_session)}").write_bytes(
+            engine_session(dst_session), dst_addr, data)
+
     def land(self, pages: Sequence[int]) -> None:
         """Staged pages written by the engine: mirror -> pool (nothing before start)."""
         land = getattr(self._inner, "land", None)

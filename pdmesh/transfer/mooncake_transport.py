@@ -310,6 +310,21 @@ class MooncakeTransport(Transport):
                                         f"{nbytes} bytes, {len(pages)} pages)")
             return scratch[:nbytes].view(len(pages), bytes_per_page).clone()
 
+    def write_bytes(self, peer_session: str, peer_addr: int, data: bytes) -> None:
+        """Write `data` at the peer's address `peer_addr` (registered there) from the read
+        scratch (the corrupt-KV chaos hook: it never writes from a pool this worker's
+        engine reads). Blocks; TransferError if Mooncake fails."""
+        import torch
+
+        with self._read_lock:
+            engine, scratch = self._scratch_for(len(data))
+            scratch[:len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            rc, api = self._transfer(engine, "write", engine_session(peer_session),
+                                     [scratch.data_ptr()], [peer_addr], [len(data)],
+                                     time.perf_counter())
+        if rc != 0:
+            raise TransferError(rc, f"{api} of {len(data)} bytes to {peer_session}")
+
     def close(self) -> None:
         """Unregister all memory and destroy the engine (~0.7 s). Idempotent; call it only
         when no write_pages or read_pages is in flight."""

@@ -104,6 +104,11 @@ class Route:
         """The destination's pages as a uint8 tensor [n, bytes_per_page] (probe only)."""
         raise NotImplementedError
 
+    def poke(self, dst_page: int, offset: int, value: int) -> None:
+        """Set byte `offset` of the destination's page `dst_page` (the corrupt-KV chaos
+        hook; blocks until it is there)."""
+        raise NotImplementedError
+
     def checksum_pages(self, dst_pages: Sequence[int], algo: str) -> int:
         """pdmesh.transfer.checksum of the destination's pages as they are now."""
         from pdmesh.transfer.checksum import pages_checksum
@@ -131,6 +136,10 @@ class EngineRoute(Route):
             raise NotImplementedError(f"{type(self.transport).__name__} cannot read pages")
         return read(self.dst.session_id, self.dst.kv_base, self.bpp, list(dst_pages))
 
+    def poke(self, dst_page: int, offset: int, value: int) -> None:
+        self.transport.write_bytes(self.dst.session_id,
+                                   self.dst.kv_base + dst_page * self.bpp + offset, bytes([value]))
+
 
 class LocalRoute(Route):
     """Through a peer pool opened on this host (shm or ipc)."""
@@ -143,6 +152,9 @@ class LocalRoute(Route):
 
     def read_pages(self, dst_pages: Sequence[int]) -> Any:
         return self.peer.read_pages(list(dst_pages), self.bpp)
+
+    def poke(self, dst_page: int, offset: int, value: int) -> None:
+        self.peer.poke(dst_page * self.bpp + offset, value)
 
     def checksum_pages(self, dst_pages: Sequence[int], algo: str) -> int:
         """A peer that can digest its pages in place (shm) does; else read, then digest."""
@@ -193,22 +205,18 @@ class Router:
             return r.checksum_pages(list(dst_pages), algo)
 
     def corrupt_page(self, dst: Destination, src_page: int, dst_page: int) -> None:
-        """Chaos hook (tests only): leave dst_page a copy of local src_page with one byte
-        changed, written by the pair's route. The caller owns both pages (a room being
-        written); src_page is restored before this returns."""
+        """Chaos hook (tests only): change one byte of dst_page, just written from local
+        src_page, through the pair's route. The source is only read: the engine and the
+        source checksum may read it meanwhile (a prefix-cached page is shared)."""
         page = _bytes_of(self.pool, src_page)
-        saved = page.clone()
         size = self.pool.element_size()
         # pdmesh's pool is [page, layer, offset, kv, head, dim]: the first V element of
         # layer 0, token 0 (every later token reads it), else the page's first element
         elem = self.pool.shape[-2] * self.pool.shape[-1] if self.pool.dim() == 6 else 0
         hi = elem * size + size - 1  # its high byte: the exponent, so the value becomes
         b = int(page[hi])  # absurd (about 1e38, inf or NaN), as a bad write would leave
-        page[hi] = (b | 0x7F) if b & 0x7F != 0x7F else b ^ 0x40
-        try:
-            self.write_pages(dst, [src_page], [dst_page])
-        finally:
-            page.copy_(saved)
+        with self._using(dst, [dst_page]) as r:
+            r.poke(dst_page, hi, (b | 0x7F) if b & 0x7F != 0x7F else b ^ 0x40)
 
     @property
     def algo(self) -> str:

@@ -158,6 +158,13 @@ class ShmPeer:
             flat[r * b:(r + n) * b].copy_(remote[s * b:(s + n) * b])
         return out
 
+    def poke(self, at: int, value: int) -> None:
+        """Set the peer pool's byte `at` (the corrupt-KV chaos hook)."""
+        remote = self._live()
+        if not 0 <= at < remote.numel():
+            raise ValueError(f"byte {at} is outside the peer pool ({remote.numel()} bytes)")
+        remote[at] = value
+
     def checksum_pages(self, peer_pages: Sequence[int], bytes_per_page: int, algo: str) -> int:
         """pdmesh.transfer.checksum of the peer's pages, digested where they are mapped
         (no copy: a third of a room's check time at 2k tokens on the dev machine)."""

@@ -73,6 +73,10 @@ class StagedTransport(Transport):
         return self.inner.write_pages(dst_session, src_base, dst_base, bytes_per_page,
                                       src_pages, dst_pages)
 
+    def write_bytes(self, dst_session: str, dst_addr: int, data: bytes) -> None:
+        """As the inner transport's (the peer's registered memory is its mirror)."""
+        self.inner.write_bytes(dst_session, dst_addr, data)
+
     def close(self) -> None:
         self.inner.close()
         self._mirrors.clear()
