@@ -137,32 +137,42 @@ def _nice(tid: int) -> int | None:
         return None
 
 
-def test_cpu_nice_lowers_the_stepping_thread_only(default_model):
-    """The thread that steps the engine takes cpu_nice at its first step, the OpenMP
-    threads it starts inherit it, and the process's other threads keep theirs."""
-    e = Engine(loaded=default_model, num_pages=64, num_threads=1, prefill_threads=2,
+def _nice_probe() -> tuple[list[int], list[int | None], bool]:
+    """In a fresh process: (nice of the stepping thread at each step, nice of each thread
+    the generation left behind, whether the calling thread kept its nice)."""
+    from pdmesh.runtime.loader import load_model
+
+    e = Engine(loaded=load_model("default"), num_pages=64, num_threads=1, prefill_threads=2,
                cpu_nice=19)
     seen = []
     run = e.runner.run
 
     def spy(batch):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        out = run(batch)
-        # a 2-thread OpenMP region on this thread, whether or not the step's own ops went
-        # parallel: torch's thread state is the process's, and after other tests in the
-        # same process (pytest -n 2) a step once started no thread at all (CI, 12-01)
-        torch.ones(1 << 22).sum()
-        return out
+        return run(batch)
     e.runner.run = spy
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     before = set(os.listdir("/proc/self/task"))
     _threads_per_kind(e)
+    new = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+    return seen, [_nice(t) for t in new], \
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+def test_cpu_nice_lowers_the_stepping_thread_only():
+    """The thread that steps the engine takes cpu_nice at its first step, the OpenMP
+    threads it starts inherit it, and the process's other threads keep theirs. In a fresh
+    process: OpenMP and torch keep thread state per process, and after other tests in the
+    same one (pytest -n 2) a step once started no thread of its own (CI, 2026-12-01)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        seen, nices, kept = pool.apply(_nice_probe)
     assert seen and set(seen) == {19}
     # the stepping thread's OpenMP pool (2 prefill threads: one more thread) outlives it
     # at nice 19 (the tokenizer's threads, started before the first step, keep 0)
-    new = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
-    assert 19 in map(_nice, new)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    assert 19 in nices, nices
+    assert kept
     with pytest.raises(ValueError, match="cpu_nice"):
         EngineConfig(cpu_nice=20)
 

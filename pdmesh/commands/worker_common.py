@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 
@@ -139,11 +138,6 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
                     "prefill_threads": getattr(args, "prefill_threads", None)}
     engine = engine_config_from_env(EngineConfig()).replace(
         **{k: v for k, v in engine_flags.items() if v is not None})
-    if role == "prefill" and (worker.chaos or worker.chaos_corrupt_kv) and \
-            args.prefix_cache is None and "PDMESH_PREFIX_CACHE" not in os.environ:
-        # the corrupt-KV fault flips a byte of a source page in place for a moment: a
-        # cached page shared with other rooms and forwards must never be one
-        engine = engine.replace(prefix_cache=False)
     return worker, engine
 
 
