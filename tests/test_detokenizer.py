@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from pdmesh.runtime import detokenizer
 from pdmesh.runtime.detokenizer import IncrementalDetokenizer
 
 GGUF_DIR = (Path(__file__).resolve().parents[1] / ".venv" / "lib"
@@ -22,11 +23,26 @@ HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 
 
 @pytest.fixture(scope="module")
-def tok():
+def hf_tok():
     if not (GGUF_DIR / GGUF_NAME).exists():
         pytest.skip(f"{GGUF_NAME} not installed")
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="module", params=["bytes", "rust"])
+def path(request):
+    """Which layer 1 runs: the default model's byte-level path (byte_stream.py), or, with
+    that path off, tokenizers' DecodeStream (any other fast tokenizer's path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "rust":
+            mp.setattr(detokenizer, "byte_vocab", lambda tokenizer: None)
+        yield request.param
+
+
+@pytest.fixture(scope="module")
+def tok(hf_tok, path):
+    return hf_tok
 
 
 def enc(tok, text: str) -> list[int]:
@@ -79,7 +95,9 @@ def test_split_multibyte_character_is_held_until_complete(tok):
 def test_incomplete_character_at_end_is_flushed(tok):
     ids = enc(tok, "ok 🤖")[:-1]
     deltas, tail, _, _ = stream(tok, [], ids)
-    assert "".join(deltas) == "ok" and tail.endswith("\ufffd")
+    # the window holds the whole last token (" " + the emoji's first bytes), the byte
+    # path only the incomplete character
+    assert "".join(deltas).rstrip() == "ok" and tail.endswith("\ufffd")
     assert "".join(deltas) + tail == tok.decode(ids)
 
 
@@ -118,21 +136,46 @@ class PythonOnly:
         self.decode = tok.decode
 
 
-def test_rust_decode_stream_is_used(tok):
+def test_rust_decode_stream_is_used(tok, path):
     d = IncrementalDetokenizer(tok, enc(tok, "Q: "))
-    assert d._stream is not None  # a fast tokenizer gets tokenizers' DecodeStream
+    if path == "bytes":  # a byte-level BPE tokenizer needs no window
+        assert d._bytes is not None and d._stream is None
+    else:  # another fast tokenizer gets tokenizers' DecodeStream
+        assert d._stream is not None and d._bytes is None
     assert IncrementalDetokenizer(PythonOnly(tok), [])._stream is None
+
+
+def test_genuine_replacement_character_streams_at_once(tok, path):
+    """U+FFFD is a token of its own: the byte path streams it as it comes; a window,
+    which cannot tell it from a split character, holds it to the end (the H200's one
+    ~150 ms TTFT in 48 at c=1 was a prompt answered with 128 of them)."""
+    ids = enc(tok, "\ufffd") * 3
+    deltas, tail, _, _ = stream(tok, [], ids)
+    assert "".join(deltas) + tail == tok.decode(ids) == "\ufffd" * 3
+    if path == "bytes":
+        assert deltas == ["\ufffd"] * 3 and tail == ""
+    else:
+        assert deltas == [""] * 3 and tail == "\ufffd" * 3
 
 
 @HYP
 @given(prompt=st.lists(st.integers(0, 49151), max_size=8),
        ids=st.lists(st.one_of(st.integers(0, 49151), st.integers(0, 300)), max_size=30),
        skip=st.booleans(), stops=st.lists(st.sampled_from(["a", "e ", "\ufffd", "的"]), max_size=2))
-def test_rust_and_python_windows_give_the_same_deltas(tok, prompt, ids, skip, stops):
-    """DecodeStream (Rust) and the Python window emit the same deltas at the same steps."""
-    rust = stream(tok, prompt, ids, stop=stops, skip=skip)
+def test_rust_and_python_windows_give_the_same_deltas(tok, path, prompt, ids, skip, stops):
+    """DecodeStream (Rust) and the Python window emit the same deltas at the same steps;
+    the byte path the same text, never later (a stop at the same step or earlier)."""
+    fast = stream(tok, prompt, ids, stop=stops, skip=skip)
     python = stream(PythonOnly(tok), prompt, ids, stop=stops, skip=skip)
-    assert rust[0] == python[0] and rust[1] == python[1] and rust[3] == python[3]
+    if path == "rust":
+        assert fast[0] == python[0] and fast[1] == python[1] and fast[3] == python[3]
+        return
+    assert "".join(fast[0]) + fast[1] == "".join(python[0]) + python[1]
+    assert (python[3] is None) or (fast[3] is not None and fast[3] <= python[3])
+    shown_fast = shown_python = ""
+    for a, b in zip(fast[0], python[0]):  # at every step, at least as much text shown
+        shown_fast, shown_python = shown_fast + a, shown_python + b
+        assert shown_fast.startswith(shown_python)
 
 
 # --- stop strings ------------------------------------------------------------------------

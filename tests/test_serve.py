@@ -58,6 +58,21 @@ def check_completions(client, want) -> None:
                                             **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+    check_replacement_characters_stream(client)
+
+
+def check_replacement_characters_stream(client) -> None:
+    """A model writing U+FFFD (a token of its own) streams it as it comes: a window
+    detokenizer held such text until a token after it was not one, at worst to the end
+    (one H200 request's first text came with its last token)."""
+    kw = dict(model="default", prompt="Broken text: \ufffd\ufffd\ufffd \ufffd\ufffd\ufffd "
+              "\ufffd\ufffd\ufffd", max_tokens=8, temperature=0)
+    whole = client.completions.create(**kw).choices[0].text
+    assert whole.count("\ufffd") >= 3, repr(whole)  # SmolLM2 greedy: " \ufffd\ufffd\ufffd \ufffd\ufffd\ufffd"
+    texts = [c.choices[0].text for c in client.completions.create(stream=True, **kw)
+             if c.choices]
+    assert "".join(texts) == whole
+    assert any(t.endswith("\ufffd") for t in texts[:-1]), texts
 
 
 # (1, 1) takes the path chosen by measurement (shared memory on one host); (2, 2) is

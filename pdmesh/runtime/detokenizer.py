@@ -22,11 +22,15 @@ tokenizer that does no Python-side clean-up of the decoded text) gets a
 offsets, same U+FFFD rule) without two Python-level decode calls per token. The Python
 window is kept in step with it and takes over for the final flush (which emits an
 incomplete character as U+FFFD), for tokenizers without a Rust backend, and if
-DecodeStream ever refuses a step.
+DecodeStream ever refuses a step. A byte-level BPE tokenizer (the default model's) needs
+no window at all: byte_stream.py decodes its tokens' bytes exactly, so a genuine U+FFFD
+in the output streams at once instead of being held to the end as a split character.
 """
 from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
+
+from pdmesh.runtime.byte_stream import ByteStream, byte_vocab
 
 # Prompt tokens used as left context for the first output token (as vLLM).
 PROMPT_CONTEXT_TOKENS = 5
@@ -61,7 +65,10 @@ class IncrementalDetokenizer:
         self._pending = ""  # decided-later text: might be the start of a stop string
         self._stopped = False
         self._stop_str: str | None = None
-        self._backend, self._stream = _decode_stream(tokenizer, self._ids, skip_special_tokens)
+        vocab = byte_vocab(tokenizer)
+        self._bytes = ByteStream(vocab, skip_special_tokens) if vocab is not None else None
+        self._backend, self._stream = ((None, None) if self._bytes is not None else
+                                       _decode_stream(tokenizer, self._ids, skip_special_tokens))
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
@@ -101,7 +108,8 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         self._output_ids.append(token_id)
         text = self._next_text(final=False)
-        if not text and self._stop:
+        if not text and self._stop and self._bytes is None:
+            # (the byte path's text is every complete character already)
             # a character is incomplete, but the complete text before it may already
             # complete a stop string (e.g. stop " " in "a" + " \xc3"): stop at this token
             peek = self._peek_complete()
@@ -119,6 +127,8 @@ class IncrementalDetokenizer:
 
     def _next_text(self, final: bool) -> str:
         """New text from the sliding window; "" while a character is incomplete."""
+        if self._bytes is not None:
+            return self._bytes.flush() if final else self._bytes.step(self._ids[-1])
         if self._stream is not None and not final:
             try:
                 text = self._stream.step(self._backend, self._ids[-1])
