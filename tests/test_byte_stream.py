@@ -61,7 +61,15 @@ def test_other_decoders_are_left_to_the_window(tok):
     class Cleaned:  # Python-side clean-up of spaces: not the bytes' text
         backend_tokenizer = tok.backend_tokenizer
         clean_up_tokenization_spaces = True
+        encode = tok.encode
+
+        def decode(self, ids, **kw):
+            return tok.decode(ids, **kw).replace(" ,", ",")
     assert byte_vocab(Cleaned()) is None
+
+    class SaysCleanedDoesNot(Cleaned):  # transformers 5 on a BPE tokenizer from a GGUF
+        decode = tok.decode
+    assert byte_vocab(SaysCleanedDoesNot()) is not None
 
     from tokenizers import Tokenizer, decoders
     other = Tokenizer.from_str(tok.backend_tokenizer.to_str())

@@ -65,6 +65,27 @@ class ByteVocab:
 
 
 _VOCABS: dict[int, ByteVocab] = {}  # id(backend) -> its vocab (tokenizers live as long)
+_VERBATIM: dict[int, tuple[Any, bool]] = {}  # id(tokenizer) -> (it, decodes verbatim)
+# text that transformers' clean_up_tokenization would change (" ," -> ",", " 's" -> "'s")
+_PROBE = "a , b . c ! d ? e 's f n't g"
+
+
+def decodes_verbatim(hf: Any) -> bool:
+    """Whether `hf.decode` returns its tokens' text as the `tokenizers` backend decodes
+    it, without transformers' clean-up of spaces. transformers 5 keeps the attribute
+    `clean_up_tokenization_spaces=True` on BPE tokenizers loaded from a GGUF but ignores
+    it (with a warning), so the attribute alone would send them to the slow path: a
+    decode of a probe text answers (once per tokenizer)."""
+    if not getattr(hf, "clean_up_tokenization_spaces", False):
+        return True
+    known = _VERBATIM.get(id(hf))
+    if known is None or known[0] is not hf:
+        try:
+            ok = hf.decode(hf.encode(_PROBE, add_special_tokens=False)) == _PROBE
+        except Exception:  # noqa: BLE001 - no encode/decode to probe: assume clean-up
+            ok = False
+        known = _VERBATIM[id(hf)] = (hf, ok)
+    return known[1]
 
 
 def byte_vocab(tokenizer: Any) -> ByteVocab | None:
@@ -72,7 +93,7 @@ def byte_vocab(tokenizer: Any) -> ByteVocab | None:
     (a `tokenizers` ByteLevel decoder, no Python-side clean-up), else None."""
     hf = getattr(tokenizer, "hf", tokenizer)  # pdmesh Tokenizer wraps a transformers one
     backend = getattr(hf, "backend_tokenizer", None)
-    if backend is None or getattr(hf, "clean_up_tokenization_spaces", False):
+    if backend is None or not decodes_verbatim(hf):
         return None
     if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
         return None

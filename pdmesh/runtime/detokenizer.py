@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-from pdmesh.runtime.byte_stream import ByteStream, byte_vocab
+from pdmesh.runtime.byte_stream import ByteStream, byte_vocab, decodes_verbatim
 
 # Prompt tokens used as left context for the first output token (as vLLM).
 PROMPT_CONTEXT_TOKENS = 5
@@ -194,7 +194,7 @@ def _decode_stream(tokenizer: Any, context: list[int], skip: bool) -> tuple[Any,
     tokenizer has no `tokenizers` backend or post-processes decoded text in Python."""
     hf = getattr(tokenizer, "hf", tokenizer)  # pdmesh Tokenizer wraps a transformers one
     backend = getattr(hf, "backend_tokenizer", None)
-    if backend is None or getattr(hf, "clean_up_tokenization_spaces", False):
+    if backend is None or not decodes_verbatim(hf):
         return None, None
     try:
         from tokenizers import Tokenizer as RustTokenizer
