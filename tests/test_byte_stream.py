@@ -78,3 +78,45 @@ def test_other_decoders_are_left_to_the_window(tok):
     class SentencePieceLike:
         backend_tokenizer = other
     assert byte_vocab(SentencePieceLike()) is None
+
+
+def _with_decoder(tok, decoder):
+    from tokenizers import Tokenizer
+    other = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    other.decoder = decoder
+
+    class Wrapped:
+        backend_tokenizer = other
+    return Wrapped(), other
+
+
+def test_a_sequence_ending_in_byte_level_that_changes_no_token_is_bytes(tok):
+    """transformers 5.17 (the H200 image) builds SmolLM2's decoder from the GGUF as
+    Sequence[ByteFallback, Fuse, Replace("\u2581", " "), ByteLevel]; the byte path must
+    take it and still equal its decode."""
+    from tokenizers import decoders
+    wrapped, other = _with_decoder(tok, decoders.Sequence([
+        decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
+        decoders.ByteLevel()]))
+    vocab, rng = byte_vocab(wrapped), random.Random(11)
+    assert vocab is not None
+    V = other.get_vocab_size()
+    for i in range(V):
+        assert run(vocab, [i], False)[0][0] + run(vocab, [i], False)[1] \
+            == other.decode([i], skip_special_tokens=False), i
+    for _ in range(500):
+        ids = [rng.randrange(V) if rng.random() < 0.5 else rng.randrange(0, 600)
+               for _ in range(rng.randrange(1, 30))]
+        steps, tail = run(vocab, ids, True)
+        assert "".join(steps) + tail == other.decode(ids, skip_special_tokens=True), ids
+
+
+def test_a_sequence_step_that_changes_tokens_is_left_to_the_window(tok):
+    from tokenizers import decoders
+    # "\u0120" (GPT-2's stand-in for a space) is in thousands of tokens: not bytes any more
+    wrapped, _ = _with_decoder(tok, decoders.Sequence([
+        decoders.Replace("\u0120", "_"), decoders.ByteLevel()]))
+    assert byte_vocab(wrapped) is None
+    wrapped, _ = _with_decoder(tok, decoders.Sequence([
+        decoders.ByteLevel(), decoders.Strip(" ", 1, 0)]))  # ByteLevel not last
+    assert byte_vocab(wrapped) is None

@@ -12,7 +12,9 @@ character from a genuine U+FFFD: it holds back any text that ends in U+FFFD unti
 later token's text does not. A model that writes the character U+FFFD (a token of its
 own in these vocabularies) then streamed nothing until the request ended: on the H200,
 one prompt of serve_gpu's workload answered 128 such tokens and its first text reached
-the client with its last (TTFT ~150 ms against ~25 ms). Here it streams at once.
+the client with its last (TTFT ~150 ms against ~25 ms). Here it streams at once. The
+decoder may be ByteLevel alone or last in a Sequence of steps that change no token of
+the vocabulary (what transformers 5.17, the H200 image's, builds from a GGUF).
 
 The result equals `tokenizer.decode(ids, skip_special_tokens)` (tests/test_byte_stream.py
 checks that over the whole vocabulary and random sequences): a token whose characters
@@ -22,6 +24,8 @@ its own UTF-8 bytes, as the `tokenizers` ByteLevel decoder does.
 from __future__ import annotations
 
 import codecs
+import json
+import re
 from typing import Any
 
 
@@ -64,7 +68,9 @@ class ByteVocab:
         return b
 
 
-_VOCABS: dict[int, ByteVocab] = {}  # id(backend) -> its vocab (tokenizers live as long)
+# id(backend) -> (it, its vocab or None when its decode is not bytes); tokenizers live long
+_VOCABS: dict[int, tuple[Any, ByteVocab | None]] = {}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # what ByteFallback turns into a byte
 _VERBATIM: dict[int, tuple[Any, bool]] = {}  # id(tokenizer) -> (it, decodes verbatim)
 # text that transformers' clean_up_tokenization would change (" ," -> ",", " 's" -> "'s")
 _PROBE = "a , b . c ! d ? e 's f n't g"
@@ -95,12 +101,38 @@ def byte_vocab(tokenizer: Any) -> ByteVocab | None:
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None or not decodes_verbatim(hf):
         return None
-    if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
-        return None
-    v = _VOCABS.get(id(backend))
-    if v is None or v.backend is not backend:
-        v = _VOCABS[id(backend)] = ByteVocab(backend)
-    return v
+    known = _VOCABS.get(id(backend))
+    if known is None or known[0] is not backend:
+        ok = _decodes_bytes(backend)
+        known = _VOCABS[id(backend)] = (backend, ByteVocab(backend) if ok else None)
+    return known[1]
+
+
+def _decodes_bytes(backend: Any) -> bool:
+    """Whether the backend's decoder is ByteLevel, alone or last in a Sequence whose
+    other steps change none of this vocabulary's tokens. transformers 5.17 builds
+    SmolLM2's from a GGUF as Sequence[ByteFallback, Fuse, Replace("\u2581", " "),
+    ByteLevel]: no token is a "<0xNN>" byte or holds "\u2581", so it is ByteLevel."""
+    try:
+        spec = json.loads(backend.decoder.__getstate__())
+    except Exception:  # noqa: BLE001 - no decoder, or one that does not serialize
+        return False
+    steps = spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+    if not steps or steps[-1].get("type") != "ByteLevel":
+        return False
+    vocab = None
+    for step in steps[:-1]:
+        kind = step.get("type")
+        if kind == "Fuse":  # joins the tokens' strings, as ByteLevel does anyway
+            continue
+        vocab = vocab if vocab is not None else backend.get_vocab()
+        if kind == "ByteFallback" and not any(_BYTE_TOKEN.fullmatch(t) for t in vocab):
+            continue
+        pattern = step.get("pattern", {}).get("String")
+        if kind == "Replace" and pattern and not any(pattern in t for t in vocab):
+            continue
+        return False
+    return True
 
 
 class ByteStream:
