@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Iterator, Mapping
 
@@ -44,7 +45,10 @@ def setup(config: TelemetryConfig, service: str) -> bool:
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     provider = TracerProvider(
-        resource=Resource.create({"service.name": service, "service.namespace": "pdmesh"}),
+        # process.pid tells a service's processes apart (gateway --processes N, a worker's
+        # RPC front and its engine core): which one a slow span ran in
+        resource=Resource.create({"service.name": service, "service.namespace": "pdmesh",
+                                  "process.pid": os.getpid()}),
         sampler=ParentBased(TraceIdRatioBased(config.trace_sample_ratio)))
     if config.trace_file:
         from pdmesh.telemetry.otlp_file import OtlpJsonLinesExporter
