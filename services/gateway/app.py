@@ -17,6 +17,7 @@ from pdmesh.v1 import gateway_pb2 as gpb
 from pdmesh.services.gateway.admission import Admission
 from pdmesh.services.gateway.breaker import (BreakerConfig, Breakers, ResilienceMetrics,
                                              RetryPolicy)
+from pdmesh.services.gateway import openai_api as oa
 from pdmesh.services.gateway.dispatch import Dispatcher, load_model_info
 from pdmesh.services.gateway.openapi import openapi_document
 from pdmesh.services.gateway.pd_metrics import PdModeMetrics
@@ -48,6 +49,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[int, int], None],
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     info = load_model_info(config.model, config.served_model_name, config.max_model_len)
+    oa.warm_up(info, config)  # before this process can be given a connection
     metrics = GatewayMetrics()
     resilience = ResilienceMetrics(metrics.registry)
     breakers = Breakers(BreakerConfig(config.breaker_failure_threshold,
