@@ -58,6 +58,8 @@ import threading
 import time
 from pathlib import Path
 
+import serve_rounds  # benchmarks/, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("engine", "colocated", "1p1d")
 SERVE_ARGS = {"colocated": ["--prefill", "0", "--decode", "0", "--colocated", "1"],
@@ -98,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-seconds", type=float, default=5.0)
     p.add_argument("--profile-top", type=int, default=15)
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy / CPU profile")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every mode R times, back to back per round; targets are judged "
+                        "on the median of the rounds' ratios (serve_rounds.py); raw outputs "
+                        "in OUT/roundN; profiles in round 1 only (default 1)")
     p.add_argument("--out", default=None,
                    help="folder for raw outputs (default /tmp/serve_gpu-<time>)")
     p.add_argument("--git-label", default=os.environ.get("SERVE_GPU_GIT"),
@@ -110,8 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(re-reading its results.json and py-spy files)")
     p.add_argument("--engine-worker", default=None, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
-    if min(args.concurrency) < 1 or args.output_len < 2 or args.input_len < 1:
-        p.error("--concurrency >= 1, --output-len >= 2 and --input-len >= 1")
+    if min(args.concurrency) < 1 or args.output_len < 2 or args.input_len < 1 \
+            or args.rounds < 1:
+        p.error("--concurrency >= 1, --output-len >= 2, --input-len >= 1 and --rounds >= 1")
     return args
 
 
@@ -606,7 +613,9 @@ def fmt_ms(x: float) -> str:
     return f"{1e3 * x:.1f}"
 
 
-def report(args, res: dict, meta: dict) -> str:
+def report(args, res: dict, meta: dict, rounds: list[dict] | None = None) -> str:
+    """The run's report: `res` (round 1's results) in full; with several `rounds`, each
+    level's ratios over the rounds and the targets judged on their medians, first."""
     L = ["# serve_gpu: engine alone vs `pdmesh serve` colocated vs 1P1D", "",
          f"- date: {meta['date']}", f"- device: {meta['device']}",
          f"- git: {meta['git']}", f"- command: `{meta['command']}`",
@@ -615,6 +624,9 @@ def report(args, res: dict, meta: dict) -> str:
          f"tokens, ignore_eos, greedy, "
          f"N = max({args.min_requests}, {args.requests_factor:g} x C) per level, model "
          f"{args.model}, device {args.device}", ""]
+    if rounds and len(rounds) > 1:
+        L += serve_rounds.section(rounds, args.modes, [c for c, _ in level_sizes(args)],
+                                  TARGETS) + ["", "Round 1 in full:", ""]
     modes = [m for m in args.modes if m in res and "levels" in res[m]]
     eng = {r["concurrency"]: r for r in res.get("engine", {}).get("levels", [])}
     hdr = "| C |" + "".join(f" {m} tok/s | {m} TTFT ms | {m} TPOT ms |" for m in modes) + \
@@ -721,7 +733,7 @@ def report_again(folder: Path) -> int:
             raw = folder / f"pyspy-{mode}-{name}.txt"
             if raw.is_file():
                 p.update(summarize_raw(raw.read_text()))
-    print(report(args, data["results"], data["meta"]), end="")
+    print(report(args, data["results"], data["meta"], data.get("rounds")), end="")
     return 0
 
 
@@ -751,27 +763,40 @@ def main(argv=None) -> int:
                                           "sequential", args.seed))
     sample = workload.sample(8)
     meta["prompt_tokens"] = round(sum(r.prompt_tokens for r in sample) / len(sample))
-    res: dict = {}
-    for mode in args.modes:
-        log(f"== {mode}")
-        t = time.perf_counter()
-        try:
-            res[mode] = (run_engine_mode(args, workload, out) if mode == "engine"
-                         else run_served_mode(args, mode, workload, out))
-        except Exception as e:  # keep the other modes' numbers
-            log(f"{mode} FAILED: {type(e).__name__}: {e}")
-            res[mode] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"{mode} took {time.perf_counter() - t:.0f} s")
-        (out / "results.json").write_text(json.dumps({"meta": meta, "args": vars(args),
-                                                      "results": res}, indent=1))
-    text = report(args, res, meta)
+    rounds: list[dict] = []
+    for i in range(args.rounds):
+        rout = out if args.rounds == 1 else out / f"round{i + 1}"
+        rout.mkdir(exist_ok=True)
+        rargs = args if i == 0 else argparse.Namespace(**{**vars(args), "no_profile": True})
+        rounds.append({})
+        for mode in args.modes:
+            log(f"== {mode}" + (f", round {i + 1} of {args.rounds}" if args.rounds > 1 else ""))
+            rounds[i][mode] = run_mode(rargs, mode, workload, rout)
+            (out / "results.json").write_text(json.dumps(
+                {"meta": meta, "args": vars(args), "results": rounds[0], "rounds": rounds},
+                indent=1))
+    res = rounds[0]
+    text = report(args, res, meta, rounds)
     (out / "report.md").write_text(text)
     print(text, flush=True)
     # the tables once more, last: a caller that keeps only the output's tail (the device
     # tool keeps 12k characters) lost them behind the profiles once (2026-11-30)
     print(text.split("\n## Where the time goes")[0], flush=True)
     log(f"raw outputs in {out}")
-    return 0 if all("error" not in r for r in res.values()) else 1
+    return 0 if all("error" not in r for res in rounds for r in res.values()) else 1
+
+
+def run_mode(args, mode: str, workload, out: Path) -> dict:
+    """One mode's levels (and profile); a failure is its "error", the other modes go on."""
+    t = time.perf_counter()
+    try:
+        return (run_engine_mode(args, workload, out) if mode == "engine"
+                else run_served_mode(args, mode, workload, out))
+    except Exception as e:  # keep the other modes' numbers
+        log(f"{mode} FAILED: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        log(f"{mode} took {time.perf_counter() - t:.0f} s")
 
 
 if __name__ == "__main__":
