@@ -14,6 +14,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from pdmesh.config import ModelConfig, RopeScaling
+from pdmesh.runtime import gguf_readers
 
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 # weights_cache.FORMAT_VERSION: bump it when read_gguf's output changes for the same file
@@ -68,9 +69,10 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def open_gguf(path: Path) -> GGUFReader:
-    """Open a GGUF file, turning the reader's assorted parse errors into a ValueError."""
+    """Open a GGUF file, turning the reader's assorted parse errors into a ValueError
+    (within `gguf_readers.one_parse()`, a file already parsed is not parsed again)."""
     try:
-        return GGUFReader(path)
+        return gguf_readers.open_reader(path)
     except Exception as e:  # truncated files raise IndexError, ValueError, struct errors...
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pdmesh.config import ModelConfig
+from pdmesh.runtime import gguf_readers
 from pdmesh.runtime.tokenizer import Tokenizer
 from pdmesh.runtime.weights_cache import load_gguf_cached
 
@@ -84,8 +85,9 @@ def load_weights_and_config(model: str | Path) -> tuple[ModelConfig, dict[str, t
 def load_model(model: str | Path) -> LoadedModel:
     """Resolve `model` ("default", a HF folder or a .gguf file) and load everything."""
     path = resolve_model_path(model)
-    config, weights = load_weights_and_config(path)
-    tokenizer = Tokenizer.from_path(path, eos_token_ids=config.eos_token_ids)
+    with gguf_readers.one_parse():  # a cold GGUF load: the weights' parse builds the tokenizer
+        config, weights = load_weights_and_config(path)
+        tokenizer = Tokenizer.from_path(path, eos_token_ids=config.eos_token_ids)
     return LoadedModel(config, weights, tokenizer, path, model_format(path))
 
 

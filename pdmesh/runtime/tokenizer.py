@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pdmesh.runtime import gguf_readers
+
 
 class Tokenizer:
     """Wraps a transformers tokenizer (`hf`)."""
@@ -86,7 +88,8 @@ def _from_gguf(path: Path) -> Any:
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     from transformers import AutoTokenizer  # only on a file's first load
 
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with gguf_readers.lent_to_transformers(path):  # the loader's parse, when it made one
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:  # write aside, then rename: concurrent starts never read half a folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdmesh.runtime import gguf_readers
 from pdmesh.runtime.tokenizer import Tokenizer
 
 
@@ -23,9 +24,17 @@ def load_model_info(model: str, served_name: str | None = None,
                     max_model_len: int | None = None) -> ModelInfo:
     """Tokenizer + context length of `model` ("default", HF folder, .gguf), read from
     its config/metadata only (as `load_model` builds the tokenizer, minus the weights)."""
-    from pdmesh.runtime.loader import model_format, read_hf_config, resolve_model_path
+    from pdmesh.runtime.loader import resolve_model_path
 
     path = resolve_model_path(model)
+    with gguf_readers.one_parse():  # a cold GGUF: its config's parse builds the tokenizer
+        return _load(path, model, served_name, max_model_len)
+
+
+def _load(path: Path, model: str, served_name: str | None,
+          max_model_len: int | None) -> ModelInfo:
+    from pdmesh.runtime.loader import model_format, read_hf_config
+
     if model_format(path) == "gguf":
         from pdmesh.runtime.weights_cache import cached_config
 
