@@ -29,7 +29,8 @@ to text, so the engine and the gateway tokenize the same text (~280 tokens re-en
 Before each mode a warm-up burst (min(64, max C) requests, 16 tokens), and one request
 before each level.
 
-Also printed: each service's ready time in the served modes (`pdmesh serve` starts registry,
+Also printed: each level's forward steps per engine, decode and prefill (the engine's
+own counters; a worker's `pdmesh_worker_{decode,prefill}_steps_total`); each service's ready time in the served modes (`pdmesh serve` starts registry,
 workers, gateway one after the other; a child's time is from the previous child's
 "listening on" line to its own, and the total is to `pdmesh serve: ready`); and, at
 --profile-concurrency, where the time goes: `py-spy record --format raw` (--nonblocking,
@@ -57,6 +58,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import serve_rounds  # benchmarks/, beside this script
 
@@ -307,13 +309,16 @@ def engine_worker(spec_path: str) -> int:
     freeze_startup_objects()  # as every served process does once it is ready
     results = []
     for lv in spec["levels"]:
+        before = dict(engine.steps)
         closed_loop(lv["prompts"][:1], 1, spec["output_len"])  # one request first, as loadgen
         t = time.perf_counter()
         recs = closed_loop(lv["prompts"], lv["c"], spec["output_len"])
         s = summarize(recs, time.perf_counter() - t, label="engine", concurrency=lv["c"])
+        steps = {"engine": {k: v - before[k] for k, v in engine.steps.items()}}
         print(f"engine c={lv['c']} n={len(recs)}: {s.output_tok_s:.0f} out tok/s, "
-              f"TTFT {1e3 * s.ttft.mean:.1f} ms, TPOT {1e3 * s.tpot.mean:.2f} ms", flush=True)
-        results.append(summary_dict(s))
+              f"TTFT {1e3 * s.ttft.mean:.1f} ms, TPOT {1e3 * s.tpot.mean:.2f} ms; "
+              f"{fmt_steps(steps)}", flush=True)
+        results.append(summary_dict(s) | {"steps": steps})
     profile = None
     if spec.get("profile"):
         pr = spec["profile"]
@@ -334,6 +339,31 @@ def engine_worker(spec_path: str) -> int:
     Path(spec["result"]).write_text(json.dumps({"ready_s": ready_s, "levels": results,
                                                 "profile": profile}))
     return 0
+
+
+def fmt_steps(steps: dict[str, dict[str, int]]) -> str:
+    """'steps: decode-1 1,210 decode / 0 prefill; ...' (a level's forward steps per engine)."""
+    return "steps: " + "; ".join(f"{name} {s.get('decode', 0):,} decode / "
+                                 f"{s.get('prefill', 0):,} prefill" for name, s in steps.items())
+
+
+def worker_steps(urls: dict[str, str]) -> dict[str, dict[str, int]]:
+    """{worker: {"prefill": n, "decode": n}}: its forward steps so far, from its /metrics."""
+    from pdmesh.bench.scrape import fetch
+    out = {}
+    for name, url in urls.items():
+        try:
+            text = fetch(url)
+        except OSError:
+            continue
+        out[name] = {k: int(float(m.group(1))) for k in ("prefill", "decode") if (m := re.search(
+            rf"^pdmesh_worker_{k}_steps_total(?:{{[^}}]*}})? (\S+)$", text, re.M))}
+    return out
+
+
+def steps_delta(after: dict, before: dict) -> dict[str, dict[str, int]]:
+    return {w: {k: v - before.get(w, {}).get(k, 0) for k, v in s.items()}
+            for w, s in after.items()}
 
 
 def summary_dict(s) -> dict:
@@ -415,6 +445,7 @@ class Serve:
         env = dict(os.environ, PDMESH_DEVICE=args.device, PYTHONUNBUFFERED="1")
         self.mode, self.lines, self.listening = mode, [], []  # (t, name)
         self.worker_ready: dict[str, float] = {}  # name -> its own start, from its line
+        self.metrics_urls: dict[str, str] = {}  # name -> its /metrics, from serve's line
         self.ready_t: float | None = None
         self.url: str | None = None
         self.ready = threading.Event()
@@ -433,12 +464,18 @@ class Serve:
                 self.listening.append((t, m.group(1)))
             if m := re.match(r"\[([\w-]+)\] \w+ ready ([\d.]+) s after the process", line):
                 self.worker_ready[m.group(1)] = float(m.group(2))
+            if m := re.search(r"pdmesh serve: metrics — (.*)", line):
+                self.metrics_urls = dict(re.findall(r"([\w-]+) (http://\S+?/metrics)", m.group(1)))
             if m := re.search(r"pdmesh serve: ready — .*gateway (\S+)", line):
                 self.url, self.ready_t = f"http://{m.group(1).rstrip(',')}/v1", t
                 self.ready.set()
             if not self.ready.is_set() or re.search(r"error|Error|Traceback|exited", line):
                 print(f"  [{self.mode} {t:6.1f}s] {line}", end="", flush=True)
         self.ready.set()
+
+    def worker_metrics(self) -> dict[str, str]:
+        """{worker name: its /metrics URL}, from serve's metrics line."""
+        return {k: v for k, v in self.metrics_urls.items() if k not in ("registry", "gateway")}
 
     def wait_ready(self, timeout: float) -> str:
         if not self.ready.wait(timeout) or self.url is None:
@@ -498,7 +535,10 @@ class Serve:
         self.logf.close()
 
 
-async def served_levels(args, mode: str, url: str, workload) -> tuple[list[dict], object]:
+async def served_levels(args, mode: str, url: str, workload,
+                        workers: Callable[[], dict[str, str]]) -> tuple[list[dict], object]:
+    """Each level through the gateway at `url`; `workers()`: name -> /metrics, for steps
+    (serve prints its metrics line just after its ready line)."""
     from pdmesh.bench.loadgen import ClientConfig, resolve_model, run_fixed, warmup
     from pdmesh.bench.scrape import mean_parts_ms
 
@@ -519,9 +559,11 @@ async def served_levels(args, mode: str, url: str, workload) -> tuple[list[dict]
     results = []
     for c, n in level_sizes(args):
         before = await asyncio.to_thread(gateway_metrics, url)
+        steps0 = await asyncio.to_thread(worker_steps, workers())
         s, recs = await run_fixed(cfg, workload, c, n, label=mode, warmup_requests=1,
                                   progress=False)
         parts = mean_parts_ms(await asyncio.to_thread(gateway_metrics, url), before)
+        steps = steps_delta(await asyncio.to_thread(worker_steps, workers()), steps0)
         # in send order: a slow first request (a new connection's gateway process) and a
         # slow one later (the workers) look alike in a mean
         ttfts = [round(1e3 * r.ttft, 1) if r.ok else None for r in recs]
@@ -530,10 +572,11 @@ async def served_levels(args, mode: str, url: str, workload) -> tuple[list[dict]
             f"{1e3 * s.ttft.p99:.1f}), TPOT {1e3 * s.tpot.mean:.2f} ms"
             + (f" ({s.errors[0]})" if s.errors else "")
             + ("; TTFT parts " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + " ms"
-               if parts else ""))
+               if parts else "") + f"; {fmt_steps(steps)}")
         if c == 1:
             log(f"{mode} c=1 TTFTs in order, ms: {ttfts}")
-        results.append(summary_dict(s) | {"ttft_parts_ms": parts, "ttfts_ms": ttfts})
+        results.append(summary_dict(s) | {"ttft_parts_ms": parts, "ttfts_ms": ttfts,
+                                          "steps": steps})
     return results, cfg
 
 
@@ -589,7 +632,7 @@ def run_served_mode(args, mode: str, workload, out: Path) -> dict:
         log(f"{mode}: ready in {serve.ready_t:.1f} s at {url}")
 
         async def go():
-            levels, cfg = await served_levels(args, mode, url, workload)
+            levels, cfg = await served_levels(args, mode, url, workload, serve.worker_metrics)
             prof = None
             if not args.no_profile:
                 at = [r for r in levels if r["concurrency"] == args.profile_concurrency]
@@ -609,6 +652,21 @@ def run_served_mode(args, mode: str, workload, out: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # report
+def steps_section(args, res: dict, modes: list[str]) -> list[str]:
+    """Each level's forward steps per engine (incl. the one request before the level):
+    prompts arriving one by one cost more prefill steps between decode steps."""
+    L = []
+    for c, _ in level_sizes(args):
+        cells = []
+        for m in modes:
+            r = next((x for x in res[m]["levels"] if x["concurrency"] == c), None)
+            if r and r.get("steps"):
+                cells.append(f"{m}: {fmt_steps(r['steps'])[len('steps: '):]}")
+        if cells:
+            L.append(f"- c={c}: " + "; ".join(cells))
+    return ["", "## Forward steps per level (decode / prefill)", ""] + L if L else []
+
+
 def fmt_ms(x: float) -> str:
     return f"{1e3 * x:.1f}"
 
@@ -649,6 +707,7 @@ def report(args, res: dict, meta: dict, rounds: list[dict] | None = None) -> str
             row += (f" {r['output_tok_s'] / e['output_tok_s']:.2f}x |"
                     if r and e and e["output_tok_s"] else " - |")
         L.append(row)
+    L += steps_section(args, res, modes)
     L += ["", "## Targets", ""]
     for m in modes:
         if m == "engine" or not eng:

@@ -258,12 +258,18 @@ def test_metrics_move_by_the_right_amounts(traced_mesh):
     assert p("pdmesh_worker_prompt_tokens_total") == prompt
     assert p("pdmesh_worker_finished_requests_total") == n
     assert after["prefill-0"][("pdmesh_worker_kv_pages_used", ())] == 0
+    # one request at a time, short prompts: one prefill step each and no decode step
+    assert p("pdmesh_worker_prefill_steps_total") == n
+    assert p("pdmesh_worker_decode_steps_total") == 0
 
     d = lambda name, **kw: delta(before["decode-1"], after["decode-1"], name, **kw)  # noqa: E731
     assert d("pdmesh_worker_rpcs_total", method="Generate", code="OK") == n
     assert d("pdmesh_worker_generation_tokens_total") == n * (out_len - 1)  # token 1: prefill's
     assert d("pdmesh_worker_finished_requests_total") == n
     assert d("pdmesh_decode_admission_wait_seconds_count") == n
+    # a batch of one: a decode step per generated token, and no prefill on the decode
+    assert d("pdmesh_worker_decode_steps_total") == n * (out_len - 1)
+    assert d("pdmesh_worker_prefill_steps_total") == 0
     assert after["decode-1"][("pdmesh_worker_kv_pages_used", ())] == 0
     assert after["decode-1"][("pdmesh_worker_running_requests", ())] == 0
 

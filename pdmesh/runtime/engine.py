@@ -75,6 +75,7 @@ class Engine:
                                    cfg.prefill_budget(), cfg.chunked_prefill_size,
                                    cache=self.cache, cache_adopted=cfg.decode_prefix_cache)
         self.requests: dict[str, Request] = {}
+        self.steps = {"prefill": 0, "decode": 0}  # forward steps run, by batch kind
         self._ids = itertools.count()
 
     # -- adding work ---------------------------------------------------------------------
@@ -183,6 +184,7 @@ class Engine:
         if batch is None:
             return []
         self.threads.enter(batch.kind)
+        self.steps[batch.kind] += 1
         logits = self.runner.run(batch)  # [n_sampled, V]
         self.scheduler.computed(batch)
         sampled = [s.req for s in batch.seqs if s.sample]
@@ -302,6 +304,8 @@ class Engine:
         Prefix cache: free_pages counts cached pages no request uses (evicted on demand)
         as free, used_pages the others; cached_pages: pages in the tree (used or not);
         evictable_pages: those no request uses; cache_hit_pages, evicted_pages: cumulative.
+        prefill_steps, decode_steps: forward steps run so far, by kind (a decode step
+        interrupted by prefills more often runs fewer tokens per second).
         """
         s, c = self.scheduler, self.cache
         free = s.reclaimable_pages
@@ -314,7 +318,8 @@ class Engine:
                 "new_token_ratio": s.ratio.value, "stalled": int(s.stalled),
                 "waiting": len(s.waiting), "running": s.num_running, "held": len(s.held),
                 "queued_prefill_tokens": sum(r.prefill_target - r.num_computed
-                                             for r in (*s.waiting, *s.prefilling))}
+                                             for r in (*s.waiting, *s.prefilling)),
+                "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"]}
 
 
 def _batch_items(prompts, messages, token_ids) -> list[dict]:

@@ -231,6 +231,7 @@ class EngineLoop:
             queued_prefill_tokens=s.get("queued_prefill_tokens", 0),
             retracted=s.get("retracted", 0), estimated_pages=s.get("estimated_pages", 0),
             forward_sleep_time=self._sleep,
+            prefill_steps=s.get("prefill_steps", 0), decode_steps=s.get("decode_steps", 0),
             page_size=self.engine.config.page_size,
             max_running_requests=self.engine.config.max_running_requests, **self._counts)
 

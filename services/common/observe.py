@@ -59,6 +59,10 @@ WORKER_SPECS = {
     "pdmesh_prefill_deferred_rooms": ("gauge", "Rooms waiting for their decode's Transfer "
                                       "before computing (compute-ahead budget full)",
                                       "deferred_rooms"),
+    "pdmesh_worker_prefill_steps": ("counter", "Forward steps that computed prompts",
+                                    "prefill_steps"),
+    "pdmesh_worker_decode_steps": ("counter", "Forward steps that sampled one token for "
+                                   "each decoding request", "decode_steps"),
     "pdmesh_worker_finished_requests": ("counter", "Requests finished here", "finished"),
     "pdmesh_worker_failed_requests": ("counter", "Requests failed here", "failed"),
 }

@@ -123,7 +123,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 "prealloc_queue": s.prealloc_queue,
                 "page_size": s.page_size, "finished": self.proto.counters.finished,
                 "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,
-                "forward_sleep_time": s.forward_sleep_time}
+                "forward_sleep_time": s.forward_sleep_time,
+                "prefill_steps": s.prefill_steps, "decode_steps": s.decode_steps}
 
     def _target(self, pages: list[int]) -> TransferTarget:
         host = self.host

@@ -119,7 +119,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 "estimated_pages": s.estimated_pages,
                 "kv_writes_queued": self.writer.queued,
                 "ahead_pages": self.proto.ahead_pages, "deferred_rooms": self.proto.deferred_rooms,
-                "deferred_total": c.deferred}
+                "deferred_total": c.deferred, "prefill_steps": s.prefill_steps,
+                "decode_steps": s.decode_steps}
 
     def load(self) -> rpb.LoadReport:
         """Heartbeat load: running, queued, free pages, queued prefill tokens."""
