@@ -32,8 +32,8 @@ def fmt_steps(steps: dict[str, dict[str, int]]) -> str:
 def summary_dict(s) -> dict:
     return {"concurrency": s.concurrency, "number": s.number, "completed": s.completed,
             "failed": s.failed, "duration_s": s.duration_s, "output_tok_s": s.output_tok_s,
-            "ttft_mean": s.ttft.mean, "ttft_median": s.ttft.median, "ttft_p99": s.ttft.p99, "tpot_mean": s.tpot.mean,
-            "tpot_p99": s.tpot.p99, "itl_mean": s.itl.mean, "errors": list(s.errors)}
+            "ttft_mean": s.ttft.mean, "ttft_median": s.ttft.median, "ttft_p99": s.ttft.p99,
+            "tpot_mean": s.tpot.mean, "tpot_p99": s.tpot.p99, "itl_mean": s.itl.mean, "errors": list(s.errors)}
 
 
 def profile_number(args, req_s: float | None, c: int) -> int:

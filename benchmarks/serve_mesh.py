@@ -21,15 +21,13 @@ from serve_profile import Profiler
 
 def worker_steps(urls: dict[str, str]) -> dict[str, dict[str, int]]:
     """{worker: {"prefill": n, "decode": n}}: its forward steps so far, from its /metrics."""
-    from pdmesh.bench.scrape import fetch
+    from pdmesh.bench.scrape import fetch, forward_steps
     out = {}
     for name, url in urls.items():
         try:
-            text = fetch(url)
+            out[name] = forward_steps(fetch(url))
         except OSError:
             continue
-        out[name] = {k: int(float(m.group(1))) for k in ("prefill", "decode") if (m := re.search(
-            rf"^pdmesh_worker_{k}_steps_total(?:{{[^}}]*}})? (\S+)$", text, re.M))}
     return out
 
 

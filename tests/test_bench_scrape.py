@@ -1,7 +1,9 @@
 """pdmesh.bench.scrape: TTFT parts read back from a gateway's /metrics text."""
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from pdmesh.bench.scrape import mean_parts_ms, ttft_part_totals
+from prometheus_client import Counter
+
+from pdmesh.bench.scrape import forward_steps, mean_parts_ms, ttft_part_totals
 
 
 def _text(observations: dict[str, list[float]]) -> str:
@@ -22,3 +24,12 @@ def test_mean_parts_between_two_scrapes():
     parts = mean_parts_ms(after, before)
     assert list(parts) == ["transfer"] and abs(parts["transfer"] - 20.0) < 1e-6
     assert mean_parts_ms(after)["prefill_queue"] == 500.0
+
+
+def test_forward_steps_by_kind():
+    r = CollectorRegistry()
+    Counter("pdmesh_worker_prefill_steps", "p", registry=r).inc(3)
+    Counter("pdmesh_worker_decode_steps", "d", registry=r).inc(120)
+    Counter("pdmesh_worker_generation_tokens", "g", registry=r).inc(7)
+    assert forward_steps(generate_latest(r).decode()) == {"prefill": 3, "decode": 120}
+    assert forward_steps("") == {}

@@ -22,6 +22,19 @@ def ttft_part_totals(text: str) -> dict[str, tuple[float, float]]:
     return {k: (sums[k], counts.get(k, 0.0)) for k in sums}
 
 
+def forward_steps(text: str) -> dict[str, int]:
+    """{"prefill": n, "decode": n}: a worker's forward steps so far, by kind, from its
+    /metrics text (`pdmesh_worker_{prefill,decode}_steps_total`); a kind it lacks is left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for kind in ("prefill", "decode"):
+            if fam.name == f"pdmesh_worker_{kind}_steps":
+                out[kind] = int(sum(s.value for s in fam.samples if s.name.endswith("_total")))
+    return out
+
+
 def mean_parts_ms(after: str, before: str = "") -> dict[str, float]:
     """Mean ms of each TTFT part over the requests between two scrapes of one gateway."""
     a, b = ttft_part_totals(after), ttft_part_totals(before)

@@ -112,7 +112,6 @@ class EngineStats:
     retracted: int = 0  # requests preempted to free pages (cumulative)
     prompt_tokens: int = 0  # cumulative: prompt tokens computed
     generation_tokens: int = 0  # cumulative: tokens sampled by this engine's steps
-    steps: int = 0
     prefill_steps: int = 0  # cumulative: forward steps of prompts
     decode_steps: int = 0  # cumulative: forward steps of one token per running request
     forward_sleep_time: float = 0.0

@@ -54,7 +54,7 @@ class EngineLoop:
         self._fail_next_step = False  # FailStep (fault injection)
         self._waiting_pages = False  # holds are waiting (logged once per episode)
         self._stalled = False  # the last step ran nothing: decode waits on held pages
-        self._counts = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self._counts = {"prompt_tokens": 0, "generation_tokens": 0}
         self.stats = EngineStats()  # replaced (never mutated) after every turn
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -151,7 +151,6 @@ class EngineLoop:
         for out in outs:
             self._account(out)
         self._events.extend(outs)
-        self._counts["steps"] += 1
         if self._sleep > 0:
             time.sleep(self._sleep)
 
