@@ -152,6 +152,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode under CUDA graphs (batch padded to a captured size)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     cuda_graph_max_context: int | None = None  # graph page-table width; default max_model_len
+    # with cuda_graphs: prefill steps (any batch that is not a captured decode) of up to
+    # this many new tokens replay a graph too, padded to the next size (runtime/prefill_graph.py);
+    # sizes above the prefill budget are dropped; () = eager prefill
+    cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     # "fast": fused qkv / gate_up GEMMs (+ triton, graphs on CUDA). "reference": transformers'
     # op order (separate q/k/v and gate/up GEMMs, 4-D torch SDPA, eager) to validate
     # against it; see CausalLM.set_reference_numerics
@@ -172,8 +176,10 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
         if not 0 <= self.cpu_nice <= 19:
             raise ValueError(f"cpu_nice must be in 0..19, got {self.cpu_nice}")
-        if any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
-            raise ValueError(f"cuda_graph_batch_sizes must be >= 1, got {self.cuda_graph_batch_sizes}")
+        if any(int(b) < 1 for b in self.cuda_graph_batch_sizes + self.cuda_graph_prefill_tokens):
+            raise ValueError(f"cuda_graph_batch_sizes and cuda_graph_prefill_tokens must be "
+                             f">= 1, got {self.cuda_graph_batch_sizes}, "
+                             f"{self.cuda_graph_prefill_tokens}")
         if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
             raise ValueError(f"attention_backend must be auto, torch, triton or cpu, "
                              f"got {self.attention_backend!r}")
@@ -232,6 +238,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_ATTENTION_BACKEND": ("attention_backend", str),
     "PDMESH_CUDA_GRAPHS": ("cuda_graphs", _env_bool),
     "PDMESH_CUDA_GRAPH_BATCH_SIZES": ("cuda_graph_batch_sizes", _env_ints),
+    "PDMESH_CUDA_GRAPH_PREFILL_TOKENS": ("cuda_graph_prefill_tokens", _env_ints),
     "PDMESH_NUMERICS": ("numerics", str),
     "PDMESH_PREFIX_CACHE": ("prefix_cache", _env_bool),
     "PDMESH_DECODE_PREFIX_CACHE": ("decode_prefix_cache", _env_bool),

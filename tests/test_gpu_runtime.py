@@ -173,12 +173,63 @@ def test_graph_decode_equals_eager(default_model, n):
     runner = engine.runner
     graph = runner.run(batch).clone()  # n=3 pads to 4, n=20 to 32
     graphs, runner.graphs = runner.graphs, None
+    prefill, runner.prefill_graphs = runner.prefill_graphs, None  # else it takes the batch
     eager = runner.run(batch)
-    runner.graphs = graphs
+    runner.graphs, runner.prefill_graphs = graphs, prefill
     assert graph.shape == eager.shape == (n, engine.model_config.vocab_size)
     assert torch.isfinite(graph).all()
     torch.testing.assert_close(graph, eager, atol=2e-2, rtol=2e-2)
     assert torch.equal(graph.argmax(-1), eager.argmax(-1))
+
+
+def _prefill_batch(engine: Engine, lens: list[int], shared: int = 0):
+    """The next (prefill) batch after adding prompts of `lens` tokens; with `shared`, a
+    first request of that many tokens has run, so each prompt's first `shared` tokens
+    (a whole number of pages) come from the prefix cache."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    head = [11 + (7 * i) % 900 for i in range(shared)]
+    if shared:
+        engine.generate(prompt_token_ids=head + [5], params=params)
+    for j, n in enumerate(lens):
+        engine.add_request(prompt_token_ids=head + [300 + (13 * i + j) % 4000 for i in range(n)],
+                           params=params)
+    return engine.scheduler.schedule()
+
+
+@pytest.mark.parametrize("lens,shared", [([280], 0), ([17, 40, 3], 0), ([300] * 12, 0),
+                                         ([6], 0), ([20, 9], 48)])
+def test_graph_prefill_equals_eager(default_model, lens, shared):
+    """A prefill step replayed from a padded graph (prefill_graph.py) gives the eager
+    forward's logits and writes the same KV, without a host sync; a cached prefix too.
+    (At most `small_rows` tokens the eager forward takes the fused GEMVs, which round
+    elsewhere: test_fused_gemv_decode_equals_unfused; a graph pads to >= 16 rows.)"""
+    engine = Engine(loaded=default_model, device="cuda", page_size=16, num_pages=1024)
+    runner = engine.runner
+    batch = _prefill_batch(engine, lens, shared)
+    assert batch.kind == "prefill" and len(batch.seqs) == len(lens)
+    assert all(s.start == shared for s in batch.seqs)
+    # the pages this step writes (a cached prefix's pages hold real KV: left as they are)
+    pages = torch.tensor(sorted({p for s in batch.seqs for p in s.req.pages[shared // 16:]}),
+                         device="cuda")
+    graphs = runner.prefill_graphs
+    spans = runner._flatten(batch)[2]
+    assert graphs.pick(sum(lens), len(lens), max(s.ctx_len for s in spans)) is not None
+    runner.kv[pages] = float("nan")  # rows the step must write; unwritten ones stay NaN
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = runner.run(batch).clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    kv_graph = runner.kv[pages].clone()
+    runner.prefill_graphs = None
+    eager = runner.run(batch)
+    runner.prefill_graphs = graphs
+    assert graph.shape == eager.shape == (len(lens), engine.model_config.vocab_size)
+    assert torch.isfinite(graph).all()
+    torch.testing.assert_close(graph, eager, atol=2e-2, rtol=2e-2)
+    assert torch.equal(graph.argmax(-1), eager.argmax(-1))
+    torch.testing.assert_close(kv_graph, runner.kv[pages], atol=2e-2, rtol=2e-2, equal_nan=True)
 
 
 # fp32: the same function to fp32 rounding. bf16: the fused GEMVs round at other points

@@ -72,7 +72,10 @@ def gather_pages(kv_layer: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """kv_layer: [P, page, 2, Hkv, D]; table: [..., n] -> [..., n * page, 2, Hkv, D].
 
     One `index_select` over the layer's page rows ([P, page*2*Hkv*D], a strided 2-D view:
-    each page of a layer is one contiguous block), the same values as kv_layer[table]."""
+    each page of a layer is one contiguous block), the same values as kv_layer[table]
+    (`table` may be on the host: index_select, unlike indexing, needs it on kv's device)."""
+    if table.device != kv_layer.device:
+        table = table.to(kv_layer.device)
     rows = kv_layer.flatten(1).index_select(0, table.reshape(-1))  # [N, page*2*Hkv*D]
     return rows.view(*table.shape[:-1], table.shape[-1] * kv_layer.shape[1], *kv_layer.shape[2:])
 
@@ -207,7 +210,7 @@ class TorchAttention:
         out = F.scaled_dot_product_attention(
             q.view(b, self.num_kv_heads, g, self.head_dim), k, v,
             attn_mask=meta.decode_mask, scale=self.scale)  # [B, Hkv, g, D]
-        return out.view(b, self.num_heads, self.head_dim)
+        return out.reshape(b, self.num_heads, self.head_dim)  # CUDA's SDPA: not contiguous
 
 
 _BACKENDS = {"torch": "pdmesh.runtime.attention:TorchAttention",

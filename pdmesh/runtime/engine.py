@@ -67,7 +67,9 @@ class Engine:
             attention_backend=cfg.attention_backend, cuda_graphs=cfg.cuda_graphs,
             graph_batch_sizes=cfg.cuda_graph_batch_sizes,
             graph_max_context=cfg.cuda_graph_max_context or self.max_model_len,
-            max_batch=cfg.max_running_requests, numerics=cfg.numerics, kv_alloc=kv_alloc)
+            max_batch=cfg.max_running_requests, numerics=cfg.numerics, kv_alloc=kv_alloc,
+            prefill_graph_tokens=cfg.cuda_graph_prefill_tokens,
+            prefill_budget=cfg.prefill_budget())
         self.allocator = PageAllocator(num_pages)
         self.cache = PrefixCache(self.allocator, cfg.page_size) if cfg.uses_prefix_cache() \
             else None

@@ -77,8 +77,9 @@ def num_pages_for(cfg: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype) -> i
 class ModelRunner:
     """Owns the model and the KV pool; turns a Batch into logits for its sampled rows.
 
-    On CUDA with the triton backend the forward runs fused kernels (fused.py) and decode
-    batches replay CUDA graphs (cuda_graph.py) when `cuda_graphs` and they fit.
+    On CUDA with the triton backend the forward runs fused kernels (fused.py); with
+    `cuda_graphs`, decode batches replay CUDA graphs (cuda_graph.py) and other batches of
+    up to max(prefill_graph_tokens) tokens prefill graphs (prefill_graph.py) when they fit.
     On CPU the forward is fused.CpuForward (oneDNN linears on packed weights): `cpu_forward`.
     `numerics="reference"` runs transformers' op order instead (CausalLM.set_reference_numerics):
     torch attention, eager, no fused forward or graphs; greedy tokens then equal
@@ -89,7 +90,8 @@ class ModelRunner:
                  cuda_graphs: bool = False, graph_batch_sizes: Sequence[int] = (),
                  graph_max_context: int | None = None, max_batch: int = 64,
                  tune_linears: bool = True, numerics: str = "fast",
-                 kv_alloc: KVAlloc | None = None) -> None:
+                 kv_alloc: KVAlloc | None = None, prefill_graph_tokens: Sequence[int] = (),
+                 prefill_budget: int = 4096) -> None:
         c = model.cfg
         self.model, self.page_size, self.device = model, page_size, torch.device(device)
         # kv: [P, L, page, 2, Hkv, Dh]
@@ -133,9 +135,22 @@ class ModelRunner:
             from pdmesh.runtime.warmup import warm_prefill
 
             self.warmup_s = warm_prefill(self)
+        self.prefill_graphs = None
+        if cuda_graphs and prefill_graph_tokens and self.fused is not None \
+                and self.device.type == "cuda":
+            from pdmesh.runtime.prefill_graph import PrefillGraphs, prefill_buckets
+
+            buckets = prefill_buckets(prefill_graph_tokens, prefill_budget, max_batch)
+            max_ctx = min(graph_max_context or c.max_position_embeddings, num_pages * page_size)
+            self.prefill_graphs = PrefillGraphs(self._prefill_logits, buckets, max_ctx,
+                                                page_size, self.device)
 
     def _forward_logits(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
         return self.fused.logits(self.fused(ids, pos, self.kv, meta))
+
+    def _prefill_logits(self, ids: torch.Tensor, pos: torch.Tensor, meta,
+                        last: torch.Tensor) -> torch.Tensor:
+        return self.fused.logits(self.fused(ids, pos, self.kv, meta)[last])
 
     def run(self, batch: Batch) -> torch.Tensor:
         """Forward `batch`, writing its KV; returns float32 logits [n_sampled, V]."""
@@ -168,7 +183,13 @@ class ModelRunner:
                 and self.graphs.fits(len(seqs), max(s.start + 1 for s in seqs)):
             return self.graphs.run([s.req.token_at(s.start) for s in seqs],
                                    [s.req.pages for s in seqs], [s.start + 1 for s in seqs])
-        return self.forward_flat(*self._flatten(batch))
+        flat = self._flatten(batch)
+        if self.prefill_graphs is not None:
+            ids, _, spans, _ = flat
+            bucket = self.prefill_graphs.pick(len(ids), len(spans), max(s.ctx_len for s in spans))
+            if bucket is not None:
+                return self.prefill_graphs.run(bucket, *flat)
+        return self.forward_flat(*flat)
 
     def forward_flat(self, ids: list[int], pos: torch.Tensor, spans: list[SeqSpan],
                      last: list[int]) -> torch.Tensor:
