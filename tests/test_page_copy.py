@@ -138,3 +138,22 @@ def test_kv_sized_pages_on_cuda(page_bytes, rng):
     src, dst = pool(40, page_bytes), sentinel(64, page_bytes)
     d = rng.sample(range(64), 32)
     check(src, dst, ids(rng.sample(range(40), 32), torch.int32), ids(d, torch.int32))
+
+
+def test_ipc_warm_up_launches_the_kernel_over_the_pool_and_writes_nothing(monkeypatch):
+    """cuda_ipc.warm_up (run by an engine process at start, so that the first scattered
+    KV transfer does not load the kernel inside a request): one launch over the pool's
+    own [pages, page bytes] rows, ids out of range; the pool is unchanged."""
+    import pdmesh.kernels.page_copy as page_copy
+    from pdmesh.transfer import cuda_ipc
+
+    kv = torch.randn(5, 2, 4, 2, 3, 8)  # [P, L, page, 2, Hkv, D]
+    before, calls = kv.clone(), []
+
+    def spy(src, dst, s, d, **kw):
+        calls.append((tuple(src.shape), src.data_ptr() == kv.data_ptr(), s.tolist(), d.tolist()))
+        return copy_pages(src, dst, s, d, **kw)
+    monkeypatch.setattr(page_copy, "copy_pages", spy)
+    cuda_ipc.warm_up(kv)
+    assert calls == [((5, kv[0].numel() * 4), True, [-1, -1], [-1, -1])]
+    assert torch.equal(kv, before)

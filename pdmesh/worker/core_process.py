@@ -88,6 +88,9 @@ class CoreServer:
             warm_up(pool)
         for f in [self._kv.submit(one) for _ in range(KV_THREADS)]:
             f.result()
+        from pdmesh.transfer.cuda_ipc import warm_up as warm_page_copy
+
+        warm_page_copy(pool)  # a scattered transfer's kernel, loaded now (not in a request)
 
     def send(self, msg: tuple) -> None:
         try:
