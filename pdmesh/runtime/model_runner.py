@@ -211,7 +211,7 @@ class ModelRunner:
         q_start = 0
         for s in batch.seqs:
             r, end = s.req, s.start + s.length
-            ids.extend(r.token_at(i) for i in range(s.start, end))
+            ids.extend(r.tokens(s.start, end))
             pos.extend(range(s.start, end))
             spans.append(self._span(r.pages, q_start, s.length, end))
             q_start += s.length

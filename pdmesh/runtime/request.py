@@ -77,6 +77,14 @@ class Request:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """[token_at(i) for i in range(start, end)], as list slices (a prefill's whole
+        chunk at once: per-token calls were ~1 ms of a 4k-token step's host time)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return [*self.prompt_ids[start:n], *self.output_ids[max(start - n, 0): end - n]]
+
     @property
     def prefill_target(self) -> int:
         """Tokens whose KV a prefill builds: the prompt; once tokens were sampled, every

@@ -62,7 +62,7 @@ def step_from_batch(batch: Batch, page_size: int) -> Step:
     ids, pos, q_lens, ctx_lens, pages, sample = [], [], [], [], [], []
     for s in batch.seqs:
         end = s.start + s.length
-        ids += [s.req.token_at(i) for i in range(s.start, end)]
+        ids += s.req.tokens(s.start, end)
         pos += range(s.start, end)
         q_lens.append(s.length)
         ctx_lens.append(end)
