@@ -190,22 +190,28 @@ def test_gpu_digest_waits_asleep_until_its_event_completes(monkeypatch):
 def test_engine_process_digests_once_on_every_kv_thread_of_a_gpu_pool(monkeypatch):
     """A thread's first GPU digest is slow (H200: 16 concurrent 1P1D requests waited
     123.5 ms for their KV the first time, 11.7 ms later): the engine process runs the
-    warm-up on each of its KV threads at start, on distinct threads, and not off a GPU."""
+    warm-up on each of its KV threads at start, on distinct threads, and not off a GPU;
+    then loads the page-copy kernel once (cuda_ipc.warm_up)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
+    from pdmesh.transfer import cuda_ipc
     from pdmesh.worker import core_process
 
     ran: list[int] = []
+    copies: list[object] = []
     monkeypatch.setattr(ck, "warm_up", lambda pool: ran.append(threading.get_ident()))
+    monkeypatch.setattr(cuda_ipc, "warm_up", copies.append)
     kv = ThreadPoolExecutor(core_process.KV_THREADS)
     try:
         for device, want in (("cpu", 0), ("cuda", core_process.KV_THREADS)):
             ran.clear()
+            copies.clear()
             server = SimpleNamespace(_kv=kv, core=SimpleNamespace(
                 pool=SimpleNamespace(device=torch.device(device))))
             core_process.CoreServer._warm_kv_threads(server)
             assert len(ran) == len(set(ran)) == want
+            assert copies == ([server.core.pool] if want else [])
     finally:
         kv.shutdown()
