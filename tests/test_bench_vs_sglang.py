@@ -51,5 +51,7 @@ def test_same_numbers_as_bench_serving(smollm2_tokenizer_dir, tmp_path):
     assert ours.tpot.mean == pytest.approx(theirs["mean_tpot_ms"] / 1e3, rel=0.05)
     assert ours.tpot.mean == pytest.approx(GAP, rel=0.15)
     assert ours.itl.mean == pytest.approx(theirs["mean_itl_ms"] / 1e3, rel=0.05)
-    assert ours.output_tok_s == pytest.approx(theirs["output_throughput"], rel=0.05)
-    assert ours.req_s == pytest.approx(theirs["request_throughput"], rel=0.05)
+    # rates divide by each tool's own wall time, which holds its client's gaps between
+    # requests: on a loaded 2-core CI run 8% apart with every per-request mean within 5%
+    assert ours.output_tok_s == pytest.approx(theirs["output_throughput"], rel=0.15)
+    assert ours.req_s == pytest.approx(theirs["request_throughput"], rel=0.15)
