@@ -83,3 +83,18 @@ def test_env_turns_prefill_graphs_off_or_resizes_them():
     assert two.cuda_graph_prefill_tokens == (256, 1024)
     with pytest.raises(ValueError, match="cuda_graph_prefill_tokens"):
         EngineConfig(cuda_graph_prefill_tokens=(0,))
+
+
+def test_torch_metadata_puts_the_page_tables_on_the_pools_device():
+    """AttnMetadata.build moves each span's page table to the forward's device once
+    (gather_pages' index_select needs it there: the torch backend on CUDA, e.g.
+    numerics="reference"); host spans on a host forward are kept as they are."""
+    from pdmesh.runtime.attention import AttnMetadata
+
+    spans = _spans()
+    meta = AttnMetadata.build(spans, PAGE, "meta")  # a device other than the host's
+    assert [s.table.device.type for s in meta.seqs] == ["meta"] * len(spans)
+    assert [(s.q_start, s.q_len, s.ctx_len) for s in meta.seqs] == \
+        [(s.q_start, s.q_len, s.ctx_len) for s in spans]
+    host = AttnMetadata.build(spans, PAGE, "cpu")
+    assert all(a is b for a, b in zip(host.seqs, spans))

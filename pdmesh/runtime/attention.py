@@ -54,8 +54,12 @@ class AttnMetadata:
             for p in range(s.ctx_len - s.q_len, s.ctx_len):
                 pages.append(table[p // page_size])
                 offsets.append(p % page_size)
+        # the spans' page tables on the pool's device, once per forward (gather_pages)
+        where = torch.device(device)
+        dev = [s if s.table.device == where else
+               SeqSpan(s.q_start, s.q_len, s.ctx_len, s.table.to(where)) for s in seqs]
         meta = cls(torch.tensor(pages, dtype=torch.long).to(device),
-                   torch.tensor(offsets, dtype=torch.long).to(device), seqs)
+                   torch.tensor(offsets, dtype=torch.long).to(device), dev)
         if len(seqs) > 1 and all(s.q_len == 1 for s in seqs):
             width = max(len(s.table) for s in seqs)
             table = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -72,10 +76,8 @@ def gather_pages(kv_layer: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """kv_layer: [P, page, 2, Hkv, D]; table: [..., n] -> [..., n * page, 2, Hkv, D].
 
     One `index_select` over the layer's page rows ([P, page*2*Hkv*D], a strided 2-D view:
-    each page of a layer is one contiguous block), the same values as kv_layer[table]
-    (`table` may be on the host: index_select, unlike indexing, needs it on kv's device)."""
-    if table.device != kv_layer.device:
-        table = table.to(kv_layer.device)
+    each page of a layer is one contiguous block), the same values as kv_layer[table].
+    `table` is on kv_layer's device (index_select, unlike indexing, needs it there)."""
     rows = kv_layer.flatten(1).index_select(0, table.reshape(-1))  # [N, page*2*Hkv*D]
     return rows.view(*table.shape[:-1], table.shape[-1] * kv_layer.shape[1], *kv_layer.shape[2:])
 
