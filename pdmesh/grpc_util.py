@@ -21,6 +21,10 @@ from pdmesh import auth
 from pdmesh import tls as tls_
 from pdmesh.grpc_decode import DecodeGuard
 
+# Trailing metadata of a failed Decode.Generate whose room failed because of another
+# worker: its value names that leg ("prefill"), so the gateway retries away from it
+BLAME_TRAILER = "pdmesh-blame"
+
 @dataclass(frozen=True)
 class Servicer:
     """One service to serve: the servicer object, its generated `add_*_to_server`

@@ -14,10 +14,12 @@ from pdmesh.disagg.ports import Code, RoomError
 P = "prefill:1"
 ROOM = 7
 RID = str(ROOM)
+BLAMES: list[str] = []  # RoomError.blame of each failed consume(), since make()
 
 
 def make(waiting: float = 5.0, retry_s: float = 0.05):
     eng, peers, live = FakeEngine(), FakePeers(), FakeLiveness()
+    BLAMES.clear()
     proto = DecodeProtocol(eng, peers, None, lambda pages: ("target", tuple(pages)),
                            waiting, liveness=live)
     proto.quarantine._retry_s = retry_s
@@ -35,6 +37,7 @@ async def consume(proto, room=ROOM, address=P) -> tuple[list[int], Code | str]:
             toks += [t for o in outs for t in o.token_ids]
         return toks, "ok"
     except RoomError as e:
+        BLAMES.append(e.blame)
         return toks, e.code
 
 
@@ -68,6 +71,7 @@ def test_prefill_dies(state):
         assert (toks, code) == ([9, 10], "ok") and eng.freed(RID) == 0  # engine freed it
     else:
         assert code is Code.UNAVAILABLE and eng.freed(RID) == 1
+        assert BLAMES == ["prefill"]  # the gateway retries away from the prefill
     assert not proto.rooms and len(proto.quarantine) == 0
     if state == "transfer_sent":
         assert peers.cancelled == [ROOM] and not peers.aborts  # gone: no Abort needed
@@ -120,6 +124,8 @@ def test_prefill_error_codes(code, want):
         return eng, await task
     eng, (toks, got) = run(main())
     assert got is want and eng.freed(RID) == 1
+    # the prefill's own verdict on the request (INVALID_ARGUMENT) is no prefill fault
+    assert BLAMES == ["prefill" if want is Code.UNAVAILABLE else ""]
 
 
 def test_abort_rpc_ends_a_decoding_stream_and_frees_once():
@@ -153,7 +159,7 @@ def test_prefill_already_gone_fails_at_once():
         live.gone.add(P)
         return eng, await consume(proto)
     eng, (toks, code) = run(main())
-    assert code is Code.UNAVAILABLE and eng.freed(RID) == 1
+    assert code is Code.UNAVAILABLE and eng.freed(RID) == 1 and BLAMES == ["prefill"]
 
 
 def test_stream_interval_coalesces_after_the_first_token():

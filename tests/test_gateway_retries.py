@@ -8,6 +8,7 @@ must-show: `pdmesh serve --prefill 2 --decode 1`, kill -9 a prefill under 32 str
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -315,7 +316,8 @@ def test_kill9_prefill_under_load_before_first_token():
             t.join(120)
         waiting = sum(1 for f in firsts if f is None or f > killed_at)
         failed = [(got, e) for got, e in results if e is not None]
-        assert not [e for got, e in failed if not got], failed  # none before token 1
+        # none before token 1; on failure the mesh's log says which leg failed and why
+        assert not [e for got, e in failed if not got], (failed, "".join(lines[-150:]))
         assert waiting >= 8, "the kill came too late to test anything"
         print(f"kill -9 under load: {waiting}/32 had no token yet; "
               f"{32 - len(failed)}/32 succeeded, {len(failed)} failed after token 1")
@@ -327,17 +329,49 @@ def test_kill9_prefill_under_load_before_first_token():
             assert r.choices[0].finish_reason == "length"
         assert proc.poll() is None, "".join(lines)
         gw = metrics_urls(lines)["gateway"]
-        retried = metrics_at(gw, "pdmesh_gateway_retries_total")
-        print(f"gateway retries: {retried:g}")
-        assert retried > 0
+        reasons = retry_reasons(gw)
+        print(f"gateway retries: {reasons}")
+        assert sum(reasons.values()) > 0
+        # the prefill died: no retry blames the decode (a decode room failed by its dead
+        # prefill says so in its trailer, else a retry could go back to the dead prefill)
+        assert not [r for r in reasons if r.startswith("decode_")], reasons
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
 
-def metrics_at(url: str, name: str) -> float:
+def retry_reasons(url: str) -> dict[str, float]:
+    """pdmesh_gateway_retries_total by reason (failed leg and code), at a /metrics URL."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url).text
-    return sum(s.value for fam in text_string_to_metric_families(text)
-               for s in fam.samples if s.name == name)
+    return {s.labels["reason"]: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name == "pdmesh_gateway_retries_total" and s.value}
+
+
+def test_a_decode_error_blaming_the_prefill_fails_the_prefill_leg():
+    """The decode's room failed because its prefill died, and that error reached the
+    gateway before the prefill call's own: the prefill is blamed (and avoided on retry)."""
+    from types import SimpleNamespace
+
+    from pdmesh.grpc_util import BLAME_TRAILER
+    from pdmesh.services.gateway.failures import pair_failure
+
+    prefill, decode = SimpleNamespace(address="p:1"), SimpleNamespace(address="d:1")
+
+    def err(trailers):
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                    grpc.aio.Metadata(*trailers), "prefill p:1 is gone")
+
+    async def main():
+        pending = asyncio.get_running_loop().create_future()  # the Prefill call: no answer yet
+        blamed = pair_failure(pending, prefill, decode, err([(BLAME_TRAILER, "prefill")]))
+        plain = pair_failure(pending, prefill, decode, err([]))
+        colocated = pair_failure(None, None, decode, err([(BLAME_TRAILER, "prefill")]))
+        pending.cancel()
+        return blamed, plain, colocated
+
+    blamed, plain, colocated = asyncio.run(main())
+    assert (blamed.leg, blamed.worker) == ("prefill", prefill)
+    assert (plain.leg, plain.worker) == ("decode", decode)
+    assert (colocated.leg, colocated.worker) == ("decode", decode)

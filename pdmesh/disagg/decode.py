@@ -35,6 +35,7 @@ from pdmesh.disagg.shedding import check_load
 # Errors from the prefill's Transfer passed through as they are; the rest -> UNAVAILABLE.
 _PASS_THROUGH = {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.DEADLINE_EXCEEDED,
                  Code.DATA_LOSS}
+PREFILL = "prefill"  # RoomError.blame: the room's prefill failed it
 ADOPTED, GENERATE = "adopted", "generate"  # engine modes (runtime Mode values, by default)
 
 
@@ -65,9 +66,9 @@ class DecodeRoom:
     def request_id(self) -> str:
         return str(self.room)
 
-    def fail(self, code: Code, message: str) -> None:
+    def fail(self, code: Code, message: str, blame: str = "") -> None:
         """Record the first error and wake whatever the room waits on."""
-        self.error = self.error or RoomError(code, message)
+        self.error = self.error or RoomError(code, message, blame)
         self.failed_event.set()
         if self.stream is not None:
             self.stream.close(self.error)
@@ -201,7 +202,8 @@ class DecodeProtocol:
                 raise self._timeout_error(room) from None
             if room.error is None and e.code not in _PASS_THROUGH:
                 raise RoomError(Code.UNAVAILABLE, f"prefill {room.prefill_address} failed "
-                                f"room {room.room}: {e.code.name}: {e.message}") from None
+                                f"room {room.room}: {e.code.name}: {e.message}",
+                                PREFILL) from None
             raise
         room.kv_done = True
         return reply
@@ -211,7 +213,8 @@ class DecodeProtocol:
         (then `aw` is cancelled and RoomError raised)."""
         task = asyncio.ensure_future(aw)
         if room.prefill_address and self.liveness and self.liveness.is_gone(room.prefill_address):
-            room.fail(Code.UNAVAILABLE, f"prefill worker {room.prefill_address} is gone")
+            room.fail(Code.UNAVAILABLE, f"prefill worker {room.prefill_address} is gone",
+                      PREFILL)
         failed = asyncio.ensure_future(room.failed_event.wait())
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -268,7 +271,7 @@ class DecodeProtocol:
         for room in list(self.rooms.values()):
             if room.prefill_address == address and not room.kv_done:
                 room.fail(Code.UNAVAILABLE, f"prefill worker {address} {event.lower()} "
-                          f"while room {room.room} waited for its KV")
+                          f"while room {room.room} waited for its KV", PREFILL)
         self.quarantine.release_peer(address)
 
     async def _confirm_abort(self, address: str, request_id: str) -> bool:

@@ -28,14 +28,17 @@ class Code(enum.Enum):
 
 
 class RoomError(Exception):
-    """A room (or one RPC on it) ends with `code` and a message saying why."""
+    """A room (or one RPC on it) ends with `code` and a message saying why. `blame`:
+    "prefill" when the decode's room failed because its prefill did (it died, left, or
+    failed the Transfer): the gateway then retries away from that prefill, not from this
+    decode."""
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, blame: str = "") -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.blame = code, message, blame
 
     def __reduce__(self):  # picklable (a process boundary may carry it)
-        return type(self), (self.code, self.message)
+        return type(self), (self.code, self.message, self.blame)
 
     def __repr__(self) -> str:
         return f"RoomError({self.code.name}, {self.message!r})"

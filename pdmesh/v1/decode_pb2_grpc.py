@@ -76,8 +76,10 @@ class DecodeServicer:
         room's tokens; the last message has finish_reason and usage. Errors:
         INVALID_ARGUMENT (bad tokens/sampling, prompt beyond the context),
         DEADLINE_EXCEEDED (the KV did not arrive within the waiting timeout),
-        UNAVAILABLE (the prefill worker expired or failed). Cancelling the
-        stream frees the room's pages (quarantined while a write may be in flight).
+        UNAVAILABLE (the prefill worker expired or failed; then with the trailer
+        `pdmesh-blame: prefill`, so the gateway retries on another prefill).
+        Cancelling the stream frees the room's pages (quarantined while a write
+        may be in flight).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,7 +14,7 @@ import grpc
 
 from pdmesh.disagg.decode import DecodeProtocol
 from pdmesh.disagg.ports import RoomError, TransferTarget
-from pdmesh.grpc_util import Servicer, create_aio_server, service_name
+from pdmesh.grpc_util import BLAME_TRAILER, Servicer, create_aio_server, service_name
 from pdmesh.runtime.request import Mode
 from pdmesh.services.common.worker import WorkerHost
 from pdmesh.services.decode.chunks import first_chunk_timings, make_chunks
@@ -76,7 +76,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         except RoomError as e:
             if self.proto.counters.waiting_timeouts > waits:
                 self.host.metrics.waiting_timeouts.inc()
-            await context.abort(grpc.StatusCode[e.code.name], e.message)
+            blame = ((BLAME_TRAILER, e.blame),) if e.blame else ()
+            await context.abort(grpc.StatusCode[e.code.name], e.message, blame)
         finally:
             await steps.aclose()
 

@@ -5,7 +5,9 @@ HTTP status; errors.py decides what the client is told). `LegFailed` is a worker
 failure: which leg, which worker, the code the worker answered and the code the client
 gets (RESOURCE_EXHAUSTED stays 429 with retry-after, INVALID_ARGUMENT stays the
 client's, everything else is the mesh's: UNAVAILABLE). When both legs fail the
-prefill's error is reported: the decode's is then a consequence. A passed client
+prefill's error is reported: the decode's is then a consequence; so is a decode error
+whose `pdmesh-blame: prefill` trailer says its room failed because the prefill did (it
+may reach the gateway before the prefill call's own error does). A passed client
 deadline is DEADLINE_EXCEEDED, never a worker's fault.
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ import asyncio
 import time
 
 import grpc
+
+from pdmesh.grpc_util import BLAME_TRAILER
 
 DEADLINE_PASSED = "The request's deadline passed before it completed."
 
@@ -58,7 +62,13 @@ def pair_failure(ptask: asyncio.Future | None, prefill, decode,
     if e is None:
         return LegFailed("decode", decode, grpc.StatusCode.UNAVAILABLE,
                          f"decode worker {decode.address} failed")
+    if prefill is not None and _blames_prefill(e):  # the decode saw the prefill fail first
+        return leg_error("prefill", prefill, e)
     return leg_error("decode", decode, e)
+
+
+def _blames_prefill(e: grpc.aio.AioRpcError) -> bool:
+    return any(k == BLAME_TRAILER and v == "prefill" for k, v in e.trailing_metadata() or ())
 
 
 def deadline_error() -> GatewayError:
