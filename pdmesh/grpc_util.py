@@ -21,8 +21,9 @@ from pdmesh import auth
 from pdmesh import tls as tls_
 from pdmesh.grpc_decode import DecodeGuard
 
-# Trailing metadata of a failed Decode.Generate whose room failed because of another
-# worker: its value names that leg ("prefill"), so the gateway retries away from it
+# Trailing metadata of a failed Decode.Generate or Prefill.Prefill whose room failed
+# because of the other worker: its value names that leg ("prefill" or "decode"), so the
+# gateway retries away from it
 BLAME_TRAILER = "pdmesh-blame"
 
 @dataclass(frozen=True)

@@ -74,9 +74,10 @@ def test_decode_dies(state):
         proto.peer_gone(D, "EXPIRED")
         writer.gate.set()  # a write in flight finishes; its pages are then freed
         results = {k: await outcome(t) for k, t in tasks.items()}
-        return proto, eng, writer, results
-    proto, eng, writer, results = run(main())
+        return proto, eng, writer, results, tasks["prefill"].exception().blame
+    proto, eng, writer, results, blame = run(main())
     assert results["prefill"] is Code.UNAVAILABLE
+    assert blame == "decode"  # the gateway retries away from the decode, not this prefill
     # a deferred room never reached the engine: nothing to free there
     assert eng.freed(str(ROOM)) == (0 if state == "deferred" else 1)
     assert not proto.rooms and proto.counters.failed == 1 and proto.ahead_pages == 0

@@ -351,7 +351,8 @@ def retry_reasons(url: str) -> dict[str, float]:
 
 def test_a_decode_error_blaming_the_prefill_fails_the_prefill_leg():
     """The decode's room failed because its prefill died, and that error reached the
-    gateway before the prefill call's own: the prefill is blamed (and avoided on retry)."""
+    gateway before the prefill call's own: the prefill is blamed (and avoided on retry);
+    a prefill's room failed because its decode left: the decode is."""
     from types import SimpleNamespace
 
     from pdmesh.grpc_util import BLAME_TRAILER
@@ -369,9 +370,13 @@ def test_a_decode_error_blaming_the_prefill_fails_the_prefill_leg():
         plain = pair_failure(pending, prefill, decode, err([]))
         colocated = pair_failure(None, None, decode, err([(BLAME_TRAILER, "prefill")]))
         pending.cancel()
-        return blamed, plain, colocated
+        failed = asyncio.get_running_loop().create_future()  # the Prefill call's own error
+        failed.set_exception(err([(BLAME_TRAILER, "decode")]))  # ... its decode had left
+        decode_left = pair_failure(failed, prefill, decode, None)
+        return blamed, plain, colocated, decode_left
 
-    blamed, plain, colocated = asyncio.run(main())
+    blamed, plain, colocated, decode_left = asyncio.run(main())
+    assert (decode_left.leg, decode_left.worker) == ("decode", decode)
     assert (blamed.leg, blamed.worker) == ("prefill", prefill)
     assert (plain.leg, plain.worker) == ("decode", decode)
     assert (colocated.leg, colocated.worker) == ("decode", decode)

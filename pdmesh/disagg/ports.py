@@ -28,10 +28,10 @@ class Code(enum.Enum):
 
 
 class RoomError(Exception):
-    """A room (or one RPC on it) ends with `code` and a message saying why. `blame`:
-    "prefill" when the decode's room failed because its prefill did (it died, left, or
-    failed the Transfer): the gateway then retries away from that prefill, not from this
-    decode."""
+    """A room (or one RPC on it) ends with `code` and a message saying why. `blame`: the
+    other worker when this one's room failed because of it: "prefill" on a decode whose
+    prefill died, left or failed the Transfer, "decode" on a prefill whose decode left;
+    the gateway then retries away from that worker, not from this one."""
 
     def __init__(self, code: Code, message: str, blame: str = "") -> None:
         super().__init__(message)

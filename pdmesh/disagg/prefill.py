@@ -204,12 +204,12 @@ class PrefillProtocol:
         self.on_integrity(kind)
 
     # -- endings -------------------------------------------------------------------------
-    def fail(self, room: PrefillRoom, code: Code, message: str) -> State:
+    def fail(self, room: PrefillRoom, code: Code, message: str, blame: str = "") -> State:
         """Fail the room (first error wins) and free its KV, unless it is being written
-        (the writer frees it). Returns the state it was in."""
+        (the writer frees it). Returns the state it was in. `blame`: RoomError's."""
         before = room.state
         if before in (State.PENDING, State.WRITING):
-            room.error = room.error or RoomError(code, message)
+            room.error = room.error or RoomError(code, message, blame)
         if before is State.PENDING:
             room.state = State.FAILED
             if room.queued:
@@ -242,7 +242,8 @@ class PrefillProtocol:
         """A decode worker expired or left: free every room bound for it."""
         for room in [r for r in self.rooms.values() if r.decode_address == address]:
             self.fail(room, Code.UNAVAILABLE,
-                      f"decode worker {address} {event.lower()}; room {room.room} dropped")
+                      f"decode worker {address} {event.lower()}; room {room.room} dropped",
+                      "decode")
 
     def _end(self, room: PrefillRoom, ok: bool) -> None:
         self.budget.leave(room)

@@ -70,8 +70,8 @@ class PrefillServicer:
         prompt, computes its KV at once and returns when the KV was written to
         the decode worker (after its Transfer) or the room failed. Errors:
         INVALID_ARGUMENT (bad tokens/sampling), DEADLINE_EXCEEDED (no Transfer
-        within the bootstrap timeout), UNAVAILABLE (the decode worker expired),
-        CANCELLED (aborted).
+        within the bootstrap timeout), UNAVAILABLE (the decode worker expired;
+        then with the trailer `pdmesh-blame: decode`), CANCELLED (aborted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,9 +5,9 @@ HTTP status; errors.py decides what the client is told). `LegFailed` is a worker
 failure: which leg, which worker, the code the worker answered and the code the client
 gets (RESOURCE_EXHAUSTED stays 429 with retry-after, INVALID_ARGUMENT stays the
 client's, everything else is the mesh's: UNAVAILABLE). When both legs fail the
-prefill's error is reported: the decode's is then a consequence; so is a decode error
-whose `pdmesh-blame: prefill` trailer says its room failed because the prefill did (it
-may reach the gateway before the prefill call's own error does). A passed client
+prefill's error is reported: the decode's is then a consequence; a worker's error whose
+`pdmesh-blame` trailer names the other leg (its room failed because that worker died or
+left) blames that leg, whichever error reached the gateway first. A passed client
 deadline is DEADLINE_EXCEEDED, never a worker's fault.
 """
 from __future__ import annotations
@@ -58,17 +58,20 @@ def pair_failure(ptask: asyncio.Future | None, prefill, decode,
     if ptask is not None and ptask.done() and not ptask.cancelled():
         pe = ptask.exception()
         if isinstance(pe, grpc.aio.AioRpcError):
+            if _blamed(pe) == "decode":  # the prefill's room failed because its decode left
+                return leg_error("decode", decode, pe)
             return leg_error("prefill", prefill, pe)
     if e is None:
         return LegFailed("decode", decode, grpc.StatusCode.UNAVAILABLE,
                          f"decode worker {decode.address} failed")
-    if prefill is not None and _blames_prefill(e):  # the decode saw the prefill fail first
+    if prefill is not None and _blamed(e) == "prefill":  # the decode saw the prefill fail
         return leg_error("prefill", prefill, e)
     return leg_error("decode", decode, e)
 
 
-def _blames_prefill(e: grpc.aio.AioRpcError) -> bool:
-    return any(k == BLAME_TRAILER and v == "prefill" for k, v in e.trailing_metadata() or ())
+def _blamed(e: grpc.aio.AioRpcError) -> str:
+    """The leg a worker's error says failed its room ("" when it says none)."""
+    return next((v for k, v in e.trailing_metadata() or () if k == BLAME_TRAILER), "")
 
 
 def deadline_error() -> GatewayError:

@@ -13,7 +13,7 @@ import grpc
 
 from pdmesh.disagg.ports import RoomError, TransferTarget
 from pdmesh.disagg.prefill import PrefillProtocol
-from pdmesh.grpc_util import Servicer, create_aio_server, service_name
+from pdmesh.grpc_util import BLAME_TRAILER, Servicer, create_aio_server, service_name
 from pdmesh.runtime.request import Mode
 from pdmesh.services.common.kv import CorruptKV, TransportWriter
 from pdmesh.services.common.worker import WorkerHost
@@ -163,7 +163,8 @@ def _target(request: pb.TransferRequest) -> TransferTarget:
 
 
 async def _abort(context, e: RoomError) -> None:
-    await context.abort(grpc.StatusCode[e.code.name], e.message)
+    blame = ((BLAME_TRAILER, e.blame),) if e.blame else ()
+    await context.abort(grpc.StatusCode[e.code.name], e.message, blame)
 
 
 async def create_server(addr: str, host: WorkerHost, interceptors=()):
