@@ -562,6 +562,9 @@ class WorkerConfig:
     bootstrap_timeout: float = 300.0  # prefill: a room's Transfer must arrive within this
     waiting_timeout: float = 300.0  # decode: deadline on Prefill.Transfer
     shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGTERM
+    # at start: how long the registry may not answer (starting, or a loaded host) before
+    # the worker gives up (exit 1); a refusal (wrong token, layout) ends it at once
+    registry_wait_s: float = 30.0
     stream_interval: int = 1  # decode: tokens per stream message after the first
     # The engine thread drops the GIL in every torch call and must take it back from the
     # event-loop thread, which may keep it for a whole switch interval (Python's default
@@ -626,6 +629,8 @@ class WorkerConfig:
         for name in ("bootstrap_timeout", "waiting_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.registry_wait_s < float("inf"):
+            raise ValueError(f"registry_wait_s must be >= 0 seconds, got {self.registry_wait_s}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
@@ -651,6 +656,7 @@ _WORKER_ENV_OVERRIDES: dict[str, tuple[str, type]] = {
     "PDMESH_KV_PATH": ("kv_path", str),
     "PDMESH_BOOTSTRAP_TIMEOUT": ("bootstrap_timeout", float),
     "PDMESH_WAITING_TIMEOUT": ("waiting_timeout", float),
+    "PDMESH_REGISTRY_WAIT": ("registry_wait_s", float),
     "PDMESH_STREAM_INTERVAL": ("stream_interval", int),
     "PDMESH_GIL_SWITCH_INTERVAL": ("gil_switch_interval_s", float),
     "PDMESH_KV_CHECKSUM": ("kv_checksum", str),

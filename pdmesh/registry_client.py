@@ -1,7 +1,8 @@
 """Worker side of the registry: register, heartbeat in a thread, deregister on close.
 
     client = RegistryClient("registry:50050", registration, load_fn=engine_load)
-    client.start()          # registers (raises grpc.RpcError if the registry refuses)
+    client.start(wait_s=30) # registers (raises grpc.RpcError if the registry refuses,
+                            # or has not answered within wait_s)
     ...
     client.close()          # stops heartbeating and deregisters
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import grpc
@@ -23,6 +25,10 @@ from pdmesh.v1 import registry_pb2 as pb
 from pdmesh.v1 import registry_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+# a registry that does not answer yet (starting, or a loaded host: a connection attempt
+# timed out before its HTTP/2 SETTINGS frame) is asked again; any other answer is final
+NOT_ANSWERING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRY_S = 0.25
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                      ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 250)]
@@ -49,9 +55,23 @@ class RegistryClient:
         self.registrations = 0  # how many times Register succeeded (re-registers count)
         self.chaos = None  # services/common/chaos.Chaos (--chaos): stalls or drops beats
 
-    def start(self) -> str:
-        """Register (raising grpc.RpcError on refusal) and start heartbeating."""
-        self._register()
+    def start(self, wait_s: float = 0.0) -> str:
+        """Register and start heartbeating. While the registry does not answer
+        (UNAVAILABLE, DEADLINE_EXCEEDED) it is asked again every 0.25 s for up to `wait_s`
+        seconds; then, or on a refusal, raises the grpc.RpcError."""
+        deadline, tries = time.monotonic() + wait_s, 0
+        while True:
+            try:
+                self._register()
+                break
+            except grpc.RpcError as e:
+                if e.code() not in NOT_ANSWERING or time.monotonic() + RETRY_S > deadline:
+                    raise
+                if tries == 0:  # one line, not one per try
+                    log.warning("the registry is not answering (%s: %s); asking again for "
+                                "up to %.0f s", e.code().name, e.details(), wait_s)
+                tries += 1
+                time.sleep(RETRY_S)
         self._thread = threading.Thread(target=self._loop, name="registry-heartbeat",
                                         daemon=True)
         self._thread.start()

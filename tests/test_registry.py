@@ -312,3 +312,48 @@ def test_grpcurl_through_reflection(registry):
                        "model_id": "m"})
     resp = json.loads(grpcurl("-d", body, registry, "pdmesh.v1.Registry/Register"))
     assert (resp.get("workerId") or resp["worker_id"]).startswith("decode-"), resp
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_waits_for_a_registry_that_starts_late_but_not_past_a_refusal(tmp_path):
+    """A worker started before its registry (or on a host too loaded to answer at once)
+    registers once the registry answers; a refusal is final at once; no answer within
+    wait_s is UNAVAILABLE."""
+    port = _free_port()
+    with pytest.raises(grpc.RpcError) as err:  # nobody there, no wait: at once
+        RegistryClient(f"127.0.0.1:{port}", _request()).start(wait_s=0)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        RegistryClient(f"127.0.0.1:{port}", _request()).start(wait_s=1.0)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert time.monotonic() - t0 >= 0.75  # asked again until the wait ran out
+
+    client = RegistryClient(f"127.0.0.1:{port}", _request())
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(client.start(wait_s=60)))
+    waiter.start()
+    time.sleep(1.0)  # the worker is asking; now the registry starts on its port
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdmesh.cli", "registry", "--host", "127.0.0.1", "--port",
+         str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        waiter.join(60)
+        assert got and got[0] and client.registrations == 1
+        client.close()
+        bad = RegistryClient(f"127.0.0.1:{port}", _request(model=""))
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:  # refused: not asked again for 60 s
+            bad.start(wait_s=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert time.monotonic() - t0 < 30
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)

@@ -253,9 +253,10 @@ def test_a_plaintext_worker_cannot_join_a_tls_mesh(tls_mesh):
     _, lines = tls_mesh
     registry = re.search(r"registry (\S+?),", next(l for l in lines if "serve: ready" in l)).group(1)
     run = _cli("decode", "--role", "colocated", "--registry", registry, "--port", "0",
-               "--kv-cache-bytes", "20000000")
+               "--kv-cache-bytes", "20000000", "--registry-wait", "1")  # UNAVAILABLE: asked again
     assert run.returncode == 1, run.stdout + run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
     assert "refused this colocated worker: UNAVAILABLE" in errors[0]
     assert "give this process the mesh's --tls-* flags" in errors[0]
+    assert "(asked for 1 s)" in errors[0]  # not answering: asked again until --registry-wait

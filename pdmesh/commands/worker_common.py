@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser, role: str) -> None:
                         "PDMESH_PREFILL_THREADS)")
     p.add_argument("--shutdown-grace", type=float, default=None,
                    help="seconds in-flight requests get on SIGTERM (default 10)")
+    p.add_argument("--registry-wait", type=float, default=None,
+                   help="seconds the registry may not answer at start (starting, or a loaded "
+                        "host) before this worker exits 1 (default 30; env PDMESH_REGISTRY_WAIT)")
     if role == "prefill":
         p.add_argument("--bootstrap-timeout", type=float, default=None,
                        help="seconds a room's KV waits for the decode worker's Transfer before "
@@ -119,6 +122,7 @@ def configs_from_args(args: argparse.Namespace, role: str) -> tuple[WorkerConfig
              "kv_transfer_mode": args.kv_transfer_mode, "kv_path": args.kv_path,
              "kv_checksum": args.kv_checksum,
              "shutdown_grace_s": args.shutdown_grace,
+             "registry_wait_s": args.registry_wait,
              "bootstrap_timeout": getattr(args, "bootstrap_timeout", None),
              "waiting_timeout": getattr(args, "waiting_timeout", None),
              "role": getattr(args, "role", None) or role,
@@ -176,6 +180,7 @@ async def _serve(host, telemetry, create_server) -> int:
 
     from pdmesh import tls
     from pdmesh.grpc_util import stop_aio_gracefully
+    from pdmesh.registry_client import NOT_ANSWERING
     from pdmesh.services.common.observe import WorkerObservability
 
     worker = host.config
@@ -216,8 +221,10 @@ async def _serve(host, telemetry, create_server) -> int:
     try:
         await host.start_registry(address, servicer.load, servicer.peer_gone)
     except grpc.RpcError as e:  # refused (wrong cluster token, layout...): one line, no traceback
+        waited = (f" (asked for {worker.registry_wait_s:g} s)"
+                  if e.code() in NOT_ANSWERING else "")
         print(f"error: the registry at {worker.registry} refused this {worker.role} worker: "
-              f"{e.code().name}: {e.details()}{tls.unavailable_hint(e.code().name)}",
+              f"{e.code().name}: {e.details()}{tls.unavailable_hint(e.code().name)}{waited}",
               file=sys.stderr, flush=True)
         await server.stop(0)
         obs.stop()

@@ -169,7 +169,7 @@ class WorkerHost:
         self.registry = RegistryClient(self.config.registry,
                                        self.registration(address, load_fn()), load_fn)
         self.registry.chaos = self.chaos  # heartbeat faults
-        return await asyncio.to_thread(self.registry.start)
+        return await asyncio.to_thread(self.registry.start, self.config.registry_wait_s)
 
     def is_gone(self, address: str) -> bool:
         """Liveness (pdmesh.disagg.ports): `address` expired or left the registry."""
